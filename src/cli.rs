@@ -1,0 +1,333 @@
+//! The command line: `serve`, `check-config`, `demo` and the `user` commands, which work while `serve` runs.
+
+use std::io::{BufRead, IsTerminal};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+use crate::clock::{Clock, SystemClock, rfc3339};
+use crate::config::Config;
+use crate::credentials::password;
+use crate::store::{Store, User, normalize_login};
+
+/// Command-line interface.
+#[derive(Debug, Parser)]
+#[command(name = "portcullis", version, about = "Two-factor authentication gateway for web applications")]
+pub struct Cli {
+    /// Config file.
+    #[arg(short, long, global = true, env = "PORTCULLIS_CONFIG", default_value = "config/portcullis.toml")]
+    pub config: PathBuf,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway.
+    Serve,
+    /// Validate the config file without starting.
+    CheckConfig,
+    /// Zero set-up demo: a whoami app behind the gateway, state in ./demo-data.
+    Demo {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+    },
+    /// Manage users.
+    #[command(subcommand)]
+    User(UserCommand),
+}
+
+/// `user` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Add a user.
+    Add {
+        /// Username.
+        name: String,
+        /// Email address.
+        #[arg(long)]
+        email: String,
+        /// Display name (defaults to the username).
+        #[arg(long = "name", id = "display_name")]
+        name_display: Option<String>,
+        /// Comma-separated groups.
+        #[arg(long, value_delimiter = ',')]
+        groups: Vec<String>,
+        /// Read the password as one line from standard input.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// List users.
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one user.
+    Show {
+        /// Username.
+        name: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a user's password (ends their sessions).
+    Passwd {
+        /// Username.
+        name: String,
+        /// Read the password as one line from standard input.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Lock a user (ends their sessions at once).
+    Lock {
+        /// Username.
+        name: String,
+    },
+    /// Unlock a user.
+    Unlock {
+        /// Username.
+        name: String,
+    },
+    /// Delete a user and their sessions.
+    Delete {
+        /// Username.
+        name: String,
+    },
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Serve => serve(&cli.config).await,
+        Command::CheckConfig => {
+            let config = Config::load(&cli.config)?;
+            println!(
+                "{}: OK ({} app{})",
+                cli.config.display(),
+                config.apps.len(),
+                if config.apps.len() == 1 { "" } else { "s" }
+            );
+            Ok(())
+        }
+        Command::Demo { listen } => crate::demo::run(listen).await,
+        Command::User(cmd) => {
+            let config = Config::load(&cli.config)?;
+            let store = Store::open(&config.storage.path)
+                .with_context(|| format!("opening {}", config.storage.path.display()))?;
+            user(&store, cmd).await
+        }
+    }
+}
+
+async fn serve(path: &Path) -> Result<()> {
+    let config = Config::load(path)?;
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .with_context(|| format!("binding {}", config.server.listen))?;
+    tracing::info!(listen = %config.server.listen, "portcullis serving");
+    crate::run(listener, config, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = ctrl_c.await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Checks a username: 1..=64 of letters, digits and `._@+-` after normalisation.
+pub fn valid_username(name: &str) -> Result<String> {
+    let n = normalize_login(name);
+    let ok = (1..=64).contains(&n.chars().count())
+        && n.chars().all(|c| c.is_alphanumeric() || "._@+-".contains(c));
+    if !ok {
+        bail!("a username is 1 to 64 letters, digits or . _ @ + -");
+    }
+    Ok(n)
+}
+
+/// Checks an email address loosely (one `@`, no spaces) and normalises it.
+pub fn valid_email(email: &str) -> Result<String> {
+    let e = normalize_login(email);
+    let ok = e.len() <= 254
+        && e.split('@').count() == 2
+        && !e.starts_with('@')
+        && !e.ends_with('@')
+        && !e.chars().any(|c| c.is_whitespace() || c.is_control() || c == ',');
+    if !ok {
+        bail!("{email:?} is not an email address");
+    }
+    Ok(e)
+}
+
+fn valid_group(g: &str) -> Result<String> {
+    let g = g.trim();
+    if g.is_empty() || !g.chars().all(|c| c.is_alphanumeric() || "._-".contains(c)) {
+        bail!("group {g:?} may hold only letters, digits and . _ -");
+    }
+    Ok(g.to_string())
+}
+
+/// Reads a new password: one line from stdin, or a prompt twice on a terminal.
+fn read_password(from_stdin: bool) -> Result<String> {
+    let pw = if from_stdin || !std::io::stdin().is_terminal() {
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line)?;
+        line.strip_suffix('\n')
+            .map(|l| l.strip_suffix('\r').unwrap_or(l))
+            .unwrap_or(&line)
+            .to_string()
+    } else {
+        let a = rpassword::prompt_password("New password: ")?;
+        let b = rpassword::prompt_password("Repeat password: ")?;
+        if a != b {
+            bail!("the passwords differ");
+        }
+        a
+    };
+    password::check_new(&pw)?;
+    Ok(pw)
+}
+
+async fn user(store: &Store, cmd: UserCommand) -> Result<()> {
+    let now = SystemClock.now();
+    match cmd {
+        UserCommand::Add {
+            name,
+            email,
+            name_display,
+            groups,
+            password_stdin,
+        } => {
+            let username = valid_username(&name)?;
+            let email = valid_email(&email)?;
+            let groups = groups.iter().filter(|g| !g.trim().is_empty()).map(|g| valid_group(g)).collect::<Result<Vec<_>>>()?;
+            let pw = read_password(password_stdin)?;
+            let hash = tokio::task::spawn_blocking(move || password::hash_blocking(&pw)).await??;
+            let user = User {
+                display_name: name_display.unwrap_or_else(|| name.trim().to_string()),
+                username: username.clone(),
+                email,
+                groups,
+                password_hash: hash,
+                locked: false,
+                created: now,
+                last_login: None,
+                two_factor: None,
+            };
+            store.create_user(user).await?;
+            println!("user {username} added");
+        }
+        UserCommand::List { json } => {
+            let users = store.list_users().await?;
+            if json {
+                let list: Vec<_> = users.iter().map(user_json).collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!("{:<24} {:<32} {:<8} {:<6} LAST LOGIN", "USERNAME", "EMAIL", "2FA", "LOCKED");
+                for u in &users {
+                    println!(
+                        "{:<24} {:<32} {:<8} {:<6} {}",
+                        u.username,
+                        u.email,
+                        if u.two_factor.is_some() { "on" } else { "off" },
+                        if u.locked { "yes" } else { "no" },
+                        u.last_login.as_ref().map_or("never".into(), |l| rfc3339(l.at))
+                    );
+                }
+            }
+        }
+        UserCommand::Show { name, json } => {
+            let u = find(store, &name).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&user_json(&u))?);
+            } else {
+                println!("username:  {}", u.username);
+                println!("email:     {}", u.email);
+                println!("name:      {}", u.display_name);
+                println!("groups:    {}", u.groups.join(","));
+                println!("locked:    {}", if u.locked { "yes" } else { "no" });
+                println!("created:   {}", rfc3339(u.created));
+                match &u.two_factor {
+                    Some(t) => println!(
+                        "2FA:       on since {}, {} recovery codes left",
+                        rfc3339(t.enabled_at),
+                        t.recovery.len()
+                    ),
+                    None => println!("2FA:       off"),
+                }
+                match &u.last_login {
+                    Some(l) => println!("last login: {} from {}", rfc3339(l.at), l.address),
+                    None => println!("last login: never"),
+                }
+            }
+        }
+        UserCommand::Passwd { name, password_stdin } => {
+            let u = find(store, &name).await?;
+            let pw = read_password(password_stdin)?;
+            let hash = tokio::task::spawn_blocking(move || password::hash_blocking(&pw)).await??;
+            store.set_password(&u.username, hash).await?;
+            println!("password of {} changed; their sessions ended", u.username);
+        }
+        UserCommand::Lock { name } => {
+            let u = find(store, &name).await?;
+            store.set_locked(&u.username, true).await?;
+            println!("user {} locked; their sessions ended", u.username);
+        }
+        UserCommand::Unlock { name } => {
+            let u = find(store, &name).await?;
+            store.set_locked(&u.username, false).await?;
+            println!("user {} unlocked", u.username);
+        }
+        UserCommand::Delete { name } => {
+            let u = find(store, &name).await?;
+            store.delete_user(&u.username).await?;
+            println!("user {} deleted", u.username);
+        }
+    }
+    Ok(())
+}
+
+async fn find(store: &Store, name: &str) -> Result<User> {
+    match store.user(&normalize_login(name)).await? {
+        Some(u) => Ok(u),
+        None => bail!("no user {name:?}"),
+    }
+}
+
+/// The stable JSON shape of a user for scripts. Never includes hashes, secrets or codes.
+pub fn user_json(u: &User) -> serde_json::Value {
+    serde_json::json!({
+        "username": u.username,
+        "email": u.email,
+        "name": u.display_name,
+        "groups": u.groups,
+        "locked": u.locked,
+        "created": rfc3339(u.created),
+        "two_factor": {
+            "enabled": u.two_factor.is_some(),
+            "enabled_at": u.two_factor.as_ref().map(|t| rfc3339(t.enabled_at)),
+            "recovery_codes_left": u.two_factor.as_ref().map_or(0, |t| t.recovery.len()),
+        },
+        "last_login": u.last_login.as_ref().map(|l| serde_json::json!({
+            "at": rfc3339(l.at),
+            "address": l.address,
+            "second_factor": l.second_factor,
+        })),
+    })
+}

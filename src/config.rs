@@ -1,0 +1,611 @@
+//! The TOML configuration: parsed into typed values at the edge, so the rest of the gateway never sees raw strings.
+//!
+//! Every struct denies unknown keys, and values are validated while they are deserialized, so an error carries the
+//! file, line and column of the offending key or value.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer};
+
+/// A configuration error, with the position in the file when one is known.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: {source}")]
+    Read {
+        /// The config file.
+        file: String,
+        /// Why reading failed.
+        source: std::io::Error,
+    },
+    /// The file does not parse, or a value is invalid; position known.
+    #[error("{file}:{line}:{column}: {message}")]
+    At {
+        /// The config file.
+        file: String,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// A rule that spans several keys is broken.
+    #[error("{file}: {message}")]
+    Invalid {
+        /// The config file.
+        file: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listener, TLS and portal location.
+    #[serde(default)]
+    pub server: Server,
+    /// Where users and sessions live.
+    pub storage: Storage,
+    /// Session cookie and timeouts.
+    #[serde(default)]
+    pub session: SessionConfig,
+    /// Brute-force limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Names of the identity headers sent upstream.
+    #[serde(default)]
+    pub headers: Headers,
+    /// Look of the gateway's own pages.
+    #[serde(default)]
+    pub portal: Portal,
+    /// Second-factor settings.
+    #[serde(default)]
+    pub two_factor: TwoFactor,
+    /// The protected applications.
+    #[serde(rename = "app")]
+    pub apps: Vec<App>,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Server {
+    /// Address `serve` binds.
+    pub listen: SocketAddr,
+    /// PEM certificate chain; TLS is on when set (with `tls_key`).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key.
+    pub tls_key: Option<PathBuf>,
+    /// Path prefix of the gateway's own pages, on every host.
+    pub portal_prefix: Prefix,
+    /// Peers whose X-Forwarded-* headers are believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// How long a client may take to send the request head.
+    pub header_read_timeout: Dur,
+    /// How long in-flight requests may run after a shutdown signal.
+    pub shutdown_grace: Dur,
+    /// Most simultaneous password hashes (each takes ~19 MiB).
+    pub max_concurrent_hashes: usize,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            tls_cert: None,
+            tls_key: None,
+            portal_prefix: Prefix("/_portcullis".into()),
+            trusted_proxies: Vec::new(),
+            header_read_timeout: Dur(Duration::from_secs(10)),
+            shutdown_grace: Dur(Duration::from_secs(30)),
+            max_concurrent_hashes: 4,
+        }
+    }
+}
+
+/// `[storage]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Storage {
+    /// The redb file.
+    pub path: PathBuf,
+    /// The master key file; created with mode 0600 when missing.
+    pub secret_key_file: PathBuf,
+}
+
+/// `[session]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionConfig {
+    /// Name of the session cookie; the CSRF cookie is this plus `_csrf`.
+    pub cookie_name: CookieName,
+    /// A session unused this long ends.
+    pub idle_timeout: Dur,
+    /// A session ends this long after login, however active.
+    pub max_lifetime: Dur,
+    /// Whether cookies carry `Secure`.
+    pub secure: Secure,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            cookie_name: CookieName("portcullis_session".into()),
+            idle_timeout: Dur(Duration::from_secs(3600)),
+            max_lifetime: Dur(Duration::from_secs(12 * 3600)),
+            secure: Secure::Auto,
+        }
+    }
+}
+
+/// `secure = "auto" | true | false`
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Secure {
+    /// Secure when the listener speaks TLS or a trusted proxy says https.
+    Auto,
+    /// Always.
+    Always,
+    /// Never (plain-HTTP test set-ups).
+    Never,
+}
+
+impl<'de> Deserialize<'de> for Secure {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bool(true) => Ok(Secure::Always),
+            Raw::Bool(false) => Ok(Secure::Never),
+            Raw::Str(s) if s == "auto" => Ok(Secure::Auto),
+            Raw::Str(s) => Err(serde::de::Error::custom(format!(
+                "secure must be \"auto\", true or false, not {s:?}"
+            ))),
+        }
+    }
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Failures per account (and separately per second factor) before a lockout.
+    pub max_failures: u32,
+    /// Failures per client address before that address is locked out.
+    pub max_failures_per_address: u32,
+    /// The window failures are counted in.
+    pub failure_window: Dur,
+    /// How long a lockout lasts.
+    pub lockout: Dur,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_failures: 5,
+            max_failures_per_address: 50,
+            failure_window: Dur(Duration::from_secs(600)),
+            lockout: Dur(Duration::from_secs(900)),
+        }
+    }
+}
+
+/// `[headers]`: names of the identity headers sent upstream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Headers {
+    /// Username.
+    pub user: HeaderName,
+    /// Email address.
+    pub email: HeaderName,
+    /// Display name.
+    pub name: HeaderName,
+    /// Groups, comma-separated.
+    pub groups: HeaderName,
+}
+
+impl Default for Headers {
+    fn default() -> Self {
+        let h = |s: &'static str| HeaderName(http::HeaderName::from_static(s));
+        Headers {
+            user: h("remote-user"),
+            email: h("remote-email"),
+            name: h("remote-name"),
+            groups: h("remote-groups"),
+        }
+    }
+}
+
+/// `[portal]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Portal {
+    /// Product name shown on every page.
+    pub title: String,
+    /// Directory of template overrides; missing files fall back to the embedded defaults.
+    pub templates: Option<PathBuf>,
+}
+
+impl Default for Portal {
+    fn default() -> Self {
+        Portal {
+            title: "Portcullis".into(),
+            templates: None,
+        }
+    }
+}
+
+/// `[two_factor]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TwoFactor {
+    /// Every user must enrol.
+    pub required: bool,
+    /// Issuer shown in the authenticator app.
+    pub issuer: String,
+    /// Accepted neighbouring time steps, 0 or 1.
+    pub skew: u8,
+    /// Codes in a recovery set.
+    pub recovery_codes: usize,
+    /// Replace a used recovery code at once.
+    pub replenish_recovery_codes: bool,
+}
+
+impl Default for TwoFactor {
+    fn default() -> Self {
+        TwoFactor {
+            required: true,
+            issuer: "Portcullis".into(),
+            skew: 1,
+            recovery_codes: 10,
+            replenish_recovery_codes: false,
+        }
+    }
+}
+
+/// `[[app]]`: one protected application.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct App {
+    /// Host it answers for (`*` = any).
+    pub host: HostPattern,
+    /// Where allowed requests go.
+    pub upstream: Upstream,
+    /// Default policy for paths no rule matches.
+    #[serde(default = "default_policy")]
+    pub policy: Policy,
+    /// Non-empty: only members of these groups pass.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Time allowed for the upstream's response head.
+    #[serde(default = "default_upstream_timeout")]
+    pub upstream_timeout: Dur,
+    /// Extra CA certificates (PEM) for an https upstream.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Path rules; the longest matching prefix wins.
+    #[serde(default, rename = "rule")]
+    pub rules: Vec<Rule>,
+}
+
+fn default_policy() -> Policy {
+    Policy::TwoFactor
+}
+
+fn default_upstream_timeout() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+
+/// `[[app.rule]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// Prefix of the normalised path.
+    pub path: RulePath,
+    /// Policy for matching paths.
+    pub policy: Policy,
+}
+
+/// What a request needs to pass. Ordered from least to most restrictive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    /// Forwarded without identity.
+    Bypass,
+    /// The password is enough.
+    OneFactor,
+    /// Password and second factor.
+    TwoFactor,
+    /// Never forwarded.
+    Deny,
+}
+
+/// A duration written as `"90s"`, `"10m"`, `"1h"`, `"7d"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map(Dur)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e} (use e.g. \"30s\", \"10m\", \"1h\")")))
+    }
+}
+
+impl Dur {
+    /// Whole seconds, at least 1.
+    pub fn secs(self) -> u64 {
+        self.0.as_secs().max(1)
+    }
+}
+
+/// A validated portal prefix: starts with `/`, no trailing `/`, plain characters only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prefix(pub String);
+
+impl<'de> Deserialize<'de> for Prefix {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let ok = s.starts_with('/')
+            && s.len() > 1
+            && !s.ends_with('/')
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"/_-.".contains(&b))
+            && !s.contains("//")
+            && !s.split('/').any(|seg| seg == "." || seg == "..");
+        if ok {
+            Ok(Prefix(s))
+        } else {
+            Err(serde::de::Error::custom(
+                "portal_prefix must look like \"/_portcullis\": a leading /, no trailing /, letters, digits, _ - .",
+            ))
+        }
+    }
+}
+
+/// A cookie name made of token characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CookieName(pub String);
+
+impl<'de> Deserialize<'de> for CookieName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b)) {
+            Ok(CookieName(s))
+        } else {
+            Err(serde::de::Error::custom("cookie_name may hold only letters, digits, _ - ."))
+        }
+    }
+}
+
+/// An HTTP header name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderName(pub http::HeaderName);
+
+impl<'de> Deserialize<'de> for HeaderName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        http::HeaderName::from_str(&s)
+            .map(HeaderName)
+            .map_err(|_| serde::de::Error::custom(format!("{s:?} is not a valid header name")))
+    }
+}
+
+/// The host an app answers for, normalised (lower case, no port, no trailing dot).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    /// `*`: any host no other app claims.
+    Any,
+    /// One host name.
+    Exact(String),
+}
+
+impl<'de> Deserialize<'de> for HostPattern {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == "*" {
+            return Ok(HostPattern::Any);
+        }
+        match crate::policy::normalize_host(&s) {
+            Some(h) if !s.contains(':') || h.starts_with('[') => Ok(HostPattern::Exact(h)),
+            _ => Err(serde::de::Error::custom(format!(
+                "{s:?} is not a host name (write the name without scheme, port or path, or \"*\")"
+            ))),
+        }
+    }
+}
+
+/// An upstream base URL: `http://` or `https://`, host and port, no path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// `http` or `https`.
+    pub scheme: http::uri::Scheme,
+    /// host[:port]
+    pub authority: http::uri::Authority,
+}
+
+impl<'de> Deserialize<'de> for Upstream {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let err = |why: &str| serde::de::Error::custom(format!("upstream {s:?}: {why}"));
+        let uri: http::Uri = s.parse().map_err(|_| err("not a URL"))?;
+        let scheme = uri.scheme().cloned().ok_or_else(|| err("needs http:// or https://"))?;
+        if scheme != http::uri::Scheme::HTTP && scheme != http::uri::Scheme::HTTPS {
+            return Err(err("only http:// and https:// are supported"));
+        }
+        let authority = uri.authority().cloned().ok_or_else(|| err("needs a host"))?;
+        if authority.as_str().contains('@') {
+            return Err(err("credentials in the URL are not supported"));
+        }
+        if uri.path() != "/" && !uri.path().is_empty() || uri.query().is_some() {
+            return Err(err("a path is not supported; the request path is passed on as it is"));
+        }
+        Ok(Upstream { scheme, authority })
+    }
+}
+
+/// A rule's path prefix: starts with `/`, already in normalised form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RulePath(pub String);
+
+impl<'de> Deserialize<'de> for RulePath {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match crate::policy::normalize_path(&s) {
+            Ok(n) if n == s => Ok(RulePath(s)),
+            _ => Err(serde::de::Error::custom(format!(
+                "rule path {s:?} must start with / and be in normal form (no //, . or .. segments, no %-escapes)"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Policy::Bypass => "bypass",
+            Policy::OneFactor => "one_factor",
+            Policy::TwoFactor => "two_factor",
+            Policy::Deny => "deny",
+        })
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` names the file in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let (line, column) = e
+                .span()
+                .map(|span| line_column(text, span.start))
+                .unwrap_or((1, 1));
+            ConfigError::At {
+                file: file.clone(),
+                line,
+                column,
+                message: e.message().trim().to_string(),
+            }
+        })?;
+        config.validate().map_err(|message| ConfigError::Invalid { file, message })?;
+        Ok(config)
+    }
+
+    /// Rules that span several keys.
+    fn validate(&self) -> Result<(), String> {
+        let s = &self.server;
+        if s.tls_cert.is_some() != s.tls_key.is_some() {
+            return Err("[server] tls_cert and tls_key must be set together".into());
+        }
+        if self.apps.is_empty() {
+            return Err("at least one [[app]] is needed".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for app in &self.apps {
+            let key = match &app.host {
+                HostPattern::Any => "*".to_string(),
+                HostPattern::Exact(h) => h.clone(),
+            };
+            if !seen.insert(key.clone()) {
+                return Err(format!("two [[app]] entries claim host {key:?}"));
+            }
+        }
+        if self.limits.max_failures == 0 || self.limits.max_failures_per_address == 0 {
+            return Err("[limits] max_failures must be at least 1".into());
+        }
+        if self.two_factor.skew > 1 {
+            return Err("[two_factor] skew must be 0 or 1".into());
+        }
+        if !(1..=100).contains(&self.two_factor.recovery_codes) {
+            return Err("[two_factor] recovery_codes must be between 1 and 100".into());
+        }
+        if s.max_concurrent_hashes == 0 {
+            return Err("[server] max_concurrent_hashes must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The CSRF cookie's name.
+    pub fn csrf_cookie_name(&self) -> String {
+        format!("{}_csrf", self.session.cookie_name.0)
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[storage]
+path = "data/p.redb"
+secret_key_file = "data/secret.key"
+
+[[app]]
+host = "wiki.example.com"
+upstream = "http://127.0.0.1:9000"
+"#;
+
+    #[test]
+    fn minimal_file_parses_with_defaults() {
+        let c = Config::parse(MINIMAL, Path::new("p.toml")).unwrap();
+        assert_eq!(c.apps[0].policy, Policy::TwoFactor);
+        assert_eq!(c.session.idle_timeout.0, Duration::from_secs(3600));
+        assert_eq!(c.server.portal_prefix.0, "/_portcullis");
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_column() {
+        let text = format!("{MINIMAL}\n[session]\ncookie_nam = \"x\"\n");
+        let err = Config::parse(&text, Path::new("p.toml")).unwrap_err().to_string();
+        assert!(err.starts_with("p.toml:11:1:"), "{err}");
+        assert!(err.contains("cookie_nam"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_points_at_value() {
+        let text = format!("{MINIMAL}\n[session]\nidle_timeout = \"soon\"\n");
+        let err = Config::parse(&text, Path::new("p.toml")).unwrap_err().to_string();
+        assert!(err.starts_with("p.toml:11:16:"), "{err}");
+    }
+
+    #[test]
+    fn upstream_with_path_is_rejected() {
+        let text = MINIMAL.replace("9000\"", "9000/app\"");
+        assert!(Config::parse(&text, Path::new("p.toml")).is_err());
+    }
+
+    #[test]
+    fn tls_needs_both_files() {
+        let text = format!("[server]\ntls_cert = \"c.pem\"\n{MINIMAL}");
+        let err = Config::parse(&text, Path::new("p.toml")).unwrap_err().to_string();
+        assert!(err.contains("tls_key"), "{err}");
+    }
+}

@@ -1,0 +1,4 @@
+//! Credentials: passwords, lockout counters (and, with two-factor, TOTP and recovery codes).
+
+pub mod lockout;
+pub mod password;

@@ -1,0 +1,274 @@
+//! The gateway's shared state and the request flow: request → policy → session → portal or proxy.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderName, Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::Body;
+use crate::clock::Clock;
+use crate::config::{Config, Policy, Secure};
+use crate::credentials::lockout::Lockout;
+use crate::credentials::password::Hasher;
+use crate::keys::Keys;
+use crate::portal::pages::{Pages, redirect};
+use crate::proxy::Upstreams;
+use crate::respond::{Reject, reject};
+use crate::session::{self, Authenticated, SessionId};
+use crate::store::{Level, Store};
+
+/// Everything a request handler needs, shared by all connections.
+pub struct Gateway {
+    /// The configuration.
+    pub config: Config,
+    /// Users, sessions, counters.
+    pub store: Store,
+    /// Derived keys.
+    pub keys: Keys,
+    /// Injected time.
+    pub clock: Arc<dyn Clock>,
+    /// Bounded password hashing.
+    pub hasher: Hasher,
+    /// Lockout rules.
+    pub lockout: Lockout,
+    /// Templates.
+    pub pages: Pages,
+    /// One pooled client per app.
+    pub upstreams: Upstreams,
+    /// Whether the listener terminates TLS.
+    pub tls: bool,
+    /// Tracks upgraded tunnels (WebSocket) so shutdown can wait for them.
+    pub tunnels: tokio_util::task::TaskTracker,
+}
+
+/// What we know about the client of one request.
+#[derive(Debug, Clone)]
+pub struct Client {
+    /// The TCP peer.
+    pub peer: SocketAddr,
+    /// The client's address: the peer, or what a trusted proxy says.
+    pub addr: IpAddr,
+    /// Whether the peer is a trusted proxy.
+    pub trusted: bool,
+    /// Whether the client used https (our TLS, or a trusted proxy's word).
+    pub https: bool,
+}
+
+impl Gateway {
+    /// The portal prefix, e.g. `/_portcullis`.
+    pub fn prefix(&self) -> &str {
+        &self.config.server.portal_prefix.0
+    }
+
+    /// Whether cookies set for this client carry `Secure`.
+    pub fn secure_cookies(&self, client: &Client) -> bool {
+        match self.config.session.secure {
+            Secure::Always => true,
+            Secure::Never => false,
+            Secure::Auto => client.https,
+        }
+    }
+
+    /// Works out the client from the peer and, only for trusted proxies, X-Forwarded-For / -Proto.
+    pub fn client(&self, peer: SocketAddr, headers: &HeaderMap) -> Client {
+        let trusted = self.is_trusted(peer.ip());
+        let mut addr = peer.ip();
+        let mut https = self.tls;
+        if trusted {
+            // The right-most address that isn't one of our proxies is the client (earlier entries are the
+            // client's own claims).
+            let chain: Vec<IpAddr> = headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .filter_map(|s| s.trim().parse().ok())
+                .collect();
+            if let Some(ip) = chain.iter().rev().find(|ip| !self.is_trusted(**ip)).or(chain.first()) {
+                addr = *ip;
+            }
+            if let Some(proto) = headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok()) {
+                https = proto.trim().eq_ignore_ascii_case("https");
+            }
+        }
+        Client {
+            peer,
+            addr,
+            trusted,
+            https,
+        }
+    }
+
+    fn is_trusted(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        self.config.server.trusted_proxies.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The verified session of a request, if any. Expired or orphaned sessions count as none.
+    /// Refreshes last-seen at most once per [`session::TOUCH_INTERVAL`], off the request path.
+    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Option<Authenticated>, Reject> {
+        let Some(id) = session::session_id(&self.keys, headers, &self.config.session.cookie_name.0) else {
+            return Ok(None);
+        };
+        let Some((record, user)) = self.store.session_with_user(id.0).await? else {
+            return Ok(None);
+        };
+        let now = self.clock.now();
+        let s = &self.config.session;
+        let idle = match record.level {
+            // A password-only session exists just to finish the login.
+            Level::Pending => s.idle_timeout.secs().min(PENDING_LIFETIME),
+            _ => s.idle_timeout.secs(),
+        };
+        if session::expired(&record, now, idle, s.max_lifetime.secs()) || user.locked {
+            self.forget_session(id);
+            return Ok(None);
+        }
+        if now >= record.last_seen + session::TOUCH_INTERVAL {
+            let store = self.store.clone();
+            tokio::spawn(async move {
+                if let Err(e) = store.touch_session(id.0, now).await {
+                    tracing::warn!(error = %e, "could not refresh session last-seen");
+                }
+            });
+        }
+        Ok(Some(Authenticated { id, record, user }))
+    }
+
+    /// Deletes a session in the background (it is already treated as gone).
+    pub fn forget_session(&self, id: SessionId) {
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.delete_session(id.0).await {
+                tracing::warn!(error = %e, "could not delete an expired session");
+            }
+        });
+    }
+}
+
+/// Lifetime of a password-only session, in seconds.
+pub const PENDING_LIFETIME: u64 = 300;
+
+/// Identity header families always removed from client requests (`_` variants are folded to `-` first).
+const SPOOFABLE_PREFIXES: &[&str] = &["remote-", "x-auth-request-"];
+const SPOOFABLE_NAMES: &[&str] = &[
+    "x-forwarded-user",
+    "x-forwarded-email",
+    "x-forwarded-groups",
+    "x-forwarded-preferred-username",
+    "x-remote-user",
+    "x-user",
+    "x-email",
+];
+
+/// Removes every client-sent identity header: the configured names and the usual families, in any case, with `_`
+/// for `-` (oauth2-proxy CVE-2025-64484). Header names arrive lower-cased from hyper.
+pub fn strip_identity_headers(config: &Config, headers: &mut HeaderMap) {
+    let configured = [
+        &config.headers.user.0,
+        &config.headers.email.0,
+        &config.headers.name.0,
+        &config.headers.groups.0,
+    ];
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            let folded = name.as_str().replace('_', "-");
+            SPOOFABLE_PREFIXES.iter().any(|p| folded.starts_with(p))
+                || SPOOFABLE_NAMES.contains(&folded.as_str())
+                || configured.iter().any(|c| c.as_str().replace('_', "-") == folded)
+        })
+        .cloned()
+        .collect();
+    for name in doomed {
+        headers.remove(&name);
+    }
+}
+
+/// Whether a request is from a browser that can follow a redirect to the login page.
+fn wants_html(req: &Request<Incoming>) -> bool {
+    let get = req.method() == http::Method::GET || req.method() == http::Method::HEAD;
+    let html = req
+        .headers()
+        .get_all(http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("text/html"));
+    get && html
+}
+
+/// Handles one request from start to finish. Never fails: every error becomes a page.
+pub async fn handle(gw: Arc<Gateway>, peer: SocketAddr, mut req: Request<Incoming>) -> Response<Body> {
+    strip_identity_headers(&gw.config, req.headers_mut());
+    let client = gw.client(peer, req.headers());
+    let result = if crate::portal::owns(gw.prefix(), req.uri().path()) {
+        crate::portal::handle(&gw, &client, req).await
+    } else {
+        protected(&gw, &client, req).await
+    };
+    result.unwrap_or_else(|r| reject(&gw, &r))
+}
+
+/// A request for an application: decide, authenticate, then proxy or send to the login page.
+async fn protected(gw: &Arc<Gateway>, client: &Client, req: Request<Incoming>) -> Result<Response<Body>, Reject> {
+    let host = request_host(&req);
+    let decision = crate::policy::decide(&gw.config, host.as_deref(), req.uri().path()).map_err(|e| match e {
+        crate::policy::PolicyError::UnknownHost => Reject::UnknownHost,
+        crate::policy::PolicyError::BadPath(why) => Reject::BadRequest(why),
+    })?;
+    let app = &gw.config.apps[decision.app];
+    let identity = match decision.policy {
+        Policy::Deny => return Err(Reject::Denied),
+        Policy::Bypass => None,
+        needed => {
+            let Some(auth) = gw.authenticate(req.headers()).await? else {
+                return Ok(login_redirect(gw, &req));
+            };
+            let level_ok = match needed {
+                Policy::TwoFactor => auth.record.level >= Level::Full,
+                _ => auth.record.level >= Level::Password,
+            };
+            if !level_ok {
+                return Ok(login_redirect(gw, &req));
+            }
+            if !app.groups.is_empty() && !app.groups.iter().any(|g| auth.user.groups.contains(g)) {
+                return Err(Reject::NotInGroup);
+            }
+            Some(auth.user)
+        }
+    };
+    crate::proxy::forward(gw, client, decision, identity, req).await
+}
+
+/// The request's host: the URI authority (HTTP/2) or the Host header.
+pub fn request_host<B>(req: &Request<B>) -> Option<String> {
+    host_of(req.uri(), req.headers())
+}
+
+/// The host from a URI authority or, failing that, a Host header.
+pub fn host_of(uri: &http::Uri, headers: &HeaderMap) -> Option<String> {
+    uri.authority().map(|a| a.as_str().to_string()).or_else(|| {
+        headers
+            .get(http::header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    })
+}
+
+/// Browsers go to the login page with where they were going; everything else gets 401.
+fn login_redirect(gw: &Gateway, req: &Request<Incoming>) -> Response<Body> {
+    if !wants_html(req) {
+        return reject(gw, &Reject::Unauthorized);
+    }
+    let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let location = format!(
+        "{}/login?rd={}",
+        gw.prefix(),
+        percent_encoding::utf8_percent_encode(target, percent_encoding::NON_ALPHANUMERIC)
+    );
+    redirect(StatusCode::FOUND, &location)
+}

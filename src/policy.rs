@@ -1,0 +1,217 @@
+//! The access decision: which app a request is for, and what it needs to pass.
+//!
+//! Decided on the same normalised path the upstream will receive, so what we check is what the app serves.
+
+use crate::config::{App, Config, HostPattern, Policy};
+
+/// Why a request cannot be matched to a decision.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    /// No app claims this host and there is no `*` app.
+    #[error("no application is configured for this host")]
+    UnknownHost,
+    /// The path can't be normalised safely.
+    #[error("the request path is malformed: {0}")]
+    BadPath(&'static str),
+}
+
+/// The outcome for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Index into `Config::apps`.
+    pub app: usize,
+    /// What the request needs.
+    pub policy: Policy,
+    /// The normalised path (percent-encoded) to send upstream.
+    pub path: String,
+}
+
+/// Picks the app and policy for a host and raw path.
+pub fn decide(config: &Config, host: Option<&str>, raw_path: &str) -> Result<Decision, PolicyError> {
+    let app = find_app(&config.apps, host).ok_or(PolicyError::UnknownHost)?;
+    let path = normalize_path(raw_path)?;
+    let policy = path_policy(&config.apps[app], &path);
+    Ok(Decision { app, policy, path })
+}
+
+/// Finds the app for a Host value: exact name first, then `*`.
+pub fn find_app(apps: &[App], host: Option<&str>) -> Option<usize> {
+    let host = host.and_then(normalize_host);
+    if let Some(h) = &host {
+        if let Some(i) = apps
+            .iter()
+            .position(|a| matches!(&a.host, HostPattern::Exact(x) if x == h))
+        {
+            return Some(i);
+        }
+    }
+    apps.iter().position(|a| a.host == HostPattern::Any)
+}
+
+/// The policy for a normalised path within an app.
+///
+/// Rules are prefixes; the longest wins. Some upstreams treat paths case-insensitively, so the longest match is
+/// taken both exactly and ignoring ASCII case, and the more restrictive result applies: `/ADMIN/` can't dodge a
+/// deny rule on `/admin/`, and `/PUBLIC/` doesn't inherit a bypass meant for `/public/`.
+pub fn path_policy(app: &App, path: &str) -> Policy {
+    let exact = longest(app, |prefix| path.starts_with(prefix));
+    let folded = longest(app, |prefix| {
+        path.len() >= prefix.len() && path.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+    });
+    exact.unwrap_or(app.policy).max(folded.unwrap_or(app.policy))
+}
+
+fn longest(app: &App, matches: impl Fn(&str) -> bool) -> Option<Policy> {
+    app.rules
+        .iter()
+        .filter(|r| matches(&r.path.0))
+        .max_by_key(|r| r.path.0.len())
+        .map(|r| r.policy)
+}
+
+/// Lower-cases a Host value and drops the port and a trailing dot. `None` if it isn't a plausible host.
+pub fn normalize_host(raw: &str) -> Option<String> {
+    let raw = raw.trim();
+    let name = if raw.starts_with('[') {
+        // IPv6 literal: keep the brackets, drop a port after them.
+        let end = raw.find(']')?;
+        &raw[..=end]
+    } else {
+        match raw.rsplit_once(':') {
+            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+            Some(_) => return None,
+            None => raw,
+        }
+    };
+    let name = name.strip_suffix('.').unwrap_or(name);
+    let ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._[]:".contains(&b));
+    ok.then(|| name.to_ascii_lowercase())
+}
+
+/// Characters kept literally when a path segment is re-encoded (RFC 3986 §3.3 pchar minus `%`).
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'!')
+    .remove(b'$')
+    .remove(b'&')
+    .remove(b'\'')
+    .remove(b'(')
+    .remove(b')')
+    .remove(b'*')
+    .remove(b'+')
+    .remove(b',')
+    .remove(b';')
+    .remove(b'=')
+    .remove(b':')
+    .remove(b'@');
+
+/// Normalises a request path (RFC 3986 §6.2.2): decodes percent-escapes, removes dot segments (§5.2.4) and
+/// duplicate slashes, and re-encodes. Rejects what could mean different things to us and to the upstream:
+/// encoded `/` or `\`, backslashes, control bytes, `..` above the root, and `..;` path parameters.
+pub fn normalize_path(raw: &str) -> Result<String, PolicyError> {
+    if !raw.starts_with('/') {
+        return Err(PolicyError::BadPath("the path must start with /"));
+    }
+    if raw.contains('\\') {
+        return Err(PolicyError::BadPath("backslashes are not allowed"));
+    }
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    let mut trailing_slash = false;
+    for seg in raw[1..].split('/') {
+        let decoded: Vec<u8> = percent_encoding::percent_decode_str(seg).collect();
+        if decoded.iter().any(|&b| b == b'/' || b == b'\\' || b < 0x20 || b == 0x7f) {
+            return Err(PolicyError::BadPath("encoded slashes or control characters"));
+        }
+        if decoded.contains(&b'%') {
+            // A `%` left after decoding ("%252e", stray "%") means a second decode upstream could see dots or slashes.
+            return Err(PolicyError::BadPath("double or broken percent-encoding"));
+        }
+        let bare = decoded.split(|&b| b == b';').next().unwrap_or(&[]);
+        trailing_slash = false;
+        match bare {
+            b"" if decoded.is_empty() => trailing_slash = true,
+            b"." | b".." if decoded.len() != bare.len() => {
+                return Err(PolicyError::BadPath("path parameters on a dot segment"));
+            }
+            b"." => trailing_slash = true,
+            b".." => {
+                if out.pop().is_none() {
+                    return Err(PolicyError::BadPath("the path climbs above the root"));
+                }
+                trailing_slash = true;
+            }
+            _ => out.push(decoded),
+        }
+    }
+    let mut path = String::with_capacity(raw.len());
+    for seg in &out {
+        path.push('/');
+        path.extend(percent_encoding::percent_encode(seg, SEGMENT));
+    }
+    if trailing_slash || out.is_empty() {
+        path.push('/');
+    }
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalises_dots_and_slashes() {
+        for (raw, want) in [
+            ("/", "/"),
+            ("/a/b", "/a/b"),
+            ("/a/b/", "/a/b/"),
+            ("//a///b", "/a/b"),
+            ("/a/./b", "/a/b"),
+            ("/a/../b", "/b"),
+            ("/public/../secret", "/secret"),
+            ("/public/%2e%2e/secret", "/secret"),
+            ("/public/%2E%2E/secret", "/secret"),
+            ("/public/x/../../secret", "/secret"),
+            ("/%61dmin/", "/admin/"),
+            ("/a/..", "/"),
+            ("/a%20b", "/a%20b"),
+            ("/a/.", "/a/"),
+        ] {
+            assert_eq!(normalize_path(raw).as_deref(), Ok(want), "{raw}");
+        }
+    }
+
+    #[test]
+    fn rejects_ambiguous_paths() {
+        for raw in [
+            "/public/..%2fsecret",
+            "/public/%2fsecret",
+            "/public\\..\\secret",
+            "/public/%5c..",
+            "/..",
+            "/a/../..",
+            "/public/..;/secret",
+            "/public/.;x/secret",
+            "/a%00b",
+            "/a%0d%0ab",
+            "/a/%252e%252e/b",
+            "relative",
+        ] {
+            assert!(normalize_path(raw).is_err(), "{raw} should be rejected");
+        }
+    }
+
+    #[test]
+    fn normalises_hosts() {
+        assert_eq!(normalize_host("Wiki.Example.COM."), Some("wiki.example.com".into()));
+        assert_eq!(normalize_host("wiki.example.com:8443"), Some("wiki.example.com".into()));
+        assert_eq!(normalize_host("[::1]:80"), Some("[::1]".into()));
+        assert_eq!(normalize_host("bad host"), None);
+        assert_eq!(normalize_host("a:b"), None);
+    }
+}

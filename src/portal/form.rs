@@ -1,0 +1,97 @@
+//! Form posts: bounded reading, parsing into fields, and the CSRF check every POST passes first.
+
+use std::collections::HashMap;
+
+use http::{HeaderMap, Request, header};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use subtle::ConstantTimeEq;
+
+use crate::gateway::{Gateway, host_of};
+use crate::respond::Reject;
+
+/// Largest accepted form body.
+const MAX_FORM: usize = 64 * 1024;
+
+/// A parsed form. Repeated fields keep the first value.
+#[derive(Debug, Default)]
+pub struct Form(HashMap<String, String>);
+
+impl Form {
+    /// A field's value, or "".
+    pub fn get(&self, name: &str) -> &str {
+        self.0.get(name).map_or("", String::as_str)
+    }
+}
+
+/// Reads an `application/x-www-form-urlencoded` body of at most 64 KiB.
+pub async fn read(req: Request<Incoming>) -> Result<(http::request::Parts, Form), Reject> {
+    let ok_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().to_ascii_lowercase().starts_with("application/x-www-form-urlencoded"));
+    if !ok_type {
+        return Err(Reject::BadRequest("The form was not sent as a form."));
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = Limited::new(body, MAX_FORM)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                Reject::PayloadTooLarge
+            } else {
+                Reject::BadRequest("The form could not be read.")
+            }
+        })?
+        .to_bytes();
+    let pairs: Vec<(String, String)> =
+        serde_urlencoded::from_bytes(&bytes).map_err(|_| Reject::BadRequest("The form could not be read."))?;
+    let mut map = HashMap::new();
+    for (k, v) in pairs {
+        map.entry(k).or_insert(v);
+    }
+    Ok((parts, Form(map)))
+}
+
+/// Checks a form's CSRF token against its binding (session id or anonymous cookie), in constant time, and
+/// refuses requests a browser marks as cross-site or whose Origin is another host.
+pub fn check_csrf(gw: &Gateway, parts: &http::request::Parts, form: &Form, binding: Option<&[u8]>) -> Result<(), Reject> {
+    if cross_site(&parts.headers, host_of(&parts.uri, &parts.headers).as_deref()) {
+        return Err(Reject::Csrf);
+    }
+    let Some(binding) = binding else {
+        return Err(Reject::Csrf);
+    };
+    let expected = gw.keys.csrf_token(binding);
+    let given = form.get("csrf");
+    if given.len() == expected.len() && bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
+        Ok(())
+    } else {
+        Err(Reject::Csrf)
+    }
+}
+
+/// Whether the browser says the request came from another site.
+fn cross_site(headers: &HeaderMap, host: Option<&str>) -> bool {
+    if headers
+        .get("sec-fetch-site")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("cross-site"))
+    {
+        return true;
+    }
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let origin_host = origin
+        .parse::<http::Uri>()
+        .ok()
+        .and_then(|u| u.authority().map(|a| a.as_str().to_ascii_lowercase()));
+    match (origin_host, host) {
+        (Some(o), Some(h)) => o != h.to_ascii_lowercase(),
+        // "Origin: null" or an unparsable origin: refuse.
+        _ => true,
+    }
+}

@@ -1,0 +1,164 @@
+//! Sign-in and sign-out: show the form → check CSRF, lockout and password → new session → back to the app.
+
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use minijinja::context;
+
+use crate::Body;
+use crate::credentials::lockout::Step;
+use crate::gateway::{Client, Gateway};
+use crate::keys::random_bytes;
+use crate::portal::form::{self, check_csrf};
+use crate::portal::pages::redirect;
+use crate::portal::redirect::target_or_root;
+use crate::respond::Reject;
+use crate::session::{self, SessionId};
+use crate::store::{LastLogin, Level, SessionRecord, normalize_login};
+
+/// The `rd` query parameter, made safe.
+fn rd_param(req: &Request<Incoming>) -> String {
+    let rd = req
+        .uri()
+        .query()
+        .and_then(|q| serde_urlencoded::from_str::<Vec<(String, String)>>(q).ok())
+        .and_then(|pairs| pairs.into_iter().find(|(k, _)| k == "rd").map(|(_, v)| v))
+        .unwrap_or_default();
+    target_or_root(&rd)
+}
+
+/// The anonymous CSRF binding of this browser, and the Set-Cookie to send when it is new.
+fn anonymous_binding(gw: &Gateway, client: &Client, headers: &http::HeaderMap) -> Result<([u8; 32], Option<String>), Reject> {
+    let name = gw.config.csrf_cookie_name();
+    if let Some(b) = session::csrf_binding(&gw.keys, headers, &name) {
+        return Ok((b, None));
+    }
+    let fresh = random_bytes::<32>()?;
+    let cookie = session::csrf_cookie(&gw.keys, &name, &fresh, gw.secure_cookies(client));
+    Ok((fresh, Some(cookie)))
+}
+
+fn login_page(
+    gw: &Gateway,
+    status: StatusCode,
+    binding: &[u8; 32],
+    rd: &str,
+    username: &str,
+    error: Option<&str>,
+) -> Response<Body> {
+    let ctx = context! { csrf => gw.keys.csrf_token(binding), rd, username, error };
+    gw.pages.page(gw, "login.html", status, ctx)
+}
+
+fn with_cookie(mut resp: Response<Body>, cookie: Option<String>) -> Response<Body> {
+    if let Some(v) = cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        resp.headers_mut().append(header::SET_COOKIE, v);
+    }
+    resp
+}
+
+/// GET login: already signed in → straight on; otherwise the form.
+pub async fn show(gw: &Gateway, client: &Client, req: &Request<Incoming>) -> Result<Response<Body>, Reject> {
+    let rd = rd_param(req);
+    if let Some(auth) = gw.authenticate(req.headers()).await? {
+        if auth.record.level >= Level::Password {
+            return Ok(redirect(StatusCode::SEE_OTHER, &rd));
+        }
+    }
+    let (binding, cookie) = anonymous_binding(gw, client, req.headers())?;
+    Ok(with_cookie(login_page(gw, StatusCode::OK, &binding, &rd, "", None), cookie))
+}
+
+/// POST login.
+pub async fn submit(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Result<Response<Body>, Reject> {
+    let (parts, form) = form::read(req).await?;
+    let csrf_name = gw.config.csrf_cookie_name();
+    let binding = session::csrf_binding(&gw.keys, &parts.headers, &csrf_name);
+    check_csrf(gw, &parts, &form, binding.as_ref().map(|b| b.as_slice()))?;
+    let binding = binding.ok_or(Reject::Csrf)?;
+    let rd = target_or_root(form.get("rd"));
+    let typed = form.get("username");
+    let password = form.get("password").to_string();
+    let now = gw.clock.now();
+
+    let login = normalize_login(typed);
+    let user = if login.is_empty() { None } else { gw.store.find_login(&login).await? };
+    // Unknown names are counted under what was typed, so they lock like real accounts.
+    let account = user.as_ref().map_or(login.clone(), |u| u.username.clone());
+    if let Some(secs) = gw.lockout.retry_after(&gw.store, Step::Password, &account, client.addr, now).await? {
+        tracing::info!(account = %account.escape_debug(), addr = %client.addr, "login refused: locked out");
+        return Err(Reject::TooManyAttempts(secs));
+    }
+    let ok = gw
+        .hasher
+        .verify(password, user.as_ref().map(|u| u.password_hash.clone()))
+        .await?;
+    let Some(user) = user.filter(|_| ok) else {
+        tracing::info!(account = %account.escape_debug(), addr = %client.addr, "login failed");
+        if let Some(secs) = gw.lockout.fail(&gw.store, Step::Password, &account, client.addr, now).await? {
+            tracing::warn!(account = %account.escape_debug(), addr = %client.addr, "lockout after failed logins");
+            return Err(Reject::TooManyAttempts(secs));
+        }
+        let page = login_page(
+            gw,
+            StatusCode::UNAUTHORIZED,
+            &binding,
+            &rd,
+            typed,
+            Some("Invalid username or password."),
+        );
+        return Ok(page);
+    };
+    if user.locked {
+        tracing::info!(user = %user.username, addr = %client.addr, "login refused: account locked");
+        return Err(Reject::AccountLocked);
+    }
+    gw.lockout.succeed(&gw.store, Step::Password, &user.username).await?;
+
+    let id = SessionId::random()?;
+    let record = SessionRecord {
+        username: user.username.clone(),
+        level: Level::Password,
+        created: now,
+        last_seen: now,
+        address: client.addr.to_string(),
+    };
+    // A new id at every level change (session fixation); the old session goes in the same transaction.
+    let old = session::session_id(&gw.keys, &parts.headers, &gw.config.session.cookie_name.0);
+    gw.store.insert_session(id.0, record, old.map(|o| o.0)).await?;
+    gw.store
+        .record_login(
+            &user.username,
+            LastLogin {
+                at: now,
+                address: client.addr.to_string(),
+                second_factor: None,
+            },
+        )
+        .await?;
+    tracing::info!(user = %user.username, addr = %client.addr, "login succeeded");
+    let cookie = session::session_cookie(&gw.keys, &gw.config.session.cookie_name.0, &id, gw.secure_cookies(client));
+    Ok(with_cookie(redirect(StatusCode::SEE_OTHER, &rd), Some(cookie)))
+}
+
+/// GET logout: a confirmation form (logout is a POST, so a link or image can't sign anyone out).
+pub async fn show_logout(gw: &Gateway, req: &Request<Incoming>) -> Result<Response<Body>, Reject> {
+    let Some(auth) = gw.authenticate(req.headers()).await? else {
+        return Ok(redirect(StatusCode::SEE_OTHER, &format!("{}/login", gw.prefix())));
+    };
+    let ctx = context! { csrf => gw.keys.csrf_token(&auth.id.0), username => auth.user.username };
+    Ok(gw.pages.page(gw, "logout.html", StatusCode::OK, ctx))
+}
+
+/// POST logout: deletes the session server-side, so a copied cookie dies too.
+pub async fn logout(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Result<Response<Body>, Reject> {
+    let (parts, form) = form::read(req).await?;
+    let login = format!("{}/login", gw.prefix());
+    let Some(id) = session::session_id(&gw.keys, &parts.headers, &gw.config.session.cookie_name.0) else {
+        return Ok(redirect(StatusCode::SEE_OTHER, &login));
+    };
+    check_csrf(gw, &parts, &form, Some(&id.0))?;
+    gw.store.delete_session(id.0).await?;
+    tracing::info!(addr = %client.addr, "logout");
+    let clear = session::clear_cookie(&gw.config.session.cookie_name.0, gw.secure_cookies(client));
+    Ok(with_cookie(redirect(StatusCode::SEE_OTHER, &login), Some(clear)))
+}

@@ -1,0 +1,107 @@
+//! Page rendering: minijinja templates (operator overrides from `[portal] templates`, embedded defaults otherwise)
+//! and the security headers every portal response carries.
+
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use minijinja::{Environment, Value, context};
+
+use crate::Body;
+use crate::gateway::Gateway;
+
+/// The embedded default templates; only these names can be loaded, so a template name can't walk the filesystem.
+const EMBEDDED: &[(&str, &str)] = &[
+    ("base.html", include_str!("../../templates/base.html")),
+    ("login.html", include_str!("../../templates/login.html")),
+    ("logout.html", include_str!("../../templates/logout.html")),
+    ("error.html", include_str!("../../templates/error.html")),
+];
+
+/// The stylesheet served at `{prefix}/static/portcullis.css`.
+pub const STYLESHEET: &str = include_str!("../../templates/portcullis.css");
+
+/// `Content-Security-Policy` of every portal page: nothing from elsewhere, no framing, forms only to us.
+const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; \
+                   frame-ancestors 'none'; base-uri 'none'";
+
+/// The template environment.
+pub struct Pages {
+    env: Environment<'static>,
+}
+
+impl Pages {
+    /// Templates from `dir` where present, embedded defaults otherwise.
+    pub fn new(dir: Option<PathBuf>) -> Pages {
+        let mut env = Environment::new();
+        env.set_loader(move |name: &str| {
+            let Some((_, default)) = EMBEDDED.iter().find(|(n, _)| *n == name) else {
+                return Ok(None);
+            };
+            if let Some(dir) = &dir {
+                if let Ok(text) = std::fs::read_to_string(dir.join(name)) {
+                    return Ok(Some(text));
+                }
+            }
+            Ok(Some((*default).to_string()))
+        });
+        Pages { env }
+    }
+
+    /// Renders a template with the common context (`title`, `prefix`) merged in.
+    pub fn render(&self, gw: &Gateway, name: &str, ctx: Value) -> Result<String, minijinja::Error> {
+        let full = context! { title => &gw.config.portal.title, prefix => gw.prefix(), ..ctx };
+        self.env.get_template(name)?.render(full)
+    }
+
+    /// A full HTML response. A broken operator template degrades to a plain page rather than a crash.
+    pub fn page(&self, gw: &Gateway, name: &str, status: StatusCode, ctx: Value) -> Response<Body> {
+        match self.render(gw, name, ctx) {
+            Ok(html) => html_response(status, html),
+            Err(e) => {
+                tracing::error!(template = name, error = %e, "template failed to render");
+                html_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "<!doctype html><title>Error</title><p>This page could not be shown.</p>".into(),
+                )
+            }
+        }
+    }
+}
+
+/// Wraps owned bytes as a response body.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+}
+
+/// Adds the headers every portal response carries.
+pub fn secure_headers(h: &mut HeaderMap) {
+    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+}
+
+/// An HTML response with the portal's security headers.
+pub fn html_response(status: StatusCode, html: String) -> Response<Body> {
+    let mut resp = Response::new(full(html));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    secure_headers(h);
+    resp
+}
+
+/// A redirect with the portal's security headers.
+pub fn redirect(status: StatusCode, location: &str) -> Response<Body> {
+    let mut resp = Response::new(full(Bytes::new()));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(location) {
+        h.insert(header::LOCATION, v);
+    }
+    secure_headers(h);
+    resp
+}

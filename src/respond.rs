@@ -1,0 +1,144 @@
+//! The one place that turns a refusal into an HTTP response: status, headers and a page that says what the user
+//! can do, and nothing about internals.
+
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::Body;
+use crate::gateway::Gateway;
+
+/// Every way a request can be refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reject {
+    /// The request is malformed (bad path, bad form).
+    BadRequest(&'static str),
+    /// No such portal page.
+    NotFound,
+    /// No app is configured for the Host.
+    UnknownHost,
+    /// The policy denies the path.
+    Denied,
+    /// The user's groups don't allow this app.
+    NotInGroup,
+    /// The form's CSRF token or origin is wrong.
+    Csrf,
+    /// Authentication is needed and the client is not a browser.
+    Unauthorized,
+    /// Too many failed attempts; retry after this many seconds.
+    TooManyAttempts(u64),
+    /// The account is locked by an administrator.
+    AccountLocked,
+    /// A form body is too large.
+    PayloadTooLarge,
+    /// The method isn't allowed on this portal page.
+    MethodNotAllowed,
+    /// The upstream could not be reached.
+    BadGateway,
+    /// The upstream didn't answer in time.
+    GatewayTimeout,
+    /// Storage or another internal part failed; fail closed.
+    Unavailable,
+}
+
+impl Reject {
+    fn parts(&self) -> (StatusCode, &'static str, &'static str) {
+        use Reject::*;
+        match self {
+            BadRequest(why) => (StatusCode::BAD_REQUEST, "Bad request", why),
+            NotFound => (StatusCode::NOT_FOUND, "Page not found", "There is no such page."),
+            UnknownHost => (
+                StatusCode::NOT_FOUND,
+                "Unknown site",
+                "This gateway does not serve the site you asked for. Check the address.",
+            ),
+            Denied => (StatusCode::FORBIDDEN, "Access denied", "Access to this address is not allowed."),
+            NotInGroup => (
+                StatusCode::FORBIDDEN,
+                "Access denied",
+                "Your account is not allowed to use this application. Ask your administrator for access.",
+            ),
+            Csrf => (
+                StatusCode::FORBIDDEN,
+                "Form expired",
+                "This form has expired or was sent from another site. Go back, reload the page and try again.",
+            ),
+            Unauthorized => (StatusCode::UNAUTHORIZED, "Sign-in required", "Sign in to use this application."),
+            TooManyAttempts(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "Too many attempts",
+                "There were too many failed attempts. Wait a while before trying again.",
+            ),
+            AccountLocked => (
+                StatusCode::FORBIDDEN,
+                "Account locked",
+                "This account is locked. Contact your administrator.",
+            ),
+            PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "Request too large", "The form sent was too large."),
+            MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "Method not allowed",
+                "This page can't handle that kind of request.",
+            ),
+            BadGateway => (
+                StatusCode::BAD_GATEWAY,
+                "Application unavailable",
+                "The application behind this gateway is not responding. Try again in a moment.",
+            ),
+            GatewayTimeout => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "Application too slow",
+                "The application behind this gateway took too long to answer. Try again in a moment.",
+            ),
+            Unavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Temporarily unavailable",
+                "The sign-in service is temporarily unavailable. Try again in a moment.",
+            ),
+        }
+    }
+
+    /// The HTTP status this refusal carries.
+    pub fn status(&self) -> StatusCode {
+        self.parts().0
+    }
+}
+
+impl From<crate::store::StoreError> for Reject {
+    fn from(e: crate::store::StoreError) -> Self {
+        tracing::error!(error = %e, "storage failed; refusing the request");
+        Reject::Unavailable
+    }
+}
+
+impl From<crate::credentials::password::PasswordError> for Reject {
+    fn from(e: crate::credentials::password::PasswordError) -> Self {
+        tracing::error!(error = %e, "password hashing failed; refusing the request");
+        Reject::Unavailable
+    }
+}
+
+impl From<crate::keys::KeyError> for Reject {
+    fn from(e: crate::keys::KeyError) -> Self {
+        tracing::error!(error = %e, "key operation failed; refusing the request");
+        Reject::Unavailable
+    }
+}
+
+/// Renders a refusal as a page.
+pub fn reject(gw: &Gateway, r: &Reject) -> Response<Body> {
+    let (status, heading, detail) = r.parts();
+    let (action_href, action_label) = match r {
+        Reject::Csrf | Reject::AccountLocked | Reject::TooManyAttempts(_) => {
+            (format!("{}/login", gw.prefix()), "Back to sign-in")
+        }
+        _ => (String::new(), ""),
+    };
+    let ctx = minijinja::context! { heading, detail, action_href, action_label };
+    let mut resp = gw.pages.page(gw, "error.html", status, ctx);
+    if let Reject::TooManyAttempts(secs) = r {
+        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*secs));
+    }
+    if let Reject::Unauthorized = r {
+        resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Cookie"));
+    }
+    resp
+}

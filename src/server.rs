@@ -1,0 +1,133 @@
+//! The listener: accepts connections, terminates TLS (ALPN h2 + http/1.1), serves HTTP/1.1 and HTTP/2 with
+//! upgrades, and shuts down gracefully, letting in-flight requests and tunnels finish within the grace period.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::gateway::{Gateway, handle};
+
+/// TLS set-up failures.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file can't be read or holds nothing usable.
+    #[error("{path}: {why}")]
+    Pem {
+        /// The file.
+        path: String,
+        /// Why.
+        why: String,
+    },
+    /// rustls refused the certificate or key.
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// Builds the TLS acceptor from PEM files.
+pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
+    let pem = |path: &Path, why: String| TlsError::Pem {
+        path: path.display().to_string(),
+        why,
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| pem(cert, e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| pem(cert, e.to_string()))?;
+    if certs.is_empty() {
+        return Err(pem(cert, "no certificate found".into()));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| pem(key, e.to_string()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key_der)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Time a client has to finish the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts and serves connections until `shutdown` resolves, then drains.
+pub async fn serve(
+    gw: Arc<Gateway>,
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(gw.config.server.header_read_timeout.0)
+        .keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+    let connections = tokio_util::task::TaskTracker::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let gw = gw.clone();
+        let tls = tls.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        connections.spawn(async move {
+            let svc = service_fn(move |req| {
+                let gw = gw.clone();
+                async move { Ok::<_, Infallible>(handle(gw, peer, req).await) }
+            });
+            let result = match tls {
+                Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => {
+                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(s), svc).into_owned();
+                        watcher.watch(conn).await
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                },
+                None => {
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
+                    watcher.watch(conn).await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!("shutting down: waiting for in-flight requests");
+    let grace = gw.config.server.shutdown_grace.0;
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!("grace period over; closing remaining connections");
+    }
+    gw.tunnels.close();
+    let _ = tokio::time::timeout(grace, gw.tunnels.wait()).await;
+    connections.close();
+}

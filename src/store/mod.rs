@@ -1,0 +1,271 @@
+//! Storage: users, sessions and counters, behind a narrow set of atomic domain operations.
+//!
+//! Each operation is one transaction (redb today; a PostgreSQL backend later maps each to one conditional
+//! statement), so callers never read-modify-write records themselves and races can't split a check from its update.
+
+mod redb_store;
+
+use serde::{Deserialize, Serialize};
+
+pub use redb_store::RedbStore;
+
+/// Storage failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database itself failed (I/O, corruption, locking).
+    #[error("database error: {0}")]
+    Db(String),
+    /// A uniqueness rule would be broken.
+    #[error("{0}")]
+    Conflict(String),
+    /// A stored value can't be decoded.
+    #[error("stored value is damaged: {0}")]
+    Corrupt(String),
+    /// The database was written by a newer Portcullis.
+    #[error("the database has schema version {found}, newer than this build understands ({supported})")]
+    TooNew {
+        /// Version in the file.
+        found: u64,
+        /// Highest version this build knows.
+        supported: u64,
+    },
+    /// The blocking task running the operation died.
+    #[error("storage task failed")]
+    Task,
+}
+
+/// The user's authentication strength in a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Level {
+    /// Password verified, but a second factor (or its enrolment) is still due: reaches only the portal's
+    /// challenge, enrolment and logout pages.
+    Pending,
+    /// Signed in with the password alone (no second factor enrolled or required): enough for `one_factor` apps.
+    Password,
+    /// Every required factor verified.
+    Full,
+}
+
+/// Which second factor completed a login.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SecondFactor {
+    /// A TOTP code.
+    Totp,
+    /// A recovery code.
+    RecoveryCode,
+}
+
+/// The last successful login.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastLogin {
+    /// Unix seconds.
+    pub at: u64,
+    /// Client address.
+    pub address: String,
+    /// The second factor used, if any.
+    pub second_factor: Option<SecondFactor>,
+}
+
+/// Enrolled TOTP and recovery codes; secrets sealed with [`crate::keys::Keys::seal`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TwoFactorState {
+    /// When enrolment was confirmed.
+    pub enabled_at: u64,
+    /// Sealed raw TOTP secret.
+    pub secret: Vec<u8>,
+    /// Last accepted TOTP time step (RFC 6238 §5.2: never accept it or an older one again).
+    pub last_step: u64,
+    /// Sealed unused recovery codes (one sealed value each).
+    pub recovery: Vec<Vec<u8>>,
+}
+
+/// A user account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    /// Unique, normalised (trimmed, case-folded).
+    pub username: String,
+    /// Unique, normalised.
+    pub email: String,
+    /// Shown to people and sent as the name header.
+    pub display_name: String,
+    /// Group names.
+    pub groups: Vec<String>,
+    /// argon2id PHC string.
+    pub password_hash: String,
+    /// Locked accounts can't log in and have no sessions.
+    pub locked: bool,
+    /// Unix seconds.
+    pub created: u64,
+    /// Most recent successful login.
+    pub last_login: Option<LastLogin>,
+    /// Present once two-factor enrolment is confirmed.
+    pub two_factor: Option<TwoFactorState>,
+}
+
+/// A server-side session record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    /// Normalised username.
+    pub username: String,
+    /// Authentication level reached.
+    pub level: Level,
+    /// Unix seconds at login.
+    pub created: u64,
+    /// Unix seconds of the last request (refreshed at most once a minute).
+    pub last_seen: u64,
+    /// Client address at login.
+    pub address: String,
+}
+
+/// A failure counter's state after an update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failures {
+    /// Failures in the current window.
+    pub count: u32,
+    /// Start of the current window.
+    pub window_start: u64,
+    /// Locked until this time (0 = not locked).
+    pub locked_until: u64,
+}
+
+/// Parameters of a failure counter.
+#[derive(Debug, Clone, Copy)]
+pub struct FailureRule {
+    /// Failures that trigger a lockout.
+    pub max: u32,
+    /// Counting window in seconds.
+    pub window: u64,
+    /// Lockout length in seconds.
+    pub lockout: u64,
+}
+
+/// Normalises a username or email for lookup and uniqueness: trim, then case-fold.
+pub fn normalize_login(s: &str) -> String {
+    s.trim().to_lowercase()
+}
+
+/// The storage handle shared by the gateway and the CLI.
+#[derive(Clone)]
+pub struct Store {
+    inner: std::sync::Arc<RedbStore>,
+}
+
+impl Store {
+    /// Opens (creating and migrating as needed) the embedded store.
+    pub fn open(path: &std::path::Path) -> Result<Store, StoreError> {
+        Ok(Store {
+            inner: std::sync::Arc::new(RedbStore::open(path)?),
+        })
+    }
+
+    /// Runs a blocking storage operation off the async runtime.
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&RedbStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|_| StoreError::Task)?
+    }
+
+    /// Adds a user; fails if the username or email is taken.
+    pub async fn create_user(&self, user: User) -> Result<(), StoreError> {
+        self.run(move |s| s.create_user(&user)).await
+    }
+
+    /// A user by normalised username.
+    pub async fn user(&self, username: &str) -> Result<Option<User>, StoreError> {
+        let u = username.to_string();
+        self.run(move |s| s.user(&u)).await
+    }
+
+    /// A user by username or email (normalised).
+    pub async fn find_login(&self, login: &str) -> Result<Option<User>, StoreError> {
+        let l = normalize_login(login);
+        self.run(move |s| s.find_login(&l)).await
+    }
+
+    /// All users, by username.
+    pub async fn list_users(&self) -> Result<Vec<User>, StoreError> {
+        self.run(|s| s.list_users()).await
+    }
+
+    /// Changes the password hash and ends the user's sessions. False if no such user.
+    pub async fn set_password(&self, username: &str, hash: String) -> Result<bool, StoreError> {
+        let u = username.to_string();
+        self.run(move |s| s.update_user(&u, true, move |user| user.password_hash = hash)).await
+    }
+
+    /// Locks (ending every session) or unlocks a user. False if no such user.
+    pub async fn set_locked(&self, username: &str, locked: bool) -> Result<bool, StoreError> {
+        let u = username.to_string();
+        self.run(move |s| s.update_user(&u, locked, move |user| user.locked = locked)).await
+    }
+
+    /// Deletes a user and their sessions. False if no such user.
+    pub async fn delete_user(&self, username: &str) -> Result<bool, StoreError> {
+        let u = username.to_string();
+        self.run(move |s| s.delete_user(&u)).await
+    }
+
+    /// Records a successful login.
+    pub async fn record_login(&self, username: &str, login: LastLogin) -> Result<(), StoreError> {
+        let u = username.to_string();
+        self.run(move |s| s.update_user(&u, false, move |user| user.last_login = Some(login)).map(|_| ()))
+            .await
+    }
+
+    /// Counts one failure under `key` and returns the counter, locking it when it reaches `rule.max`.
+    pub async fn register_failure(&self, key: String, now: u64, rule: FailureRule) -> Result<Failures, StoreError> {
+        self.run(move |s| s.register_failure(&key, now, rule)).await
+    }
+
+    /// The latest lockout end among `keys` still in force at `now`.
+    pub async fn locked_until(&self, keys: Vec<String>, now: u64) -> Result<Option<u64>, StoreError> {
+        self.run(move |s| s.locked_until(&keys, now)).await
+    }
+
+    /// Forgets a failure counter (after a success).
+    pub async fn clear_failures(&self, key: String) -> Result<(), StoreError> {
+        self.run(move |s| s.clear_failures(&key)).await
+    }
+
+    /// Stores a new session, deleting `replacing` in the same transaction (id rotation).
+    pub async fn insert_session(
+        &self,
+        id: [u8; 32],
+        record: SessionRecord,
+        replacing: Option<[u8; 32]>,
+    ) -> Result<(), StoreError> {
+        self.run(move |s| s.insert_session(&id, &record, replacing.as_ref())).await
+    }
+
+    /// A session and its user, read in one snapshot.
+    pub async fn session_with_user(&self, id: [u8; 32]) -> Result<Option<(SessionRecord, User)>, StoreError> {
+        self.run(move |s| s.session_with_user(&id)).await
+    }
+
+    /// Refreshes a session's last-seen time.
+    pub async fn touch_session(&self, id: [u8; 32], now: u64) -> Result<(), StoreError> {
+        self.run(move |s| s.touch_session(&id, now)).await
+    }
+
+    /// Deletes one session.
+    pub async fn delete_session(&self, id: [u8; 32]) -> Result<(), StoreError> {
+        self.run(move |s| s.delete_session(&id)).await
+    }
+
+    /// Ends every session of a user; returns how many.
+    pub async fn revoke_sessions(&self, username: &str) -> Result<usize, StoreError> {
+        let u = username.to_string();
+        self.run(move |s| s.revoke_sessions(&u)).await
+    }
+
+    /// Deletes sessions past their idle or absolute limit; returns how many.
+    pub async fn purge_sessions(&self, now: u64, idle: u64, max_lifetime: u64) -> Result<usize, StoreError> {
+        self.run(move |s| s.purge_sessions(now, idle, max_lifetime)).await
+    }
+}

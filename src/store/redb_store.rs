@@ -1,0 +1,423 @@
+//! The embedded redb backend. Every public method is one transaction.
+//!
+//! Opened in redb's multi-writer mode so the `portcullis user …` commands can change the store while `serve` runs;
+//! their commits are visible to the server's next read transaction.
+
+use std::path::Path;
+
+use redb::{
+    Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, TableDefinition,
+    WriteTransaction,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{FailureRule, Failures, SessionRecord, StoreError, User};
+
+/// Schema version this build writes. Bump it and add a step to [`migrate`] when a stored shape changes.
+pub const SCHEMA_VERSION: u64 = 1;
+/// Version byte prefixed to every stored value.
+const VALUE_VERSION: u8 = 1;
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
+const EMAILS: TableDefinition<&str, &str> = TableDefinition::new("emails");
+const SESSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sessions");
+const USER_SESSIONS: MultimapTableDefinition<&str, &[u8]> = MultimapTableDefinition::new("user_sessions");
+const FAILURES: TableDefinition<&str, &[u8]> = TableDefinition::new("failures");
+
+macro_rules! db_errors {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Db(e.to_string())
+            }
+        }
+    )*};
+}
+db_errors!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    let mut out = vec![VALUE_VERSION];
+    serde_json::to_writer(&mut out, v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    Ok(out)
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    match bytes.split_first() {
+        Some((&VALUE_VERSION, rest)) => serde_json::from_slice(rest).map_err(|e| StoreError::Corrupt(e.to_string())),
+        Some((v, _)) => Err(StoreError::Corrupt(format!("unknown value version {v}"))),
+        None => Err(StoreError::Corrupt("empty value".into())),
+    }
+}
+
+/// The redb-backed store.
+pub struct RedbStore {
+    db: Database,
+}
+
+impl RedbStore {
+    /// Opens or creates the file, creates every table, and runs migrations.
+    pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Db(format!("{}: {e}", dir.display())))?;
+        }
+        let db = Database::builder()
+            .set_concurrency_mode(redb::ConcurrencyMode::MultiWriter)
+            .create(path)
+            .map_err(|e| StoreError::Db(format!("{}: {e}", path.display())))?;
+        let store = RedbStore { db };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// Creates tables (readers can't open a table that was never created) and upgrades old schemas.
+    fn migrate(&self) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut meta = tx.open_table(META)?;
+            let found = meta.get("schema_version")?.map(|v| v.value());
+            match found {
+                Some(v) if v > SCHEMA_VERSION => {
+                    return Err(StoreError::TooNew {
+                        found: v,
+                        supported: SCHEMA_VERSION,
+                    });
+                }
+                // Future steps go here: `Some(1) => migrate_1_to_2(&tx)?`, each in this same transaction.
+                _ => {}
+            }
+            meta.insert("schema_version", SCHEMA_VERSION)?;
+            tx.open_table(USERS)?;
+            tx.open_table(EMAILS)?;
+            tx.open_table(SESSIONS)?;
+            tx.open_multimap_table(USER_SESSIONS)?;
+            tx.open_table(FAILURES)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The schema version recorded in the file.
+    pub fn schema_version(&self) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read()?;
+        let meta = tx.open_table(META)?;
+        Ok(meta.get("schema_version")?.map_or(0, |v| v.value()))
+    }
+
+    fn write<T>(&self, f: impl FnOnce(&WriteTransaction) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let tx = self.db.begin_write()?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    pub(super) fn create_user(&self, user: &User) -> Result<(), StoreError> {
+        self.write(|tx| {
+            let mut users = tx.open_table(USERS)?;
+            let mut emails = tx.open_table(EMAILS)?;
+            if users.get(user.username.as_str())?.is_some() {
+                return Err(StoreError::Conflict(format!("the username {:?} is taken", user.username)));
+            }
+            // A name that is someone's email (or the reverse) would make logins ambiguous.
+            if emails.get(user.username.as_str())?.is_some() || users.get(user.email.as_str())?.is_some() {
+                return Err(StoreError::Conflict(format!(
+                    "{:?} is already another account's username or email",
+                    user.username
+                )));
+            }
+            if emails.get(user.email.as_str())?.is_some() {
+                return Err(StoreError::Conflict(format!("the email {:?} is taken", user.email)));
+            }
+            users.insert(user.username.as_str(), encode(user)?.as_slice())?;
+            emails.insert(user.email.as_str(), user.username.as_str())?;
+            Ok(())
+        })
+    }
+
+    pub(super) fn user(&self, username: &str) -> Result<Option<User>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let users = tx.open_table(USERS)?;
+        users.get(username)?.map(|v| decode(v.value())).transpose()
+    }
+
+    pub(super) fn find_login(&self, login: &str) -> Result<Option<User>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let users = tx.open_table(USERS)?;
+        if let Some(v) = users.get(login)? {
+            return decode(v.value()).map(Some);
+        }
+        let emails = tx.open_table(EMAILS)?;
+        let Some(name) = emails.get(login)? else {
+            return Ok(None);
+        };
+        users.get(name.value())?.map(|v| decode(v.value())).transpose()
+    }
+
+    pub(super) fn list_users(&self) -> Result<Vec<User>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let users = tx.open_table(USERS)?;
+        users.iter()?.map(|row| decode(row?.1.value())).collect()
+    }
+
+    /// Applies `change` to a user; with `revoke`, ends their sessions in the same transaction.
+    pub(super) fn update_user(
+        &self,
+        username: &str,
+        revoke: bool,
+        change: impl FnOnce(&mut User),
+    ) -> Result<bool, StoreError> {
+        self.write(|tx| {
+            let mut users = tx.open_table(USERS)?;
+            let Some(mut user) = users.get(username)?.map(|v| decode::<User>(v.value())).transpose()? else {
+                return Ok(false);
+            };
+            change(&mut user);
+            users.insert(username, encode(&user)?.as_slice())?;
+            if revoke {
+                revoke_in(tx, username)?;
+            }
+            Ok(true)
+        })
+    }
+
+    pub(super) fn delete_user(&self, username: &str) -> Result<bool, StoreError> {
+        self.write(|tx| {
+            let mut users = tx.open_table(USERS)?;
+            let Some(user) = users.remove(username)?.map(|v| decode::<User>(v.value())).transpose()? else {
+                return Ok(false);
+            };
+            tx.open_table(EMAILS)?.remove(user.email.as_str())?;
+            revoke_in(tx, username)?;
+            Ok(true)
+        })
+    }
+
+    pub(super) fn register_failure(&self, key: &str, now: u64, rule: FailureRule) -> Result<Failures, StoreError> {
+        self.write(|tx| {
+            let mut table = tx.open_table(FAILURES)?;
+            let old = table.get(key)?.map(|v| decode::<Failures>(v.value())).transpose()?;
+            let mut f = match old {
+                Some(f) if now < f.window_start.saturating_add(rule.window) || f.locked_until > now => f,
+                _ => Failures {
+                    count: 0,
+                    window_start: now,
+                    locked_until: 0,
+                },
+            };
+            f.count = f.count.saturating_add(1);
+            if f.count >= rule.max && f.locked_until <= now {
+                f.locked_until = now.saturating_add(rule.lockout);
+            }
+            table.insert(key, encode(&f)?.as_slice())?;
+            Ok(f)
+        })
+    }
+
+    pub(super) fn locked_until(&self, keys: &[String], now: u64) -> Result<Option<u64>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(FAILURES)?;
+        let mut until = None;
+        for key in keys {
+            if let Some(v) = table.get(key.as_str())? {
+                let f: Failures = decode(v.value())?;
+                if f.locked_until > now {
+                    until = until.max(Some(f.locked_until));
+                }
+            }
+        }
+        Ok(until)
+    }
+
+    pub(super) fn clear_failures(&self, key: &str) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.open_table(FAILURES)?.remove(key)?;
+            Ok(())
+        })
+    }
+
+    pub(super) fn insert_session(
+        &self,
+        id: &[u8; 32],
+        record: &SessionRecord,
+        replacing: Option<&[u8; 32]>,
+    ) -> Result<(), StoreError> {
+        self.write(|tx| {
+            if let Some(old) = replacing {
+                delete_session_in(tx, old)?;
+            }
+            tx.open_table(SESSIONS)?.insert(id.as_slice(), encode(record)?.as_slice())?;
+            tx.open_multimap_table(USER_SESSIONS)?
+                .insert(record.username.as_str(), id.as_slice())?;
+            Ok(())
+        })
+    }
+
+    pub(super) fn session_with_user(&self, id: &[u8; 32]) -> Result<Option<(SessionRecord, User)>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let sessions = tx.open_table(SESSIONS)?;
+        let Some(rec) = sessions.get(id.as_slice())?.map(|v| decode::<SessionRecord>(v.value())).transpose()? else {
+            return Ok(None);
+        };
+        let users = tx.open_table(USERS)?;
+        let Some(user) = users.get(rec.username.as_str())?.map(|v| decode::<User>(v.value())).transpose()? else {
+            return Ok(None);
+        };
+        Ok(Some((rec, user)))
+    }
+
+    pub(super) fn touch_session(&self, id: &[u8; 32], now: u64) -> Result<(), StoreError> {
+        self.write(|tx| {
+            let mut sessions = tx.open_table(SESSIONS)?;
+            let rec = sessions.get(id.as_slice())?.map(|v| decode::<SessionRecord>(v.value())).transpose()?;
+            if let Some(mut rec) = rec {
+                rec.last_seen = rec.last_seen.max(now);
+                sessions.insert(id.as_slice(), encode(&rec)?.as_slice())?;
+            }
+            Ok(())
+        })
+    }
+
+    pub(super) fn delete_session(&self, id: &[u8; 32]) -> Result<(), StoreError> {
+        self.write(|tx| delete_session_in(tx, id))
+    }
+
+    pub(super) fn revoke_sessions(&self, username: &str) -> Result<usize, StoreError> {
+        self.write(|tx| revoke_in(tx, username))
+    }
+
+    pub(super) fn purge_sessions(&self, now: u64, idle: u64, max_lifetime: u64) -> Result<usize, StoreError> {
+        self.write(|tx| {
+            let expired: Vec<Vec<u8>> = {
+                let sessions = tx.open_table(SESSIONS)?;
+                let mut ids = Vec::new();
+                for row in sessions.iter()? {
+                    let (k, v) = row?;
+                    let rec: SessionRecord = decode(v.value())?;
+                    if crate::session::expired(&rec, now, idle, max_lifetime) {
+                        ids.push(k.value().to_vec());
+                    }
+                }
+                ids
+            };
+            for id in &expired {
+                if let Ok(id) = <[u8; 32]>::try_from(id.as_slice()) {
+                    delete_session_in(tx, &id)?;
+                }
+            }
+            Ok(expired.len())
+        })
+    }
+}
+
+fn delete_session_in(tx: &WriteTransaction, id: &[u8; 32]) -> Result<(), StoreError> {
+    let mut sessions = tx.open_table(SESSIONS)?;
+    let removed = sessions.remove(id.as_slice())?.map(|v| decode::<SessionRecord>(v.value())).transpose()?;
+    if let Some(rec) = removed {
+        tx.open_multimap_table(USER_SESSIONS)?
+            .remove(rec.username.as_str(), id.as_slice())?;
+    }
+    Ok(())
+}
+
+fn revoke_in(tx: &WriteTransaction, username: &str) -> Result<usize, StoreError> {
+    let mut index = tx.open_multimap_table(USER_SESSIONS)?;
+    let ids: Vec<Vec<u8>> = index
+        .remove_all(username)?
+        .map(|v| v.map(|g| g.value().to_vec()))
+        .collect::<Result<_, _>>()?;
+    let mut sessions = tx.open_table(SESSIONS)?;
+    for id in &ids {
+        sessions.remove(id.as_slice())?;
+    }
+    Ok(ids.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Level;
+
+    fn user(name: &str) -> User {
+        User {
+            username: name.into(),
+            email: format!("{name}@example.com"),
+            display_name: name.into(),
+            groups: vec![],
+            password_hash: "x".into(),
+            locked: false,
+            created: 0,
+            last_login: None,
+            two_factor: None,
+        }
+    }
+
+    fn session(name: &str) -> SessionRecord {
+        SessionRecord {
+            username: name.into(),
+            level: Level::Full,
+            created: 100,
+            last_seen: 100,
+            address: "127.0.0.1".into(),
+        }
+    }
+
+    #[test]
+    fn usernames_and_emails_are_unique_across_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(&dir.path().join("db")).unwrap();
+        s.create_user(&user("alice")).unwrap();
+        assert!(s.create_user(&user("alice")).is_err());
+        let mut u = user("bob");
+        u.email = "alice@example.com".into();
+        assert!(s.create_user(&u).is_err());
+        let mut u = user("alice@example.com");
+        u.email = "x@example.com".into();
+        assert!(s.create_user(&u).is_err());
+        assert_eq!(s.find_login("alice@example.com").unwrap().unwrap().username, "alice");
+    }
+
+    #[test]
+    fn failures_lock_at_max_and_reset_after_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(&dir.path().join("db")).unwrap();
+        let rule = FailureRule { max: 3, window: 60, lockout: 100 };
+        assert_eq!(s.register_failure("k", 1000, rule).unwrap().locked_until, 0);
+        assert_eq!(s.register_failure("k", 1001, rule).unwrap().locked_until, 0);
+        assert_eq!(s.register_failure("k", 1002, rule).unwrap().locked_until, 1102);
+        assert_eq!(s.locked_until(&["k".into()], 1050).unwrap(), Some(1102));
+        assert_eq!(s.locked_until(&["k".into()], 1102).unwrap(), None);
+        // After the lockout and window, counting starts again.
+        assert_eq!(s.register_failure("k", 1200, rule).unwrap().count, 1);
+    }
+
+    #[test]
+    fn revoking_and_deleting_end_sessions() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(&dir.path().join("db")).unwrap();
+        s.create_user(&user("alice")).unwrap();
+        s.insert_session(&[1; 32], &session("alice"), None).unwrap();
+        s.insert_session(&[2; 32], &session("alice"), Some(&[1; 32])).unwrap();
+        assert!(s.session_with_user(&[1; 32]).unwrap().is_none());
+        assert!(s.session_with_user(&[2; 32]).unwrap().is_some());
+        assert_eq!(s.revoke_sessions("alice").unwrap(), 1);
+        assert!(s.session_with_user(&[2; 32]).unwrap().is_none());
+        s.insert_session(&[3; 32], &session("alice"), None).unwrap();
+        assert!(s.delete_user("alice").unwrap());
+        assert!(s.session_with_user(&[3; 32]).unwrap().is_none());
+    }
+
+    #[test]
+    fn schema_version_is_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(&dir.path().join("db")).unwrap();
+        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+    }
+}
