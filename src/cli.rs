@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use crate::clock::{Clock, SystemClock, rfc3339};
 use crate::config::Config;
 use crate::credentials::password;
-use crate::store::{Store, User, normalize_login};
+use crate::store::{Revoke, Store, User, normalize_login};
 
 /// Command-line interface.
 #[derive(Debug, Parser)]
@@ -66,6 +66,9 @@ pub enum UserCommand {
         /// JSON output.
         #[arg(long)]
         json: bool,
+        /// Only users with two-factor enabled or disabled.
+        #[arg(long, value_enum)]
+        two_factor: Option<TwoFactorFilter>,
     },
     /// Show one user.
     Show {
@@ -98,6 +101,21 @@ pub enum UserCommand {
         /// Username.
         name: String,
     },
+    /// Remove a user's two-factor authentication (lost phone) and end their sessions.
+    #[command(name = "reset-2fa")]
+    Reset2fa {
+        /// Username.
+        name: String,
+    },
+}
+
+/// `--two-factor enabled|disabled`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TwoFactorFilter {
+    /// Users with two-factor on.
+    Enabled,
+    /// Users without.
+    Disabled,
 }
 
 /// Runs a parsed command line.
@@ -233,8 +251,11 @@ async fn user(store: &Store, cmd: UserCommand) -> Result<()> {
             store.create_user(user).await?;
             println!("user {username} added");
         }
-        UserCommand::List { json } => {
-            let users = store.list_users().await?;
+        UserCommand::List { json, two_factor } => {
+            let mut users = store.list_users().await?;
+            if let Some(f) = two_factor {
+                users.retain(|u| u.two_factor.is_some() == (f == TwoFactorFilter::Enabled));
+            }
             if json {
                 let list: Vec<_> = users.iter().map(user_json).collect();
                 println!("{}", serde_json::to_string_pretty(&list)?);
@@ -272,7 +293,16 @@ async fn user(store: &Store, cmd: UserCommand) -> Result<()> {
                     None => println!("2FA:       off"),
                 }
                 match &u.last_login {
-                    Some(l) => println!("last login: {} from {}", rfc3339(l.at), l.address),
+                    Some(l) => println!(
+                        "last login: {} from {} ({})",
+                        rfc3339(l.at),
+                        l.address,
+                        match l.second_factor {
+                            Some(crate::store::SecondFactor::Totp) => "with TOTP",
+                            Some(crate::store::SecondFactor::RecoveryCode) => "with a recovery code",
+                            None => "password only",
+                        }
+                    ),
                     None => println!("last login: never"),
                 }
             }
@@ -298,6 +328,15 @@ async fn user(store: &Store, cmd: UserCommand) -> Result<()> {
             let u = find(store, &name).await?;
             store.delete_user(&u.username).await?;
             println!("user {} deleted", u.username);
+        }
+        UserCommand::Reset2fa { name } => {
+            let u = find(store, &name).await?;
+            if store.disable_two_factor(&u.username, Revoke::All).await? {
+                println!("two-factor authentication of {} removed; their sessions ended", u.username);
+            } else {
+                store.revoke_sessions(&u.username).await?;
+                println!("{} had no two-factor authentication; their sessions ended", u.username);
+            }
         }
     }
     Ok(())

@@ -533,6 +533,9 @@ impl Config {
         if self.limits.max_failures == 0 || self.limits.max_failures_per_address == 0 {
             return Err("[limits] max_failures must be at least 1".into());
         }
+        if self.two_factor.issuer.is_empty() || self.two_factor.issuer.contains(':') {
+            return Err("[two_factor] issuer must be non-empty and may not contain ':'".into());
+        }
         if self.two_factor.skew > 1 {
             return Err("[two_factor] skew must be 0 or 1".into());
         }

@@ -82,11 +82,12 @@ secure = false
 [portal]
 title = "Portcullis demo"
 [two_factor]
-required = false
+required = true
+issuer = "Portcullis demo"
 [[app]]
 host = "*"
 upstream = "http://{upstream}"
-policy = "one_factor"
+policy = "two_factor"
   [[app.rule]]
   path = "/public/"
   policy = "bypass"

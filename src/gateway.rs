@@ -226,14 +226,18 @@ async fn protected(gw: &Arc<Gateway>, client: &Client, req: Request<Incoming>) -
         Policy::Bypass => None,
         needed => {
             let Some(auth) = gw.authenticate(req.headers()).await? else {
-                return Ok(login_redirect(gw, &req));
+                return Ok(send_to(gw, &req, |rd| crate::portal::login_url(gw, rd)));
             };
-            let level_ok = match needed {
-                Policy::TwoFactor => auth.record.level >= Level::Full,
-                _ => auth.record.level >= Level::Password,
-            };
-            if !level_ok {
-                return Ok(login_redirect(gw, &req));
+            match (auth.record.level, needed) {
+                // Owes its second factor (or enrolment): nothing but the portal.
+                (Level::Pending, _) => {
+                    return Ok(send_to(gw, &req, |rd| crate::portal::next_step_url(gw, &auth.user, rd)));
+                }
+                // Signed in with the password alone: a two-factor app leads into enrolment.
+                (Level::Password, Policy::TwoFactor) => {
+                    return Ok(send_to(gw, &req, |rd| crate::portal::enroll_url(gw, rd)));
+                }
+                _ => {}
             }
             if !app.groups.is_empty() && !app.groups.iter().any(|g| auth.user.groups.contains(g)) {
                 return Err(Reject::NotInGroup);
@@ -259,16 +263,11 @@ pub fn host_of(uri: &http::Uri, headers: &HeaderMap) -> Option<String> {
     })
 }
 
-/// Browsers go to the login page with where they were going; everything else gets 401.
-fn login_redirect(gw: &Gateway, req: &Request<Incoming>) -> Response<Body> {
+/// Browsers go to the portal page `url(where they were going)`; everything else gets 401.
+fn send_to(gw: &Gateway, req: &Request<Incoming>, url: impl FnOnce(&str) -> String) -> Response<Body> {
     if !wants_html(req) {
         return reject(gw, &Reject::Unauthorized);
     }
     let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-    let location = format!(
-        "{}/login?rd={}",
-        gw.prefix(),
-        percent_encoding::utf8_percent_encode(target, percent_encoding::NON_ALPHANUMERIC)
-    );
-    redirect(StatusCode::FOUND, &location)
+    redirect(StatusCode::FOUND, &url(target))
 }

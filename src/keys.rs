@@ -115,6 +115,25 @@ impl Keys {
         hex::encode(hmac(&self.csrf, &[b"csrf", binding]))
     }
 
+    /// A short-lived capability for `purpose`, bound to `binding` (a session id): `expiry.mac`.
+    pub fn grant(&self, purpose: &str, binding: &[u8], expiry: u64) -> String {
+        let mac = hmac(&self.csrf, &[b"grant", purpose.as_bytes(), binding, &expiry.to_be_bytes()]);
+        format!("{expiry}.{}", hex::encode(mac))
+    }
+
+    /// Whether `token` is a grant for `purpose` and `binding` that hasn't expired at `now`.
+    pub fn check_grant(&self, token: &str, purpose: &str, binding: &[u8], now: u64) -> bool {
+        use subtle::ConstantTimeEq;
+        let Some((expiry, _)) = token.split_once('.') else {
+            return false;
+        };
+        let Ok(expiry) = expiry.parse::<u64>() else {
+            return false;
+        };
+        let expected = self.grant(purpose, binding, expiry);
+        now < expiry && expected.len() == token.len() && bool::from(expected.as_bytes().ct_eq(token.as_bytes()))
+    }
+
     /// Encrypts `plain` for `owner` and `purpose` (both bound as AAD): nonce ‖ ciphertext.
     pub fn seal(&self, owner: &str, purpose: &str, plain: &[u8]) -> Result<Vec<u8>, KeyError> {
         let cipher = XChaCha20Poly1305::new((&self.aead).into());

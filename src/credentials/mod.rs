@@ -2,3 +2,5 @@
 
 pub mod lockout;
 pub mod password;
+pub mod recovery;
+pub mod totp;

@@ -1,6 +1,6 @@
 //! Sign-in and sign-out: show the form → check CSRF, lockout and password → new session → back to the app.
 
-use http::{HeaderValue, Request, Response, StatusCode, header};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use minijinja::context;
 
@@ -11,19 +11,14 @@ use crate::keys::random_bytes;
 use crate::portal::form::{self, check_csrf};
 use crate::portal::pages::redirect;
 use crate::portal::redirect::target_or_root;
+use crate::portal::{next_step_url, query_param, with_cookie};
 use crate::respond::Reject;
 use crate::session::{self, SessionId};
 use crate::store::{LastLogin, Level, SessionRecord, normalize_login};
 
 /// The `rd` query parameter, made safe.
 fn rd_param(req: &Request<Incoming>) -> String {
-    let rd = req
-        .uri()
-        .query()
-        .and_then(|q| serde_urlencoded::from_str::<Vec<(String, String)>>(q).ok())
-        .and_then(|pairs| pairs.into_iter().find(|(k, _)| k == "rd").map(|(_, v)| v))
-        .unwrap_or_default();
-    target_or_root(&rd)
+    target_or_root(&query_param(req.uri(), "rd"))
 }
 
 /// The anonymous CSRF binding of this browser, and the Set-Cookie to send when it is new.
@@ -49,20 +44,15 @@ fn login_page(
     gw.pages.page(gw, "login.html", status, ctx)
 }
 
-fn with_cookie(mut resp: Response<Body>, cookie: Option<String>) -> Response<Body> {
-    if let Some(v) = cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
-        resp.headers_mut().append(header::SET_COOKIE, v);
-    }
-    resp
-}
-
 /// GET login: already signed in → straight on; otherwise the form.
 pub async fn show(gw: &Gateway, client: &Client, req: &Request<Incoming>) -> Result<Response<Body>, Reject> {
     let rd = rd_param(req);
     if let Some(auth) = gw.authenticate(req.headers()).await? {
-        if auth.record.level >= Level::Password {
-            return Ok(redirect(StatusCode::SEE_OTHER, &rd));
-        }
+        let next = match auth.record.level {
+            Level::Pending => next_step_url(gw, &auth.user, &rd),
+            _ => rd,
+        };
+        return Ok(redirect(StatusCode::SEE_OTHER, &next));
     }
     let (binding, cookie) = anonymous_binding(gw, client, req.headers())?;
     Ok(with_cookie(login_page(gw, StatusCode::OK, &binding, &rd, "", None), cookie))
@@ -114,10 +104,16 @@ pub async fn submit(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Re
     }
     gw.lockout.succeed(&gw.store, Step::Password, &user.username).await?;
 
+    // With two-factor on (or required), the password only opens the way to the challenge (or enrolment).
+    let (level, next) = if user.two_factor.is_some() || gw.config.two_factor.required {
+        (Level::Pending, next_step_url(gw, &user, &rd))
+    } else {
+        (Level::Password, rd)
+    };
     let id = SessionId::random()?;
     let record = SessionRecord {
         username: user.username.clone(),
-        level: Level::Password,
+        level,
         created: now,
         last_seen: now,
         address: client.addr.to_string(),
@@ -125,19 +121,17 @@ pub async fn submit(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Re
     // A new id at every level change (session fixation); the old session goes in the same transaction.
     let old = session::session_id(&gw.keys, &parts.headers, &gw.config.session.cookie_name.0);
     gw.store.insert_session(id.0, record, old.map(|o| o.0)).await?;
-    gw.store
-        .record_login(
-            &user.username,
-            LastLogin {
-                at: now,
-                address: client.addr.to_string(),
-                second_factor: None,
-            },
-        )
-        .await?;
-    tracing::info!(user = %user.username, addr = %client.addr, "login succeeded");
+    if level == Level::Password {
+        let login = LastLogin {
+            at: now,
+            address: client.addr.to_string(),
+            second_factor: None,
+        };
+        gw.store.record_login(&user.username, login).await?;
+    }
+    tracing::info!(user = %user.username, addr = %client.addr, "password accepted");
     let cookie = session::session_cookie(&gw.keys, &gw.config.session.cookie_name.0, &id, gw.secure_cookies(client));
-    Ok(with_cookie(redirect(StatusCode::SEE_OTHER, &rd), Some(cookie)))
+    Ok(with_cookie(redirect(StatusCode::SEE_OTHER, &next), Some(cookie)))
 }
 
 /// GET logout: a confirmation form (logout is a POST, so a link or image can't sign anyone out).

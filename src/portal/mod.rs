@@ -1,17 +1,23 @@
 //! The gateway's own pages under the portal prefix, served on every host.
 
+pub mod account;
 pub mod form;
 pub mod login;
 pub mod pages;
 pub mod redirect;
+pub mod two_factor;
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, header};
 use hyper::body::Incoming;
 
 use crate::Body;
 use crate::gateway::{Client, Gateway};
 use crate::respond::Reject;
+use crate::session::{self, Authenticated, SessionId};
+use crate::store::{LastLogin, Level, SecondFactor, SessionRecord, User};
+use account::Sensitive;
+use pages::redirect;
 
 /// Whether a path belongs to the portal.
 pub fn owns(prefix: &str, path: &str) -> bool {
@@ -22,22 +28,47 @@ pub fn owns(prefix: &str, path: &str) -> bool {
 /// Routes a portal request. Paths match exactly, so no rule or header can reach a page by accident.
 pub async fn handle(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Result<Response<Body>, Reject> {
     let sub = req.uri().path()[gw.prefix().len()..].to_string();
-    let method = req.method().clone();
-    match (method, sub.as_str()) {
-        (Method::GET | Method::HEAD, "/health") => Ok(plain(StatusCode::OK, "text/plain; charset=utf-8", "ok")),
-        (Method::GET | Method::HEAD, "/static/portcullis.css") => {
-            let mut r = plain(StatusCode::OK, "text/css; charset=utf-8", pages::STYLESHEET);
-            r.headers_mut()
-                .insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=3600"));
-            Ok(r)
-        }
-        (Method::GET | Method::HEAD, "/login") => login::show(gw, client, &req).await,
-        (Method::POST, "/login") => login::submit(gw, client, req).await,
-        (Method::GET | Method::HEAD, "/logout") => login::show_logout(gw, &req).await,
-        (Method::POST, "/logout") => login::logout(gw, client, req).await,
-        (_, "/health" | "/login" | "/logout") => Err(Reject::MethodNotAllowed),
-        _ => Err(Reject::NotFound),
+    let get = matches!(*req.method(), Method::GET | Method::HEAD);
+    let post = req.method() == Method::POST;
+    match sub.as_str() {
+        "/health" if get => Ok(plain(StatusCode::OK, "text/plain; charset=utf-8", "ok")),
+        "/static/portcullis.css" if get => Ok(asset("text/css; charset=utf-8", pages::STYLESHEET)),
+        "/static/portcullis.js" if get => Ok(asset("text/javascript; charset=utf-8", pages::SCRIPT)),
+        "/login" if get => login::show(gw, client, &req).await,
+        "/login" if post => login::submit(gw, client, req).await,
+        "/logout" if get => login::show_logout(gw, &req).await,
+        "/logout" if post => login::logout(gw, client, req).await,
+        "/challenge" if get => two_factor::show(gw, &req).await,
+        "/challenge" if post => two_factor::submit(gw, client, req).await,
+        "/settings" if get => account::settings(gw, &req).await,
+        "/enroll/confirm" if post => account::confirm_enrolment(gw, client, req).await,
+        "/enroll/cancel" if post => account::cancel_enrolment(gw, client, req).await,
+        "/recovery/download" if post => account::download(gw, req).await,
+        _ => match sensitive(&sub) {
+            Some(what) if get => account::ask_password(gw, client, &req, what).await,
+            Some(what) if post => account::confirm(gw, client, req, what).await,
+            Some(_) => Err(Reject::MethodNotAllowed),
+            None if is_page(&sub) => Err(Reject::MethodNotAllowed),
+            None => Err(Reject::NotFound),
+        },
     }
+}
+
+fn sensitive(sub: &str) -> Option<Sensitive> {
+    match sub {
+        "/enroll" => Some(Sensitive::Enable),
+        "/settings/disable" => Some(Sensitive::Disable),
+        "/settings/recovery" => Some(Sensitive::ShowCodes),
+        "/settings/recovery/regenerate" => Some(Sensitive::Regenerate),
+        _ => None,
+    }
+}
+
+fn is_page(sub: &str) -> bool {
+    matches!(
+        sub,
+        "/health" | "/login" | "/logout" | "/challenge" | "/settings" | "/enroll/confirm" | "/enroll/cancel" | "/recovery/download"
+    )
 }
 
 fn plain(status: StatusCode, content_type: &'static str, body: &'static str) -> Response<Body> {
@@ -48,4 +79,111 @@ fn plain(status: StatusCode, content_type: &'static str, body: &'static str) -> 
     resp.headers_mut()
         .insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     resp
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response<Body> {
+    let mut r = plain(StatusCode::OK, content_type, body);
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=3600"));
+    r
+}
+
+/// Percent-encodes a value for a query string.
+pub fn encode(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+/// A query parameter's decoded value, or "".
+pub fn query_param(uri: &Uri, name: &str) -> String {
+    uri.query()
+        .and_then(|q| serde_urlencoded::from_str::<Vec<(String, String)>>(q).ok())
+        .and_then(|pairs| pairs.into_iter().find(|(k, _)| k == name).map(|(_, v)| v))
+        .unwrap_or_default()
+}
+
+/// The login page, returning to `rd`.
+pub fn login_url(gw: &Gateway, rd: &str) -> String {
+    format!("{}/login?rd={}", gw.prefix(), encode(rd))
+}
+
+/// The enrolment page, returning to `rd`.
+pub fn enroll_url(gw: &Gateway, rd: &str) -> String {
+    format!("{}/enroll?rd={}", gw.prefix(), encode(rd))
+}
+
+/// What a pending session must do next: the challenge if the user has two-factor, enrolment if not.
+pub fn next_step_url(gw: &Gateway, user: &User, rd: &str) -> String {
+    if user.two_factor.is_some() {
+        format!("{}/challenge?rd={}", gw.prefix(), encode(rd))
+    } else {
+        enroll_url(gw, rd)
+    }
+}
+
+/// Which sessions a page accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    /// Any session, including one still owing its second factor.
+    Pending,
+    /// A completed sign-in.
+    SignedIn,
+}
+
+/// The page's session, or the response that sends the browser where it must go first.
+pub async fn require_session(
+    gw: &Gateway,
+    headers: &HeaderMap,
+    rd: &str,
+    gate: Gate,
+) -> Result<Result<Authenticated, Response<Body>>, Reject> {
+    let Some(auth) = gw.authenticate(headers).await? else {
+        return Ok(Err(redirect(StatusCode::SEE_OTHER, &login_url(gw, rd))));
+    };
+    if gate == Gate::SignedIn && auth.record.level == Level::Pending {
+        return Ok(Err(redirect(StatusCode::SEE_OTHER, &next_step_url(gw, &auth.user, rd))));
+    }
+    Ok(Ok(auth))
+}
+
+/// Adds a Set-Cookie header.
+pub fn with_cookie(mut resp: Response<Body>, cookie: Option<String>) -> Response<Body> {
+    if let Some(v) = cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        resp.headers_mut().append(header::SET_COOKIE, v);
+    }
+    resp
+}
+
+/// Replaces a session with a new id at a new level (fixation defence); returns the id and its Set-Cookie.
+pub async fn rotate(gw: &Gateway, client: &Client, auth: &Authenticated, level: Level) -> Result<(SessionId, String), Reject> {
+    let id = SessionId::random()?;
+    let record = SessionRecord {
+        username: auth.user.username.clone(),
+        level,
+        // The absolute lifetime still counts from the password step.
+        created: auth.record.created,
+        last_seen: gw.clock.now(),
+        address: client.addr.to_string(),
+    };
+    gw.store.insert_session(id.0, record, Some(auth.id.0)).await?;
+    let cookie = session::session_cookie(&gw.keys, &gw.config.session.cookie_name.0, &id, gw.secure_cookies(client));
+    Ok((id, cookie))
+}
+
+/// Completes a sign-in: rotate to `level`, record the login, go to `rd`.
+pub async fn elevate(
+    gw: &Gateway,
+    client: &Client,
+    auth: &Authenticated,
+    level: Level,
+    factor: Option<SecondFactor>,
+    rd: &str,
+) -> Result<Response<Body>, Reject> {
+    let (_, cookie) = rotate(gw, client, auth, level).await?;
+    let login = LastLogin {
+        at: gw.clock.now(),
+        address: client.addr.to_string(),
+        second_factor: factor,
+    };
+    gw.store.record_login(&auth.user.username, login).await?;
+    Ok(with_cookie(redirect(StatusCode::SEE_OTHER, rd), Some(cookie)))
 }

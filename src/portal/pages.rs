@@ -17,13 +17,21 @@ const EMBEDDED: &[(&str, &str)] = &[
     ("login.html", include_str!("../../templates/login.html")),
     ("logout.html", include_str!("../../templates/logout.html")),
     ("error.html", include_str!("../../templates/error.html")),
+    ("challenge.html", include_str!("../../templates/challenge.html")),
+    ("confirm_password.html", include_str!("../../templates/confirm_password.html")),
+    ("enroll.html", include_str!("../../templates/enroll.html")),
+    ("recovery_codes.html", include_str!("../../templates/recovery_codes.html")),
+    ("settings.html", include_str!("../../templates/settings.html")),
 ];
+
+/// The script served at `{prefix}/static/portcullis.js` (copy and print on the recovery codes page).
+pub const SCRIPT: &str = include_str!("../../templates/portcullis.js");
 
 /// The stylesheet served at `{prefix}/static/portcullis.css`.
 pub const STYLESHEET: &str = include_str!("../../templates/portcullis.css");
 
 /// `Content-Security-Policy` of every portal page: nothing from elsewhere, no framing, forms only to us.
-const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; \
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; form-action 'self'; \
                    frame-ancestors 'none'; base-uri 'none'";
 
 /// The template environment.

@@ -77,8 +77,51 @@ pub struct TwoFactorState {
     pub secret: Vec<u8>,
     /// Last accepted TOTP time step (RFC 6238 §5.2: never accept it or an older one again).
     pub last_step: u64,
-    /// Sealed unused recovery codes (one sealed value each).
-    pub recovery: Vec<Vec<u8>>,
+    /// Unused recovery codes.
+    pub recovery: Vec<RecoveryCode>,
+}
+
+/// One unused recovery code: a keyed hash to find it by, and a sealed copy to show it again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryCode {
+    /// Hex HMAC of the normalised code, bound to the user.
+    pub hash: String,
+    /// The display form, sealed.
+    pub sealed: Vec<u8>,
+}
+
+/// A TOTP secret shown on the setup page but not yet confirmed with a code.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingEnrolment {
+    /// Whose.
+    pub username: String,
+    /// The sealed secret.
+    pub secret: Vec<u8>,
+    /// When the setup page was shown; it expires after [`ENROLMENT_TTL`].
+    pub created: u64,
+}
+
+/// How long a setup page's secret may be confirmed.
+pub const ENROLMENT_TTL: u64 = 600;
+
+/// Which sessions an account change ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revoke {
+    /// None.
+    None,
+    /// Every session of the user.
+    All,
+    /// Every session but this one (the one making the change).
+    AllExcept([u8; 32]),
+}
+
+/// Result of trying to consume a recovery code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consumed {
+    /// The code was unused and is now spent; this many remain.
+    Ok(usize),
+    /// No unused code matches.
+    NoMatch,
 }
 
 /// A user account.
@@ -196,13 +239,16 @@ impl Store {
     /// Changes the password hash and ends the user's sessions. False if no such user.
     pub async fn set_password(&self, username: &str, hash: String) -> Result<bool, StoreError> {
         let u = username.to_string();
-        self.run(move |s| s.update_user(&u, true, move |user| user.password_hash = hash)).await
+        let r = self.run(move |s| s.modify_user(&u, Revoke::All, move |user| user.password_hash = hash)).await?;
+        Ok(r.is_some())
     }
 
     /// Locks (ending every session) or unlocks a user. False if no such user.
     pub async fn set_locked(&self, username: &str, locked: bool) -> Result<bool, StoreError> {
         let u = username.to_string();
-        self.run(move |s| s.update_user(&u, locked, move |user| user.locked = locked)).await
+        let revoke = if locked { Revoke::All } else { Revoke::None };
+        let r = self.run(move |s| s.modify_user(&u, revoke, move |user| user.locked = locked)).await?;
+        Ok(r.is_some())
     }
 
     /// Deletes a user and their sessions. False if no such user.
@@ -214,7 +260,7 @@ impl Store {
     /// Records a successful login.
     pub async fn record_login(&self, username: &str, login: LastLogin) -> Result<(), StoreError> {
         let u = username.to_string();
-        self.run(move |s| s.update_user(&u, false, move |user| user.last_login = Some(login)).map(|_| ()))
+        self.run(move |s| s.modify_user(&u, Revoke::None, move |user| user.last_login = Some(login)).map(|_| ()))
             .await
     }
 
@@ -267,5 +313,105 @@ impl Store {
     /// Deletes sessions past their idle or absolute limit; returns how many.
     pub async fn purge_sessions(&self, now: u64, idle: u64, max_lifetime: u64) -> Result<usize, StoreError> {
         self.run(move |s| s.purge_sessions(now, idle, max_lifetime)).await
+    }
+
+    /// Remembers the secret of a setup page, replacing any earlier one of this session.
+    pub async fn put_pending_enrolment(&self, session: [u8; 32], p: PendingEnrolment) -> Result<(), StoreError> {
+        self.run(move |s| s.put_pending(&session, &p)).await
+    }
+
+    /// The unconfirmed secret of this session's setup page.
+    pub async fn pending_enrolment(&self, session: [u8; 32]) -> Result<Option<PendingEnrolment>, StoreError> {
+        self.run(move |s| s.pending(&session)).await
+    }
+
+    /// Forgets this session's unconfirmed secret.
+    pub async fn delete_pending_enrolment(&self, session: [u8; 32]) -> Result<(), StoreError> {
+        self.run(move |s| s.delete_pending(&session)).await
+    }
+
+    /// Activates two-factor for a user who has none, consuming the session's pending secret, in one transaction:
+    /// an enrolment is complete or absent. False if the user already has two-factor or doesn't exist.
+    pub async fn enable_two_factor(
+        &self,
+        username: &str,
+        state: TwoFactorState,
+        session: [u8; 32],
+    ) -> Result<bool, StoreError> {
+        let u = username.to_string();
+        self.run(move |s| s.enable_two_factor(&u, state, &session)).await
+    }
+
+    /// Records `step` as used if it is newer than the last accepted step (RFC 6238 §5.2). True if accepted.
+    pub async fn accept_totp_step(&self, username: &str, step: u64) -> Result<bool, StoreError> {
+        let u = username.to_string();
+        let r = self
+            .run(move |s| {
+                s.modify_user(&u, Revoke::None, move |user| match &mut user.two_factor {
+                    Some(tf) if tf.last_step < step => {
+                        tf.last_step = step;
+                        true
+                    }
+                    _ => false,
+                })
+            })
+            .await?;
+        Ok(r.unwrap_or(false))
+    }
+
+    /// Spends the unused code with this hash, if any, putting `replacement` in its place (replenishing sets).
+    pub async fn consume_recovery_code(
+        &self,
+        username: &str,
+        hash: String,
+        replacement: Option<RecoveryCode>,
+    ) -> Result<Consumed, StoreError> {
+        let u = username.to_string();
+        let r = self
+            .run(move |s| {
+                s.modify_user(&u, Revoke::None, move |user| {
+                    let Some(tf) = &mut user.two_factor else {
+                        return Consumed::NoMatch;
+                    };
+                    let Some(i) = tf.recovery.iter().position(|c| c.hash == hash) else {
+                        return Consumed::NoMatch;
+                    };
+                    match replacement {
+                        Some(fresh) => tf.recovery[i] = fresh,
+                        None => {
+                            tf.recovery.remove(i);
+                        }
+                    }
+                    Consumed::Ok(tf.recovery.len())
+                })
+            })
+            .await?;
+        Ok(r.unwrap_or(Consumed::NoMatch))
+    }
+
+    /// Replaces the whole recovery set at once (every old code stops working). False without two-factor.
+    pub async fn replace_recovery_codes(&self, username: &str, codes: Vec<RecoveryCode>) -> Result<bool, StoreError> {
+        let u = username.to_string();
+        let r = self
+            .run(move |s| {
+                s.modify_user(&u, Revoke::None, move |user| match &mut user.two_factor {
+                    Some(tf) => {
+                        tf.recovery = codes;
+                        true
+                    }
+                    None => false,
+                })
+            })
+            .await?;
+        Ok(r.unwrap_or(false))
+    }
+
+    /// Removes two-factor (secret and codes) and ends sessions as `revoke` says. False if it wasn't on.
+    pub async fn disable_two_factor(&self, username: &str, revoke: Revoke) -> Result<bool, StoreError> {
+        let u = username.to_string();
+        let r = self
+            .run(move |s| s.modify_user(&u, revoke, |user| user.two_factor.take().is_some()))
+            .await?;
+        Ok(r.unwrap_or(false))
     }
 }

@@ -12,7 +12,7 @@ use redb::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{FailureRule, Failures, SessionRecord, StoreError, User};
+use super::{FailureRule, Failures, PendingEnrolment, Revoke, SessionRecord, StoreError, TwoFactorState, User};
 
 /// Schema version this build writes. Bump it and add a step to [`migrate`] when a stored shape changes.
 pub const SCHEMA_VERSION: u64 = 1;
@@ -25,6 +25,7 @@ const EMAILS: TableDefinition<&str, &str> = TableDefinition::new("emails");
 const SESSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sessions");
 const USER_SESSIONS: MultimapTableDefinition<&str, &[u8]> = MultimapTableDefinition::new("user_sessions");
 const FAILURES: TableDefinition<&str, &[u8]> = TableDefinition::new("failures");
+const PENDING: TableDefinition<&[u8], &[u8]> = TableDefinition::new("pending_enrolments");
 
 macro_rules! db_errors {
     ($($t:ty),*) => {$(
@@ -100,6 +101,7 @@ impl RedbStore {
             tx.open_table(SESSIONS)?;
             tx.open_multimap_table(USER_SESSIONS)?;
             tx.open_table(FAILURES)?;
+            tx.open_table(PENDING)?;
         }
         tx.commit()?;
         Ok(())
@@ -167,23 +169,72 @@ impl RedbStore {
         users.iter()?.map(|row| decode(row?.1.value())).collect()
     }
 
-    /// Applies `change` to a user; with `revoke`, ends their sessions in the same transaction.
-    pub(super) fn update_user(
+    /// Applies `change` to a user and ends sessions as `revoke` says, in one transaction.
+    /// `None` if there is no such user.
+    pub(super) fn modify_user<T>(
         &self,
         username: &str,
-        revoke: bool,
-        change: impl FnOnce(&mut User),
+        revoke: Revoke,
+        change: impl FnOnce(&mut User) -> T,
+    ) -> Result<Option<T>, StoreError> {
+        self.write(|tx| {
+            let mut users = tx.open_table(USERS)?;
+            let Some(mut user) = users.get(username)?.map(|v| decode::<User>(v.value())).transpose()? else {
+                return Ok(None);
+            };
+            let out = change(&mut user);
+            users.insert(username, encode(&user)?.as_slice())?;
+            drop(users);
+            match revoke {
+                Revoke::None => {}
+                Revoke::All => {
+                    revoke_in(tx, username, None)?;
+                }
+                Revoke::AllExcept(keep) => {
+                    revoke_in(tx, username, Some(&keep))?;
+                }
+            }
+            Ok(Some(out))
+        })
+    }
+
+    pub(super) fn put_pending(&self, session: &[u8; 32], p: &PendingEnrolment) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.open_table(PENDING)?.insert(session.as_slice(), encode(p)?.as_slice())?;
+            Ok(())
+        })
+    }
+
+    pub(super) fn pending(&self, session: &[u8; 32]) -> Result<Option<PendingEnrolment>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(PENDING)?;
+        t.get(session.as_slice())?.map(|v| decode(v.value())).transpose()
+    }
+
+    pub(super) fn delete_pending(&self, session: &[u8; 32]) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.open_table(PENDING)?.remove(session.as_slice())?;
+            Ok(())
+        })
+    }
+
+    pub(super) fn enable_two_factor(
+        &self,
+        username: &str,
+        state: TwoFactorState,
+        session: &[u8; 32],
     ) -> Result<bool, StoreError> {
         self.write(|tx| {
             let mut users = tx.open_table(USERS)?;
             let Some(mut user) = users.get(username)?.map(|v| decode::<User>(v.value())).transpose()? else {
                 return Ok(false);
             };
-            change(&mut user);
-            users.insert(username, encode(&user)?.as_slice())?;
-            if revoke {
-                revoke_in(tx, username)?;
+            if user.two_factor.is_some() {
+                return Ok(false);
             }
+            user.two_factor = Some(state);
+            users.insert(username, encode(&user)?.as_slice())?;
+            tx.open_table(PENDING)?.remove(session.as_slice())?;
             Ok(true)
         })
     }
@@ -195,7 +246,7 @@ impl RedbStore {
                 return Ok(false);
             };
             tx.open_table(EMAILS)?.remove(user.email.as_str())?;
-            revoke_in(tx, username)?;
+            revoke_in(tx, username, None)?;
             Ok(true)
         })
     }
@@ -290,7 +341,7 @@ impl RedbStore {
     }
 
     pub(super) fn revoke_sessions(&self, username: &str) -> Result<usize, StoreError> {
-        self.write(|tx| revoke_in(tx, username))
+        self.write(|tx| revoke_in(tx, username, None))
     }
 
     pub(super) fn purge_sessions(&self, now: u64, idle: u64, max_lifetime: u64) -> Result<usize, StoreError> {
@@ -318,6 +369,7 @@ impl RedbStore {
 }
 
 fn delete_session_in(tx: &WriteTransaction, id: &[u8; 32]) -> Result<(), StoreError> {
+    tx.open_table(PENDING)?.remove(id.as_slice())?;
     let mut sessions = tx.open_table(SESSIONS)?;
     let removed = sessions.remove(id.as_slice())?.map(|v| decode::<SessionRecord>(v.value())).transpose()?;
     if let Some(rec) = removed {
@@ -327,17 +379,26 @@ fn delete_session_in(tx: &WriteTransaction, id: &[u8; 32]) -> Result<(), StoreEr
     Ok(())
 }
 
-fn revoke_in(tx: &WriteTransaction, username: &str) -> Result<usize, StoreError> {
+/// Ends a user's sessions, except `keep`.
+fn revoke_in(tx: &WriteTransaction, username: &str, keep: Option<&[u8; 32]>) -> Result<usize, StoreError> {
     let mut index = tx.open_multimap_table(USER_SESSIONS)?;
     let ids: Vec<Vec<u8>> = index
         .remove_all(username)?
         .map(|v| v.map(|g| g.value().to_vec()))
         .collect::<Result<_, _>>()?;
     let mut sessions = tx.open_table(SESSIONS)?;
+    let mut pending = tx.open_table(PENDING)?;
+    let mut ended = 0;
     for id in &ids {
+        if keep.is_some_and(|k| k.as_slice() == id.as_slice()) {
+            index.insert(username, id.as_slice())?;
+            continue;
+        }
         sessions.remove(id.as_slice())?;
+        pending.remove(id.as_slice())?;
+        ended += 1;
     }
-    Ok(ids.len())
+    Ok(ended)
 }
 
 #[cfg(test)]
