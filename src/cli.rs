@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+use crate::audit::{AuditEvent, EventKind};
 use crate::clock::{Clock, SystemClock, rfc3339};
 use crate::config::Config;
 use crate::credentials::password;
@@ -118,11 +119,29 @@ pub enum TwoFactorFilter {
     Disabled,
 }
 
+/// Installs the log subscriber: text or JSON lines on stderr. `PORTCULLIS_LOG` overrides the level.
+pub fn init_logging(log: &crate::config::Log) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("PORTCULLIS_LOG")
+        .or_else(|_| EnvFilter::try_new(&log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match log.format {
+        crate::config::LogFormat::Json => builder.json().try_init(),
+        crate::config::LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).try_init(),
+    };
+}
+
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> Result<()> {
+    let quiet = crate::config::Log {
+        level: "warn".into(),
+        ..Default::default()
+    };
     match cli.command {
         Command::Serve => serve(&cli.config).await,
         Command::CheckConfig => {
+            init_logging(&quiet);
             let config = Config::load(&cli.config)?;
             println!(
                 "{}: OK ({} app{})",
@@ -132,8 +151,12 @@ pub async fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Demo { listen } => crate::demo::run(listen).await,
+        Command::Demo { listen } => {
+            init_logging(&crate::config::Log::default());
+            crate::demo::run(listen).await
+        }
         Command::User(cmd) => {
+            init_logging(&quiet);
             let config = Config::load(&cli.config)?;
             let store = Store::open(&config.storage.path)
                 .with_context(|| format!("opening {}", config.storage.path.display()))?;
@@ -144,6 +167,7 @@ pub async fn run(cli: Cli) -> Result<()> {
 
 async fn serve(path: &Path) -> Result<()> {
     let config = Config::load(path)?;
+    init_logging(&config.log);
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("binding {}", config.server.listen))?;
@@ -249,6 +273,7 @@ async fn user(store: &Store, cmd: UserCommand) -> Result<()> {
                 two_factor: None,
             };
             store.create_user(user).await?;
+            audit(store, &username, "add").await;
             println!("user {username} added");
         }
         UserCommand::List { json, two_factor } => {
@@ -276,7 +301,10 @@ async fn user(store: &Store, cmd: UserCommand) -> Result<()> {
         UserCommand::Show { name, json } => {
             let u = find(store, &name).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&user_json(&u))?);
+                let mut v = user_json(&u);
+                let events = store.audit_for_user(&u.username, 20).await?;
+                v["recent_events"] = serde_json::to_value(events)?;
+                println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!("username:  {}", u.username);
                 println!("email:     {}", u.email);
@@ -305,6 +333,20 @@ async fn user(store: &Store, cmd: UserCommand) -> Result<()> {
                     ),
                     None => println!("last login: never"),
                 }
+                let events = store.audit_for_user(&u.username, 20).await?;
+                if !events.is_empty() {
+                    println!("recent security events:");
+                    for e in events {
+                        println!(
+                            "  {}  {:<28} {:<16} {}{}",
+                            rfc3339(e.at),
+                            e.kind.as_str(),
+                            e.address.as_deref().unwrap_or("-"),
+                            e.actor.map(|a| format!("by {a} ")).unwrap_or_default(),
+                            e.detail.unwrap_or_default().escape_debug()
+                        );
+                    }
+                }
             }
         }
         UserCommand::Passwd { name, password_stdin } => {
@@ -312,25 +354,30 @@ async fn user(store: &Store, cmd: UserCommand) -> Result<()> {
             let pw = read_password(password_stdin)?;
             let hash = tokio::task::spawn_blocking(move || password::hash_blocking(&pw)).await??;
             store.set_password(&u.username, hash).await?;
+            audit(store, &u.username, "passwd").await;
             println!("password of {} changed; their sessions ended", u.username);
         }
         UserCommand::Lock { name } => {
             let u = find(store, &name).await?;
             store.set_locked(&u.username, true).await?;
+            audit(store, &u.username, "lock").await;
             println!("user {} locked; their sessions ended", u.username);
         }
         UserCommand::Unlock { name } => {
             let u = find(store, &name).await?;
             store.set_locked(&u.username, false).await?;
+            audit(store, &u.username, "unlock").await;
             println!("user {} unlocked", u.username);
         }
         UserCommand::Delete { name } => {
             let u = find(store, &name).await?;
             store.delete_user(&u.username).await?;
+            audit(store, &u.username, "delete").await;
             println!("user {} deleted", u.username);
         }
         UserCommand::Reset2fa { name } => {
             let u = find(store, &name).await?;
+            audit(store, &u.username, "reset-2fa").await;
             if store.disable_two_factor(&u.username, Revoke::All).await? {
                 println!("two-factor authentication of {} removed; their sessions ended", u.username);
             } else {
@@ -340,6 +387,15 @@ async fn user(store: &Store, cmd: UserCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Records a CLI action in the audit log (and on stderr through tracing).
+async fn audit(store: &Store, user: &str, what: &str) {
+    let event = AuditEvent::new(SystemClock.now(), EventKind::CliAction, user).by("cli").detail(what);
+    event.emit();
+    if let Err(e) = store.append_audit(event).await {
+        eprintln!("warning: could not record the action in the audit log: {e}");
+    }
 }
 
 async fn find(store: &Store, name: &str) -> Result<User> {

@@ -49,6 +49,9 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// The file this was loaded from (for SIGHUP reloads); not a key.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
     /// Listener, TLS and portal location.
     #[serde(default)]
     pub server: Server,
@@ -69,9 +72,92 @@ pub struct Config {
     /// Second-factor settings.
     #[serde(default)]
     pub two_factor: TwoFactor,
+    /// Who administers.
+    #[serde(default)]
+    pub admin: Admin,
+    /// Audit log retention.
+    #[serde(default)]
+    pub audit: Audit,
+    /// Prometheus endpoint.
+    #[serde(default)]
+    pub metrics: Metrics,
+    /// Log output.
+    #[serde(default)]
+    pub log: Log,
     /// The protected applications.
     #[serde(rename = "app")]
     pub apps: Vec<App>,
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Admin {
+    /// Members of this group see the admin pages.
+    pub group: String,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin { group: "admins".into() }
+    }
+}
+
+/// `[audit]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Audit {
+    /// Events older than this are deleted.
+    pub retention: Dur,
+}
+
+impl Default for Audit {
+    fn default() -> Self {
+        Audit {
+            retention: Dur(Duration::from_secs(90 * 86400)),
+        }
+    }
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Metrics {
+    /// Address of the Prometheus endpoint; off when unset.
+    pub listen: Option<SocketAddr>,
+    /// Bearer token scrapers must send.
+    pub token: Option<String>,
+    /// File holding the token (instead of `token`).
+    pub token_file: Option<PathBuf>,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    /// "text" or "json".
+    pub format: LogFormat,
+    /// A tracing filter: "info", "debug", "portcullis=debug,info"…
+    pub level: String,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// `[server]`
@@ -483,19 +569,31 @@ impl fmt::Display for Policy {
 }
 
 impl Config {
-    /// Reads and validates a config file.
+    /// Reads and validates a config file, applying `PORTCULLIS_SECTION__KEY` environment overrides.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             file: path.display().to_string(),
             source,
         })?;
-        Config::parse(&text, path)
+        let mut config = Config::parse_with_env(&text, path, std::env::vars())?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
     }
 
-    /// Parses and validates config text; `path` names the file in messages.
+    /// Parses and validates config text without environment overrides; `path` names the file in messages.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        Config::parse_with_env(text, path, std::iter::empty())
+    }
+
+    /// Parses config text, then applies overrides from `env` pairs named `PORTCULLIS_SECTION__KEY` (for `[[app]]`,
+    /// `PORTCULLIS_APP__0__UPSTREAM`). Values are TOML (`true`, `5`, `["a"]`) or else plain strings.
+    pub fn parse_with_env(
+        text: &str,
+        path: &Path,
+        env: impl Iterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let config: Config = toml::from_str(text).map_err(|e| {
+        let at = |e: toml::de::Error| {
             let (line, column) = e
                 .span()
                 .map(|span| line_column(text, span.start))
@@ -506,9 +604,49 @@ impl Config {
                 column,
                 message: e.message().trim().to_string(),
             }
+        };
+        let overrides: Vec<(Vec<String>, String)> = env
+            .filter_map(|(k, v)| {
+                let rest = k.strip_prefix("PORTCULLIS_")?;
+                rest.contains("__")
+                    .then(|| (rest.split("__").map(str::to_ascii_lowercase).collect(), v))
+            })
+            .collect();
+        let mut config: Config = if overrides.is_empty() {
+            // Straight from the text, so every error has a line and column.
+            toml::from_str(text).map_err(at)?
+        } else {
+            let mut table: toml::Table = toml::from_str(text).map_err(at)?;
+            for (keys, value) in &overrides {
+                apply_override(&mut table, keys, value).map_err(|message| ConfigError::Invalid {
+                    file: file.clone(),
+                    message,
+                })?;
+            }
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Invalid {
+                    file: file.clone(),
+                    message: format!("{} (after environment overrides)", e.message().trim()),
+                })?
+        };
+        config.read_secret_files().map_err(|message| ConfigError::Invalid {
+            file: file.clone(),
+            message,
         })?;
         config.validate().map_err(|message| ConfigError::Invalid { file, message })?;
         Ok(config)
+    }
+
+    /// Resolves `*_file` secrets: the file's contents (without a trailing newline) become the value.
+    fn read_secret_files(&mut self) -> Result<(), String> {
+        let m = &mut self.metrics;
+        match (&m.token, &m.token_file) {
+            (Some(_), Some(_)) => return Err("[metrics] set token or token_file, not both".into()),
+            (None, Some(f)) => m.token = Some(read_secret(f)?),
+            _ => {}
+        }
+        Ok(())
     }
 
     /// Rules that span several keys.
@@ -552,6 +690,50 @@ impl Config {
     pub fn csrf_cookie_name(&self) -> String {
         format!("{}_csrf", self.session.cookie_name.0)
     }
+}
+
+/// Reads a secret file, dropping one trailing newline.
+fn read_secret(path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let text = text.strip_suffix('\n').unwrap_or(&text);
+    Ok(text.strip_suffix('\r').unwrap_or(text).to_string())
+}
+
+/// Sets `keys` (section, [index,] key) in a parsed config table.
+fn apply_override(table: &mut toml::Table, keys: &[String], raw: &str) -> Result<(), String> {
+    let name = format!("PORTCULLIS_{}", keys.join("__").to_ascii_uppercase());
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let (last, parents) = keys.split_last().ok_or_else(|| format!("{name}: empty key"))?;
+    let mut cur = table;
+    let mut i = 0;
+    while i < parents.len() {
+        let k = &parents[i];
+        let slot = cur
+            .entry(k.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = match slot {
+            toml::Value::Table(t) => t,
+            toml::Value::Array(items) => {
+                // `[[app]]` entries are addressed by index: APP__0__UPSTREAM.
+                i += 1;
+                let idx = parents
+                    .get(i)
+                    .and_then(|x| x.parse::<usize>().ok())
+                    .ok_or_else(|| format!("{name}: [[{k}]] needs an index, e.g. {k}__0__key"))?;
+                match items.get_mut(idx) {
+                    Some(toml::Value::Table(t)) => t,
+                    _ => return Err(format!("{name}: there is no [[{k}]] number {idx}")),
+                }
+            }
+            _ => return Err(format!("{name}: {k} is not a section")),
+        };
+        i += 1;
+    }
+    cur.insert(last.clone(), value);
+    Ok(())
 }
 
 /// 1-based line and column of a byte offset.
@@ -603,6 +785,35 @@ upstream = "http://127.0.0.1:9000"
     fn upstream_with_path_is_rejected() {
         let text = MINIMAL.replace("9000\"", "9000/app\"");
         assert!(Config::parse(&text, Path::new("p.toml")).is_err());
+    }
+
+    #[test]
+    fn environment_overrides_keys_and_app_entries() {
+        let env = vec![
+            ("PORTCULLIS_SESSION__IDLE_TIMEOUT".to_string(), "5m".to_string()),
+            ("PORTCULLIS_LIMITS__MAX_FAILURES".to_string(), "9".to_string()),
+            ("PORTCULLIS_APP__0__POLICY".to_string(), "deny".to_string()),
+            ("PORTCULLIS_CONFIG".to_string(), "ignored".to_string()),
+        ];
+        let c = Config::parse_with_env(MINIMAL, Path::new("p.toml"), env.into_iter()).unwrap();
+        assert_eq!(c.session.idle_timeout.0, Duration::from_secs(300));
+        assert_eq!(c.limits.max_failures, 9);
+        assert_eq!(c.apps[0].policy, Policy::Deny);
+        let bad = vec![("PORTCULLIS_SESSION__NOPE".to_string(), "1".to_string())];
+        let err = Config::parse_with_env(MINIMAL, Path::new("p.toml"), bad.into_iter()).unwrap_err();
+        assert!(err.to_string().contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn secret_file_and_value_together_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("token");
+        std::fs::write(&f, "s3cret\n").unwrap();
+        let text = format!("{MINIMAL}\n[metrics]\ntoken_file = {:?}\n", f.display().to_string());
+        let c = Config::parse(&text, Path::new("p.toml")).unwrap();
+        assert_eq!(c.metrics.token.as_deref(), Some("s3cret"));
+        let both = format!("{text}token = \"x\"\n");
+        assert!(Config::parse(&both, Path::new("p.toml")).unwrap_err().to_string().contains("not both"));
     }
 
     #[test]

@@ -40,6 +40,12 @@ pub struct Gateway {
     pub tls: bool,
     /// Tracks upgraded tunnels (WebSocket) so shutdown can wait for them.
     pub tunnels: tokio_util::task::TaskTracker,
+    /// TLS termination, when configured.
+    pub tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
+    /// Prometheus metrics (shared across reloads).
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Metric label of each app (its host pattern).
+    pub app_labels: Vec<String>,
 }
 
 /// What we know about the client of one request.
@@ -56,6 +62,84 @@ pub struct Client {
 }
 
 impl Gateway {
+    /// Builds a gateway: opens the store, loads keys, prepares TLS, templates and upstream clients.
+    pub fn build(config: Config, clock: Arc<dyn Clock>) -> Result<Gateway, crate::Error> {
+        let path = config.storage.path.clone();
+        let store = Store::open(&path).map_err(|source| crate::Error::Store {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let keys = Keys::load_or_create(&config.storage.secret_key_file)?;
+        let hasher = Hasher::new(config.server.max_concurrent_hashes)?;
+        let shared = Shared {
+            store,
+            keys,
+            clock,
+            hasher,
+            tunnels: tokio_util::task::TaskTracker::new(),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
+        };
+        Gateway::assemble(config, shared)
+    }
+
+    /// A gateway for a reloaded config, sharing this one's store, keys, clock, hasher, tunnels and metrics.
+    /// Storage settings can't change without a restart; they are kept.
+    pub fn reload(&self, mut config: Config) -> Result<Gateway, crate::Error> {
+        if config.storage.path != self.config.storage.path
+            || config.storage.secret_key_file != self.config.storage.secret_key_file
+        {
+            tracing::warn!("[storage] changes need a restart; keeping the running storage");
+            config.storage = self.config.storage.clone();
+        }
+        let shared = Shared {
+            store: self.store.clone(),
+            keys: self.keys.clone(),
+            clock: self.clock.clone(),
+            hasher: self.hasher.clone(),
+            tunnels: self.tunnels.clone(),
+            metrics: self.metrics.clone(),
+        };
+        Gateway::assemble(config, shared)
+    }
+
+    fn assemble(config: Config, shared: Shared) -> Result<Gateway, crate::Error> {
+        let tls_acceptor = match (&config.server.tls_cert, &config.server.tls_key) {
+            (Some(cert), Some(key)) => Some(crate::server::tls_acceptor(cert, key)?),
+            _ => None,
+        };
+        let app_labels = config
+            .apps
+            .iter()
+            .map(|a| match &a.host {
+                crate::config::HostPattern::Any => "*".to_string(),
+                crate::config::HostPattern::Exact(h) => h.clone(),
+            })
+            .collect();
+        Ok(Gateway {
+            lockout: Lockout::new(&config.limits),
+            pages: Pages::new(config.portal.templates.clone()),
+            upstreams: Upstreams::new(&config)?,
+            tls: tls_acceptor.is_some(),
+            tls_acceptor,
+            app_labels,
+            store: shared.store,
+            keys: shared.keys,
+            clock: shared.clock,
+            hasher: shared.hasher,
+            tunnels: shared.tunnels,
+            metrics: shared.metrics,
+            config,
+        })
+    }
+
+    /// Records a security event: tracing at once, then the store. A failed write is logged, not fatal.
+    pub async fn audit(&self, event: crate::audit::AuditEvent) {
+        event.emit();
+        if let Err(e) = self.store.append_audit(event).await {
+            tracing::error!(error = %e, "could not store an audit event");
+        }
+    }
+
     /// The portal prefix, e.g. `/_portcullis`.
     pub fn prefix(&self) -> &str {
         &self.config.server.portal_prefix.0
@@ -150,6 +234,16 @@ impl Gateway {
     }
 }
 
+/// The parts of a gateway that outlive a config reload.
+struct Shared {
+    store: Store,
+    keys: Keys,
+    clock: Arc<dyn Clock>,
+    hasher: Hasher,
+    tunnels: tokio_util::task::TaskTracker,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
 /// Lifetime of a password-only session, in seconds.
 pub const PENDING_LIFETIME: u64 = 300;
 
@@ -205,12 +299,31 @@ fn wants_html(req: &Request<Incoming>) -> bool {
 pub async fn handle(gw: Arc<Gateway>, peer: SocketAddr, mut req: Request<Incoming>) -> Response<Body> {
     strip_identity_headers(&gw.config, req.headers_mut());
     let client = gw.client(peer, req.headers());
-    let result = if crate::portal::owns(gw.prefix(), req.uri().path()) {
+    let portal = crate::portal::owns(gw.prefix(), req.uri().path());
+    let app = if portal {
+        None
+    } else {
+        crate::policy::find_app(&gw.config.apps, request_host(&req).as_deref())
+    };
+    let result = if portal {
         crate::portal::handle(&gw, &client, req).await
     } else {
         protected(&gw, &client, req).await
     };
-    result.unwrap_or_else(|r| reject(&gw, &r))
+    let resp = result.unwrap_or_else(|r| reject(&gw, &r));
+    let label = match app {
+        Some(i) => gw.app_labels[i].clone(),
+        None if portal => "portal".to_string(),
+        None => "unknown".to_string(),
+    };
+    gw.metrics
+        .requests
+        .get_or_create(&crate::metrics::RequestLabels {
+            app: label,
+            status: resp.status().as_u16(),
+        })
+        .inc();
+    resp
 }
 
 /// A request for an application: decide, authenticate, then proxy or send to the login page.

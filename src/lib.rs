@@ -6,6 +6,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
+pub mod audit;
 pub mod cli;
 pub mod clock;
 pub mod config;
@@ -13,6 +15,7 @@ pub mod credentials;
 pub mod demo;
 pub mod gateway;
 pub mod keys;
+pub mod metrics;
 pub mod policy;
 pub mod portal;
 pub mod proxy;
@@ -60,6 +63,14 @@ pub enum Error {
     /// Password hashing doesn't work.
     #[error(transparent)]
     Password(#[from] credentials::password::PasswordError),
+    /// A listener can't be bound.
+    #[error("binding {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// Runs the gateway on `listener` until `shutdown` resolves, then lets in-flight requests finish.
@@ -78,52 +89,62 @@ pub async fn run_with_clock(
     clock: Arc<dyn Clock>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let tls = match (&config.server.tls_cert, &config.server.tls_key) {
-        (Some(cert), Some(key)) => Some(server::tls_acceptor(cert, key)?),
-        _ => None,
-    };
-    let gw = Arc::new(build_gateway(config, clock, tls.is_some())?);
-    let sweeper = tokio::spawn(sweep_sessions(gw.clone()));
-    server::serve(gw, listener, tls, shutdown).await;
-    sweeper.abort();
+    let metrics_listen = config.metrics.listen;
+    let gw = Arc::new(arc_swap::ArcSwap::from_pointee(Gateway::build(config, clock)?));
+    let mut background = vec![tokio::spawn(sweep(gw.clone())), tokio::spawn(reload_on_sighup(gw.clone()))];
+    if let Some(addr) = metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| Error::Bind {
+            addr: addr.to_string(),
+            source,
+        })?;
+        background.push(tokio::spawn(metrics::serve(listener, gw.clone())));
+    }
+    server::serve(gw, listener, shutdown).await;
+    for task in background {
+        task.abort();
+    }
     Ok(())
 }
 
-fn build_gateway(config: Config, clock: Arc<dyn Clock>, tls: bool) -> Result<Gateway, Error> {
-    let path = config.storage.path.clone();
-    let store = store::Store::open(&path).map_err(|source| Error::Store {
-        path: path.display().to_string(),
-        source,
-    })?;
-    let keys = keys::Keys::load_or_create(&config.storage.secret_key_file)?;
-    Ok(Gateway {
-        hasher: credentials::password::Hasher::new(config.server.max_concurrent_hashes)?,
-        lockout: credentials::lockout::Lockout::new(&config.limits),
-        pages: portal::pages::Pages::new(config.portal.templates.clone()),
-        upstreams: proxy::Upstreams::new(&config)?,
-        tunnels: tokio_util::task::TaskTracker::new(),
-        store,
-        keys,
-        clock,
-        tls,
-        config,
-    })
+/// Re-reads the config file on SIGHUP; an invalid file keeps the running config and says why.
+async fn reload_on_sighup(gw: Arc<arc_swap::ArcSwap<Gateway>>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let current = gw.load_full();
+        let Some(path) = current.config.source.clone() else {
+            tracing::warn!("SIGHUP: the config did not come from a file; nothing to reload");
+            continue;
+        };
+        let next = Config::load(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|c| current.reload(c).map_err(|e| e.to_string()));
+        match next {
+            Ok(new) => {
+                gw.store(Arc::new(new));
+                tracing::info!(config = %path.display(), "configuration reloaded");
+            }
+            Err(e) => tracing::error!(error = %e, "reload failed; still running the previous configuration"),
+        }
+    }
 }
 
-/// Deletes expired sessions every few minutes, so the table doesn't grow without bound.
-async fn sweep_sessions(gw: Arc<Gateway>) {
+/// Deletes expired sessions and old audit events every few minutes, so neither grows without bound.
+async fn sweep(gw: Arc<arc_swap::ArcSwap<Gateway>>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(300));
     loop {
         tick.tick().await;
+        let gw = gw.load_full();
         let s = &gw.config.session;
-        match gw
-            .store
-            .purge_sessions(gw.clock.now(), s.idle_timeout.secs(), s.max_lifetime.secs())
-            .await
-        {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(sessions = n, "expired sessions removed"),
-            Err(e) => tracing::warn!(error = %e, "session sweep failed"),
+        let now = gw.clock.now();
+        if let Err(e) = gw.store.purge_sessions(now, s.idle_timeout.secs(), s.max_lifetime.secs()).await {
+            tracing::warn!(error = %e, "session sweep failed");
+        }
+        let before = now.saturating_sub(gw.config.audit.retention.secs());
+        if let Err(e) = gw.store.purge_audit(before).await {
+            tracing::warn!(error = %e, "audit sweep failed");
         }
     }
 }

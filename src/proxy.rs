@@ -223,7 +223,7 @@ fn header_value(s: &str) -> Option<HeaderValue> {
 }
 
 /// Adds the identity headers from the session's user.
-fn set_identity(headers: &mut HeaderMap, config: &Config, user: &User) {
+pub fn set_identity(headers: &mut HeaderMap, config: &Config, user: &User) {
     let h = &config.headers;
     let pairs = [
         (&h.user.0, user.username.clone()),
@@ -285,7 +285,10 @@ pub async fn forward(
     let upstream_req = Request::from_parts(parts, body);
 
     let pending = gw.upstreams.clients[decision.app].request(upstream_req);
-    let mut resp = match tokio::time::timeout(app.upstream_timeout.0, pending).await {
+    let started = std::time::Instant::now();
+    let outcome = tokio::time::timeout(app.upstream_timeout.0, pending).await;
+    gw.metrics.observe_upstream(&gw.app_labels[decision.app], started.elapsed());
+    let mut resp = match outcome {
         Err(_) => return Err(Reject::GatewayTimeout),
         Ok(Err(e)) => {
             tracing::warn!(upstream = %app.upstream.authority, error = %e, "upstream request failed");

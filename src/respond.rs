@@ -19,6 +19,8 @@ pub enum Reject {
     Denied,
     /// The user's groups don't allow this app.
     NotInGroup,
+    /// An admin page, and the request doesn't come from an admin's fully verified session.
+    AdminOnly,
     /// The form's CSRF token or origin is wrong.
     Csrf,
     /// Authentication is needed and the client is not a browser.
@@ -55,6 +57,11 @@ impl Reject {
                 StatusCode::FORBIDDEN,
                 "Access denied",
                 "Your account is not allowed to use this application. Ask your administrator for access.",
+            ),
+            AdminOnly => (
+                StatusCode::FORBIDDEN,
+                "Administrators only",
+                "Only administrators can use this page. Sign in with an administrator account.",
             ),
             Csrf => (
                 StatusCode::FORBIDDEN,

@@ -61,11 +61,11 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Accepts and serves connections until `shutdown` resolves, then drains.
 pub async fn serve(
-    gw: Arc<Gateway>,
+    current: Arc<arc_swap::ArcSwap<Gateway>>,
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
+    let gw = current.load_full();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -90,13 +90,14 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let gw = gw.clone();
-        let tls = tls.clone();
+        // Each connection uses the TLS set-up current when it arrives; each request, the current config.
+        let tls = current.load().tls_acceptor.clone();
+        let current = current.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         connections.spawn(async move {
             let svc = service_fn(move |req| {
-                let gw = gw.clone();
+                let gw = current.load_full();
                 async move { Ok::<_, Infallible>(handle(gw, peer, req).await) }
             });
             let result = match tls {
@@ -123,6 +124,7 @@ pub async fn serve(
     }
     drop(listener);
     tracing::info!("shutting down: waiting for in-flight requests");
+    let gw = current.load_full();
     let grace = gw.config.server.shutdown_grace.0;
     if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
         tracing::warn!("grace period over; closing remaining connections");

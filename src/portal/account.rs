@@ -6,6 +6,7 @@ use hyper::body::Incoming;
 use minijinja::{Value, context};
 
 use crate::Body;
+use crate::audit::{AuditEvent, EventKind};
 use crate::clock::rfc3339;
 use crate::credentials::lockout::Step;
 use crate::credentials::{recovery, totp};
@@ -17,7 +18,7 @@ use crate::portal::two_factor::TOTP_PURPOSE;
 use crate::portal::{Gate, query_param, require_session, rotate, with_cookie};
 use crate::respond::Reject;
 use crate::session::{Authenticated, clear_cookie};
-use crate::store::{ENROLMENT_TTL, Level, PendingEnrolment, Revoke, TwoFactorState};
+use crate::store::{ENROLMENT_TTL, LastLogin, Level, PendingEnrolment, Revoke, SecondFactor, TwoFactorState};
 
 /// Purpose of the grant that lets a recovery codes page offer its download.
 const DOWNLOAD_GRANT: &str = "recovery-download";
@@ -172,7 +173,7 @@ pub async fn confirm(gw: &Gateway, client: &Client, req: Request<Incoming>, what
         Sensitive::Enable => setup_page(gw, client, &auth, &rd, None).await,
         Sensitive::Disable => {
             gw.store.disable_two_factor(name, Revoke::AllExcept(auth.id.0)).await?;
-            tracing::info!(user = %name, addr = %client.addr, "two-factor disabled");
+            gw.audit(AuditEvent::new(gw.clock.now(), EventKind::TwoFactorDisabled, name).from_addr(client.addr)).await;
             Ok(redirect(StatusCode::SEE_OTHER, &format!("{}/settings?done=disabled", gw.prefix())))
         }
         Sensitive::ShowCodes => {
@@ -183,7 +184,8 @@ pub async fn confirm(gw: &Gateway, client: &Client, req: Request<Incoming>, what
         Sensitive::Regenerate => {
             let (shown, stored) = recovery::new_set(&gw.keys, name, gw.config.two_factor.recovery_codes)?;
             gw.store.replace_recovery_codes(name, stored).await?;
-            tracing::info!(user = %name, addr = %client.addr, "recovery codes regenerated");
+            let event = AuditEvent::new(gw.clock.now(), EventKind::RecoveryCodesRegenerated, name);
+            gw.audit(event.from_addr(client.addr)).await;
             let msg = "New recovery codes are ready. Your old codes no longer work.";
             Ok(codes_page(gw, &auth.id.0, &shown, &rd, false, Some(msg), None))
         }
@@ -205,8 +207,11 @@ async fn password_ok(gw: &Gateway, client: &Client, auth: &Authenticated, form: 
         gw.lockout.succeed(&gw.store, Step::Password, name).await?;
         return Ok(true);
     }
-    tracing::info!(user = %name, addr = %client.addr, "password re-entry failed");
+    let event = AuditEvent::new(now, EventKind::LoginFailed, name).from_addr(client.addr);
+    gw.audit(event.detail("password re-entry")).await;
     if let Some(secs) = gw.lockout.fail(&gw.store, Step::Password, name, client.addr, now).await? {
+        gw.metrics.lockout("password");
+        gw.audit(AuditEvent::new(now, EventKind::Lockout, name).from_addr(client.addr).detail("password")).await;
         return Err(Reject::TooManyAttempts(secs));
     }
     Ok(false)
@@ -308,9 +313,15 @@ pub async fn confirm_enrolment(gw: &Gateway, client: &Client, req: Request<Incom
     if !gw.store.enable_two_factor(&name, state, auth.id.0).await? {
         return Ok(settings_redirect(gw));
     }
-    tracing::info!(user = %name, addr = %client.addr, "two-factor enabled");
+    gw.audit(AuditEvent::new(now, EventKind::TwoFactorEnabled, &name).from_addr(client.addr)).await;
     // Enrolment proved the factor: the session rises to the full level, under a new id.
     let (id, cookie) = rotate(gw, client, &auth, Level::Full).await?;
+    let login = LastLogin {
+        at: now,
+        address: client.addr.to_string(),
+        second_factor: Some(SecondFactor::Totp),
+    };
+    gw.store.record_login(&name, login).await?;
     let msg = Some("Two-factor authentication is on. Save these recovery codes now.");
     Ok(codes_page(gw, &id.0, &shown, &rd, true, msg, Some(cookie)))
 }

@@ -5,6 +5,7 @@ use hyper::body::Incoming;
 use minijinja::context;
 
 use crate::Body;
+use crate::audit::{AuditEvent, EventKind};
 use crate::credentials::lockout::Step;
 use crate::gateway::{Client, Gateway};
 use crate::keys::random_bytes;
@@ -75,7 +76,9 @@ pub async fn submit(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Re
     // Unknown names are counted under what was typed, so they lock like real accounts.
     let account = user.as_ref().map_or(login.clone(), |u| u.username.clone());
     if let Some(secs) = gw.lockout.retry_after(&gw.store, Step::Password, &account, client.addr, now).await? {
-        tracing::info!(account = %account.escape_debug(), addr = %client.addr, "login refused: locked out");
+        gw.metrics.login("locked");
+        gw.audit(AuditEvent::new(now, EventKind::LockedOut, &account).from_addr(client.addr).detail("password"))
+            .await;
         return Err(Reject::TooManyAttempts(secs));
     }
     let ok = gw
@@ -83,9 +86,12 @@ pub async fn submit(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Re
         .verify(password, user.as_ref().map(|u| u.password_hash.clone()))
         .await?;
     let Some(user) = user.filter(|_| ok) else {
-        tracing::info!(account = %account.escape_debug(), addr = %client.addr, "login failed");
+        gw.metrics.login("failure");
+        gw.audit(AuditEvent::new(now, EventKind::LoginFailed, &account).from_addr(client.addr)).await;
         if let Some(secs) = gw.lockout.fail(&gw.store, Step::Password, &account, client.addr, now).await? {
-            tracing::warn!(account = %account.escape_debug(), addr = %client.addr, "lockout after failed logins");
+            gw.metrics.lockout("password");
+            gw.audit(AuditEvent::new(now, EventKind::Lockout, &account).from_addr(client.addr).detail("password"))
+                .await;
             return Err(Reject::TooManyAttempts(secs));
         }
         let page = login_page(
@@ -99,7 +105,9 @@ pub async fn submit(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Re
         return Ok(page);
     };
     if user.locked {
-        tracing::info!(user = %user.username, addr = %client.addr, "login refused: account locked");
+        gw.metrics.login("account_locked");
+        let event = AuditEvent::new(now, EventKind::LoginFailed, &user.username).from_addr(client.addr);
+        gw.audit(event.detail("account locked")).await;
         return Err(Reject::AccountLocked);
     }
     gw.lockout.succeed(&gw.store, Step::Password, &user.username).await?;
@@ -129,7 +137,10 @@ pub async fn submit(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Re
         };
         gw.store.record_login(&user.username, login).await?;
     }
-    tracing::info!(user = %user.username, addr = %client.addr, "password accepted");
+    gw.metrics.login("success");
+    let detail = if level == Level::Pending { "second factor due" } else { "password only" };
+    gw.audit(AuditEvent::new(now, EventKind::LoginSucceeded, &user.username).from_addr(client.addr).detail(detail))
+        .await;
     let cookie = session::session_cookie(&gw.keys, &gw.config.session.cookie_name.0, &id, gw.secure_cookies(client));
     Ok(with_cookie(redirect(StatusCode::SEE_OTHER, &next), Some(cookie)))
 }
@@ -151,8 +162,11 @@ pub async fn logout(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Re
         return Ok(redirect(StatusCode::SEE_OTHER, &login));
     };
     check_csrf(gw, &parts, &form, Some(&id.0))?;
+    let who = gw.store.session_with_user(id.0).await?.map(|(rec, _)| rec.username);
     gw.store.delete_session(id.0).await?;
-    tracing::info!(addr = %client.addr, "logout");
+    if let Some(user) = who {
+        gw.audit(AuditEvent::new(gw.clock.now(), EventKind::Logout, &user).from_addr(client.addr)).await;
+    }
     let clear = session::clear_cookie(&gw.config.session.cookie_name.0, gw.secure_cookies(client));
     Ok(with_cookie(redirect(StatusCode::SEE_OTHER, &login), Some(clear)))
 }

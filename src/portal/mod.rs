@@ -6,6 +6,7 @@ pub mod login;
 pub mod pages;
 pub mod redirect;
 pub mod two_factor;
+pub mod verify;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, header};
@@ -41,6 +42,8 @@ pub async fn handle(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Re
         "/challenge" if get => two_factor::show(gw, &req).await,
         "/challenge" if post => two_factor::submit(gw, client, req).await,
         "/settings" if get => account::settings(gw, &req).await,
+        "/verify" => verify::verify(gw, client, &req).await,
+        s if s == "/admin" || s.starts_with("/admin/") => crate::admin::handle(gw, client, req, &sub["/admin".len()..]).await,
         "/enroll/confirm" if post => account::confirm_enrolment(gw, client, req).await,
         "/enroll/cancel" if post => account::cancel_enrolment(gw, client, req).await,
         "/recovery/download" if post => account::download(gw, req).await,

@@ -22,6 +22,8 @@ const EMBEDDED: &[(&str, &str)] = &[
     ("enroll.html", include_str!("../../templates/enroll.html")),
     ("recovery_codes.html", include_str!("../../templates/recovery_codes.html")),
     ("settings.html", include_str!("../../templates/settings.html")),
+    ("admin_users.html", include_str!("../../templates/admin_users.html")),
+    ("admin_user.html", include_str!("../../templates/admin_user.html")),
 ];
 
 /// The script served at `{prefix}/static/portcullis.js` (copy and print on the recovery codes page).

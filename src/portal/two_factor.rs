@@ -5,6 +5,7 @@ use hyper::body::Incoming;
 use minijinja::context;
 
 use crate::Body;
+use crate::audit::{AuditEvent, EventKind};
 use crate::credentials::lockout::Step;
 use crate::credentials::{recovery, totp};
 use crate::gateway::{Client, Gateway};
@@ -62,37 +63,67 @@ pub async fn submit(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Re
     let now = gw.clock.now();
     let user = &auth.user;
     let recovery_path = form.get("method") == "recovery";
-    let method = if recovery_path { "recovery" } else { "totp" };
+    let method = if recovery_path { "recovery_code" } else { "totp" };
     if let Some(secs) = gw.lockout.retry_after(&gw.store, Step::SecondFactor, &user.username, client.addr, now).await? {
-        tracing::info!(user = %user.username, addr = %client.addr, "second factor refused: locked out");
+        gw.metrics.factor(method, "locked");
+        let event = AuditEvent::new(now, EventKind::LockedOut, &user.username).from_addr(client.addr);
+        gw.audit(event.detail("second factor")).await;
         return Err(Reject::TooManyAttempts(secs));
     }
     let outcome = if recovery_path {
-        check_recovery(gw, &auth, form.get("recovery_code")).await?
+        check_recovery(gw, client, &auth, form.get("recovery_code")).await?
     } else {
         check_totp(gw, &auth, form.get("code"), now).await?
     };
     match outcome {
         Ok(factor) => {
             gw.lockout.succeed(&gw.store, Step::SecondFactor, &user.username).await?;
-            tracing::info!(user = %user.username, addr = %client.addr, factor = ?factor, "second factor accepted");
+            gw.metrics.factor(method, "success");
+            let event = AuditEvent::new(now, EventKind::SecondFactorSucceeded, &user.username).from_addr(client.addr);
+            gw.audit(event.detail(method)).await;
             elevate(gw, client, &auth, Level::Full, Some(factor), &rd).await
         }
-        Err(message) => {
-            tracing::info!(user = %user.username, addr = %client.addr, method, reason = message, "second factor failed");
+        Err(failure) => {
+            let (kind, outcome) = match failure {
+                Failure::Replayed => (EventKind::ReplayRejected, "replay"),
+                Failure::Invalid(_) => (EventKind::SecondFactorFailed, "failure"),
+            };
+            gw.metrics.factor(method, outcome);
+            gw.audit(AuditEvent::new(now, kind, &user.username).from_addr(client.addr).detail(method)).await;
             if let Some(secs) = gw.lockout.fail(&gw.store, Step::SecondFactor, &user.username, client.addr, now).await? {
-                tracing::warn!(user = %user.username, addr = %client.addr, "second factor locked after failures");
+                gw.metrics.lockout("second_factor");
+                let event = AuditEvent::new(now, EventKind::Lockout, &user.username).from_addr(client.addr);
+                gw.audit(event.detail("second factor")).await;
                 return Err(Reject::TooManyAttempts(secs));
             }
-            Ok(page(gw, StatusCode::UNAUTHORIZED, &auth, &rd, method, Some(message)))
+            let shown = if recovery_path { "recovery" } else { "totp" };
+            Ok(page(gw, StatusCode::UNAUTHORIZED, &auth, &rd, shown, Some(failure.message())))
+        }
+    }
+}
+
+/// Why a second factor failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// A TOTP code for a step already used.
+    Replayed,
+    /// Not a valid code; the message for the user.
+    Invalid(&'static str),
+}
+
+impl Failure {
+    fn message(self) -> &'static str {
+        match self {
+            Failure::Replayed => "That code was already used. Wait for the next code in your app.",
+            Failure::Invalid(m) => m,
         }
     }
 }
 
 /// Checks a TOTP code and atomically records its step, so one code works once across all sessions.
-async fn check_totp(gw: &Gateway, auth: &Authenticated, code: &str, now: u64) -> Result<Result<SecondFactor, &'static str>, Reject> {
+async fn check_totp(gw: &Gateway, auth: &Authenticated, code: &str, now: u64) -> Result<Result<SecondFactor, Failure>, Reject> {
     let Some(tf) = &auth.user.two_factor else {
-        return Ok(Err("Two-factor authentication is not set up."));
+        return Ok(Err(Failure::Invalid("Two-factor authentication is not set up.")));
     };
     let secret = gw.keys.open(&auth.user.username, TOTP_PURPOSE, &tf.secret)?;
     match totp::check(&secret, code, now, gw.config.two_factor.skew, Some(tf.last_step)) {
@@ -101,21 +132,17 @@ async fn check_totp(gw: &Gateway, auth: &Authenticated, code: &str, now: u64) ->
             if gw.store.accept_totp_step(&auth.user.username, step).await? {
                 Ok(Ok(SecondFactor::Totp))
             } else {
-                tracing::warn!(user = %auth.user.username, "TOTP replay rejected");
-                Ok(Err("That code was already used. Wait for the next code in your app."))
+                Ok(Err(Failure::Replayed))
             }
         }
-        totp::Check::Replayed => {
-            tracing::warn!(user = %auth.user.username, "TOTP replay rejected");
-            Ok(Err("That code was already used. Wait for the next code in your app."))
-        }
-        totp::Check::Invalid => Ok(Err("That code is not valid. Check your app and try again.")),
+        totp::Check::Replayed => Ok(Err(Failure::Replayed)),
+        totp::Check::Invalid => Ok(Err(Failure::Invalid("That code is not valid. Check your app and try again."))),
     }
 }
 
 /// Spends a recovery code atomically (replacing it when the set replenishes).
-async fn check_recovery(gw: &Gateway, auth: &Authenticated, typed: &str) -> Result<Result<SecondFactor, &'static str>, Reject> {
-    const BAD: &str = "That recovery code is not valid or was already used.";
+async fn check_recovery(gw: &Gateway, client: &Client, auth: &Authenticated, typed: &str) -> Result<Result<SecondFactor, Failure>, Reject> {
+    const BAD: Failure = Failure::Invalid("That recovery code is not valid or was already used.");
     let Some(code) = recovery::normalize(typed) else {
         return Ok(Err(BAD));
     };
@@ -127,7 +154,8 @@ async fn check_recovery(gw: &Gateway, auth: &Authenticated, typed: &str) -> Resu
     };
     match gw.store.consume_recovery_code(name, recovery::hash(&gw.keys, name, &code), replacement).await? {
         Consumed::Ok(left) => {
-            tracing::info!(user = %name, left, "recovery code used");
+            let event = AuditEvent::new(gw.clock.now(), EventKind::RecoveryCodeUsed, name).from_addr(client.addr);
+            gw.audit(event.detail(format!("{left} left"))).await;
             Ok(Ok(SecondFactor::RecoveryCode))
         }
         Consumed::NoMatch => Ok(Err(BAD)),

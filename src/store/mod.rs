@@ -184,6 +184,31 @@ pub struct FailureRule {
     pub lockout: u64,
 }
 
+/// Which users an admin listing shows.
+#[derive(Debug, Clone, Default)]
+pub struct UserFilter {
+    /// Some(true): only with two-factor; Some(false): only without.
+    pub two_factor: Option<bool>,
+    /// Case-insensitive substring of username, email or name.
+    pub search: Option<String>,
+}
+
+impl UserFilter {
+    /// Whether a user passes the filter.
+    pub fn matches(&self, u: &User) -> bool {
+        if self.two_factor.is_some_and(|want| want != u.two_factor.is_some()) {
+            return false;
+        }
+        match &self.search {
+            Some(q) if !q.is_empty() => {
+                let q = q.to_lowercase();
+                u.username.contains(&q) || u.email.contains(&q) || u.display_name.to_lowercase().contains(&q)
+            }
+            _ => true,
+        }
+    }
+}
+
 /// Normalises a username or email for lookup and uniqueness: trim, then case-fold.
 pub fn normalize_login(s: &str) -> String {
     s.trim().to_lowercase()
@@ -413,5 +438,31 @@ impl Store {
             .run(move |s| s.modify_user(&u, revoke, |user| user.two_factor.take().is_some()))
             .await?;
         Ok(r.unwrap_or(false))
+    }
+
+    /// Appends an audit event.
+    pub async fn append_audit(&self, event: crate::audit::AuditEvent) -> Result<(), StoreError> {
+        self.run(move |s| s.append_audit(&event)).await
+    }
+
+    /// A user's most recent audit events, newest first.
+    pub async fn audit_for_user(&self, user: &str, limit: usize) -> Result<Vec<crate::audit::AuditEvent>, StoreError> {
+        let u = user.to_string();
+        self.run(move |s| s.audit_for_user(&u, limit)).await
+    }
+
+    /// Deletes audit events older than `before`; returns how many.
+    pub async fn purge_audit(&self, before: u64) -> Result<usize, StoreError> {
+        self.run(move |s| s.purge_audit(before)).await
+    }
+
+    /// How many sessions exist.
+    pub async fn count_sessions(&self) -> Result<u64, StoreError> {
+        self.run(|s| s.count_sessions()).await
+    }
+
+    /// One page of users after `after` (by username) matching `filter`; true if more follow.
+    pub async fn users_page(&self, after: String, limit: usize, filter: UserFilter) -> Result<(Vec<User>, bool), StoreError> {
+        self.run(move |s| s.users_page(&after, limit, &filter)).await
     }
 }

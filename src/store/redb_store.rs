@@ -12,7 +12,10 @@ use redb::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{FailureRule, Failures, PendingEnrolment, Revoke, SessionRecord, StoreError, TwoFactorState, User};
+use super::{
+    FailureRule, Failures, PendingEnrolment, Revoke, SessionRecord, StoreError, TwoFactorState, User, UserFilter,
+};
+use crate::audit::AuditEvent;
 
 /// Schema version this build writes. Bump it and add a step to [`migrate`] when a stored shape changes.
 pub const SCHEMA_VERSION: u64 = 1;
@@ -26,6 +29,8 @@ const SESSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sessions")
 const USER_SESSIONS: MultimapTableDefinition<&str, &[u8]> = MultimapTableDefinition::new("user_sessions");
 const FAILURES: TableDefinition<&str, &[u8]> = TableDefinition::new("failures");
 const PENDING: TableDefinition<&[u8], &[u8]> = TableDefinition::new("pending_enrolments");
+/// Audit events by (user, at·10⁶ + random), so one user's events are one range scan.
+const AUDIT: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("audit");
 
 macro_rules! db_errors {
     ($($t:ty),*) => {$(
@@ -102,6 +107,7 @@ impl RedbStore {
             tx.open_multimap_table(USER_SESSIONS)?;
             tx.open_table(FAILURES)?;
             tx.open_table(PENDING)?;
+            tx.open_table(AUDIT)?;
         }
         tx.commit()?;
         Ok(())
@@ -196,6 +202,70 @@ impl RedbStore {
             }
             Ok(Some(out))
         })
+    }
+
+    pub(super) fn append_audit(&self, event: &AuditEvent) -> Result<(), StoreError> {
+        // Random low bits keep two events of one user in the same second (even from two processes) apart.
+        let jitter = u64::from(u32::from_be_bytes(crate::keys::random_bytes::<4>().unwrap_or_default()) % 1_000_000);
+        let seq = event.at.saturating_mul(1_000_000).saturating_add(jitter);
+        self.write(|tx| {
+            tx.open_table(AUDIT)?.insert((event.user.as_str(), seq), encode(event)?.as_slice())?;
+            Ok(())
+        })
+    }
+
+    pub(super) fn audit_for_user(&self, user: &str, limit: usize) -> Result<Vec<AuditEvent>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(AUDIT)?;
+        let mut out = Vec::new();
+        for row in t.range((user, 0)..=(user, u64::MAX))?.rev() {
+            out.push(decode(row?.1.value())?);
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) fn purge_audit(&self, before: u64) -> Result<usize, StoreError> {
+        use redb::ReadableTableMetadata;
+        self.write(|tx| {
+            let mut t = tx.open_table(AUDIT)?;
+            let cutoff = before.saturating_mul(1_000_000);
+            let before_len = t.len()?;
+            t.retain(|(_, seq), _| seq >= cutoff)?;
+            Ok(usize::try_from(before_len - t.len()?).unwrap_or(usize::MAX))
+        })
+    }
+
+    pub(super) fn count_sessions(&self) -> Result<u64, StoreError> {
+        use redb::ReadableTableMetadata;
+        let tx = self.db.begin_read()?;
+        Ok(tx.open_table(SESSIONS)?.len()?)
+    }
+
+    /// Up to `limit` users after `after` (by username) that match `filter`, and whether more follow.
+    pub(super) fn users_page(
+        &self,
+        after: &str,
+        limit: usize,
+        filter: &UserFilter,
+    ) -> Result<(Vec<User>, bool), StoreError> {
+        let tx = self.db.begin_read()?;
+        let users = tx.open_table(USERS)?;
+        let mut out = Vec::new();
+        let range = users.range::<&str>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))?;
+        for row in range {
+            let user: User = decode(row?.1.value())?;
+            if !filter.matches(&user) {
+                continue;
+            }
+            if out.len() == limit {
+                return Ok((out, true));
+            }
+            out.push(user);
+        }
+        Ok((out, false))
     }
 
     pub(super) fn put_pending(&self, session: &[u8; 32], p: &PendingEnrolment) -> Result<(), StoreError> {

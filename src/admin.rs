@@ -1,0 +1,216 @@
+//! Admin pages: who has two-factor, and help for users who lost a phone. Only members of `[admin] group` with a
+//! fully verified session get in; everyone else gets 403 on every route. Admins never see hashes, secrets or codes.
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use minijinja::{Value, context};
+use serde::Serialize;
+
+use crate::Body;
+use crate::audit::{AuditEvent, EventKind};
+use crate::clock::rfc3339;
+use crate::gateway::{Client, Gateway};
+use crate::portal::form::{self, check_csrf};
+use crate::portal::pages::redirect;
+use crate::portal::{encode, query_param};
+use crate::respond::Reject;
+use crate::session::Authenticated;
+use crate::store::{Level, Revoke, SecondFactor, User, UserFilter, normalize_login};
+
+/// Rows per page of the user list.
+const PAGE_SIZE: usize = 50;
+/// Events shown on a user's page.
+const EVENTS_SHOWN: usize = 50;
+
+/// A user as admins see it: no hash, no secret, no codes.
+#[derive(Debug, Serialize)]
+pub struct UserRow {
+    username: String,
+    email: String,
+    name: String,
+    groups: String,
+    two_factor: bool,
+    enabled_at: Option<String>,
+    codes_left: usize,
+    locked: bool,
+    created: String,
+    last_login_at: Option<String>,
+    last_login_address: Option<String>,
+    last_login_factor: &'static str,
+}
+
+impl From<&User> for UserRow {
+    fn from(u: &User) -> Self {
+        let tf = u.two_factor.as_ref();
+        UserRow {
+            username: u.username.clone(),
+            email: u.email.clone(),
+            name: u.display_name.clone(),
+            groups: u.groups.join(", "),
+            two_factor: tf.is_some(),
+            enabled_at: tf.map(|t| rfc3339(t.enabled_at)),
+            codes_left: tf.map_or(0, |t| t.recovery.len()),
+            locked: u.locked,
+            created: rfc3339(u.created),
+            last_login_at: u.last_login.as_ref().map(|l| rfc3339(l.at)),
+            last_login_address: u.last_login.as_ref().map(|l| l.address.clone()),
+            last_login_factor: match u.last_login.as_ref().and_then(|l| l.second_factor) {
+                Some(SecondFactor::Totp) => "with 2FA (TOTP)",
+                Some(SecondFactor::RecoveryCode) => "with 2FA (recovery code)",
+                None => "password only",
+            },
+        }
+    }
+}
+
+/// The request's admin, or 403.
+async fn require_admin(gw: &Gateway, req_headers: &http::HeaderMap) -> Result<Authenticated, Reject> {
+    let auth = gw.authenticate(req_headers).await?.ok_or(Reject::AdminOnly)?;
+    let admin = auth.record.level == Level::Full && auth.user.groups.iter().any(|g| *g == gw.config.admin.group);
+    if admin { Ok(auth) } else { Err(Reject::AdminOnly) }
+}
+
+/// The actions an admin can take on an account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Lock,
+    Unlock,
+    ResetTwoFactor,
+    EndSessions,
+}
+
+impl Action {
+    fn parse(s: &str) -> Option<Action> {
+        match s {
+            "lock" => Some(Action::Lock),
+            "unlock" => Some(Action::Unlock),
+            "reset-2fa" => Some(Action::ResetTwoFactor),
+            "end-sessions" => Some(Action::EndSessions),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Action::Lock => "lock",
+            Action::Unlock => "unlock",
+            Action::ResetTwoFactor => "reset-2fa",
+            Action::EndSessions => "end-sessions",
+        }
+    }
+}
+
+/// Routes `{prefix}/admin/...`; `sub` is the part after `/admin`.
+pub async fn handle(gw: &Gateway, client: &Client, req: Request<Incoming>, sub: &str) -> Result<Response<Body>, Reject> {
+    // Authorisation comes first, before the route is even looked at: non-admins learn nothing.
+    let admin = require_admin(gw, req.headers()).await?;
+    let rest = sub.strip_prefix("/users").ok_or(Reject::NotFound)?;
+    let get = matches!(*req.method(), Method::GET | Method::HEAD);
+    let segments: Vec<String> = rest
+        .split('/')
+        .skip(1)
+        .map(|s| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned())
+        .collect();
+    match segments.as_slice() {
+        [] if get => list(gw, &admin, &req).await,
+        [name] if get => detail(gw, &admin, name, &query_param(req.uri(), "done")).await,
+        [name, action] if req.method() == Method::POST => {
+            let action = Action::parse(action).ok_or(Reject::NotFound)?;
+            act(gw, client, &admin, req, name, action).await
+        }
+        _ => Err(Reject::NotFound),
+    }
+}
+
+async fn list(gw: &Gateway, admin: &Authenticated, req: &Request<Incoming>) -> Result<Response<Body>, Reject> {
+    let tf = query_param(req.uri(), "two_factor");
+    let q = query_param(req.uri(), "q");
+    let after = query_param(req.uri(), "after");
+    let filter = UserFilter {
+        two_factor: match tf.as_str() {
+            "enabled" => Some(true),
+            "disabled" => Some(false),
+            _ => None,
+        },
+        search: (!q.trim().is_empty()).then(|| q.trim().to_string()),
+    };
+    let (users, more) = gw.store.users_page(after.clone(), PAGE_SIZE, filter).await?;
+    let rows: Vec<UserRow> = users.iter().map(UserRow::from).collect();
+    let next = more.then(|| {
+        let last = users.last().map_or("", |u| u.username.as_str());
+        format!(
+            "{}/admin/users?two_factor={}&q={}&after={}",
+            gw.prefix(),
+            encode(&tf),
+            encode(&q),
+            encode(last)
+        )
+    });
+    let ctx = context! { rows => Value::from(minijinja::value::Serde(&rows)), next, q, two_factor => tf, first_page => after.is_empty(),
+                         admin => &admin.user.username };
+    Ok(gw.pages.page(gw, "admin_users.html", StatusCode::OK, ctx))
+}
+
+async fn detail(gw: &Gateway, admin: &Authenticated, name: &str, done: &str) -> Result<Response<Body>, Reject> {
+    let user = gw.store.user(&normalize_login(name)).await?.ok_or(Reject::NotFound)?;
+    let events: Vec<_> = gw
+        .store
+        .audit_for_user(&user.username, EVENTS_SHOWN)
+        .await?
+        .into_iter()
+        .map(|e| {
+            context! {
+                at => rfc3339(e.at), kind => e.kind.as_str(), address => e.address,
+                actor => e.actor, detail => e.detail,
+            }
+        })
+        .collect();
+    let message = Action::parse(done).map(|a| match a {
+        Action::Lock => "The account is locked and its sessions ended.",
+        Action::Unlock => "The account is unlocked.",
+        Action::ResetTwoFactor => "Two-factor authentication was removed and the sessions ended.",
+        Action::EndSessions => "All sessions of this account ended.",
+    });
+    let ctx = context! {
+        user => Value::from(minijinja::value::Serde(UserRow::from(&user))), events, message,
+        csrf => gw.keys.csrf_token(&admin.id.0),
+        base => format!("{}/admin/users/{}", gw.prefix(), encode(&user.username)),
+    };
+    Ok(gw.pages.page(gw, "admin_user.html", StatusCode::OK, ctx))
+}
+
+async fn act(
+    gw: &Gateway,
+    client: &Client,
+    admin: &Authenticated,
+    req: Request<Incoming>,
+    name: &str,
+    action: Action,
+) -> Result<Response<Body>, Reject> {
+    let (parts, form) = form::read(req).await?;
+    check_csrf(gw, &parts, &form, Some(&admin.id.0))?;
+    let user = gw.store.user(&normalize_login(name)).await?.ok_or(Reject::NotFound)?;
+    let u = &user.username;
+    match action {
+        Action::Lock => {
+            gw.store.set_locked(u, true).await?;
+        }
+        Action::Unlock => {
+            gw.store.set_locked(u, false).await?;
+        }
+        Action::ResetTwoFactor => {
+            gw.store.disable_two_factor(u, Revoke::All).await?;
+            gw.store.revoke_sessions(u).await?;
+        }
+        Action::EndSessions => {
+            gw.store.revoke_sessions(u).await?;
+        }
+    }
+    let event = AuditEvent::new(gw.clock.now(), EventKind::AdminAction, u)
+        .from_addr(client.addr)
+        .by(&admin.user.username)
+        .detail(action.name());
+    gw.audit(event).await;
+    let back = format!("{}/admin/users/{}?done={}", gw.prefix(), encode(u), action.name());
+    Ok(redirect(StatusCode::SEE_OTHER, &back))
+}

@@ -1,0 +1,206 @@
+//! Prometheus metrics (text exposition format) on a separate listener, off by default.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of the request counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The app's host pattern, or "portal".
+    pub app: String,
+    /// HTTP status code.
+    pub status: u16,
+}
+
+/// Labels of the upstream latency histogram.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AppLabels {
+    /// The app's host pattern.
+    pub app: String,
+}
+
+/// Labels of outcome counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// e.g. "success", "failure", "locked".
+    pub outcome: &'static str,
+}
+
+/// Labels of the second-factor counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FactorLabels {
+    /// "totp" or "recovery_code".
+    pub method: &'static str,
+    /// "success", "failure", "replay", "locked".
+    pub outcome: &'static str,
+}
+
+/// Labels of the lockout counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabels {
+    /// "password" or "second_factor".
+    pub step: &'static str,
+}
+
+/// Labels of the build info gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+/// Every metric the gateway keeps.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by app and status.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Time to the upstream's response head.
+    pub upstream_latency: Family<AppLabels, Histogram>,
+    /// Password logins by outcome.
+    pub logins: Family<OutcomeLabels, Counter>,
+    /// Second-factor checks by method and outcome.
+    pub second_factor: Family<FactorLabels, Counter>,
+    /// Lockouts started, by step.
+    pub lockouts: Family<StepLabels, Counter>,
+    /// Sessions in the store (refreshed periodically).
+    pub active_sessions: Gauge<i64, std::sync::atomic::AtomicI64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("portcullis");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register("requests", "HTTP requests answered, by app and status", requests.clone());
+        let upstream_latency = Family::<AppLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+        });
+        registry.register(
+            "upstream_response_seconds",
+            "Time until the upstream's response head arrived",
+            upstream_latency.clone(),
+        );
+        let logins = Family::<OutcomeLabels, Counter>::default();
+        registry.register("logins", "Password logins by outcome", logins.clone());
+        let second_factor = Family::<FactorLabels, Counter>::default();
+        registry.register(
+            "second_factor_checks",
+            "Second-factor checks by method and outcome",
+            second_factor.clone(),
+        );
+        let lockouts = Family::<StepLabels, Counter>::default();
+        registry.register("lockouts", "Lockouts started, by step", lockouts.clone());
+        let active_sessions = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        registry.register("active_sessions", "Sessions in the store", active_sessions.clone());
+        let build = Family::<BuildLabels, Gauge<i64, std::sync::atomic::AtomicI64>>::default();
+        registry.register("build_info", "Build information", build.clone());
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        Metrics {
+            registry,
+            requests,
+            upstream_latency,
+            logins,
+            second_factor,
+            lockouts,
+            active_sessions,
+        }
+    }
+
+    /// Records an upstream's response time.
+    pub fn observe_upstream(&self, app: &str, elapsed: Duration) {
+        self.upstream_latency
+            .get_or_create(&AppLabels { app: app.to_string() })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts a password login outcome.
+    pub fn login(&self, outcome: &'static str) {
+        self.logins.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
+    /// Counts a second-factor check.
+    pub fn factor(&self, method: &'static str, outcome: &'static str) {
+        self.second_factor.get_or_create(&FactorLabels { method, outcome }).inc();
+    }
+
+    /// Counts a lockout.
+    pub fn lockout(&self, step: &'static str) {
+        self.lockouts.get_or_create(&StepLabels { step }).inc();
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String can't fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Serves `GET /metrics` on its own listener (Bearer token checked when `[metrics] token` is set).
+pub async fn serve(listener: tokio::net::TcpListener, gw: std::sync::Arc<arc_swap::ArcSwap<crate::gateway::Gateway>>) {
+    use http::{Response, StatusCode, header};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use subtle::ConstantTimeEq;
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let gw = gw.load_full();
+                async move {
+                    let authorized = match &gw.config.metrics.token {
+                        None => true,
+                        Some(token) => {
+                            let want = format!("Bearer {token}");
+                            let got = req
+                                .headers()
+                                .get(header::AUTHORIZATION)
+                                .map(|v| v.as_bytes())
+                                .unwrap_or_default();
+                            got.len() == want.len() && bool::from(got.ct_eq(want.as_bytes()))
+                        }
+                    };
+                    let (status, body) = if req.uri().path() != "/metrics" {
+                        (StatusCode::NOT_FOUND, "not found\n".to_string())
+                    } else if !authorized {
+                        (StatusCode::UNAUTHORIZED, "unauthorized\n".to_string())
+                    } else {
+                        if let Ok(n) = gw.store.count_sessions().await {
+                            gw.metrics.active_sessions.set(i64::try_from(n).unwrap_or(i64::MAX));
+                        }
+                        (StatusCode::OK, gw.metrics.render())
+                    };
+                    let mut resp = Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+                    *resp.status_mut() = status;
+                    resp.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                    );
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
