@@ -66,7 +66,7 @@ impl From<&User> for UserRow {
 /// The request's admin, or 403.
 async fn require_admin(gw: &Gateway, req_headers: &http::HeaderMap) -> Result<Authenticated, Reject> {
     let auth = gw.authenticate(req_headers).await?.ok_or(Reject::AdminOnly)?;
-    let admin = auth.record.level == Level::Full && auth.user.groups.iter().any(|g| *g == gw.config.admin.group);
+    let admin = auth.record.level == Level::Full && auth.user.groups.contains(&gw.config.admin.group);
     if admin { Ok(auth) } else { Err(Reject::AdminOnly) }
 }
 
@@ -101,9 +101,17 @@ impl Action {
 }
 
 /// Routes `{prefix}/admin/...`; `sub` is the part after `/admin`.
-pub async fn handle(gw: &Gateway, client: &Client, req: Request<Incoming>, sub: &str) -> Result<Response<Body>, Reject> {
+pub async fn handle(
+    gw: &Gateway,
+    client: &Client,
+    req: Request<Incoming>,
+    sub: &str,
+) -> Result<Response<Body>, Reject> {
     // Authorisation comes first, before the route is even looked at: non-admins learn nothing.
     let admin = require_admin(gw, req.headers()).await?;
+    if sub == "/invite" && req.method() == Method::POST {
+        return invite(gw, client, &admin, req).await;
+    }
     let rest = sub.strip_prefix("/users").ok_or(Reject::NotFound)?;
     let get = matches!(*req.method(), Method::GET | Method::HEAD);
     let segments: Vec<String> = rest
@@ -138,16 +146,13 @@ async fn list(gw: &Gateway, admin: &Authenticated, req: &Request<Incoming>) -> R
     let rows: Vec<UserRow> = users.iter().map(UserRow::from).collect();
     let next = more.then(|| {
         let last = users.last().map_or("", |u| u.username.as_str());
-        format!(
-            "{}/admin/users?two_factor={}&q={}&after={}",
-            gw.prefix(),
-            encode(&tf),
-            encode(&q),
-            encode(last)
-        )
+        format!("{}/admin/users?two_factor={}&q={}&after={}", gw.prefix(), encode(&tf), encode(&q), encode(last))
     });
+    let invited = query_param(req.uri(), "invited");
+    let message = (!invited.is_empty()).then(|| format!("Invitation sent to {invited}."));
     let ctx = context! { rows => Value::from(minijinja::value::Serde(&rows)), next, q, two_factor => tf, first_page => after.is_empty(),
-                         admin => &admin.user.username };
+                         message, csrf => gw.keys.csrf_token(&admin.id.0), invitations => gw.config.invitations_enabled(),
+    admin => &admin.user.username };
     Ok(gw.pages.page(gw, "admin_users.html", StatusCode::OK, ctx))
 }
 
@@ -211,6 +216,47 @@ async fn act(
         .by(&admin.user.username)
         .detail(action.name());
     gw.audit(event).await;
+    let what = match action {
+        Action::Lock => "your account was locked",
+        Action::Unlock => "your account was unlocked",
+        Action::ResetTwoFactor => "your two-factor authentication was removed",
+        Action::EndSessions => "all your sessions were signed out",
+    };
+    crate::notify::notify(gw, &user, crate::notify::Notice::AdminAction(what.into())).await;
     let back = format!("{}/admin/users/{}?done={}", gw.prefix(), encode(u), action.name());
     Ok(redirect(StatusCode::SEE_OTHER, &back))
+}
+
+/// POST admin/invite: email an invitation bound to an address, carrying groups.
+async fn invite(
+    gw: &Gateway,
+    client: &Client,
+    admin: &Authenticated,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Reject> {
+    let (parts, form) = form::read(req).await?;
+    check_csrf(gw, &parts, &form, Some(&admin.id.0))?;
+    if !gw.config.invitations_enabled() {
+        return Err(Reject::BadRequest("Invitations are not available: mail or public_url is not configured."));
+    }
+    let email =
+        crate::cli::valid_email(form.get("email")).map_err(|_| Reject::BadRequest("That is not an email address."))?;
+    let groups: Vec<String> =
+        form.get("groups").split(',').map(str::trim).filter(|g| !g.is_empty()).map(str::to_string).collect();
+    if groups.iter().any(|g| !g.chars().all(|c| c.is_alphanumeric() || "._-".contains(c))) {
+        return Err(Reject::BadRequest("Group names may hold only letters, digits and . _ -"));
+    }
+    let mail = crate::portal::invite::issue(
+        &gw.store,
+        &gw.keys,
+        &gw.config,
+        &email,
+        groups,
+        &admin.user.username,
+        gw.clock.now(),
+    )
+    .await?;
+    gw.mailer.send(mail);
+    tracing::info!(admin = %admin.user.username, addr = %client.addr, "invitation sent");
+    Ok(redirect(StatusCode::SEE_OTHER, &format!("{}/admin/users?invited={}", gw.prefix(), encode(&email))))
 }

@@ -33,6 +33,12 @@ pub enum EventKind {
     Logout,
     /// Password changed.
     PasswordChanged,
+    /// A password reset link was sent.
+    PasswordResetRequested,
+    /// An invitation was sent.
+    InvitationSent,
+    /// An invitation was accepted and the account created.
+    InvitationAccepted,
     /// An administrator acted on the account (detail says what).
     AdminAction,
     /// A `portcullis user …` command acted on the account (detail says what).
@@ -57,6 +63,9 @@ impl EventKind {
             RecoveryCodesRegenerated => "recovery_codes_regenerated",
             Logout => "logout",
             PasswordChanged => "password_changed",
+            PasswordResetRequested => "password_reset_requested",
+            InvitationSent => "invitation_sent",
+            InvitationAccepted => "invitation_accepted",
             AdminAction => "admin_action",
             CliAction => "cli_action",
         }
@@ -83,14 +92,7 @@ pub struct AuditEvent {
 impl AuditEvent {
     /// A new event; `user` is cut to 64 characters so junk input can't bloat the log.
     pub fn new(at: u64, kind: EventKind, user: &str) -> AuditEvent {
-        AuditEvent {
-            at,
-            kind,
-            user: user.chars().take(64).collect(),
-            address: None,
-            actor: None,
-            detail: None,
-        }
+        AuditEvent { at, kind, user: user.chars().take(64).collect(), address: None, actor: None, detail: None }
     }
 
     /// With a client address.

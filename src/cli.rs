@@ -102,6 +102,14 @@ pub enum UserCommand {
         /// Username.
         name: String,
     },
+    /// Invite someone by email to create an account.
+    Invite {
+        /// Their email address; the account will have it.
+        email: String,
+        /// Comma-separated groups the account gets.
+        #[arg(long, value_delimiter = ',')]
+        groups: Vec<String>,
+    },
     /// Remove a user's two-factor authentication (lost phone) and end their sessions.
     #[command(name = "reset-2fa")]
     Reset2fa {
@@ -134,10 +142,7 @@ pub fn init_logging(log: &crate::config::Log) {
 
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> Result<()> {
-    let quiet = crate::config::Log {
-        level: "warn".into(),
-        ..Default::default()
-    };
+    let quiet = crate::config::Log { level: "warn".into(), ..Default::default() };
     match cli.command {
         Command::Serve => serve(&cli.config).await,
         Command::CheckConfig => {
@@ -160,7 +165,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let config = Config::load(&cli.config)?;
             let store = Store::open(&config.storage.path)
                 .with_context(|| format!("opening {}", config.storage.path.display()))?;
-            user(&store, cmd).await
+            user(&store, &config, cmd).await
         }
     }
 }
@@ -195,8 +200,7 @@ pub async fn shutdown_signal() {
 /// Checks a username: 1..=64 of letters, digits and `._@+-` after normalisation.
 pub fn valid_username(name: &str) -> Result<String> {
     let n = normalize_login(name);
-    let ok = (1..=64).contains(&n.chars().count())
-        && n.chars().all(|c| c.is_alphanumeric() || "._@+-".contains(c));
+    let ok = (1..=64).contains(&n.chars().count()) && n.chars().all(|c| c.is_alphanumeric() || "._@+-".contains(c));
     if !ok {
         bail!("a username is 1 to 64 letters, digits or . _ @ + -");
     }
@@ -230,10 +234,7 @@ fn read_password(from_stdin: bool) -> Result<String> {
     let pw = if from_stdin || !std::io::stdin().is_terminal() {
         let mut line = String::new();
         std::io::stdin().lock().read_line(&mut line)?;
-        line.strip_suffix('\n')
-            .map(|l| l.strip_suffix('\r').unwrap_or(l))
-            .unwrap_or(&line)
-            .to_string()
+        line.strip_suffix('\n').map(|l| l.strip_suffix('\r').unwrap_or(l)).unwrap_or(&line).to_string()
     } else {
         let a = rpassword::prompt_password("New password: ")?;
         let b = rpassword::prompt_password("Repeat password: ")?;
@@ -246,19 +247,33 @@ fn read_password(from_stdin: bool) -> Result<String> {
     Ok(pw)
 }
 
-async fn user(store: &Store, cmd: UserCommand) -> Result<()> {
+/// Sends one email at once (the CLI has no background queue).
+async fn mail_now(config: &Config, email: crate::mail::Email) {
+    if !config.mail_ready() {
+        return;
+    }
+    let sent = match crate::mail::Sender::new(&config.mail) {
+        Ok(sender) => sender.deliver(&email).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = sent {
+        eprintln!("warning: could not send the {} email to {}: {e}", email.kind, email.to);
+    }
+}
+
+/// Tells the user by email what an operator did.
+async fn notice(config: &Config, u: &User, notice: crate::notify::Notice) {
+    mail_now(config, crate::notify::compose(&config.portal.title, u, &notice, SystemClock.now())).await;
+}
+
+async fn user(store: &Store, config: &Config, cmd: UserCommand) -> Result<()> {
     let now = SystemClock.now();
     match cmd {
-        UserCommand::Add {
-            name,
-            email,
-            name_display,
-            groups,
-            password_stdin,
-        } => {
+        UserCommand::Add { name, email, name_display, groups, password_stdin } => {
             let username = valid_username(&name)?;
             let email = valid_email(&email)?;
-            let groups = groups.iter().filter(|g| !g.trim().is_empty()).map(|g| valid_group(g)).collect::<Result<Vec<_>>>()?;
+            let groups =
+                groups.iter().filter(|g| !g.trim().is_empty()).map(|g| valid_group(g)).collect::<Result<Vec<_>>>()?;
             let pw = read_password(password_stdin)?;
             let hash = tokio::task::spawn_blocking(move || password::hash_blocking(&pw)).await??;
             let user = User {
@@ -271,6 +286,7 @@ async fn user(store: &Store, cmd: UserCommand) -> Result<()> {
                 created: now,
                 last_login: None,
                 two_factor: None,
+                stamp: 0,
             };
             store.create_user(user).await?;
             audit(store, &username, "add").await;
@@ -355,12 +371,14 @@ async fn user(store: &Store, cmd: UserCommand) -> Result<()> {
             let hash = tokio::task::spawn_blocking(move || password::hash_blocking(&pw)).await??;
             store.set_password(&u.username, hash).await?;
             audit(store, &u.username, "passwd").await;
+            notice(config, &u, crate::notify::Notice::PasswordChanged).await;
             println!("password of {} changed; their sessions ended", u.username);
         }
         UserCommand::Lock { name } => {
             let u = find(store, &name).await?;
             store.set_locked(&u.username, true).await?;
             audit(store, &u.username, "lock").await;
+            notice(config, &u, crate::notify::Notice::AdminAction("your account was locked".into())).await;
             println!("user {} locked; their sessions ended", u.username);
         }
         UserCommand::Unlock { name } => {
@@ -375,9 +393,23 @@ async fn user(store: &Store, cmd: UserCommand) -> Result<()> {
             audit(store, &u.username, "delete").await;
             println!("user {} deleted", u.username);
         }
+        UserCommand::Invite { email, groups } => {
+            if !config.invitations_enabled() {
+                bail!("invitations need [mail] with a transport and public_url, and [accounts] invitations = true");
+            }
+            let email = valid_email(&email)?;
+            let groups =
+                groups.iter().filter(|g| !g.trim().is_empty()).map(|g| valid_group(g)).collect::<Result<Vec<_>>>()?;
+            let keys = crate::keys::Keys::load_or_create(&config.storage.secret_key_file)?;
+            let mail = crate::portal::invite::issue(store, &keys, config, &email, groups, "cli", now).await?;
+            mail_now(config, mail).await;
+            println!("invitation sent to {email}");
+        }
         UserCommand::Reset2fa { name } => {
             let u = find(store, &name).await?;
             audit(store, &u.username, "reset-2fa").await;
+            let what = "your two-factor authentication was removed".into();
+            notice(config, &u, crate::notify::Notice::AdminAction(what)).await;
             if store.disable_two_factor(&u.username, Revoke::All).await? {
                 println!("two-factor authentication of {} removed; their sessions ended", u.username);
             } else {

@@ -84,6 +84,12 @@ pub struct Config {
     /// Log output.
     #[serde(default)]
     pub log: Log,
+    /// Outgoing email.
+    #[serde(default)]
+    pub mail: Mail,
+    /// Self-service account features.
+    #[serde(default)]
+    pub accounts: Accounts,
     /// The protected applications.
     #[serde(rename = "app")]
     pub apps: Vec<App>,
@@ -113,9 +119,7 @@ pub struct Audit {
 
 impl Default for Audit {
     fn default() -> Self {
-        Audit {
-            retention: Dur(Duration::from_secs(90 * 86400)),
-        }
+        Audit { retention: Dur(Duration::from_secs(90 * 86400)) }
     }
 }
 
@@ -131,6 +135,115 @@ pub struct Metrics {
     pub token_file: Option<PathBuf>,
 }
 
+/// `[mail]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Mail {
+    /// How mail leaves.
+    pub transport: MailTransport,
+    /// Where the outbox transport writes `.eml` files.
+    pub outbox_dir: PathBuf,
+    /// The From header.
+    pub from: String,
+    /// Base of every link in emails (never taken from the Host header). Features that email links need it.
+    pub public_url: Option<String>,
+    /// SMTP server.
+    pub smtp_host: Option<String>,
+    /// SMTP port (default 587 for starttls, 465 for tls, 25 for none).
+    pub smtp_port: Option<u16>,
+    /// "starttls", "tls" or "none" (plain; only for a relay on loopback).
+    pub smtp_tls: SmtpTls,
+    /// SMTP user name.
+    pub smtp_username: Option<String>,
+    /// SMTP password (or `smtp_password_file`).
+    pub smtp_password: Option<String>,
+    /// File holding the SMTP password.
+    pub smtp_password_file: Option<PathBuf>,
+}
+
+impl Default for Mail {
+    fn default() -> Self {
+        Mail {
+            transport: MailTransport::Outbox,
+            outbox_dir: PathBuf::from("data/outbox"),
+            from: "Portcullis <no-reply@localhost>".into(),
+            public_url: None,
+            smtp_host: None,
+            smtp_port: None,
+            smtp_tls: SmtpTls::Starttls,
+            smtp_username: None,
+            smtp_password: None,
+            smtp_password_file: None,
+        }
+    }
+}
+
+/// `[mail] transport`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MailTransport {
+    /// `.eml` files in `outbox_dir`.
+    Outbox,
+    /// An SMTP relay.
+    Smtp,
+    /// No mail: features that need it are off.
+    None,
+}
+
+/// `[mail] smtp_tls`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpTls {
+    /// Plain connection upgraded with STARTTLS (required).
+    Starttls,
+    /// TLS from the first byte.
+    Tls,
+    /// No TLS at all.
+    None,
+}
+
+/// `[accounts]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Accounts {
+    /// "Forgot password" by email.
+    pub password_reset: bool,
+    /// Invitations by email.
+    pub invitations: bool,
+    /// Lifetime of a reset link.
+    pub reset_token_ttl: Dur,
+    /// Lifetime of an invitation.
+    pub invitation_ttl: Dur,
+}
+
+impl Default for Accounts {
+    fn default() -> Self {
+        Accounts {
+            password_reset: true,
+            invitations: true,
+            reset_token_ttl: Dur(Duration::from_secs(1800)),
+            invitation_ttl: Dur(Duration::from_secs(7 * 86400)),
+        }
+    }
+}
+
+impl Config {
+    /// Whether mail can be sent and linked back to us.
+    pub fn mail_ready(&self) -> bool {
+        self.mail.transport != MailTransport::None && self.mail.public_url.is_some()
+    }
+
+    /// Whether "forgot password" is offered.
+    pub fn password_reset_enabled(&self) -> bool {
+        self.accounts.password_reset && self.mail_ready()
+    }
+
+    /// Whether invitations can be sent and accepted.
+    pub fn invitations_enabled(&self) -> bool {
+        self.accounts.invitations && self.mail_ready()
+    }
+}
+
 /// `[log]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -143,10 +256,7 @@ pub struct Log {
 
 impl Default for Log {
     fn default() -> Self {
-        Log {
-            format: LogFormat::Text,
-            level: "info".into(),
-        }
+        Log { format: LogFormat::Text, level: "info".into() }
     }
 }
 
@@ -255,9 +365,7 @@ impl<'de> Deserialize<'de> for Secure {
             Raw::Bool(true) => Ok(Secure::Always),
             Raw::Bool(false) => Ok(Secure::Never),
             Raw::Str(s) if s == "auto" => Ok(Secure::Auto),
-            Raw::Str(s) => Err(serde::de::Error::custom(format!(
-                "secure must be \"auto\", true or false, not {s:?}"
-            ))),
+            Raw::Str(s) => Err(serde::de::Error::custom(format!("secure must be \"auto\", true or false, not {s:?}"))),
         }
     }
 }
@@ -304,12 +412,7 @@ pub struct Headers {
 impl Default for Headers {
     fn default() -> Self {
         let h = |s: &'static str| HeaderName(http::HeaderName::from_static(s));
-        Headers {
-            user: h("remote-user"),
-            email: h("remote-email"),
-            name: h("remote-name"),
-            groups: h("remote-groups"),
-        }
+        Headers { user: h("remote-user"), email: h("remote-email"), name: h("remote-name"), groups: h("remote-groups") }
     }
 }
 
@@ -325,10 +428,7 @@ pub struct Portal {
 
 impl Default for Portal {
     fn default() -> Self {
-        Portal {
-            title: "Portcullis".into(),
-            templates: None,
-        }
+        Portal { title: "Portcullis".into(), templates: None }
     }
 }
 
@@ -424,9 +524,9 @@ pub struct Dur(pub Duration);
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(&s)
-            .map(Dur)
-            .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e} (use e.g. \"30s\", \"10m\", \"1h\")")))
+        humantime::parse_duration(&s).map(Dur).map_err(|e| {
+            serde::de::Error::custom(format!("invalid duration {s:?}: {e} (use e.g. \"30s\", \"10m\", \"1h\")"))
+        })
     }
 }
 
@@ -571,10 +671,8 @@ impl fmt::Display for Policy {
 impl Config {
     /// Reads and validates a config file, applying `PORTCULLIS_SECTION__KEY` environment overrides.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            file: path.display().to_string(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { file: path.display().to_string(), source })?;
         let mut config = Config::parse_with_env(&text, path, std::env::vars())?;
         config.source = Some(path.to_path_buf());
         Ok(config)
@@ -594,22 +692,13 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
         let at = |e: toml::de::Error| {
-            let (line, column) = e
-                .span()
-                .map(|span| line_column(text, span.start))
-                .unwrap_or((1, 1));
-            ConfigError::At {
-                file: file.clone(),
-                line,
-                column,
-                message: e.message().trim().to_string(),
-            }
+            let (line, column) = e.span().map(|span| line_column(text, span.start)).unwrap_or((1, 1));
+            ConfigError::At { file: file.clone(), line, column, message: e.message().trim().to_string() }
         };
         let overrides: Vec<(Vec<String>, String)> = env
             .filter_map(|(k, v)| {
                 let rest = k.strip_prefix("PORTCULLIS_")?;
-                rest.contains("__")
-                    .then(|| (rest.split("__").map(str::to_ascii_lowercase).collect(), v))
+                rest.contains("__").then(|| (rest.split("__").map(str::to_ascii_lowercase).collect(), v))
             })
             .collect();
         let mut config: Config = if overrides.is_empty() {
@@ -618,34 +707,23 @@ impl Config {
         } else {
             let mut table: toml::Table = toml::from_str(text).map_err(at)?;
             for (keys, value) in &overrides {
-                apply_override(&mut table, keys, value).map_err(|message| ConfigError::Invalid {
-                    file: file.clone(),
-                    message,
-                })?;
+                apply_override(&mut table, keys, value)
+                    .map_err(|message| ConfigError::Invalid { file: file.clone(), message })?;
             }
-            toml::Value::Table(table)
-                .try_into()
-                .map_err(|e: toml::de::Error| ConfigError::Invalid {
-                    file: file.clone(),
-                    message: format!("{} (after environment overrides)", e.message().trim()),
-                })?
+            toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| ConfigError::Invalid {
+                file: file.clone(),
+                message: format!("{} (after environment overrides)", e.message().trim()),
+            })?
         };
-        config.read_secret_files().map_err(|message| ConfigError::Invalid {
-            file: file.clone(),
-            message,
-        })?;
+        config.read_secret_files().map_err(|message| ConfigError::Invalid { file: file.clone(), message })?;
         config.validate().map_err(|message| ConfigError::Invalid { file, message })?;
         Ok(config)
     }
 
     /// Resolves `*_file` secrets: the file's contents (without a trailing newline) become the value.
     fn read_secret_files(&mut self) -> Result<(), String> {
-        let m = &mut self.metrics;
-        match (&m.token, &m.token_file) {
-            (Some(_), Some(_)) => return Err("[metrics] set token or token_file, not both".into()),
-            (None, Some(f)) => m.token = Some(read_secret(f)?),
-            _ => {}
-        }
+        resolve_secret("[metrics] token", &mut self.metrics.token, &self.metrics.token_file)?;
+        resolve_secret("[mail] smtp_password", &mut self.mail.smtp_password, &self.mail.smtp_password_file)?;
         Ok(())
     }
 
@@ -680,6 +758,22 @@ impl Config {
         if !(1..=100).contains(&self.two_factor.recovery_codes) {
             return Err("[two_factor] recovery_codes must be between 1 and 100".into());
         }
+        if let Some(url) = &self.mail.public_url {
+            let ok = url.parse::<http::Uri>().is_ok_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https"))
+                    && u.authority().is_some()
+                    && matches!(u.path(), "" | "/")
+                    && u.query().is_none()
+            });
+            if !ok || url.ends_with('/') {
+                return Err(format!(
+                    "[mail] public_url {url:?} must be a base URL like \"https://wiki.example.com\" (no path, no trailing /)"
+                ));
+            }
+        }
+        if self.mail.transport == MailTransport::Smtp && self.mail.smtp_host.is_none() {
+            return Err("[mail] transport = \"smtp\" needs smtp_host".into());
+        }
         if s.max_concurrent_hashes == 0 {
             return Err("[server] max_concurrent_hashes must be at least 1".into());
         }
@@ -689,6 +783,18 @@ impl Config {
     /// The CSRF cookie's name.
     pub fn csrf_cookie_name(&self) -> String {
         format!("{}_csrf", self.session.cookie_name.0)
+    }
+}
+
+/// Fills `value` from `file` when only the file is set; both set is an error.
+fn resolve_secret(name: &str, value: &mut Option<String>, file: &Option<PathBuf>) -> Result<(), String> {
+    match (&value, file) {
+        (Some(_), Some(_)) => Err(format!("{name}: set {name} or its _file, not both")),
+        (None, Some(f)) => {
+            *value = Some(read_secret(f)?);
+            Ok(())
+        }
+        _ => Ok(()),
     }
 }
 
@@ -711,9 +817,7 @@ fn apply_override(table: &mut toml::Table, keys: &[String], raw: &str) -> Result
     let mut i = 0;
     while i < parents.len() {
         let k = &parents[i];
-        let slot = cur
-            .entry(k.clone())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let slot = cur.entry(k.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
         cur = match slot {
             toml::Value::Table(t) => t,
             toml::Value::Array(items) => {

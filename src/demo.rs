@@ -24,11 +24,7 @@ fn escape(s: &str) -> String {
 
 /// The whoami page: who the gateway says you are, and every header received.
 async fn whoami(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
-    let user = req
-        .headers()
-        .get("remote-user")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("(nobody)");
+    let user = req.headers().get("remote-user").and_then(|v| v.to_str().ok()).unwrap_or("(nobody)");
     let mut rows = String::new();
     for (k, v) in req.headers() {
         rows.push_str(&format!(
@@ -136,6 +132,7 @@ pub async fn run(listen: SocketAddr) -> Result<()> {
                     created: SystemClock.now(),
                     last_login: None,
                     two_factor: None,
+                    stamp: 0,
                 })
                 .await?;
         }

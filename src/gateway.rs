@@ -46,6 +46,8 @@ pub struct Gateway {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Metric label of each app (its host pattern).
     pub app_labels: Vec<String>,
+    /// Outgoing mail queue.
+    pub mailer: crate::mail::Mailer,
 }
 
 /// What we know about the client of one request.
@@ -65,10 +67,8 @@ impl Gateway {
     /// Builds a gateway: opens the store, loads keys, prepares TLS, templates and upstream clients.
     pub fn build(config: Config, clock: Arc<dyn Clock>) -> Result<Gateway, crate::Error> {
         let path = config.storage.path.clone();
-        let store = Store::open(&path).map_err(|source| crate::Error::Store {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let store =
+            Store::open(&path).map_err(|source| crate::Error::Store { path: path.display().to_string(), source })?;
         let keys = Keys::load_or_create(&config.storage.secret_key_file)?;
         let hasher = Hasher::new(config.server.max_concurrent_hashes)?;
         let shared = Shared {
@@ -115,7 +115,9 @@ impl Gateway {
                 crate::config::HostPattern::Exact(h) => h.clone(),
             })
             .collect();
+        let mailer = crate::mail::Mailer::start(&config.mail).map_err(crate::Error::Mail)?;
         Ok(Gateway {
+            mailer,
             lockout: Lockout::new(&config.limits),
             pages: Pages::new(config.portal.templates.clone()),
             upstreams: Upstreams::new(&config)?,
@@ -176,12 +178,7 @@ impl Gateway {
                 https = proto.trim().eq_ignore_ascii_case("https");
             }
         }
-        Client {
-            peer,
-            addr,
-            trusted,
-            https,
-        }
+        Client { peer, addr, trusted, https }
     }
 
     fn is_trusted(&self, ip: IpAddr) -> bool {
@@ -262,12 +259,8 @@ const SPOOFABLE_NAMES: &[&str] = &[
 /// Removes every client-sent identity header: the configured names and the usual families, in any case, with `_`
 /// for `-` (oauth2-proxy CVE-2025-64484). Header names arrive lower-cased from hyper.
 pub fn strip_identity_headers(config: &Config, headers: &mut HeaderMap) {
-    let configured = [
-        &config.headers.user.0,
-        &config.headers.email.0,
-        &config.headers.name.0,
-        &config.headers.groups.0,
-    ];
+    let configured =
+        [&config.headers.user.0, &config.headers.email.0, &config.headers.name.0, &config.headers.groups.0];
     let doomed: Vec<HeaderName> = headers
         .keys()
         .filter(|name| {
@@ -300,16 +293,9 @@ pub async fn handle(gw: Arc<Gateway>, peer: SocketAddr, mut req: Request<Incomin
     strip_identity_headers(&gw.config, req.headers_mut());
     let client = gw.client(peer, req.headers());
     let portal = crate::portal::owns(gw.prefix(), req.uri().path());
-    let app = if portal {
-        None
-    } else {
-        crate::policy::find_app(&gw.config.apps, request_host(&req).as_deref())
-    };
-    let result = if portal {
-        crate::portal::handle(&gw, &client, req).await
-    } else {
-        protected(&gw, &client, req).await
-    };
+    let app = if portal { None } else { crate::policy::find_app(&gw.config.apps, request_host(&req).as_deref()) };
+    let result =
+        if portal { crate::portal::handle(&gw, &client, req).await } else { protected(&gw, &client, req).await };
     let resp = result.unwrap_or_else(|r| reject(&gw, &r));
     let label = match app {
         Some(i) => gw.app_labels[i].clone(),
@@ -318,10 +304,7 @@ pub async fn handle(gw: Arc<Gateway>, peer: SocketAddr, mut req: Request<Incomin
     };
     gw.metrics
         .requests
-        .get_or_create(&crate::metrics::RequestLabels {
-            app: label,
-            status: resp.status().as_u16(),
-        })
+        .get_or_create(&crate::metrics::RequestLabels { app: label, status: resp.status().as_u16() })
         .inc();
     resp
 }
@@ -368,12 +351,9 @@ pub fn request_host<B>(req: &Request<B>) -> Option<String> {
 
 /// The host from a URI authority or, failing that, a Host header.
 pub fn host_of(uri: &http::Uri, headers: &HeaderMap) -> Option<String> {
-    uri.authority().map(|a| a.as_str().to_string()).or_else(|| {
-        headers
-            .get(http::header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-    })
+    uri.authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| headers.get(http::header::HOST).and_then(|v| v.to_str().ok()).map(str::to_string))
 }
 
 /// Browsers go to the portal page `url(where they were going)`; everything else gets 401.

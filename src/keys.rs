@@ -74,10 +74,7 @@ pub fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
 impl Keys {
     /// Loads the master secret, creating it (mode 0600) if the file is missing.
     pub fn load_or_create(path: &Path) -> Result<Keys, KeyError> {
-        let io = |source| KeyError::Io {
-            path: path.display().to_string(),
-            source,
-        };
+        let io = |source| KeyError::Io { path: path.display().to_string(), source };
         let master = match std::fs::read(path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -156,9 +153,7 @@ impl Keys {
         let cipher = XChaCha20Poly1305::new((&self.aead).into());
         let aad = aad(owner, purpose);
         let nonce = XNonce::try_from(nonce).map_err(|_| KeyError::Decrypt)?;
-        cipher
-            .decrypt(&nonce, Payload { msg: ct, aad: &aad })
-            .map_err(|_| KeyError::Decrypt)
+        cipher.decrypt(&nonce, Payload { msg: ct, aad: &aad }).map_err(|_| KeyError::Decrypt)
     }
 }
 
@@ -172,11 +167,7 @@ fn aad(owner: &str, purpose: &str) -> Vec<u8> {
 
 fn write_new_secret(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
     f.write_all(bytes)?;
     f.sync_all()
 }

@@ -15,7 +15,9 @@ pub mod credentials;
 pub mod demo;
 pub mod gateway;
 pub mod keys;
+pub mod mail;
 pub mod metrics;
+pub mod notify;
 pub mod policy;
 pub mod portal;
 pub mod proxy;
@@ -63,6 +65,9 @@ pub enum Error {
     /// Password hashing doesn't work.
     #[error(transparent)]
     Password(#[from] credentials::password::PasswordError),
+    /// Mail can't be set up.
+    #[error("mail: {0}")]
+    Mail(mail::MailError),
     /// A listener can't be bound.
     #[error("binding {addr}: {source}")]
     Bind {
@@ -93,10 +98,9 @@ pub async fn run_with_clock(
     let gw = Arc::new(arc_swap::ArcSwap::from_pointee(Gateway::build(config, clock)?));
     let mut background = vec![tokio::spawn(sweep(gw.clone())), tokio::spawn(reload_on_sighup(gw.clone()))];
     if let Some(addr) = metrics_listen {
-        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| Error::Bind {
-            addr: addr.to_string(),
-            source,
-        })?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| Error::Bind { addr: addr.to_string(), source })?;
         background.push(tokio::spawn(metrics::serve(listener, gw.clone())));
     }
     server::serve(gw, listener, shutdown).await;
@@ -118,9 +122,8 @@ async fn reload_on_sighup(gw: Arc<arc_swap::ArcSwap<Gateway>>) {
             tracing::warn!("SIGHUP: the config did not come from a file; nothing to reload");
             continue;
         };
-        let next = Config::load(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|c| current.reload(c).map_err(|e| e.to_string()));
+        let next =
+            Config::load(&path).map_err(|e| e.to_string()).and_then(|c| current.reload(c).map_err(|e| e.to_string()));
         match next {
             Ok(new) => {
                 gw.store(Arc::new(new));

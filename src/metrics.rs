@@ -94,38 +94,20 @@ impl Metrics {
         let logins = Family::<OutcomeLabels, Counter>::default();
         registry.register("logins", "Password logins by outcome", logins.clone());
         let second_factor = Family::<FactorLabels, Counter>::default();
-        registry.register(
-            "second_factor_checks",
-            "Second-factor checks by method and outcome",
-            second_factor.clone(),
-        );
+        registry.register("second_factor_checks", "Second-factor checks by method and outcome", second_factor.clone());
         let lockouts = Family::<StepLabels, Counter>::default();
         registry.register("lockouts", "Lockouts started, by step", lockouts.clone());
         let active_sessions = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
         registry.register("active_sessions", "Sessions in the store", active_sessions.clone());
         let build = Family::<BuildLabels, Gauge<i64, std::sync::atomic::AtomicI64>>::default();
         registry.register("build_info", "Build information", build.clone());
-        build
-            .get_or_create(&BuildLabels {
-                version: env!("CARGO_PKG_VERSION"),
-            })
-            .set(1);
-        Metrics {
-            registry,
-            requests,
-            upstream_latency,
-            logins,
-            second_factor,
-            lockouts,
-            active_sessions,
-        }
+        build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
+        Metrics { registry, requests, upstream_latency, logins, second_factor, lockouts, active_sessions }
     }
 
     /// Records an upstream's response time.
     pub fn observe_upstream(&self, app: &str, elapsed: Duration) {
-        self.upstream_latency
-            .get_or_create(&AppLabels { app: app.to_string() })
-            .observe(elapsed.as_secs_f64());
+        self.upstream_latency.get_or_create(&AppLabels { app: app.to_string() }).observe(elapsed.as_secs_f64());
     }
 
     /// Counts a password login outcome.
@@ -171,11 +153,8 @@ pub async fn serve(listener: tokio::net::TcpListener, gw: std::sync::Arc<arc_swa
                         None => true,
                         Some(token) => {
                             let want = format!("Bearer {token}");
-                            let got = req
-                                .headers()
-                                .get(header::AUTHORIZATION)
-                                .map(|v| v.as_bytes())
-                                .unwrap_or_default();
+                            let got =
+                                req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()).unwrap_or_default();
                             got.len() == want.len() && bool::from(got.ct_eq(want.as_bytes()))
                         }
                     };

@@ -37,13 +37,10 @@ pub fn decide(config: &Config, host: Option<&str>, raw_path: &str) -> Result<Dec
 /// Finds the app for a Host value: exact name first, then `*`.
 pub fn find_app(apps: &[App], host: Option<&str>) -> Option<usize> {
     let host = host.and_then(normalize_host);
-    if let Some(h) = &host {
-        if let Some(i) = apps
-            .iter()
-            .position(|a| matches!(&a.host, HostPattern::Exact(x) if x == h))
-        {
-            return Some(i);
-        }
+    if let Some(h) = &host
+        && let Some(i) = apps.iter().position(|a| matches!(&a.host, HostPattern::Exact(x) if x == h))
+    {
+        return Some(i);
     }
     apps.iter().position(|a| a.host == HostPattern::Any)
 }
@@ -62,11 +59,7 @@ pub fn path_policy(app: &App, path: &str) -> Policy {
 }
 
 fn longest(app: &App, matches: impl Fn(&str) -> bool) -> Option<Policy> {
-    app.rules
-        .iter()
-        .filter(|r| matches(&r.path.0))
-        .max_by_key(|r| r.path.0.len())
-        .map(|r| r.policy)
+    app.rules.iter().filter(|r| matches(&r.path.0)).max_by_key(|r| r.path.0.len()).map(|r| r.policy)
 }
 
 /// Lower-cases a Host value and drops the port and a trailing dot. `None` if it isn't a plausible host.
@@ -84,10 +77,7 @@ pub fn normalize_host(raw: &str) -> Option<String> {
         }
     };
     let name = name.strip_suffix('.').unwrap_or(name);
-    let ok = !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-._[]:".contains(&b));
+    let ok = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._[]:".contains(&b));
     ok.then(|| name.to_ascii_lowercase())
 }
 
@@ -127,6 +117,10 @@ pub fn normalize_path(raw: &str) -> Result<String, PolicyError> {
         let decoded: Vec<u8> = percent_encoding::percent_decode_str(seg).collect();
         if decoded.iter().any(|&b| b == b'/' || b == b'\\' || b < 0x20 || b == 0x7f) {
             return Err(PolicyError::BadPath("encoded slashes or control characters"));
+        }
+        if std::str::from_utf8(&decoded).is_err() {
+            // Overlong or broken UTF-8 (`%c0%ae` for `.`) can decode to dots in a lenient upstream.
+            return Err(PolicyError::BadPath("invalid UTF-8 in the path"));
         }
         if decoded.contains(&b'%') {
             // A `%` left after decoding ("%252e", stray "%") means a second decode upstream could see dots or slashes.
@@ -200,6 +194,8 @@ mod tests {
             "/a%00b",
             "/a%0d%0ab",
             "/a/%252e%252e/b",
+            "/public/%c0%ae%c0%ae/secret",
+            "/%ff",
             "relative",
         ] {
             assert!(normalize_path(raw).is_err(), "{raw} should be rejected");

@@ -51,11 +51,7 @@ impl Upstreams {
     /// Builds the clients for every app.
     pub fn new(config: &Config) -> Result<Upstreams, UpstreamError> {
         let native = Arc::new(native_roots());
-        let clients = config
-            .apps
-            .iter()
-            .map(|app| client_for(app, &native))
-            .collect::<Result<_, _>>()?;
+        let clients = config.apps.iter().map(|app| client_for(app, &native)).collect::<Result<_, _>>()?;
         Ok(Upstreams { clients })
     }
 }
@@ -73,10 +69,7 @@ fn native_roots() -> RootCertStore {
 fn client_for(app: &App, native: &RootCertStore) -> Result<Pooled, UpstreamError> {
     let mut roots = native.clone();
     if let Some(path) = &app.ca_file {
-        let err = |why: String| UpstreamError::CaFile {
-            path: path.display().to_string(),
-            why,
-        };
+        let err = |why: String| UpstreamError::CaFile { path: path.display().to_string(), why };
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
             .map_err(|e| err(e.to_string()))?
             .collect::<Result<_, _>>()
@@ -163,10 +156,10 @@ fn strip_own_cookies(headers: &mut HeaderMap, own: &[&str]) {
         .map(str::to_string)
         .collect();
     headers.remove(header::COOKIE);
-    if !kept.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
-            headers.insert(header::COOKIE, v);
-        }
+    if !kept.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&kept.join("; "))
+    {
+        headers.insert(header::COOKIE, v);
     }
 }
 
@@ -206,10 +199,10 @@ fn set_forwarded(headers: &mut HeaderMap, client: &Client, host: Option<&str>) {
     }
     let proto = if client.https { "https" } else { "http" };
     headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
-    if !headers.contains_key("x-forwarded-host") {
-        if let Some(v) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
-            headers.insert("x-forwarded-host", v);
-        }
+    if !headers.contains_key("x-forwarded-host")
+        && let Some(v) = host.and_then(|h| HeaderValue::from_str(h).ok())
+    {
+        headers.insert("x-forwarded-host", v);
     }
     if let Ok(v) = HeaderValue::from_str(&client.addr.to_string()) {
         headers.insert("x-real-ip", v);

@@ -74,17 +74,13 @@ impl Reject {
                 "Too many attempts",
                 "There were too many failed attempts. Wait a while before trying again.",
             ),
-            AccountLocked => (
-                StatusCode::FORBIDDEN,
-                "Account locked",
-                "This account is locked. Contact your administrator.",
-            ),
+            AccountLocked => {
+                (StatusCode::FORBIDDEN, "Account locked", "This account is locked. Contact your administrator.")
+            }
             PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "Request too large", "The form sent was too large."),
-            MethodNotAllowed => (
-                StatusCode::METHOD_NOT_ALLOWED,
-                "Method not allowed",
-                "This page can't handle that kind of request.",
-            ),
+            MethodNotAllowed => {
+                (StatusCode::METHOD_NOT_ALLOWED, "Method not allowed", "This page can't handle that kind of request.")
+            }
             BadGateway => (
                 StatusCode::BAD_GATEWAY,
                 "Application unavailable",

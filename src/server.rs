@@ -36,10 +36,7 @@ pub enum TlsError {
 
 /// Builds the TLS acceptor from PEM files.
 pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
-    let pem = |path: &Path, why: String| TlsError::Pem {
-        path: path.display().to_string(),
-        why,
-    };
+    let pem = |path: &Path, why: String| TlsError::Pem { path: path.display().to_string(), why };
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .map_err(|e| pem(cert, e.to_string()))?
         .collect::<Result<_, _>>()

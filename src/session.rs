@@ -66,15 +66,12 @@ fn verify(keys: &Keys, name: &str, raw: &str) -> Option<String> {
 
 /// All values of the cookie `name` in the request's Cookie headers.
 pub fn cookie_values<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-    headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(move |pair| {
+    headers.get_all(http::header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).filter_map(
+        move |pair| {
             let (k, v) = pair.split_once('=')?;
             (k.trim() == name).then(|| v.trim())
-        })
+        },
+    )
 }
 
 fn decode_tagged<const N: usize>(value: &str, tag: &str) -> Option<[u8; N]> {
@@ -100,12 +97,7 @@ pub fn csrf_binding(keys: &Keys, headers: &HeaderMap, name: &str) -> Option<[u8;
 
 /// Attributes shared by every cookie the gateway sets.
 fn build(name: &str, value: String, secure: bool) -> Cookie<'static> {
-    Cookie::build((name.to_string(), value))
-        .http_only(true)
-        .same_site(SameSite::Lax)
-        .path("/")
-        .secure(secure)
-        .build()
+    Cookie::build((name.to_string(), value)).http_only(true).same_site(SameSite::Lax).path("/").secure(secure).build()
 }
 
 /// `Set-Cookie` value for a session id.

@@ -45,15 +45,8 @@ pub struct Lockout {
 impl Lockout {
     /// Rules from the config.
     pub fn new(limits: &Limits) -> Lockout {
-        let rule = |max| FailureRule {
-            max,
-            window: limits.failure_window.secs(),
-            lockout: limits.lockout.secs(),
-        };
-        Lockout {
-            account: rule(limits.max_failures),
-            address: rule(limits.max_failures_per_address),
-        }
+        let rule = |max| FailureRule { max, window: limits.failure_window.secs(), lockout: limits.lockout.secs() };
+        Lockout { account: rule(limits.max_failures), address: rule(limits.max_failures_per_address) }
     }
 
     /// Seconds until the step is unlocked for this account or address, if locked.

@@ -3,4 +3,5 @@
 pub mod lockout;
 pub mod password;
 pub mod recovery;
+pub mod tokens;
 pub mod totp;

@@ -29,20 +29,13 @@ pub enum PasswordError {
 /// Checks length rules (any characters, no composition rules, no truncation).
 pub fn check_new(password: &str) -> Result<(), PasswordError> {
     let n = password.chars().count();
-    if (MIN_LEN..=MAX_LEN).contains(&n) {
-        Ok(())
-    } else {
-        Err(PasswordError::Length)
-    }
+    if (MIN_LEN..=MAX_LEN).contains(&n) { Ok(()) } else { Err(PasswordError::Length) }
 }
 
 /// Hashes a password synchronously (for the CLI).
 pub fn hash_blocking(password: &str) -> Result<String, PasswordError> {
     check_new(password)?;
-    Argon2::default()
-        .hash_password(password.as_bytes())
-        .map(|h| h.to_string())
-        .map_err(|_| PasswordError::Hash)
+    Argon2::default().hash_password(password.as_bytes()).map(|h| h.to_string()).map_err(|_| PasswordError::Hash)
 }
 
 /// Verifies a password against a PHC string synchronously. A malformed hash never verifies.
@@ -68,10 +61,7 @@ impl Hasher {
     /// A hasher allowing `limit` concurrent hashes.
     pub fn new(limit: usize) -> Result<Hasher, PasswordError> {
         let dummy = hash_blocking("portcullis-dummy-password")?;
-        Ok(Hasher {
-            permits: Arc::new(Semaphore::new(limit.max(1))),
-            dummy: Arc::new(dummy),
-        })
+        Ok(Hasher { permits: Arc::new(Semaphore::new(limit.max(1))), dummy: Arc::new(dummy) })
     }
 
     /// Verifies `password` against `phc`, or against the dummy hash when there is no user.
@@ -88,9 +78,7 @@ impl Hasher {
     /// Hashes a new password.
     pub async fn hash(&self, password: String) -> Result<String, PasswordError> {
         let _permit = self.permits.acquire().await.map_err(|_| PasswordError::Task)?;
-        tokio::task::spawn_blocking(move || hash_blocking(&password))
-            .await
-            .map_err(|_| PasswordError::Task)?
+        tokio::task::spawn_blocking(move || hash_blocking(&password)).await.map_err(|_| PasswordError::Task)?
     }
 }
 

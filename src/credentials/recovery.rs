@@ -60,20 +60,14 @@ pub fn new_set(keys: &Keys, username: &str, n: usize) -> Result<(Vec<String>, Ve
 /// The stored entry for one display-form code.
 pub fn entry(keys: &Keys, username: &str, code: &str) -> Result<RecoveryCode, KeyError> {
     let normalized = normalize(code).ok_or(KeyError::Decrypt)?;
-    Ok(RecoveryCode {
-        hash: hash(keys, username, &normalized),
-        sealed: keys.seal(username, PURPOSE, code.as_bytes())?,
-    })
+    Ok(RecoveryCode { hash: hash(keys, username, &normalized), sealed: keys.seal(username, PURPOSE, code.as_bytes())? })
 }
 
 /// Decrypts stored codes for display.
 pub fn reveal(keys: &Keys, username: &str, codes: &[RecoveryCode]) -> Result<Vec<String>, KeyError> {
     codes
         .iter()
-        .map(|c| {
-            keys.open(username, PURPOSE, &c.sealed)
-                .map(|b| String::from_utf8_lossy(&b).into_owned())
-        })
+        .map(|c| keys.open(username, PURPOSE, &c.sealed).map(|b| String::from_utf8_lossy(&b).into_owned()))
         .collect()
 }
 

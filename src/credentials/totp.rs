@@ -54,19 +54,13 @@ fn totp(secret: &[u8], issuer: &str, account: &str) -> Result<Totp, TotpError> {
 
 /// The `otpauth://totp/…` URI authenticator apps scan.
 pub fn otpauth_uri(secret: &[u8], issuer: &str, account: &str) -> Result<String, TotpError> {
-    totp(secret, issuer, account)?
-        .to_url()
-        .map_err(|e| TotpError::Params(e.to_string()))
+    totp(secret, issuer, account)?.to_url().map_err(|e| TotpError::Params(e.to_string()))
 }
 
 /// The secret in base32 (RFC 4648, no padding) in groups of four, for typing by hand.
 pub fn grouped_base32(secret: &[u8]) -> String {
     let b32 = base32::encode(base32::Alphabet::Rfc4648 { padding: false }, secret);
-    b32.as_bytes()
-        .chunks(4)
-        .map(|c| String::from_utf8_lossy(c).into_owned())
-        .collect::<Vec<_>>()
-        .join(" ")
+    b32.as_bytes().chunks(4).map(|c| String::from_utf8_lossy(c).into_owned()).collect::<Vec<_>>().join(" ")
 }
 
 /// The code for a time (for tests and the demo).

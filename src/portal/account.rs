@@ -60,11 +60,9 @@ impl Sensitive {
                 "Enter your password to turn two-factor authentication off. Your other sessions will be signed out.",
                 "Disable",
             ),
-            Sensitive::ShowCodes => (
-                "Show recovery codes",
-                "Enter your password to see your remaining recovery codes.",
-                "Show codes",
-            ),
+            Sensitive::ShowCodes => {
+                ("Show recovery codes", "Enter your password to see your remaining recovery codes.", "Show codes")
+            }
             Sensitive::Regenerate => (
                 "Regenerate recovery codes",
                 "Enter your password to make a new set of recovery codes. Every old code stops working at once.",
@@ -79,7 +77,14 @@ impl Sensitive {
     }
 }
 
-fn confirm_page(gw: &Gateway, status: StatusCode, auth: &Authenticated, what: Sensitive, rd: &str, error: Option<&str>) -> Response<Body> {
+fn confirm_page(
+    gw: &Gateway,
+    status: StatusCode,
+    auth: &Authenticated,
+    what: Sensitive,
+    rd: &str,
+    error: Option<&str>,
+) -> Response<Body> {
     let (heading, explain, button) = what.texts();
     let ctx = context! {
         heading, explain, button, rd, error,
@@ -125,7 +130,12 @@ fn settings_page(gw: &Gateway, auth: &Authenticated, message: Option<&str>) -> R
 
 /// GET of a sensitive action: the password confirmation page (or, for a just-signed-in pending session, the
 /// setup page straight away: the password was entered a moment ago).
-pub async fn ask_password(gw: &Gateway, client: &Client, req: &Request<Incoming>, what: Sensitive) -> Result<Response<Body>, Reject> {
+pub async fn ask_password(
+    gw: &Gateway,
+    client: &Client,
+    req: &Request<Incoming>,
+    what: Sensitive,
+) -> Result<Response<Body>, Reject> {
     let rd = target_or_root(&query_param(req.uri(), "rd"));
     let gate = if what == Sensitive::Enable { Gate::Pending } else { Gate::SignedIn };
     let auth = match require_session(gw, req.headers(), &rd, gate).await? {
@@ -154,7 +164,12 @@ fn wrong_state(gw: &Gateway, auth: &Authenticated, what: Sensitive, rd: &str) ->
 }
 
 /// POST of a sensitive action: check the password (counted like login failures), then do it.
-pub async fn confirm(gw: &Gateway, client: &Client, req: Request<Incoming>, what: Sensitive) -> Result<Response<Body>, Reject> {
+pub async fn confirm(
+    gw: &Gateway,
+    client: &Client,
+    req: Request<Incoming>,
+    what: Sensitive,
+) -> Result<Response<Body>, Reject> {
     let (parts, form) = form::read(req).await?;
     let rd = target_or_root(form.get("rd"));
     let auth = match require_session(gw, &parts.headers, &rd, Gate::SignedIn).await? {
@@ -174,6 +189,7 @@ pub async fn confirm(gw: &Gateway, client: &Client, req: Request<Incoming>, what
         Sensitive::Disable => {
             gw.store.disable_two_factor(name, Revoke::AllExcept(auth.id.0)).await?;
             gw.audit(AuditEvent::new(gw.clock.now(), EventKind::TwoFactorDisabled, name).from_addr(client.addr)).await;
+            crate::notify::notify(gw, &auth.user, crate::notify::Notice::TwoFactorDisabled).await;
             Ok(redirect(StatusCode::SEE_OTHER, &format!("{}/settings?done=disabled", gw.prefix())))
         }
         Sensitive::ShowCodes => {
@@ -186,6 +202,7 @@ pub async fn confirm(gw: &Gateway, client: &Client, req: Request<Incoming>, what
             gw.store.replace_recovery_codes(name, stored).await?;
             let event = AuditEvent::new(gw.clock.now(), EventKind::RecoveryCodesRegenerated, name);
             gw.audit(event.from_addr(client.addr)).await;
+            crate::notify::notify(gw, &auth.user, crate::notify::Notice::RecoveryCodesRegenerated).await;
             let msg = "New recovery codes are ready. Your old codes no longer work.";
             Ok(codes_page(gw, &auth.id.0, &shown, &rd, false, Some(msg), None))
         }
@@ -199,10 +216,7 @@ async fn password_ok(gw: &Gateway, client: &Client, auth: &Authenticated, form: 
     if let Some(secs) = gw.lockout.retry_after(&gw.store, Step::Password, name, client.addr, now).await? {
         return Err(Reject::TooManyAttempts(secs));
     }
-    let ok = gw
-        .hasher
-        .verify(form.get("password").to_string(), Some(auth.user.password_hash.clone()))
-        .await?;
+    let ok = gw.hasher.verify(form.get("password").to_string(), Some(auth.user.password_hash.clone())).await?;
     if ok {
         gw.lockout.succeed(&gw.store, Step::Password, name).await?;
         return Ok(true);
@@ -236,7 +250,13 @@ fn codes_page(
 }
 
 /// A setup page with a fresh secret (each visit starts again), remembered for this session only.
-async fn setup_page(gw: &Gateway, client: &Client, auth: &Authenticated, rd: &str, error: Option<&str>) -> Result<Response<Body>, Reject> {
+async fn setup_page(
+    gw: &Gateway,
+    client: &Client,
+    auth: &Authenticated,
+    rd: &str,
+    error: Option<&str>,
+) -> Result<Response<Body>, Reject> {
     let name = &auth.user.username;
     let secret = totp::new_secret()?;
     let pending = PendingEnrolment {
@@ -249,7 +269,14 @@ async fn setup_page(gw: &Gateway, client: &Client, auth: &Authenticated, rd: &st
     render_setup(gw, auth, &secret, rd, error, StatusCode::OK)
 }
 
-fn render_setup(gw: &Gateway, auth: &Authenticated, secret: &[u8], rd: &str, error: Option<&str>, status: StatusCode) -> Result<Response<Body>, Reject> {
+fn render_setup(
+    gw: &Gateway,
+    auth: &Authenticated,
+    secret: &[u8],
+    rd: &str,
+    error: Option<&str>,
+    status: StatusCode,
+) -> Result<Response<Body>, Reject> {
     let issuer = &gw.config.two_factor.issuer;
     let uri = totp::otpauth_uri(secret, issuer, &auth.user.username).map_err(|e| {
         tracing::error!(error = %e, "cannot build otpauth URI");
@@ -273,7 +300,11 @@ fn render_setup(gw: &Gateway, auth: &Authenticated, secret: &[u8], rd: &str, err
 }
 
 /// POST enroll/confirm: a valid code activates two-factor (its step counts as used), then the recovery codes.
-pub async fn confirm_enrolment(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Result<Response<Body>, Reject> {
+pub async fn confirm_enrolment(
+    gw: &Gateway,
+    client: &Client,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Reject> {
     let (parts, form) = form::read(req).await?;
     let rd = target_or_root(form.get("rd"));
     let auth = match require_session(gw, &parts.headers, &rd, Gate::Pending).await? {
@@ -298,29 +329,22 @@ pub async fn confirm_enrolment(gw: &Gateway, client: &Client, req: Request<Incom
         return Ok(gw.pages.page(gw, "error.html", StatusCode::GONE, ctx));
     };
     let secret = gw.keys.open(&name, TOTP_PURPOSE, &pending.secret)?;
-    let totp::Check::Accepted(step) = totp::check(&secret, form.get("code"), now, gw.config.two_factor.skew, None) else {
+    let totp::Check::Accepted(step) = totp::check(&secret, form.get("code"), now, gw.config.two_factor.skew, None)
+    else {
         tracing::info!(user = %name, addr = %client.addr, "two-factor setup: wrong code");
         let msg = Some("That code is not valid. Check the app shows a code for this account and try again.");
         return render_setup(gw, &auth, &secret, &rd, msg, StatusCode::UNPROCESSABLE_ENTITY);
     };
     let (shown, stored) = recovery::new_set(&gw.keys, &name, gw.config.two_factor.recovery_codes)?;
-    let state = TwoFactorState {
-        enabled_at: now,
-        secret: pending.secret,
-        last_step: step,
-        recovery: stored,
-    };
+    let state = TwoFactorState { enabled_at: now, secret: pending.secret, last_step: step, recovery: stored };
     if !gw.store.enable_two_factor(&name, state, auth.id.0).await? {
         return Ok(settings_redirect(gw));
     }
     gw.audit(AuditEvent::new(now, EventKind::TwoFactorEnabled, &name).from_addr(client.addr)).await;
+    crate::notify::notify(gw, &auth.user, crate::notify::Notice::TwoFactorEnabled).await;
     // Enrolment proved the factor: the session rises to the full level, under a new id.
     let (id, cookie) = rotate(gw, client, &auth, Level::Full).await?;
-    let login = LastLogin {
-        at: now,
-        address: client.addr.to_string(),
-        second_factor: Some(SecondFactor::Totp),
-    };
+    let login = LastLogin { at: now, address: client.addr.to_string(), second_factor: Some(SecondFactor::Totp) };
     gw.store.record_login(&name, login).await?;
     let msg = Some("Two-factor authentication is on. Save these recovery codes now.");
     Ok(codes_page(gw, &id.0, &shown, &rd, true, msg, Some(cookie)))
@@ -362,9 +386,54 @@ pub async fn download(gw: &Gateway, req: Request<Incoming>) -> Result<Response<B
     let h = resp.headers_mut();
     secure_headers(h);
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-    h.insert(
-        header::CONTENT_DISPOSITION,
-        HeaderValue::from_static("attachment; filename=\"recovery-codes.txt\""),
-    );
+    h.insert(header::CONTENT_DISPOSITION, HeaderValue::from_static("attachment; filename=\"recovery-codes.txt\""));
     Ok(resp)
+}
+
+fn password_page(gw: &Gateway, status: StatusCode, auth: &Authenticated, error: Option<&str>) -> Response<Body> {
+    let ctx = context! { csrf => gw.keys.csrf_token(&auth.id.0), username => &auth.user.username, error };
+    gw.pages.page(gw, "password.html", status, ctx)
+}
+
+/// GET settings/password.
+pub async fn show_password(gw: &Gateway, req: &Request<Incoming>) -> Result<Response<Body>, Reject> {
+    let here = format!("{}/settings/password", gw.prefix());
+    let auth = match require_session(gw, req.headers(), &here, Gate::SignedIn).await? {
+        Ok(a) => a,
+        Err(resp) => return Ok(resp),
+    };
+    Ok(password_page(gw, StatusCode::OK, &auth, None))
+}
+
+/// POST settings/password: current password (counted like login failures) and the new one twice; the user's
+/// other sessions end.
+pub async fn change_password(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Result<Response<Body>, Reject> {
+    let (parts, form) = form::read(req).await?;
+    let here = format!("{}/settings/password", gw.prefix());
+    let auth = match require_session(gw, &parts.headers, &here, Gate::SignedIn).await? {
+        Ok(a) => a,
+        Err(resp) => return Ok(resp),
+    };
+    check_csrf(gw, &parts, &form, Some(&auth.id.0))?;
+    let new = form.get("password");
+    if new != form.get("password2") {
+        return Ok(password_page(gw, StatusCode::UNPROCESSABLE_ENTITY, &auth, Some("The two new passwords differ.")));
+    }
+    if crate::credentials::password::check_new(new).is_err() {
+        let msg = Some("A password must be 8 to 1024 characters long.");
+        return Ok(password_page(gw, StatusCode::UNPROCESSABLE_ENTITY, &auth, msg));
+    }
+    let mut current = Form::default();
+    current.insert("password", form.get("current"));
+    if !password_ok(gw, client, &auth, &current).await? {
+        return Ok(password_page(gw, StatusCode::UNAUTHORIZED, &auth, Some("The current password is not right.")));
+    }
+    let hash = gw.hasher.hash(new.to_string()).await?;
+    let name = &auth.user.username;
+    gw.store.change_password(name, hash, Revoke::AllExcept(auth.id.0)).await?;
+    gw.audit(AuditEvent::new(gw.clock.now(), EventKind::PasswordChanged, name).from_addr(client.addr)).await;
+    crate::notify::notify(gw, &auth.user, crate::notify::Notice::PasswordChanged).await;
+    let mut auth = auth;
+    auth.user.stamp += 1;
+    Ok(settings_page(gw, &auth, Some("Your password was changed. Your other sessions were signed out.")))
 }

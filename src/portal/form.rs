@@ -22,6 +22,11 @@ impl Form {
     pub fn get(&self, name: &str) -> &str {
         self.0.get(name).map_or("", String::as_str)
     }
+
+    /// Sets a field (for handlers that reuse a check on a differently named field).
+    pub fn insert(&mut self, name: &str, value: &str) {
+        self.0.insert(name.to_string(), value.to_string());
+    }
 }
 
 /// Reads an `application/x-www-form-urlencoded` body of at most 64 KiB.
@@ -57,7 +62,12 @@ pub async fn read(req: Request<Incoming>) -> Result<(http::request::Parts, Form)
 
 /// Checks a form's CSRF token against its binding (session id or anonymous cookie), in constant time, and
 /// refuses requests a browser marks as cross-site or whose Origin is another host.
-pub fn check_csrf(gw: &Gateway, parts: &http::request::Parts, form: &Form, binding: Option<&[u8]>) -> Result<(), Reject> {
+pub fn check_csrf(
+    gw: &Gateway,
+    parts: &http::request::Parts,
+    form: &Form,
+    binding: Option<&[u8]>,
+) -> Result<(), Reject> {
     if cross_site(&parts.headers, host_of(&parts.uri, &parts.headers).as_deref()) {
         return Err(Reject::Csrf);
     }
@@ -75,20 +85,15 @@ pub fn check_csrf(gw: &Gateway, parts: &http::request::Parts, form: &Form, bindi
 
 /// Whether the browser says the request came from another site.
 fn cross_site(headers: &HeaderMap, host: Option<&str>) -> bool {
-    if headers
-        .get("sec-fetch-site")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("cross-site"))
+    if headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("cross-site"))
     {
         return true;
     }
     let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
         return false;
     };
-    let origin_host = origin
-        .parse::<http::Uri>()
-        .ok()
-        .and_then(|u| u.authority().map(|a| a.as_str().to_ascii_lowercase()));
+    let origin_host =
+        origin.parse::<http::Uri>().ok().and_then(|u| u.authority().map(|a| a.as_str().to_ascii_lowercase()));
     match (origin_host, host) {
         (Some(o), Some(h)) => o != h.to_ascii_lowercase(),
         // "Origin: null" or an unparsable origin: refuse.

@@ -15,7 +15,7 @@ use crate::portal::redirect::target_or_root;
 use crate::portal::{next_step_url, query_param, with_cookie};
 use crate::respond::Reject;
 use crate::session::{self, SessionId};
-use crate::store::{LastLogin, Level, SessionRecord, normalize_login};
+use crate::store::{LastLogin, Level, SessionRecord, User, normalize_login};
 
 /// The `rd` query parameter, made safe.
 fn rd_param(req: &Request<Incoming>) -> String {
@@ -23,7 +23,11 @@ fn rd_param(req: &Request<Incoming>) -> String {
 }
 
 /// The anonymous CSRF binding of this browser, and the Set-Cookie to send when it is new.
-fn anonymous_binding(gw: &Gateway, client: &Client, headers: &http::HeaderMap) -> Result<([u8; 32], Option<String>), Reject> {
+pub fn anonymous_binding(
+    gw: &Gateway,
+    client: &Client,
+    headers: &http::HeaderMap,
+) -> Result<([u8; 32], Option<String>), Reject> {
     let name = gw.config.csrf_cookie_name();
     if let Some(b) = session::csrf_binding(&gw.keys, headers, &name) {
         return Ok((b, None));
@@ -41,7 +45,11 @@ fn login_page(
     username: &str,
     error: Option<&str>,
 ) -> Response<Body> {
-    let ctx = context! { csrf => gw.keys.csrf_token(binding), rd, username, error };
+    let ctx = context! {
+        csrf => gw.keys.csrf_token(binding), rd, username, error,
+        reset_enabled => gw.config.password_reset_enabled(),
+        invitations_enabled => gw.config.invitations_enabled(),
+    };
     gw.pages.page(gw, "login.html", status, ctx)
 }
 
@@ -77,32 +85,13 @@ pub async fn submit(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Re
     let account = user.as_ref().map_or(login.clone(), |u| u.username.clone());
     if let Some(secs) = gw.lockout.retry_after(&gw.store, Step::Password, &account, client.addr, now).await? {
         gw.metrics.login("locked");
-        gw.audit(AuditEvent::new(now, EventKind::LockedOut, &account).from_addr(client.addr).detail("password"))
-            .await;
+        gw.audit(AuditEvent::new(now, EventKind::LockedOut, &account).from_addr(client.addr).detail("password")).await;
         return Err(Reject::TooManyAttempts(secs));
     }
-    let ok = gw
-        .hasher
-        .verify(password, user.as_ref().map(|u| u.password_hash.clone()))
-        .await?;
-    let Some(user) = user.filter(|_| ok) else {
-        gw.metrics.login("failure");
-        gw.audit(AuditEvent::new(now, EventKind::LoginFailed, &account).from_addr(client.addr)).await;
-        if let Some(secs) = gw.lockout.fail(&gw.store, Step::Password, &account, client.addr, now).await? {
-            gw.metrics.lockout("password");
-            gw.audit(AuditEvent::new(now, EventKind::Lockout, &account).from_addr(client.addr).detail("password"))
-                .await;
-            return Err(Reject::TooManyAttempts(secs));
-        }
-        let page = login_page(
-            gw,
-            StatusCode::UNAUTHORIZED,
-            &binding,
-            &rd,
-            typed,
-            Some("Invalid username or password."),
-        );
-        return Ok(page);
+    let ok = gw.hasher.verify(password, user.as_ref().map(|u| u.password_hash.clone())).await?;
+    let user = match user {
+        Some(u) if ok => u,
+        known => return failed_login(gw, client, &account, known.as_ref(), now, &binding, &rd, typed).await,
     };
     if user.locked {
         gw.metrics.login("account_locked");
@@ -130,11 +119,7 @@ pub async fn submit(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Re
     let old = session::session_id(&gw.keys, &parts.headers, &gw.config.session.cookie_name.0);
     gw.store.insert_session(id.0, record, old.map(|o| o.0)).await?;
     if level == Level::Password {
-        let login = LastLogin {
-            at: now,
-            address: client.addr.to_string(),
-            second_factor: None,
-        };
+        let login = LastLogin { at: now, address: client.addr.to_string(), second_factor: None };
         gw.store.record_login(&user.username, login).await?;
     }
     gw.metrics.login("success");
@@ -143,6 +128,32 @@ pub async fn submit(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Re
         .await;
     let cookie = session::session_cookie(&gw.keys, &gw.config.session.cookie_name.0, &id, gw.secure_cookies(client));
     Ok(with_cookie(redirect(StatusCode::SEE_OTHER, &next), Some(cookie)))
+}
+
+/// A wrong password or unknown name: count it (both alike), maybe lock, and show the form again.
+#[allow(clippy::too_many_arguments)]
+async fn failed_login(
+    gw: &Gateway,
+    client: &Client,
+    account: &str,
+    known: Option<&User>,
+    now: u64,
+    binding: &[u8; 32],
+    rd: &str,
+    typed: &str,
+) -> Result<Response<Body>, Reject> {
+    gw.metrics.login("failure");
+    gw.audit(AuditEvent::new(now, EventKind::LoginFailed, account).from_addr(client.addr)).await;
+    if let Some(secs) = gw.lockout.fail(&gw.store, Step::Password, account, client.addr, now).await? {
+        gw.metrics.lockout("password");
+        gw.audit(AuditEvent::new(now, EventKind::Lockout, account).from_addr(client.addr).detail("password")).await;
+        if let Some(u) = known {
+            crate::notify::notify(gw, u, crate::notify::Notice::AccountLocked).await;
+        }
+        return Err(Reject::TooManyAttempts(secs));
+    }
+    let page = login_page(gw, StatusCode::UNAUTHORIZED, binding, rd, typed, Some("Invalid username or password."));
+    Ok(page)
 }
 
 /// GET logout: a confirmation form (logout is a POST, so a link or image can't sign anyone out).

@@ -2,8 +2,10 @@
 
 pub mod account;
 pub mod form;
+pub mod invite;
 pub mod login;
 pub mod pages;
+pub mod recover;
 pub mod redirect;
 pub mod two_factor;
 pub mod verify;
@@ -22,8 +24,7 @@ use pages::redirect;
 
 /// Whether a path belongs to the portal.
 pub fn owns(prefix: &str, path: &str) -> bool {
-    path.strip_prefix(prefix)
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    path.strip_prefix(prefix).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 /// Routes a portal request. Paths match exactly, so no rule or header can reach a page by accident.
@@ -43,7 +44,17 @@ pub async fn handle(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Re
         "/challenge" if post => two_factor::submit(gw, client, req).await,
         "/settings" if get => account::settings(gw, &req).await,
         "/verify" => verify::verify(gw, client, &req).await,
-        s if s == "/admin" || s.starts_with("/admin/") => crate::admin::handle(gw, client, req, &sub["/admin".len()..]).await,
+        "/forgot" if get => recover::show_forgot(gw, client, &req).await,
+        "/forgot" if post => recover::submit_forgot(gw, client, req).await,
+        "/reset" if get => recover::show_reset(gw, client, &req).await,
+        "/reset" if post => recover::submit_reset(gw, client, req).await,
+        "/invite" if get => invite::show(gw, client, &req).await,
+        "/invite" if post => invite::accept(gw, client, req).await,
+        "/settings/password" if get => account::show_password(gw, &req).await,
+        "/settings/password" if post => account::change_password(gw, client, req).await,
+        s if s == "/admin" || s.starts_with("/admin/") => {
+            crate::admin::handle(gw, client, req, &sub["/admin".len()..]).await
+        }
         "/enroll/confirm" if post => account::confirm_enrolment(gw, client, req).await,
         "/enroll/cancel" if post => account::cancel_enrolment(gw, client, req).await,
         "/recovery/download" if post => account::download(gw, req).await,
@@ -70,24 +81,32 @@ fn sensitive(sub: &str) -> Option<Sensitive> {
 fn is_page(sub: &str) -> bool {
     matches!(
         sub,
-        "/health" | "/login" | "/logout" | "/challenge" | "/settings" | "/enroll/confirm" | "/enroll/cancel" | "/recovery/download"
+        "/health"
+            | "/login"
+            | "/logout"
+            | "/challenge"
+            | "/settings"
+            | "/enroll/confirm"
+            | "/enroll/cancel"
+            | "/recovery/download"
+            | "/forgot"
+            | "/reset"
+            | "/invite"
+            | "/settings/password"
     )
 }
 
 fn plain(status: StatusCode, content_type: &'static str, body: &'static str) -> Response<Body> {
     let mut resp = Response::new(pages::full(Bytes::from_static(body.as_bytes())));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    resp.headers_mut()
-        .insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp.headers_mut().insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     resp
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response<Body> {
     let mut r = plain(StatusCode::OK, content_type, body);
-    r.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=3600"));
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=3600"));
     r
 }
 
@@ -116,11 +135,7 @@ pub fn enroll_url(gw: &Gateway, rd: &str) -> String {
 
 /// What a pending session must do next: the challenge if the user has two-factor, enrolment if not.
 pub fn next_step_url(gw: &Gateway, user: &User, rd: &str) -> String {
-    if user.two_factor.is_some() {
-        format!("{}/challenge?rd={}", gw.prefix(), encode(rd))
-    } else {
-        enroll_url(gw, rd)
-    }
+    if user.two_factor.is_some() { format!("{}/challenge?rd={}", gw.prefix(), encode(rd)) } else { enroll_url(gw, rd) }
 }
 
 /// Which sessions a page accepts.
@@ -157,7 +172,12 @@ pub fn with_cookie(mut resp: Response<Body>, cookie: Option<String>) -> Response
 }
 
 /// Replaces a session with a new id at a new level (fixation defence); returns the id and its Set-Cookie.
-pub async fn rotate(gw: &Gateway, client: &Client, auth: &Authenticated, level: Level) -> Result<(SessionId, String), Reject> {
+pub async fn rotate(
+    gw: &Gateway,
+    client: &Client,
+    auth: &Authenticated,
+    level: Level,
+) -> Result<(SessionId, String), Reject> {
     let id = SessionId::random()?;
     let record = SessionRecord {
         username: auth.user.username.clone(),
@@ -182,11 +202,7 @@ pub async fn elevate(
     rd: &str,
 ) -> Result<Response<Body>, Reject> {
     let (_, cookie) = rotate(gw, client, auth, level).await?;
-    let login = LastLogin {
-        at: gw.clock.now(),
-        address: client.addr.to_string(),
-        second_factor: factor,
-    };
+    let login = LastLogin { at: gw.clock.now(), address: client.addr.to_string(), second_factor: factor };
     gw.store.record_login(&auth.user.username, login).await?;
     Ok(with_cookie(redirect(StatusCode::SEE_OTHER, rd), Some(cookie)))
 }

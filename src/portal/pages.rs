@@ -22,6 +22,10 @@ const EMBEDDED: &[(&str, &str)] = &[
     ("enroll.html", include_str!("../../templates/enroll.html")),
     ("recovery_codes.html", include_str!("../../templates/recovery_codes.html")),
     ("settings.html", include_str!("../../templates/settings.html")),
+    ("forgot.html", include_str!("../../templates/forgot.html")),
+    ("reset.html", include_str!("../../templates/reset.html")),
+    ("invite.html", include_str!("../../templates/invite.html")),
+    ("password.html", include_str!("../../templates/password.html")),
     ("admin_users.html", include_str!("../../templates/admin_users.html")),
     ("admin_user.html", include_str!("../../templates/admin_user.html")),
 ];
@@ -49,10 +53,10 @@ impl Pages {
             let Some((_, default)) = EMBEDDED.iter().find(|(n, _)| *n == name) else {
                 return Ok(None);
             };
-            if let Some(dir) = &dir {
-                if let Ok(text) = std::fs::read_to_string(dir.join(name)) {
-                    return Ok(Some(text));
-                }
+            if let Some(dir) = &dir
+                && let Ok(text) = std::fs::read_to_string(dir.join(name))
+            {
+                return Ok(Some(text));
             }
             Ok(Some((*default).to_string()))
         });

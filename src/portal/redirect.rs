@@ -27,11 +27,18 @@ pub fn safe_target(rd: &str) -> Option<&str> {
     Some(rd)
 }
 
-/// A single leading `/`, then no `/` or `\` straight after, and no control character or backslash anywhere.
+/// A single leading `/`, then no `/` or `\` straight after, no control character or backslash anywhere, and a
+/// path without `//` or dot segments (`/.//evil.com` collapses to `//evil.com` in a later normaliser).
 /// Spaces are refused in the raw value (browsers strip or mangle them) but allowed once decoded (`%20`).
 fn is_local_path(b: &[u8], decoded: bool) -> bool {
     let bad = |c: u8| c < b' ' || c == 0x7f || c == b'\\' || (c == b' ' && !decoded);
-    b.first() == Some(&b'/') && !matches!(b.get(1), Some(b'/') | Some(b'\\')) && !b.iter().any(|&c| bad(c))
+    let path = b.split(|&c| c == b'?' || c == b'#').next().unwrap_or_default();
+    let tricky_path =
+        path.windows(2).any(|w| w == b"//") || path.split(|&c| c == b'/').any(|seg| seg == b"." || seg == b"..");
+    b.first() == Some(&b'/')
+        && !matches!(b.get(1), Some(b'/') | Some(b'\\'))
+        && !b.iter().any(|&c| bad(c))
+        && !tricky_path
 }
 
 /// A safe target or `/`.
@@ -73,6 +80,10 @@ mod tests {
             "evil.com",
             "",
             "/a b",
+            "/.//evil.com",
+            "/./evil",
+            "/a/../..//evil.com",
+            "/%2e//evil.com",
         ] {
             assert_eq!(safe_target(rd), None, "{rd:?}");
         }

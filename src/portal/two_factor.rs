@@ -9,6 +9,7 @@ use crate::audit::{AuditEvent, EventKind};
 use crate::credentials::lockout::Step;
 use crate::credentials::{recovery, totp};
 use crate::gateway::{Client, Gateway};
+use crate::notify::{Notice, notify};
 use crate::portal::form::{self, check_csrf};
 use crate::portal::pages::redirect;
 use crate::portal::redirect::target_or_root;
@@ -20,13 +21,24 @@ use crate::store::{Consumed, Level, SecondFactor};
 /// Purpose label the TOTP secret is sealed under.
 pub const TOTP_PURPOSE: &str = "totp-secret";
 
-fn page(gw: &Gateway, status: StatusCode, auth: &Authenticated, rd: &str, method: &str, error: Option<&str>) -> Response<Body> {
+fn page(
+    gw: &Gateway,
+    status: StatusCode,
+    auth: &Authenticated,
+    rd: &str,
+    method: &str,
+    error: Option<&str>,
+) -> Response<Body> {
     let ctx = context! { csrf => gw.keys.csrf_token(&auth.id.0), rd, method, error };
     gw.pages.page(gw, "challenge.html", status, ctx)
 }
 
 /// Whom the challenge is for: a pending session whose user has two-factor on.
-async fn pending_with_2fa(gw: &Gateway, headers: &http::HeaderMap, rd: &str) -> Result<Result<Authenticated, Response<Body>>, Reject> {
+async fn pending_with_2fa(
+    gw: &Gateway,
+    headers: &http::HeaderMap,
+    rd: &str,
+) -> Result<Result<Authenticated, Response<Body>>, Reject> {
     let auth = match require_session(gw, headers, rd, Gate::Pending).await? {
         Ok(a) => a,
         Err(resp) => return Ok(Err(resp)),
@@ -90,10 +102,19 @@ pub async fn submit(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Re
             };
             gw.metrics.factor(method, outcome);
             gw.audit(AuditEvent::new(now, kind, &user.username).from_addr(client.addr).detail(method)).await;
-            if let Some(secs) = gw.lockout.fail(&gw.store, Step::SecondFactor, &user.username, client.addr, now).await? {
+            let browser =
+                parts.headers.get(http::header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or("unknown");
+            let notice = Notice::SecondFactorFailed {
+                address: client.addr.to_string(),
+                browser: browser.chars().take(200).collect(),
+            };
+            notify(gw, user, notice).await;
+            if let Some(secs) = gw.lockout.fail(&gw.store, Step::SecondFactor, &user.username, client.addr, now).await?
+            {
                 gw.metrics.lockout("second_factor");
                 let event = AuditEvent::new(now, EventKind::Lockout, &user.username).from_addr(client.addr);
                 gw.audit(event.detail("second factor")).await;
+                notify(gw, user, Notice::AccountLocked).await;
                 return Err(Reject::TooManyAttempts(secs));
             }
             let shown = if recovery_path { "recovery" } else { "totp" };
@@ -121,7 +142,12 @@ impl Failure {
 }
 
 /// Checks a TOTP code and atomically records its step, so one code works once across all sessions.
-async fn check_totp(gw: &Gateway, auth: &Authenticated, code: &str, now: u64) -> Result<Result<SecondFactor, Failure>, Reject> {
+async fn check_totp(
+    gw: &Gateway,
+    auth: &Authenticated,
+    code: &str,
+    now: u64,
+) -> Result<Result<SecondFactor, Failure>, Reject> {
     let Some(tf) = &auth.user.two_factor else {
         return Ok(Err(Failure::Invalid("Two-factor authentication is not set up.")));
     };
@@ -141,7 +167,12 @@ async fn check_totp(gw: &Gateway, auth: &Authenticated, code: &str, now: u64) ->
 }
 
 /// Spends a recovery code atomically (replacing it when the set replenishes).
-async fn check_recovery(gw: &Gateway, client: &Client, auth: &Authenticated, typed: &str) -> Result<Result<SecondFactor, Failure>, Reject> {
+async fn check_recovery(
+    gw: &Gateway,
+    client: &Client,
+    auth: &Authenticated,
+    typed: &str,
+) -> Result<Result<SecondFactor, Failure>, Reject> {
     const BAD: Failure = Failure::Invalid("That recovery code is not valid or was already used.");
     let Some(code) = recovery::normalize(typed) else {
         return Ok(Err(BAD));
@@ -156,6 +187,7 @@ async fn check_recovery(gw: &Gateway, client: &Client, auth: &Authenticated, typ
         Consumed::Ok(left) => {
             let event = AuditEvent::new(gw.clock.now(), EventKind::RecoveryCodeUsed, name).from_addr(client.addr);
             gw.audit(event.detail(format!("{left} left"))).await;
+            notify(gw, &auth.user, Notice::RecoveryCodeUsed(left)).await;
             Ok(Ok(SecondFactor::RecoveryCode))
         }
         Consumed::NoMatch => Ok(Err(BAD)),

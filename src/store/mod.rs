@@ -145,6 +145,51 @@ pub struct User {
     pub last_login: Option<LastLogin>,
     /// Present once two-factor enrolment is confirmed.
     pub two_factor: Option<TwoFactorState>,
+    /// Bumped by every password or two-factor change; emailed tokens issued before a change are void.
+    #[serde(default)]
+    pub stamp: u64,
+}
+
+/// What an emailed token is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenKind {
+    /// A password reset link.
+    PasswordReset,
+    /// An invitation to create an account.
+    Invitation,
+}
+
+/// An emailed single-use token, stored under its keyed hash only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// What it is for.
+    pub kind: TokenKind,
+    /// The account (reset) — empty for invitations.
+    pub username: String,
+    /// The address it was sent to; an invitation is bound to it.
+    pub email: String,
+    /// Groups an invitation grants.
+    pub groups: Vec<String>,
+    /// Unix seconds.
+    pub created: u64,
+    /// Unix seconds after which it is void.
+    pub expires: u64,
+    /// The user's stamp when issued (reset): a later password or 2FA change voids the token.
+    pub stamp: u64,
+    /// Who issued it (invitations).
+    pub issued_by: String,
+}
+
+/// Outcome of using a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenUse {
+    /// Done; for resets, the account.
+    Done(String),
+    /// Unknown, used, expired, or void.
+    Invalid,
+    /// The account to create clashes with an existing one.
+    Conflict(String),
 }
 
 /// A server-side session record.
@@ -223,9 +268,7 @@ pub struct Store {
 impl Store {
     /// Opens (creating and migrating as needed) the embedded store.
     pub fn open(path: &std::path::Path) -> Result<Store, StoreError> {
-        Ok(Store {
-            inner: std::sync::Arc::new(RedbStore::open(path)?),
-        })
+        Ok(Store { inner: std::sync::Arc::new(RedbStore::open(path)?) })
     }
 
     /// Runs a blocking storage operation off the async runtime.
@@ -234,9 +277,7 @@ impl Store {
         f: impl FnOnce(&RedbStore) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || f(&inner))
-            .await
-            .map_err(|_| StoreError::Task)?
+        tokio::task::spawn_blocking(move || f(&inner)).await.map_err(|_| StoreError::Task)?
     }
 
     /// Adds a user; fails if the username or email is taken.
@@ -263,8 +304,20 @@ impl Store {
 
     /// Changes the password hash and ends the user's sessions. False if no such user.
     pub async fn set_password(&self, username: &str, hash: String) -> Result<bool, StoreError> {
+        self.change_password(username, hash, Revoke::All).await
+    }
+
+    /// Changes the password hash, voids emailed tokens and ends sessions as `revoke` says.
+    pub async fn change_password(&self, username: &str, hash: String, revoke: Revoke) -> Result<bool, StoreError> {
         let u = username.to_string();
-        let r = self.run(move |s| s.modify_user(&u, Revoke::All, move |user| user.password_hash = hash)).await?;
+        let r = self
+            .run(move |s| {
+                s.modify_user(&u, revoke, move |user| {
+                    user.password_hash = hash;
+                    user.stamp += 1;
+                })
+            })
+            .await?;
         Ok(r.is_some())
     }
 
@@ -285,8 +338,7 @@ impl Store {
     /// Records a successful login.
     pub async fn record_login(&self, username: &str, login: LastLogin) -> Result<(), StoreError> {
         let u = username.to_string();
-        self.run(move |s| s.modify_user(&u, Revoke::None, move |user| user.last_login = Some(login)).map(|_| ()))
-            .await
+        self.run(move |s| s.modify_user(&u, Revoke::None, move |user| user.last_login = Some(login)).map(|_| ())).await
     }
 
     /// Counts one failure under `key` and returns the counter, locking it when it reaches `rule.max`.
@@ -435,7 +487,12 @@ impl Store {
     pub async fn disable_two_factor(&self, username: &str, revoke: Revoke) -> Result<bool, StoreError> {
         let u = username.to_string();
         let r = self
-            .run(move |s| s.modify_user(&u, revoke, |user| user.two_factor.take().is_some()))
+            .run(move |s| {
+                s.modify_user(&u, revoke, |user| {
+                    user.stamp += 1;
+                    user.two_factor.take().is_some()
+                })
+            })
             .await?;
         Ok(r.unwrap_or(false))
     }
@@ -462,7 +519,39 @@ impl Store {
     }
 
     /// One page of users after `after` (by username) matching `filter`; true if more follow.
-    pub async fn users_page(&self, after: String, limit: usize, filter: UserFilter) -> Result<(Vec<User>, bool), StoreError> {
+    pub async fn users_page(
+        &self,
+        after: String,
+        limit: usize,
+        filter: UserFilter,
+    ) -> Result<(Vec<User>, bool), StoreError> {
         self.run(move |s| s.users_page(&after, limit, &filter)).await
+    }
+
+    /// Stores an emailed token under its hash.
+    pub async fn put_token(&self, hash: String, record: TokenRecord) -> Result<(), StoreError> {
+        self.run(move |s| s.put_token(&hash, &record)).await
+    }
+
+    /// Looks at a token without using it (mail scanners prefetch links).
+    pub async fn token(&self, hash: String) -> Result<Option<TokenRecord>, StoreError> {
+        self.run(move |s| s.token(&hash)).await
+    }
+
+    /// In one transaction: checks a reset token (kind, expiry, stamp), spends it, sets the new password,
+    /// voids other tokens and ends every session of the user.
+    pub async fn reset_password(&self, hash: String, new_hash: String, now: u64) -> Result<TokenUse, StoreError> {
+        self.run(move |s| s.reset_password(&hash, new_hash, now)).await
+    }
+
+    /// In one transaction: checks an invitation, creates the account (bound to the invited address, with its
+    /// groups) and spends the invitation. A clash leaves the invitation unused.
+    pub async fn accept_invitation(&self, hash: String, user: User, now: u64) -> Result<TokenUse, StoreError> {
+        self.run(move |s| s.accept_invitation(&hash, user, now)).await
+    }
+
+    /// True at most once per `interval` seconds for `key` (throttles notifications).
+    pub async fn claim_interval(&self, key: String, now: u64, interval: u64) -> Result<bool, StoreError> {
+        self.run(move |s| s.claim_interval(&key, now, interval)).await
     }
 }

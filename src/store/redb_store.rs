@@ -5,15 +5,13 @@
 
 use std::path::Path;
 
-use redb::{
-    Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, TableDefinition,
-    WriteTransaction,
-};
+use redb::{Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    FailureRule, Failures, PendingEnrolment, Revoke, SessionRecord, StoreError, TwoFactorState, User, UserFilter,
+    FailureRule, Failures, PendingEnrolment, Revoke, SessionRecord, StoreError, TokenKind, TokenRecord, TokenUse,
+    TwoFactorState, User, UserFilter,
 };
 use crate::audit::AuditEvent;
 
@@ -29,6 +27,8 @@ const SESSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sessions")
 const USER_SESSIONS: MultimapTableDefinition<&str, &[u8]> = MultimapTableDefinition::new("user_sessions");
 const FAILURES: TableDefinition<&str, &[u8]> = TableDefinition::new("failures");
 const PENDING: TableDefinition<&[u8], &[u8]> = TableDefinition::new("pending_enrolments");
+const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+const THROTTLE: TableDefinition<&str, u64> = TableDefinition::new("throttle");
 /// Audit events by (user, at·10⁶ + random), so one user's events are one range scan.
 const AUDIT: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("audit");
 
@@ -92,10 +92,7 @@ impl RedbStore {
             let found = meta.get("schema_version")?.map(|v| v.value());
             match found {
                 Some(v) if v > SCHEMA_VERSION => {
-                    return Err(StoreError::TooNew {
-                        found: v,
-                        supported: SCHEMA_VERSION,
-                    });
+                    return Err(StoreError::TooNew { found: v, supported: SCHEMA_VERSION });
                 }
                 // Future steps go here: `Some(1) => migrate_1_to_2(&tx)?`, each in this same transaction.
                 _ => {}
@@ -108,6 +105,8 @@ impl RedbStore {
             tx.open_table(FAILURES)?;
             tx.open_table(PENDING)?;
             tx.open_table(AUDIT)?;
+            tx.open_table(TOKENS)?;
+            tx.open_table(THROTTLE)?;
         }
         tx.commit()?;
         Ok(())
@@ -268,6 +267,84 @@ impl RedbStore {
         Ok((out, false))
     }
 
+    pub(super) fn put_token(&self, hash: &str, record: &TokenRecord) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.open_table(TOKENS)?.insert(hash, encode(record)?.as_slice())?;
+            Ok(())
+        })
+    }
+
+    pub(super) fn token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(TOKENS)?;
+        t.get(hash)?.map(|v| decode(v.value())).transpose()
+    }
+
+    pub(super) fn reset_password(&self, hash: &str, new_hash: String, now: u64) -> Result<TokenUse, StoreError> {
+        self.write(|tx| {
+            let mut tokens = tx.open_table(TOKENS)?;
+            let Some(rec) = tokens.get(hash)?.map(|v| decode::<TokenRecord>(v.value())).transpose()? else {
+                return Ok(TokenUse::Invalid);
+            };
+            if rec.kind != TokenKind::PasswordReset || now >= rec.expires {
+                return Ok(TokenUse::Invalid);
+            }
+            let mut users = tx.open_table(USERS)?;
+            let user = users.get(rec.username.as_str())?.map(|v| decode::<User>(v.value())).transpose()?;
+            let Some(mut user) = user.filter(|u| u.stamp == rec.stamp) else {
+                return Ok(TokenUse::Invalid);
+            };
+            tokens.remove(hash)?;
+            user.password_hash = new_hash;
+            user.stamp += 1;
+            users.insert(user.username.as_str(), encode(&user)?.as_slice())?;
+            drop((tokens, users));
+            revoke_in(tx, &rec.username, None)?;
+            Ok(TokenUse::Done(rec.username))
+        })
+    }
+
+    pub(super) fn accept_invitation(&self, hash: &str, mut user: User, now: u64) -> Result<TokenUse, StoreError> {
+        self.write(|tx| {
+            let mut tokens = tx.open_table(TOKENS)?;
+            let Some(rec) = tokens.get(hash)?.map(|v| decode::<TokenRecord>(v.value())).transpose()? else {
+                return Ok(TokenUse::Invalid);
+            };
+            if rec.kind != TokenKind::Invitation || now >= rec.expires {
+                return Ok(TokenUse::Invalid);
+            }
+            user.email = rec.email.clone();
+            user.groups = rec.groups.clone();
+            let mut users = tx.open_table(USERS)?;
+            let mut emails = tx.open_table(EMAILS)?;
+            let clash = users.get(user.username.as_str())?.is_some()
+                || emails.get(user.username.as_str())?.is_some()
+                || users.get(user.email.as_str())?.is_some();
+            if clash {
+                return Ok(TokenUse::Conflict(format!("the username {:?} is taken", user.username)));
+            }
+            if emails.get(user.email.as_str())?.is_some() {
+                return Ok(TokenUse::Conflict("an account with this email address already exists".into()));
+            }
+            users.insert(user.username.as_str(), encode(&user)?.as_slice())?;
+            emails.insert(user.email.as_str(), user.username.as_str())?;
+            tokens.remove(hash)?;
+            Ok(TokenUse::Done(user.username))
+        })
+    }
+
+    pub(super) fn claim_interval(&self, key: &str, now: u64, interval: u64) -> Result<bool, StoreError> {
+        self.write(|tx| {
+            let mut t = tx.open_table(THROTTLE)?;
+            let last = t.get(key)?.map(|v| v.value());
+            if last.is_some_and(|l| now < l.saturating_add(interval)) {
+                return Ok(false);
+            }
+            t.insert(key, now)?;
+            Ok(true)
+        })
+    }
+
     pub(super) fn put_pending(&self, session: &[u8; 32], p: &PendingEnrolment) -> Result<(), StoreError> {
         self.write(|tx| {
             tx.open_table(PENDING)?.insert(session.as_slice(), encode(p)?.as_slice())?;
@@ -303,6 +380,7 @@ impl RedbStore {
                 return Ok(false);
             }
             user.two_factor = Some(state);
+            user.stamp += 1;
             users.insert(username, encode(&user)?.as_slice())?;
             tx.open_table(PENDING)?.remove(session.as_slice())?;
             Ok(true)
@@ -327,11 +405,7 @@ impl RedbStore {
             let old = table.get(key)?.map(|v| decode::<Failures>(v.value())).transpose()?;
             let mut f = match old {
                 Some(f) if now < f.window_start.saturating_add(rule.window) || f.locked_until > now => f,
-                _ => Failures {
-                    count: 0,
-                    window_start: now,
-                    locked_until: 0,
-                },
+                _ => Failures { count: 0, window_start: now, locked_until: 0 },
             };
             f.count = f.count.saturating_add(1);
             if f.count >= rule.max && f.locked_until <= now {
@@ -375,8 +449,7 @@ impl RedbStore {
                 delete_session_in(tx, old)?;
             }
             tx.open_table(SESSIONS)?.insert(id.as_slice(), encode(record)?.as_slice())?;
-            tx.open_multimap_table(USER_SESSIONS)?
-                .insert(record.username.as_str(), id.as_slice())?;
+            tx.open_multimap_table(USER_SESSIONS)?.insert(record.username.as_str(), id.as_slice())?;
             Ok(())
         })
     }
@@ -443,8 +516,7 @@ fn delete_session_in(tx: &WriteTransaction, id: &[u8; 32]) -> Result<(), StoreEr
     let mut sessions = tx.open_table(SESSIONS)?;
     let removed = sessions.remove(id.as_slice())?.map(|v| decode::<SessionRecord>(v.value())).transpose()?;
     if let Some(rec) = removed {
-        tx.open_multimap_table(USER_SESSIONS)?
-            .remove(rec.username.as_str(), id.as_slice())?;
+        tx.open_multimap_table(USER_SESSIONS)?.remove(rec.username.as_str(), id.as_slice())?;
     }
     Ok(())
 }
@@ -452,10 +524,8 @@ fn delete_session_in(tx: &WriteTransaction, id: &[u8; 32]) -> Result<(), StoreEr
 /// Ends a user's sessions, except `keep`.
 fn revoke_in(tx: &WriteTransaction, username: &str, keep: Option<&[u8; 32]>) -> Result<usize, StoreError> {
     let mut index = tx.open_multimap_table(USER_SESSIONS)?;
-    let ids: Vec<Vec<u8>> = index
-        .remove_all(username)?
-        .map(|v| v.map(|g| g.value().to_vec()))
-        .collect::<Result<_, _>>()?;
+    let ids: Vec<Vec<u8>> =
+        index.remove_all(username)?.map(|v| v.map(|g| g.value().to_vec())).collect::<Result<_, _>>()?;
     let mut sessions = tx.open_table(SESSIONS)?;
     let mut pending = tx.open_table(PENDING)?;
     let mut ended = 0;
@@ -487,6 +557,7 @@ mod tests {
             created: 0,
             last_login: None,
             two_factor: None,
+            stamp: 0,
         }
     }
 

@@ -1,0 +1,246 @@
+//! Forgot password: ask → email a single-use link → (second factor, if enrolled) → new password.
+//!
+//! The answer to "send me a link" is the same whether or not the account exists. Opening the link never spends
+//! it (mail scanners prefetch links); only the final POST does, in the same transaction that sets the password.
+//! A reset never removes two-factor and never signs anyone in.
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use minijinja::context;
+
+use crate::Body;
+use crate::audit::{AuditEvent, EventKind};
+use crate::credentials::lockout::Step;
+use crate::credentials::{password, recovery, tokens, totp};
+use crate::gateway::{Client, Gateway};
+use crate::mail::Email;
+use crate::notify::{Notice, notify};
+use crate::portal::form::{self, check_csrf};
+use crate::portal::login::anonymous_binding;
+use crate::portal::two_factor::TOTP_PURPOSE;
+use crate::portal::{query_param, with_cookie};
+use crate::respond::Reject;
+use crate::session;
+use crate::store::{Consumed, FailureRule, TokenKind, TokenRecord, TokenUse, User, normalize_login};
+
+/// Reset requests allowed per account, per recipient and per address in a window.
+const PER_ACCOUNT: u32 = 3;
+const PER_ADDRESS: u32 = 10;
+const RATE_WINDOW: u64 = 900;
+
+fn forgot_page(gw: &Gateway, csrf: String, sent: bool) -> Response<Body> {
+    let ctx = context! {
+        csrf, sent,
+        enabled => gw.config.password_reset_enabled(),
+        ttl_minutes => gw.config.accounts.reset_token_ttl.secs() / 60,
+    };
+    gw.pages.page(gw, "forgot.html", StatusCode::OK, ctx)
+}
+
+/// GET forgot.
+pub async fn show_forgot(gw: &Gateway, client: &Client, req: &Request<Incoming>) -> Result<Response<Body>, Reject> {
+    let (binding, cookie) = anonymous_binding(gw, client, req.headers())?;
+    Ok(with_cookie(forgot_page(gw, gw.keys.csrf_token(&binding), false), cookie))
+}
+
+/// Whether a counter still allows an action (counts this attempt).
+async fn allowed(gw: &Gateway, key: String, max: u32, now: u64) -> Result<bool, Reject> {
+    let rule = FailureRule { max: max + 1, window: RATE_WINDOW, lockout: RATE_WINDOW };
+    let f = gw.store.register_failure(key, now, rule).await?;
+    Ok(f.count <= max && f.locked_until <= now)
+}
+
+/// POST forgot: always the same page; an email only for a real, unlimited account.
+pub async fn submit_forgot(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Result<Response<Body>, Reject> {
+    let (parts, form) = form::read(req).await?;
+    let binding = session::csrf_binding(&gw.keys, &parts.headers, &gw.config.csrf_cookie_name());
+    check_csrf(gw, &parts, &form, binding.as_ref().map(|b| b.as_slice()))?;
+    let csrf = binding.map(|b| gw.keys.csrf_token(&b)).unwrap_or_default();
+    if !gw.config.password_reset_enabled() {
+        return Ok(forgot_page(gw, csrf, false));
+    }
+    let now = gw.clock.now();
+    if !allowed(gw, format!("reset:addr:{}", client.addr), PER_ADDRESS, now).await? {
+        return Err(Reject::TooManyAttempts(RATE_WINDOW));
+    }
+    let login = normalize_login(form.get("username"));
+    // The same work happens for unknown names (counter, lookup), so the answer and its timing match.
+    let account_ok = allowed(gw, format!("reset:acct:{login}"), PER_ACCOUNT, now).await?;
+    let user = if login.is_empty() { None } else { gw.store.find_login(&login).await? };
+    if let Some(user) = user.filter(|u| !u.locked) {
+        let recipient_ok = allowed(gw, format!("reset:rcpt:{}", user.email), PER_ACCOUNT, now).await?;
+        if account_ok && recipient_ok {
+            send_reset(gw, client, &user, now).await?;
+        }
+    }
+    Ok(forgot_page(gw, csrf, true))
+}
+
+async fn send_reset(gw: &Gateway, client: &Client, user: &User, now: u64) -> Result<(), Reject> {
+    let (token, hash) = tokens::new_token(&gw.keys)?;
+    let ttl = gw.config.accounts.reset_token_ttl.secs();
+    let record = TokenRecord {
+        kind: TokenKind::PasswordReset,
+        username: user.username.clone(),
+        email: user.email.clone(),
+        groups: Vec::new(),
+        created: now,
+        expires: now + ttl,
+        stamp: user.stamp,
+        issued_by: "self-service".into(),
+    };
+    gw.store.put_token(hash, record).await?;
+    // Links come from public_url, never from the Host header (which an attacker controls).
+    let base = gw.config.mail.public_url.as_deref().unwrap_or_default();
+    let link = format!("{base}{}/reset?token={token}", gw.prefix());
+    let body = format!(
+        "Hello {},\n\nSomeone (hopefully you) asked to reset the password of your account from {}.\n\n\
+         Choose a new password here (the link works once and expires in {} minutes):\n\n{link}\n\n\
+         If you didn't ask for this, ignore this email: your password stays as it is.\n\n-- \n{}\n",
+        user.display_name,
+        client.addr,
+        ttl / 60,
+        gw.config.portal.title
+    );
+    gw.mailer.send(Email {
+        to: user.email.clone(),
+        subject: format!("{}: reset your password", gw.config.portal.title),
+        body,
+        kind: "password_reset",
+    });
+    let event = AuditEvent::new(now, EventKind::PasswordResetRequested, &user.username).from_addr(client.addr);
+    gw.audit(event).await;
+    Ok(())
+}
+
+/// A valid reset token's record and user, or None.
+async fn valid_token(gw: &Gateway, token: &str) -> Result<Option<(TokenRecord, User)>, Reject> {
+    let Some(rec) = gw.store.token(tokens::hash(&gw.keys, token)).await? else {
+        return Ok(None);
+    };
+    if rec.kind != TokenKind::PasswordReset || gw.clock.now() >= rec.expires {
+        return Ok(None);
+    }
+    let user = gw.store.user(&rec.username).await?;
+    Ok(user.filter(|u| u.stamp == rec.stamp).map(|u| (rec, u)))
+}
+
+fn invalid_link(gw: &Gateway) -> Response<Body> {
+    let ctx = context! {
+        heading => "Link not valid",
+        detail => "This password reset link is not valid: it was already used, it expired, or the password or two-factor settings changed since it was sent. Ask for a new one.",
+        action_href => format!("{}/forgot", gw.prefix()),
+        action_label => "Ask for a new link",
+    };
+    gw.pages.page(gw, "error.html", StatusCode::GONE, ctx)
+}
+
+fn reset_page(
+    gw: &Gateway,
+    status: StatusCode,
+    csrf: String,
+    token: &str,
+    user: &User,
+    error: Option<&str>,
+) -> Response<Body> {
+    let ctx = context! {
+        csrf, token, error, username => &user.username, two_factor => user.two_factor.is_some(),
+    };
+    gw.pages.page(gw, "reset.html", status, ctx)
+}
+
+/// GET reset?token=…: the form. Never spends the token.
+pub async fn show_reset(gw: &Gateway, client: &Client, req: &Request<Incoming>) -> Result<Response<Body>, Reject> {
+    let token = query_param(req.uri(), "token");
+    let Some((_, user)) = valid_token(gw, &token).await? else {
+        return Ok(invalid_link(gw));
+    };
+    let (binding, cookie) = anonymous_binding(gw, client, req.headers())?;
+    let page = reset_page(gw, StatusCode::OK, gw.keys.csrf_token(&binding), &token, &user, None);
+    Ok(with_cookie(page, cookie))
+}
+
+/// POST reset: second factor first (if enrolled), then the new password, then every session ends.
+pub async fn submit_reset(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Result<Response<Body>, Reject> {
+    let (parts, form) = form::read(req).await?;
+    let binding = session::csrf_binding(&gw.keys, &parts.headers, &gw.config.csrf_cookie_name());
+    check_csrf(gw, &parts, &form, binding.as_ref().map(|b| b.as_slice()))?;
+    let csrf = binding.map(|b| gw.keys.csrf_token(&b)).unwrap_or_default();
+    let token = form.get("token");
+    let Some((_, user)) = valid_token(gw, token).await? else {
+        return Ok(invalid_link(gw));
+    };
+    let now = gw.clock.now();
+    let again = |status, msg| Ok(reset_page(gw, status, csrf.clone(), token, &user, Some(msg)));
+    if user.two_factor.is_some() {
+        if let Some(secs) =
+            gw.lockout.retry_after(&gw.store, Step::SecondFactor, &user.username, client.addr, now).await?
+        {
+            return Err(Reject::TooManyAttempts(secs));
+        }
+        if !second_factor_ok(gw, &user, form.get("code"), form.get("recovery_code"), now).await? {
+            let event = AuditEvent::new(now, EventKind::SecondFactorFailed, &user.username).from_addr(client.addr);
+            gw.audit(event.detail("password reset")).await;
+            if let Some(secs) = gw.lockout.fail(&gw.store, Step::SecondFactor, &user.username, client.addr, now).await?
+            {
+                return Err(Reject::TooManyAttempts(secs));
+            }
+            return again(
+                StatusCode::UNAUTHORIZED,
+                "The code is not valid. Enter a current code from your app or an unused recovery code.",
+            );
+        }
+    }
+    let pw = form.get("password");
+    if pw != form.get("password2") {
+        return again(StatusCode::UNPROCESSABLE_ENTITY, "The two passwords differ.");
+    }
+    if password::check_new(pw).is_err() {
+        return again(StatusCode::UNPROCESSABLE_ENTITY, "A password must be 8 to 1024 characters long.");
+    }
+    let hash = gw.hasher.hash(pw.to_string()).await?;
+    match gw.store.reset_password(tokens::hash(&gw.keys, token), hash, now).await? {
+        TokenUse::Done(_) => {}
+        _ => return Ok(invalid_link(gw)),
+    }
+    gw.audit(AuditEvent::new(now, EventKind::PasswordChanged, &user.username).from_addr(client.addr).detail("reset"))
+        .await;
+    notify(gw, &user, Notice::PasswordChanged).await;
+    let ctx = context! {
+        heading => "Password changed",
+        detail => "Your password was changed and every session of your account was signed out. Sign in with the new password.",
+        action_href => format!("{}/login", gw.prefix()),
+        action_label => "Sign in",
+    };
+    Ok(gw.pages.page(gw, "error.html", StatusCode::OK, ctx))
+}
+
+/// A TOTP code (its step recorded, so it can't be replayed) or a recovery code (spent).
+async fn second_factor_ok(
+    gw: &Gateway,
+    user: &User,
+    code: &str,
+    recovery_code: &str,
+    now: u64,
+) -> Result<bool, Reject> {
+    let Some(tf) = &user.two_factor else {
+        return Ok(true);
+    };
+    if !recovery_code.trim().is_empty() {
+        let Some(c) = recovery::normalize(recovery_code) else {
+            return Ok(false);
+        };
+        let hash = recovery::hash(&gw.keys, &user.username, &c);
+        let used = gw.store.consume_recovery_code(&user.username, hash, None).await?;
+        if let Consumed::Ok(left) = used {
+            notify(gw, user, Notice::RecoveryCodeUsed(left)).await;
+            return Ok(true);
+        }
+        return Ok(false);
+    }
+    let secret = gw.keys.open(&user.username, TOTP_PURPOSE, &tf.secret)?;
+    match totp::check(&secret, code, now, gw.config.two_factor.skew, Some(tf.last_step)) {
+        totp::Check::Accepted(step) => Ok(gw.store.accept_totp_step(&user.username, step).await?),
+        _ => Ok(false),
+    }
+}
