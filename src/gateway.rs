@@ -48,6 +48,8 @@ pub struct Gateway {
     pub app_labels: Vec<String>,
     /// Outgoing mail queue.
     pub mailer: crate::mail::Mailer,
+    /// Session lookups for the proxy hot path (shared across reloads).
+    pub cache: Arc<session::SessionCache>,
 }
 
 /// What we know about the client of one request.
@@ -78,6 +80,7 @@ impl Gateway {
             hasher,
             tunnels: tokio_util::task::TaskTracker::new(),
             metrics: Arc::new(crate::metrics::Metrics::new()),
+            cache: Arc::new(session::SessionCache::default()),
         };
         Gateway::assemble(config, shared)
     }
@@ -98,6 +101,7 @@ impl Gateway {
             hasher: self.hasher.clone(),
             tunnels: self.tunnels.clone(),
             metrics: self.metrics.clone(),
+            cache: self.cache.clone(),
         };
         Gateway::assemble(config, shared)
     }
@@ -130,6 +134,7 @@ impl Gateway {
             hasher: shared.hasher,
             tunnels: shared.tunnels,
             metrics: shared.metrics,
+            cache: shared.cache,
             config,
         })
     }
@@ -198,26 +203,65 @@ impl Gateway {
         let Some((record, user)) = self.store.session_with_user(id.0).await? else {
             return Ok(None);
         };
+        let auth = Authenticated { id, record: Arc::new(record), user: Arc::new(user) };
         let now = self.clock.now();
+        if !self.still_valid(&auth, now) {
+            return Ok(None);
+        }
+        if now >= auth.record.last_seen + session::TOUCH_INTERVAL {
+            self.touch(id, now);
+        }
+        Ok(Some(auth))
+    }
+
+    /// [`Gateway::authenticate`] through the in-memory cache: the proxy hot path. A hit costs a signature check
+    /// and one read of the store's revocation revision; no session or user record is read or decoded.
+    pub async fn authenticate_cached(&self, headers: &HeaderMap) -> Result<Option<Authenticated>, Reject> {
+        let Some(id) = session::session_id(&self.keys, headers, &self.config.session.cookie_name.0) else {
+            return Ok(None);
+        };
+        let revision = self.store.revision()?;
+        let now = self.clock.now();
+        if let session::Lookup::Hit(auth, touch_due) = self.cache.get(&id, revision, now) {
+            if !self.still_valid(&auth, now) {
+                self.cache.remove(&id);
+                return Ok(None);
+            }
+            if touch_due {
+                self.touch(id, now);
+            }
+            return Ok(Some(auth));
+        }
+        let found = self.authenticate(headers).await?;
+        if let Some(auth) = &found {
+            self.cache.put(auth, revision);
+        }
+        Ok(found)
+    }
+
+    /// Checks idle and absolute expiry and the lock flag; an invalid session is deleted.
+    fn still_valid(&self, auth: &Authenticated, now: u64) -> bool {
         let s = &self.config.session;
-        let idle = match record.level {
+        let idle = match auth.record.level {
             // A password-only session exists just to finish the login.
             Level::Pending => s.idle_timeout.secs().min(PENDING_LIFETIME),
             _ => s.idle_timeout.secs(),
         };
-        if session::expired(&record, now, idle, s.max_lifetime.secs()) || user.locked {
-            self.forget_session(id);
-            return Ok(None);
+        if session::expired(&auth.record, now, idle, s.max_lifetime.secs()) || auth.user.locked {
+            self.forget_session(auth.id);
+            return false;
         }
-        if now >= record.last_seen + session::TOUCH_INTERVAL {
-            let store = self.store.clone();
-            tokio::spawn(async move {
-                if let Err(e) = store.touch_session(id.0, now).await {
-                    tracing::warn!(error = %e, "could not refresh session last-seen");
-                }
-            });
-        }
-        Ok(Some(Authenticated { id, record, user }))
+        true
+    }
+
+    /// Refreshes last-seen in the background.
+    fn touch(&self, id: SessionId, now: u64) {
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.touch_session(id.0, now).await {
+                tracing::warn!(error = %e, "could not refresh session last-seen");
+            }
+        });
     }
 
     /// Deletes a session in the background (it is already treated as gone).
@@ -239,6 +283,7 @@ struct Shared {
     hasher: Hasher,
     tunnels: tokio_util::task::TaskTracker,
     metrics: Arc<crate::metrics::Metrics>,
+    cache: Arc<session::SessionCache>,
 }
 
 /// Lifetime of a password-only session, in seconds.
@@ -321,7 +366,7 @@ async fn protected(gw: &Arc<Gateway>, client: &Client, req: Request<Incoming>) -
         Policy::Deny => return Err(Reject::Denied),
         Policy::Bypass => None,
         needed => {
-            let Some(auth) = gw.authenticate(req.headers()).await? else {
+            let Some(auth) = gw.authenticate_cached(req.headers()).await? else {
                 return Ok(send_to(gw, &req, |rd| crate::portal::login_url(gw, rd)));
             };
             match (auth.record.level, needed) {

@@ -236,7 +236,7 @@ pub async fn forward(
     gw: &Arc<Gateway>,
     client: &Client,
     decision: Decision,
-    identity: Option<User>,
+    identity: Option<std::sync::Arc<User>>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Reject> {
     let app = &gw.config.apps[decision.app];

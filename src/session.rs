@@ -3,6 +3,10 @@
 //! The cookie value is `sess1.<64 hex>` signed by the cookie crate (HMAC-SHA256). The signature doesn't cover the
 //! cookie's name, so the purpose tag inside the value keeps a CSRF cookie from passing as a session.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
 use cookie::{Cookie, CookieJar, SameSite};
 use http::HeaderMap;
 
@@ -40,9 +44,83 @@ pub struct Authenticated {
     /// Its id.
     pub id: SessionId,
     /// Its record.
-    pub record: SessionRecord,
+    pub record: Arc<SessionRecord>,
     /// Its user, read in the same snapshot.
-    pub user: User,
+    pub user: Arc<User>,
+}
+
+/// Most sessions the cache holds before it starts over (bounds memory under a flood of distinct cookies).
+const CACHE_LIMIT: usize = 100_000;
+
+/// One cached session.
+struct Cached {
+    record: Arc<SessionRecord>,
+    user: Arc<User>,
+    /// Last-seen as this process last wrote it (the record's copy may be older).
+    last_seen: AtomicU64,
+}
+
+/// In-memory session lookups for the proxy hot path, so a request with a valid session touches no database
+/// table but one small revision counter. Whenever the store's revocation revision moves (logout, lock,
+/// password or two-factor change, here or in another process), everything cached is dropped.
+#[derive(Default)]
+pub struct SessionCache {
+    map: RwLock<HashMap<[u8; 32], Arc<Cached>>>,
+    revision: AtomicU64,
+}
+
+/// What the cache knows about a session.
+pub enum Lookup {
+    /// Cached and current: the session, and whether last-seen is due a refresh (already marked done).
+    Hit(Authenticated, bool),
+    /// Not cached.
+    Miss,
+}
+
+impl SessionCache {
+    /// Looks up `id`, first dropping everything if the store's `revision` moved since it was filled.
+    pub fn get(&self, id: &SessionId, revision: u64, now: u64) -> Lookup {
+        if self.revision.load(Ordering::Acquire) != revision {
+            let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+            map.clear();
+            self.revision.store(revision, Ordering::Release);
+            return Lookup::Miss;
+        }
+        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        let Some(c) = map.get(&id.0) else {
+            return Lookup::Miss;
+        };
+        let seen = c.last_seen.load(Ordering::Relaxed);
+        let due = now >= seen + TOUCH_INTERVAL
+            && c.last_seen.compare_exchange(seen, now, Ordering::Relaxed, Ordering::Relaxed).is_ok();
+        let mut record = c.record.clone();
+        if seen > record.last_seen {
+            Arc::make_mut(&mut record).last_seen = seen;
+        }
+        Lookup::Hit(Authenticated { id: *id, record, user: c.user.clone() }, due)
+    }
+
+    /// Remembers a session read from the store while the store was at `revision`.
+    pub fn put(&self, auth: &Authenticated, revision: u64) {
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        if self.revision.load(Ordering::Acquire) != revision {
+            return;
+        }
+        if map.len() >= CACHE_LIMIT {
+            map.clear();
+        }
+        let cached = Cached {
+            record: auth.record.clone(),
+            user: auth.user.clone(),
+            last_seen: AtomicU64::new(auth.record.last_seen),
+        };
+        map.insert(auth.id.0, Arc::new(cached));
+    }
+
+    /// Forgets one session (expired or deleted here).
+    pub fn remove(&self, id: &SessionId) {
+        self.map.write().unwrap_or_else(|p| p.into_inner()).remove(&id.0);
+    }
 }
 
 /// Whether a record has passed its idle or absolute limit at `now`.
@@ -164,6 +242,37 @@ mod tests {
         ] {
             assert_eq!(session_id(&keys, &headers(&format!("s={bad}")), "s"), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn cache_drops_everything_when_the_revision_moves() {
+        let cache = SessionCache::default();
+        let id = SessionId([4; 32]);
+        let record = SessionRecord {
+            username: "a".into(),
+            level: crate::store::Level::Full,
+            created: 1000,
+            last_seen: 1000,
+            address: String::new(),
+        };
+        let user: User = serde_json::from_value(serde_json::json!({
+            "username": "a", "email": "a@x", "display_name": "A", "groups": [], "password_hash": "",
+            "locked": false, "created": 0, "last_login": null, "two_factor": null
+        }))
+        .unwrap();
+        let auth = Authenticated { id, record: Arc::new(record), user: Arc::new(user) };
+        assert!(matches!(cache.get(&id, 7, 1000), Lookup::Miss));
+        cache.put(&auth, 7);
+        assert!(matches!(cache.get(&id, 7, 1010), Lookup::Hit(_, false)));
+        // Last-seen refresh is due once per interval, and only to one caller.
+        assert!(matches!(cache.get(&id, 7, 1000 + TOUCH_INTERVAL), Lookup::Hit(_, true)));
+        assert!(matches!(cache.get(&id, 7, 1000 + TOUCH_INTERVAL), Lookup::Hit(_, false)));
+        // A revocation anywhere (revision 8) empties the cache.
+        assert!(matches!(cache.get(&id, 8, 1100), Lookup::Miss));
+        assert!(matches!(cache.get(&id, 8, 1100), Lookup::Miss));
+        // A value read under an old revision is not cached.
+        cache.put(&auth, 7);
+        assert!(matches!(cache.get(&id, 8, 1100), Lookup::Miss));
     }
 
     #[test]

@@ -433,7 +433,5 @@ pub async fn change_password(gw: &Gateway, client: &Client, req: Request<Incomin
     gw.store.change_password(name, hash, Revoke::AllExcept(auth.id.0)).await?;
     gw.audit(AuditEvent::new(gw.clock.now(), EventKind::PasswordChanged, name).from_addr(client.addr)).await;
     crate::notify::notify(gw, &auth.user, crate::notify::Notice::PasswordChanged).await;
-    let mut auth = auth;
-    auth.user.stamp += 1;
     Ok(settings_page(gw, &auth, Some("Your password was changed. Your other sessions were signed out.")))
 }

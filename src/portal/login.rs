@@ -161,7 +161,7 @@ pub async fn show_logout(gw: &Gateway, req: &Request<Incoming>) -> Result<Respon
     let Some(auth) = gw.authenticate(req.headers()).await? else {
         return Ok(redirect(StatusCode::SEE_OTHER, &format!("{}/login", gw.prefix())));
     };
-    let ctx = context! { csrf => gw.keys.csrf_token(&auth.id.0), username => auth.user.username };
+    let ctx = context! { csrf => gw.keys.csrf_token(&auth.id.0), username => &auth.user.username };
     Ok(gw.pages.page(gw, "logout.html", StatusCode::OK, ctx))
 }
 

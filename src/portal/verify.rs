@@ -101,7 +101,7 @@ pub async fn verify(gw: &Gateway, client: &Client, req: &Request<Incoming>) -> R
         p => p,
     };
     let rd = crate::portal::redirect::target_or_root(&orig.path_and_query);
-    let Some(auth) = gw.authenticate(req.headers()).await? else {
+    let Some(auth) = gw.authenticate_cached(req.headers()).await? else {
         return Ok(sign_in(&orig, crate::portal::login_url(gw, &rd)));
     };
     match (auth.record.level, needed) {

@@ -280,6 +280,11 @@ impl Store {
         tokio::task::spawn_blocking(move || f(&inner)).await.map_err(|_| StoreError::Task)?
     }
 
+    /// The revocation revision (see [`RedbStore::revision`]); read inline, it is only a small read.
+    pub fn revision(&self) -> Result<u64, StoreError> {
+        self.inner.revision()
+    }
+
     /// Adds a user; fails if the username or email is taken.
     pub async fn create_user(&self, user: User) -> Result<(), StoreError> {
         self.run(move |s| s.create_user(&user)).await

@@ -112,6 +112,14 @@ impl RedbStore {
         Ok(())
     }
 
+    /// The revocation revision: it changes whenever a session may have been ended or a user locked, by this
+    /// process or another (the CLI). A cheap read, done inline on the request path.
+    pub fn revision(&self) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read()?;
+        let meta = tx.open_table(META)?;
+        Ok(meta.get("revision")?.map_or(0, |v| v.value()))
+    }
+
     /// The schema version recorded in the file.
     pub fn schema_version(&self) -> Result<u64, StoreError> {
         let tx = self.db.begin_read()?;
@@ -511,7 +519,16 @@ impl RedbStore {
     }
 }
 
+/// Bumps the revocation revision, so every process's session cache drops what it holds.
+fn bump_revision(tx: &WriteTransaction) -> Result<(), StoreError> {
+    let mut meta = tx.open_table(META)?;
+    let r = meta.get("revision")?.map_or(0, |v| v.value());
+    meta.insert("revision", r.wrapping_add(1))?;
+    Ok(())
+}
+
 fn delete_session_in(tx: &WriteTransaction, id: &[u8; 32]) -> Result<(), StoreError> {
+    bump_revision(tx)?;
     tx.open_table(PENDING)?.remove(id.as_slice())?;
     let mut sessions = tx.open_table(SESSIONS)?;
     let removed = sessions.remove(id.as_slice())?.map(|v| decode::<SessionRecord>(v.value())).transpose()?;
@@ -523,6 +540,7 @@ fn delete_session_in(tx: &WriteTransaction, id: &[u8; 32]) -> Result<(), StoreEr
 
 /// Ends a user's sessions, except `keep`.
 fn revoke_in(tx: &WriteTransaction, username: &str, keep: Option<&[u8; 32]>) -> Result<usize, StoreError> {
+    bump_revision(tx)?;
     let mut index = tx.open_multimap_table(USER_SESSIONS)?;
     let ids: Vec<Vec<u8>> =
         index.remove_all(username)?.map(|v| v.map(|g| g.value().to_vec())).collect::<Result<_, _>>()?;
