@@ -40,6 +40,21 @@ pub enum Command {
     /// Manage users.
     #[command(subcommand)]
     User(UserCommand),
+    /// Manage storage.
+    #[command(subcommand)]
+    Storage(StorageCommand),
+}
+
+/// `storage` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum StorageCommand {
+    /// Copy an embedded redb store (users, second factors, sessions, tokens, audit) into the PostgreSQL database
+    /// the config names. Use the same secret_key_file: secrets stay encrypted under it.
+    MigrateFromRedb {
+        /// The redb file to copy from.
+        #[arg(long)]
+        from: PathBuf,
+    },
 }
 
 /// `user` subcommands.
@@ -163,9 +178,31 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::User(cmd) => {
             init_logging(&quiet);
             let config = Config::load(&cli.config)?;
-            let store = Store::open(&config.storage.path)
-                .with_context(|| format!("opening {}", config.storage.path.display()))?;
+            let store = Store::from_config(&config.storage)
+                .await
+                .with_context(|| format!("opening {}", crate::gateway::storage_name(&config.storage)))?;
             user(&store, &config, cmd).await
+        }
+        Command::Storage(StorageCommand::MigrateFromRedb { from }) => {
+            init_logging(&quiet);
+            let config = Config::load(&cli.config)?;
+            if config.storage.backend != crate::config::StorageBackend::Postgres {
+                bail!("the config's [storage] backend must be \"postgres\" (the destination)");
+            }
+            let source = Store::open(&from).with_context(|| format!("opening {}", from.display()))?;
+            let dump = source.dump().await?;
+            let counts = (dump.users.len(), dump.sessions.len(), dump.tokens.len(), dump.audit.len());
+            let dest = Store::from_config(&config.storage).await.context("connecting to PostgreSQL")?;
+            dest.import(dump).await?;
+            println!(
+                "copied {} users, {} sessions, {} tokens and {} audit events from {} to PostgreSQL",
+                counts.0,
+                counts.1,
+                counts.2,
+                counts.3,
+                from.display()
+            );
+            Ok(())
         }
     }
 }

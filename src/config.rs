@@ -56,6 +56,7 @@ pub struct Config {
     #[serde(default)]
     pub server: Server,
     /// Where users and sessions live.
+    #[serde(default)]
     pub storage: Storage,
     /// Session cookie and timeouts.
     #[serde(default)]
@@ -309,12 +310,43 @@ impl Default for Server {
 
 /// `[storage]`
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Storage {
+    /// "redb" (embedded, default) or "postgres" (shared by several instances).
+    pub backend: StorageBackend,
     /// The redb file.
     pub path: PathBuf,
-    /// The master key file; created with mode 0600 when missing.
+    /// The master key file; created with mode 0600 when missing. Instances sharing a database share it.
     pub secret_key_file: PathBuf,
+    /// PostgreSQL URL, e.g. "postgres://portcullis@db/portcullis?sslmode=require" (or `url_file`).
+    pub url: Option<String>,
+    /// File holding the URL.
+    pub url_file: Option<PathBuf>,
+    /// PostgreSQL connection pool size.
+    pub max_connections: usize,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Storage {
+            backend: StorageBackend::Redb,
+            path: PathBuf::from("data/portcullis.redb"),
+            secret_key_file: PathBuf::from("data/secret.key"),
+            url: None,
+            url_file: None,
+            max_connections: 16,
+        }
+    }
+}
+
+/// `[storage] backend`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    /// The embedded redb file.
+    Redb,
+    /// PostgreSQL.
+    Postgres,
 }
 
 /// `[session]`
@@ -724,6 +756,7 @@ impl Config {
     fn read_secret_files(&mut self) -> Result<(), String> {
         resolve_secret("[metrics] token", &mut self.metrics.token, &self.metrics.token_file)?;
         resolve_secret("[mail] smtp_password", &mut self.mail.smtp_password, &self.mail.smtp_password_file)?;
+        resolve_secret("[storage] url", &mut self.storage.url, &self.storage.url_file)?;
         Ok(())
     }
 
@@ -770,6 +803,9 @@ impl Config {
                     "[mail] public_url {url:?} must be a base URL like \"https://wiki.example.com\" (no path, no trailing /)"
                 ));
             }
+        }
+        if self.storage.backend == StorageBackend::Postgres && self.storage.url.is_none() {
+            return Err("[storage] backend = \"postgres\" needs url or url_file".into());
         }
         if self.mail.transport == MailTransport::Smtp && self.mail.smtp_host.is_none() {
             return Err("[mail] transport = \"smtp\" needs smtp_host".into());

@@ -67,10 +67,10 @@ pub struct Client {
 
 impl Gateway {
     /// Builds a gateway: opens the store, loads keys, prepares TLS, templates and upstream clients.
-    pub fn build(config: Config, clock: Arc<dyn Clock>) -> Result<Gateway, crate::Error> {
-        let path = config.storage.path.clone();
-        let store =
-            Store::open(&path).map_err(|source| crate::Error::Store { path: path.display().to_string(), source })?;
+    pub async fn build(config: Config, clock: Arc<dyn Clock>) -> Result<Gateway, crate::Error> {
+        let store = Store::from_config(&config.storage)
+            .await
+            .map_err(|source| crate::Error::Store { path: storage_name(&config.storage), source })?;
         let keys = Keys::load_or_create(&config.storage.secret_key_file)?;
         let hasher = Hasher::new(config.server.max_concurrent_hashes)?;
         let shared = Shared {
@@ -272,6 +272,14 @@ impl Gateway {
                 tracing::warn!(error = %e, "could not delete an expired session");
             }
         });
+    }
+}
+
+/// How to name the storage in messages (never the database URL: it may hold a password).
+pub fn storage_name(s: &crate::config::Storage) -> String {
+    match s.backend {
+        crate::config::StorageBackend::Redb => s.path.display().to_string(),
+        crate::config::StorageBackend::Postgres => "PostgreSQL".to_string(),
     }
 }
 

@@ -95,7 +95,7 @@ pub async fn run_with_clock(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let metrics_listen = config.metrics.listen;
-    let gw = Arc::new(arc_swap::ArcSwap::from_pointee(Gateway::build(config, clock)?));
+    let gw = Arc::new(arc_swap::ArcSwap::from_pointee(Gateway::build(config, clock).await?));
     let mut background = vec![tokio::spawn(sweep(gw.clone())), tokio::spawn(reload_on_sighup(gw.clone()))];
     if let Some(addr) = metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)

@@ -3,11 +3,46 @@
 //! Each operation is one transaction (redb today; a PostgreSQL backend later maps each to one conditional
 //! statement), so callers never read-modify-write records themselves and races can't split a check from its update.
 
+mod postgres;
 mod redb_store;
 
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+pub use postgres::PgStore;
 pub use redb_store::RedbStore;
+
+/// Version byte prefixed to every stored value (both backends).
+const VALUE_VERSION: u8 = 1;
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    let mut out = vec![VALUE_VERSION];
+    serde_json::to_writer(&mut out, v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    Ok(out)
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    match bytes.split_first() {
+        Some((&VALUE_VERSION, rest)) => serde_json::from_slice(rest).map_err(|e| StoreError::Corrupt(e.to_string())),
+        Some((v, _)) => Err(StoreError::Corrupt(format!("unknown value version {v}"))),
+        None => Err(StoreError::Corrupt("empty value".into())),
+    }
+}
+
+/// A whole store's contents, for moving from the embedded store to PostgreSQL.
+#[derive(Debug, Default)]
+pub struct Dump {
+    /// Users, with their (still encrypted) second factors.
+    pub users: Vec<User>,
+    /// Sessions by id.
+    pub sessions: Vec<([u8; 32], SessionRecord)>,
+    /// Emailed tokens by hash.
+    pub tokens: Vec<(String, TokenRecord)>,
+    /// Audit events.
+    pub audit: Vec<crate::audit::AuditEvent>,
+}
 
 /// Storage failures.
 #[derive(Debug, thiserror::Error)]
@@ -259,52 +294,120 @@ pub fn normalize_login(s: &str) -> String {
     s.trim().to_lowercase()
 }
 
+/// Which database holds the data.
+#[derive(Clone)]
+enum Backend {
+    /// The embedded file.
+    Redb(Arc<RedbStore>),
+    /// A shared PostgreSQL.
+    Postgres(Arc<PgStore>),
+}
+
 /// The storage handle shared by the gateway and the CLI.
 #[derive(Clone)]
 pub struct Store {
-    inner: std::sync::Arc<RedbStore>,
+    backend: Backend,
+}
+
+/// Runs an operation on whichever backend: redb's synchronous calls off the async runtime, PostgreSQL's directly.
+macro_rules! dispatch {
+    ($self:ident, |$r:ident| $redb:expr, |$p:ident| $pg:expr) => {
+        match &$self.backend {
+            Backend::Redb(inner) => {
+                let inner = inner.clone();
+                tokio::task::spawn_blocking(move || {
+                    let $r = &*inner;
+                    $redb
+                })
+                .await
+                .map_err(|_| StoreError::Task)?
+            }
+            Backend::Postgres($p) => $pg,
+        }
+    };
 }
 
 impl Store {
     /// Opens (creating and migrating as needed) the embedded store.
     pub fn open(path: &std::path::Path) -> Result<Store, StoreError> {
-        Ok(Store { inner: std::sync::Arc::new(RedbStore::open(path)?) })
+        Ok(Store { backend: Backend::Redb(Arc::new(RedbStore::open(path)?)) })
     }
 
-    /// Runs a blocking storage operation off the async runtime.
-    async fn run<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&RedbStore) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || f(&inner)).await.map_err(|_| StoreError::Task)?
+    /// Connects to PostgreSQL (migrating under an advisory lock as needed).
+    pub async fn open_postgres(url: &str, max_connections: usize) -> Result<Store, StoreError> {
+        Ok(Store { backend: Backend::Postgres(PgStore::open(url, max_connections).await?) })
     }
 
-    /// The revocation revision (see [`RedbStore::revision`]); read inline, it is only a small read.
+    /// Opens the backend the config names.
+    pub async fn from_config(storage: &crate::config::Storage) -> Result<Store, StoreError> {
+        match storage.backend {
+            crate::config::StorageBackend::Redb => Store::open(&storage.path),
+            crate::config::StorageBackend::Postgres => {
+                let url = storage.url.as_deref().unwrap_or_default();
+                Store::open_postgres(url, storage.max_connections).await
+            }
+        }
+    }
+
+    /// The revocation revision: it moves whenever a session may have ended or a user was locked, by this
+    /// process or another. redb: one small inline read; PostgreSQL: the listener's last value, no round trip.
     pub fn revision(&self) -> Result<u64, StoreError> {
-        self.inner.revision()
+        match &self.backend {
+            Backend::Redb(r) => r.revision(),
+            Backend::Postgres(p) => Ok(p.revision()),
+        }
+    }
+
+    /// Applies `change` to a user under a lock (one transaction), ending sessions as `revoke` says.
+    async fn modify<T: Send + 'static>(
+        &self,
+        username: &str,
+        revoke: Revoke,
+        change: impl FnOnce(&mut User) -> T + Send + 'static,
+    ) -> Result<Option<T>, StoreError> {
+        let u = username.to_string();
+        dispatch!(self, |s| s.modify_user(&u, revoke, change), |p| p.modify_user(&u, revoke, change).await)
+    }
+
+    /// Everything in an embedded store (for `storage migrate-from-redb`).
+    pub async fn dump(&self) -> Result<Dump, StoreError> {
+        match &self.backend {
+            Backend::Redb(r) => {
+                let r = r.clone();
+                tokio::task::spawn_blocking(move || r.dump()).await.map_err(|_| StoreError::Task)?
+            }
+            Backend::Postgres(_) => Err(StoreError::Db("dump is only supported from the embedded store".into())),
+        }
+    }
+
+    /// Copies a dump into this (PostgreSQL) store, in one transaction.
+    pub async fn import(&self, dump: Dump) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Postgres(p) => p.import(dump).await,
+            Backend::Redb(_) => Err(StoreError::Db("import is only supported into PostgreSQL".into())),
+        }
     }
 
     /// Adds a user; fails if the username or email is taken.
     pub async fn create_user(&self, user: User) -> Result<(), StoreError> {
-        self.run(move |s| s.create_user(&user)).await
+        dispatch!(self, |s| s.create_user(&user), |p| p.create_user(&user).await)
     }
 
     /// A user by normalised username.
     pub async fn user(&self, username: &str) -> Result<Option<User>, StoreError> {
         let u = username.to_string();
-        self.run(move |s| s.user(&u)).await
+        dispatch!(self, |s| s.user(&u), |p| p.user(&u).await)
     }
 
     /// A user by username or email (normalised).
     pub async fn find_login(&self, login: &str) -> Result<Option<User>, StoreError> {
         let l = normalize_login(login);
-        self.run(move |s| s.find_login(&l)).await
+        dispatch!(self, |s| s.find_login(&l), |p| p.find_login(&l).await)
     }
 
     /// All users, by username.
     pub async fn list_users(&self) -> Result<Vec<User>, StoreError> {
-        self.run(|s| s.list_users()).await
+        dispatch!(self, |s| s.list_users(), |p| p.list_users().await)
     }
 
     /// Changes the password hash and ends the user's sessions. False if no such user.
@@ -316,11 +419,9 @@ impl Store {
     pub async fn change_password(&self, username: &str, hash: String, revoke: Revoke) -> Result<bool, StoreError> {
         let u = username.to_string();
         let r = self
-            .run(move |s| {
-                s.modify_user(&u, revoke, move |user| {
-                    user.password_hash = hash;
-                    user.stamp += 1;
-                })
+            .modify(&u, revoke, move |user| {
+                user.password_hash = hash;
+                user.stamp += 1;
             })
             .await?;
         Ok(r.is_some())
@@ -330,35 +431,35 @@ impl Store {
     pub async fn set_locked(&self, username: &str, locked: bool) -> Result<bool, StoreError> {
         let u = username.to_string();
         let revoke = if locked { Revoke::All } else { Revoke::None };
-        let r = self.run(move |s| s.modify_user(&u, revoke, move |user| user.locked = locked)).await?;
+        let r = self.modify(&u, revoke, move |user| user.locked = locked).await?;
         Ok(r.is_some())
     }
 
     /// Deletes a user and their sessions. False if no such user.
     pub async fn delete_user(&self, username: &str) -> Result<bool, StoreError> {
         let u = username.to_string();
-        self.run(move |s| s.delete_user(&u)).await
+        dispatch!(self, |s| s.delete_user(&u), |p| p.delete_user(&u).await)
     }
 
     /// Records a successful login.
     pub async fn record_login(&self, username: &str, login: LastLogin) -> Result<(), StoreError> {
         let u = username.to_string();
-        self.run(move |s| s.modify_user(&u, Revoke::None, move |user| user.last_login = Some(login)).map(|_| ())).await
+        self.modify(&u, Revoke::None, move |user| user.last_login = Some(login)).await.map(|_| ())
     }
 
     /// Counts one failure under `key` and returns the counter, locking it when it reaches `rule.max`.
     pub async fn register_failure(&self, key: String, now: u64, rule: FailureRule) -> Result<Failures, StoreError> {
-        self.run(move |s| s.register_failure(&key, now, rule)).await
+        dispatch!(self, |s| s.register_failure(&key, now, rule), |p| p.register_failure(&key, now, rule).await)
     }
 
     /// The latest lockout end among `keys` still in force at `now`.
     pub async fn locked_until(&self, keys: Vec<String>, now: u64) -> Result<Option<u64>, StoreError> {
-        self.run(move |s| s.locked_until(&keys, now)).await
+        dispatch!(self, |s| s.locked_until(&keys, now), |p| p.locked_until(&keys, now).await)
     }
 
     /// Forgets a failure counter (after a success).
     pub async fn clear_failures(&self, key: String) -> Result<(), StoreError> {
-        self.run(move |s| s.clear_failures(&key)).await
+        dispatch!(self, |s| s.clear_failures(&key), |p| p.clear_failures(&key).await)
     }
 
     /// Stores a new session, deleting `replacing` in the same transaction (id rotation).
@@ -368,48 +469,58 @@ impl Store {
         record: SessionRecord,
         replacing: Option<[u8; 32]>,
     ) -> Result<(), StoreError> {
-        self.run(move |s| s.insert_session(&id, &record, replacing.as_ref())).await
+        dispatch!(self, |s| s.insert_session(&id, &record, replacing.as_ref()), |p| p
+            .insert_session(&id, &record, replacing.as_ref())
+            .await)
     }
 
     /// A session and its user, read in one snapshot.
     pub async fn session_with_user(&self, id: [u8; 32]) -> Result<Option<(SessionRecord, User)>, StoreError> {
-        self.run(move |s| s.session_with_user(&id)).await
+        dispatch!(self, |s| s.session_with_user(&id), |p| p.session_with_user(&id).await)
     }
 
     /// Refreshes a session's last-seen time.
     pub async fn touch_session(&self, id: [u8; 32], now: u64) -> Result<(), StoreError> {
-        self.run(move |s| s.touch_session(&id, now)).await
+        match &self.backend {
+            Backend::Postgres(p) => {
+                p.touch_session(&id, now);
+                Ok(())
+            }
+            Backend::Redb(_) => dispatch!(self, |s| s.touch_session(&id, now), |_p| Ok(())),
+        }
     }
 
     /// Deletes one session.
     pub async fn delete_session(&self, id: [u8; 32]) -> Result<(), StoreError> {
-        self.run(move |s| s.delete_session(&id)).await
+        dispatch!(self, |s| s.delete_session(&id), |p| p.delete_session(&id).await)
     }
 
     /// Ends every session of a user; returns how many.
     pub async fn revoke_sessions(&self, username: &str) -> Result<usize, StoreError> {
         let u = username.to_string();
-        self.run(move |s| s.revoke_sessions(&u)).await
+        dispatch!(self, |s| s.revoke_sessions(&u), |p| p.revoke_sessions(&u).await)
     }
 
     /// Deletes sessions past their idle or absolute limit; returns how many.
     pub async fn purge_sessions(&self, now: u64, idle: u64, max_lifetime: u64) -> Result<usize, StoreError> {
-        self.run(move |s| s.purge_sessions(now, idle, max_lifetime)).await
+        dispatch!(self, |s| s.purge_sessions(now, idle, max_lifetime), |p| p
+            .purge_sessions(now, idle, max_lifetime)
+            .await)
     }
 
     /// Remembers the secret of a setup page, replacing any earlier one of this session.
     pub async fn put_pending_enrolment(&self, session: [u8; 32], p: PendingEnrolment) -> Result<(), StoreError> {
-        self.run(move |s| s.put_pending(&session, &p)).await
+        dispatch!(self, |s| s.put_pending(&session, &p), |pg| pg.put_pending(&session, &p).await)
     }
 
     /// The unconfirmed secret of this session's setup page.
     pub async fn pending_enrolment(&self, session: [u8; 32]) -> Result<Option<PendingEnrolment>, StoreError> {
-        self.run(move |s| s.pending(&session)).await
+        dispatch!(self, |s| s.pending(&session), |p| p.pending(&session).await)
     }
 
     /// Forgets this session's unconfirmed secret.
     pub async fn delete_pending_enrolment(&self, session: [u8; 32]) -> Result<(), StoreError> {
-        self.run(move |s| s.delete_pending(&session)).await
+        dispatch!(self, |s| s.delete_pending(&session), |p| p.delete_pending(&session).await)
     }
 
     /// Activates two-factor for a user who has none, consuming the session's pending secret, in one transaction:
@@ -421,21 +532,21 @@ impl Store {
         session: [u8; 32],
     ) -> Result<bool, StoreError> {
         let u = username.to_string();
-        self.run(move |s| s.enable_two_factor(&u, state, &session)).await
+        dispatch!(self, |s| s.enable_two_factor(&u, state, &session), |p| p
+            .enable_two_factor(&u, state, &session)
+            .await)
     }
 
     /// Records `step` as used if it is newer than the last accepted step (RFC 6238 §5.2). True if accepted.
     pub async fn accept_totp_step(&self, username: &str, step: u64) -> Result<bool, StoreError> {
         let u = username.to_string();
         let r = self
-            .run(move |s| {
-                s.modify_user(&u, Revoke::None, move |user| match &mut user.two_factor {
-                    Some(tf) if tf.last_step < step => {
-                        tf.last_step = step;
-                        true
-                    }
-                    _ => false,
-                })
+            .modify(&u, Revoke::None, move |user| match &mut user.two_factor {
+                Some(tf) if tf.last_step < step => {
+                    tf.last_step = step;
+                    true
+                }
+                _ => false,
             })
             .await?;
         Ok(r.unwrap_or(false))
@@ -450,22 +561,20 @@ impl Store {
     ) -> Result<Consumed, StoreError> {
         let u = username.to_string();
         let r = self
-            .run(move |s| {
-                s.modify_user(&u, Revoke::None, move |user| {
-                    let Some(tf) = &mut user.two_factor else {
-                        return Consumed::NoMatch;
-                    };
-                    let Some(i) = tf.recovery.iter().position(|c| c.hash == hash) else {
-                        return Consumed::NoMatch;
-                    };
-                    match replacement {
-                        Some(fresh) => tf.recovery[i] = fresh,
-                        None => {
-                            tf.recovery.remove(i);
-                        }
+            .modify(&u, Revoke::None, move |user| {
+                let Some(tf) = &mut user.two_factor else {
+                    return Consumed::NoMatch;
+                };
+                let Some(i) = tf.recovery.iter().position(|c| c.hash == hash) else {
+                    return Consumed::NoMatch;
+                };
+                match replacement {
+                    Some(fresh) => tf.recovery[i] = fresh,
+                    None => {
+                        tf.recovery.remove(i);
                     }
-                    Consumed::Ok(tf.recovery.len())
-                })
+                }
+                Consumed::Ok(tf.recovery.len())
             })
             .await?;
         Ok(r.unwrap_or(Consumed::NoMatch))
@@ -475,14 +584,12 @@ impl Store {
     pub async fn replace_recovery_codes(&self, username: &str, codes: Vec<RecoveryCode>) -> Result<bool, StoreError> {
         let u = username.to_string();
         let r = self
-            .run(move |s| {
-                s.modify_user(&u, Revoke::None, move |user| match &mut user.two_factor {
-                    Some(tf) => {
-                        tf.recovery = codes;
-                        true
-                    }
-                    None => false,
-                })
+            .modify(&u, Revoke::None, move |user| match &mut user.two_factor {
+                Some(tf) => {
+                    tf.recovery = codes;
+                    true
+                }
+                None => false,
             })
             .await?;
         Ok(r.unwrap_or(false))
@@ -492,11 +599,9 @@ impl Store {
     pub async fn disable_two_factor(&self, username: &str, revoke: Revoke) -> Result<bool, StoreError> {
         let u = username.to_string();
         let r = self
-            .run(move |s| {
-                s.modify_user(&u, revoke, |user| {
-                    user.stamp += 1;
-                    user.two_factor.take().is_some()
-                })
+            .modify(&u, revoke, |user| {
+                user.stamp += 1;
+                user.two_factor.take().is_some()
             })
             .await?;
         Ok(r.unwrap_or(false))
@@ -504,23 +609,23 @@ impl Store {
 
     /// Appends an audit event.
     pub async fn append_audit(&self, event: crate::audit::AuditEvent) -> Result<(), StoreError> {
-        self.run(move |s| s.append_audit(&event)).await
+        dispatch!(self, |s| s.append_audit(&event), |p| p.append_audit(&event).await)
     }
 
     /// A user's most recent audit events, newest first.
     pub async fn audit_for_user(&self, user: &str, limit: usize) -> Result<Vec<crate::audit::AuditEvent>, StoreError> {
         let u = user.to_string();
-        self.run(move |s| s.audit_for_user(&u, limit)).await
+        dispatch!(self, |s| s.audit_for_user(&u, limit), |p| p.audit_for_user(&u, limit).await)
     }
 
     /// Deletes audit events older than `before`; returns how many.
     pub async fn purge_audit(&self, before: u64) -> Result<usize, StoreError> {
-        self.run(move |s| s.purge_audit(before)).await
+        dispatch!(self, |s| s.purge_audit(before), |p| p.purge_audit(before).await)
     }
 
     /// How many sessions exist.
     pub async fn count_sessions(&self) -> Result<u64, StoreError> {
-        self.run(|s| s.count_sessions()).await
+        dispatch!(self, |s| s.count_sessions(), |p| p.count_sessions().await)
     }
 
     /// One page of users after `after` (by username) matching `filter`; true if more follow.
@@ -530,33 +635,33 @@ impl Store {
         limit: usize,
         filter: UserFilter,
     ) -> Result<(Vec<User>, bool), StoreError> {
-        self.run(move |s| s.users_page(&after, limit, &filter)).await
+        dispatch!(self, |s| s.users_page(&after, limit, &filter), |p| p.users_page(&after, limit, &filter).await)
     }
 
     /// Stores an emailed token under its hash.
     pub async fn put_token(&self, hash: String, record: TokenRecord) -> Result<(), StoreError> {
-        self.run(move |s| s.put_token(&hash, &record)).await
+        dispatch!(self, |s| s.put_token(&hash, &record), |p| p.put_token(&hash, &record).await)
     }
 
     /// Looks at a token without using it (mail scanners prefetch links).
     pub async fn token(&self, hash: String) -> Result<Option<TokenRecord>, StoreError> {
-        self.run(move |s| s.token(&hash)).await
+        dispatch!(self, |s| s.token(&hash), |p| p.token(&hash).await)
     }
 
     /// In one transaction: checks a reset token (kind, expiry, stamp), spends it, sets the new password,
     /// voids other tokens and ends every session of the user.
     pub async fn reset_password(&self, hash: String, new_hash: String, now: u64) -> Result<TokenUse, StoreError> {
-        self.run(move |s| s.reset_password(&hash, new_hash, now)).await
+        dispatch!(self, |s| s.reset_password(&hash, new_hash, now), |p| p.reset_password(&hash, new_hash, now).await)
     }
 
     /// In one transaction: checks an invitation, creates the account (bound to the invited address, with its
     /// groups) and spends the invitation. A clash leaves the invitation unused.
     pub async fn accept_invitation(&self, hash: String, user: User, now: u64) -> Result<TokenUse, StoreError> {
-        self.run(move |s| s.accept_invitation(&hash, user, now)).await
+        dispatch!(self, |s| s.accept_invitation(&hash, user, now), |p| p.accept_invitation(&hash, user, now).await)
     }
 
     /// True at most once per `interval` seconds for `key` (throttles notifications).
     pub async fn claim_interval(&self, key: String, now: u64, interval: u64) -> Result<bool, StoreError> {
-        self.run(move |s| s.claim_interval(&key, now, interval)).await
+        dispatch!(self, |s| s.claim_interval(&key, now, interval), |p| p.claim_interval(&key, now, interval).await)
     }
 }

@@ -5,20 +5,15 @@
 
 use std::path::Path;
 
-use redb::{Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
-
 use super::{
-    FailureRule, Failures, PendingEnrolment, Revoke, SessionRecord, StoreError, TokenKind, TokenRecord, TokenUse,
-    TwoFactorState, User, UserFilter,
+    Dump, FailureRule, Failures, PendingEnrolment, Revoke, SessionRecord, StoreError, TokenKind, TokenRecord, TokenUse,
+    TwoFactorState, User, UserFilter, decode, encode,
 };
 use crate::audit::AuditEvent;
+use redb::{Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
 /// Schema version this build writes. Bump it and add a step to [`migrate`] when a stored shape changes.
 pub const SCHEMA_VERSION: u64 = 1;
-/// Version byte prefixed to every stored value.
-const VALUE_VERSION: u8 = 1;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
@@ -49,20 +44,6 @@ db_errors!(
     redb::StorageError,
     redb::CommitError
 );
-
-fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
-    let mut out = vec![VALUE_VERSION];
-    serde_json::to_writer(&mut out, v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    Ok(out)
-}
-
-fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
-    match bytes.split_first() {
-        Some((&VALUE_VERSION, rest)) => serde_json::from_slice(rest).map_err(|e| StoreError::Corrupt(e.to_string())),
-        Some((v, _)) => Err(StoreError::Corrupt(format!("unknown value version {v}"))),
-        None => Err(StoreError::Corrupt("empty value".into())),
-    }
-}
 
 /// The redb-backed store.
 pub struct RedbStore {
@@ -351,6 +332,26 @@ impl RedbStore {
             t.insert(key, now)?;
             Ok(true)
         })
+    }
+
+    /// Everything in the store, for copying into another backend.
+    pub(super) fn dump(&self) -> Result<Dump, StoreError> {
+        let tx = self.db.begin_read()?;
+        let users = tx.open_table(USERS)?.iter()?.map(|r| decode(r?.1.value())).collect::<Result<_, _>>()?;
+        let mut sessions = Vec::new();
+        for row in tx.open_table(SESSIONS)?.iter()? {
+            let (k, v) = row?;
+            if let Ok(id) = <[u8; 32]>::try_from(k.value()) {
+                sessions.push((id, decode(v.value())?));
+            }
+        }
+        let mut tokens = Vec::new();
+        for row in tx.open_table(TOKENS)?.iter()? {
+            let (k, v) = row?;
+            tokens.push((k.value().to_string(), decode(v.value())?));
+        }
+        let audit = tx.open_table(AUDIT)?.iter()?.map(|r| decode(r?.1.value())).collect::<Result<_, _>>()?;
+        Ok(Dump { users, sessions, tokens, audit })
     }
 
     pub(super) fn put_pending(&self, session: &[u8; 32], p: &PendingEnrolment) -> Result<(), StoreError> {

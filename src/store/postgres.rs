@@ -1,0 +1,769 @@
+//! The PostgreSQL backend, for several gateway instances sharing one database.
+//!
+//! Every operation is one statement or one transaction. Read-modify-write of a user runs under `SELECT … FOR
+//! UPDATE`, so two instances can't both spend one recovery code or accept one TOTP step; failure counters are one
+//! upsert. Values are stored as the same versioned encoding the embedded store uses.
+//!
+//! Revocation reaches every instance through the `meta.revision` counter: bumped in the transaction that ends a
+//! session, announced with `NOTIFY portcullis` (a wake-up only), and re-read after each notification and every
+//! [`POLL`], so a lost notification delays a revocation by at most [`POLL`].
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::{Client, Transaction};
+
+use super::{
+    FailureRule, Failures, PendingEnrolment, Revoke, SessionRecord, StoreError, TokenKind, TokenRecord, TokenUse,
+    TwoFactorState, User, UserFilter, decode, encode,
+};
+use crate::audit::AuditEvent;
+
+/// Schema version this build writes.
+pub const SCHEMA_VERSION: i64 = 1;
+/// How often the revision is re-read even without a notification: the worst-case revocation delay.
+pub const POLL: Duration = Duration::from_secs(1);
+/// Advisory lock key held while migrating, so instances can start together.
+const MIGRATION_LOCK: i64 = 0x706f_7274_6375;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key text PRIMARY KEY, value bigint NOT NULL);
+CREATE TABLE IF NOT EXISTS users (username text PRIMARY KEY, email text NOT NULL UNIQUE, data bytea NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (
+    id bytea PRIMARY KEY,
+    username text NOT NULL REFERENCES users(username) ON DELETE CASCADE,
+    data bytea NOT NULL,
+    last_seen bigint NOT NULL);
+CREATE INDEX IF NOT EXISTS sessions_username ON sessions(username);
+CREATE TABLE IF NOT EXISTS pending_enrolments (
+    session bytea PRIMARY KEY REFERENCES sessions(id) ON DELETE CASCADE,
+    data bytea NOT NULL);
+CREATE TABLE IF NOT EXISTS failures (
+    key text PRIMARY KEY, count integer NOT NULL, window_start bigint NOT NULL, locked_until bigint NOT NULL);
+CREATE TABLE IF NOT EXISTS tokens (hash text PRIMARY KEY, data bytea NOT NULL);
+CREATE TABLE IF NOT EXISTS throttle (key text PRIMARY KEY, last bigint NOT NULL);
+CREATE TABLE IF NOT EXISTS audit (
+    id bigserial PRIMARY KEY, username text NOT NULL, at bigint NOT NULL, data bytea NOT NULL);
+CREATE INDEX IF NOT EXISTS audit_username_at ON audit(username, at);
+INSERT INTO meta (key, value) VALUES ('revision', 0) ON CONFLICT DO NOTHING;
+";
+
+/// Runs a block in one transaction: committed if the block returns `Ok`, rolled back on `Err` (and on drop).
+macro_rules! pg_tx {
+    ($self:ident, |$tx:ident| $body:block) => {{
+        let mut client = $self.client().await?;
+        let transaction = client.transaction().await.map_err(db)?;
+        let out: Result<_, StoreError> = {
+            let $tx = &transaction;
+            async move { $body }.await
+        };
+        let value = out?;
+        transaction.commit().await.map_err(db)?;
+        Ok(value)
+    }};
+}
+
+fn db(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Db(e.to_string())
+}
+
+fn i(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn u(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// The PostgreSQL store.
+pub struct PgStore {
+    pool: Pool,
+    /// The last revision read, plus an epoch bumped at every listener reconnect (which may have missed news).
+    revision: Arc<AtomicU64>,
+    /// Last-seen refreshes waiting for the next batch write.
+    touches: std::sync::Mutex<std::collections::HashMap<[u8; 32], u64>>,
+}
+
+impl PgStore {
+    /// Connects, migrates under an advisory lock, and starts the revision listener.
+    pub async fn open(url: &str, max_connections: usize) -> Result<Arc<PgStore>, StoreError> {
+        let pg: tokio_postgres::Config = url.parse().map_err(|e| db(format!("database URL: {e}")))?;
+        let tls = tls()?;
+        let manager =
+            Manager::from_config(pg.clone(), tls.clone(), ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(manager).max_size(max_connections.max(1)).build().map_err(db)?;
+        let store = Arc::new(PgStore {
+            pool,
+            revision: Arc::new(AtomicU64::new(0)),
+            touches: std::sync::Mutex::new(Default::default()),
+        });
+        store.migrate().await?;
+        let first = store.read_revision().await?;
+        store.revision.store(first, Ordering::Release);
+        tokio::spawn(listen(pg, tls, Arc::downgrade(&store)));
+        tokio::spawn(flush_touches(Arc::downgrade(&store)));
+        Ok(store)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool.get().await.map_err(db)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let c = self.client().await?;
+        c.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await.map_err(db)?;
+        let result = async {
+            c.batch_execute(SCHEMA).await.map_err(db)?;
+            let found: Option<i64> = c
+                .query_opt("SELECT value FROM meta WHERE key = 'schema_version'", &[])
+                .await
+                .map_err(db)?
+                .map(|r| r.get(0));
+            if let Some(v) = found
+                && v > SCHEMA_VERSION
+            {
+                return Err(StoreError::TooNew { found: u(v), supported: u(SCHEMA_VERSION) });
+            }
+            // Future steps: `Some(1) => migrate_1_to_2(&c)`, then record the new version.
+            c.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', $1) ON CONFLICT (key) DO UPDATE SET value = $1",
+                &[&SCHEMA_VERSION],
+            )
+            .await
+            .map_err(db)?;
+            Ok(())
+        }
+        .await;
+        c.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await.map_err(db)?;
+        result
+    }
+
+    async fn read_revision(&self) -> Result<u64, StoreError> {
+        let c = self.client().await?;
+        let row = c.query_one("SELECT value FROM meta WHERE key = 'revision'", &[]).await.map_err(db)?;
+        Ok(u(row.get(0)))
+    }
+
+    /// The revision as last seen by the listener (no database round trip).
+    pub fn revision(&self) -> u64 {
+        self.revision.load(Ordering::Acquire)
+    }
+
+    pub(super) async fn create_user(&self, user: &User) -> Result<(), StoreError> {
+        let data = encode(user)?;
+        pg_tx!(self, |tx| {
+            let clash = tx
+                    .query_opt(
+                        "SELECT username, email FROM users WHERE username = $1 OR email = $2 OR email = $1 OR username = $2",
+                        &[&user.username, &user.email],
+                    )
+                    .await
+                    .map_err(db)?;
+            if let Some(row) = clash {
+                let (name, email): (String, String) = (row.get(0), row.get(1));
+                return Err(StoreError::Conflict(if name == user.username {
+                    format!("the username {:?} is taken", user.username)
+                } else if email == user.email {
+                    format!("the email {:?} is taken", user.email)
+                } else {
+                    format!("{:?} is already another account's username or email", user.username)
+                }));
+            }
+            tx.execute(
+                "INSERT INTO users (username, email, data) VALUES ($1, $2, $3)",
+                &[&user.username, &user.email, &data],
+            )
+            .await
+            .map_err(db)?;
+            Ok(())
+        })
+    }
+
+    pub(super) async fn user(&self, username: &str) -> Result<Option<User>, StoreError> {
+        let c = self.client().await?;
+        let row = c.query_opt("SELECT data FROM users WHERE username = $1", &[&username]).await.map_err(db)?;
+        row.map(|r| decode(r.get::<_, &[u8]>(0))).transpose()
+    }
+
+    pub(super) async fn find_login(&self, login: &str) -> Result<Option<User>, StoreError> {
+        let c = self.client().await?;
+        let row = c
+            .query_opt(
+                "SELECT data FROM users WHERE username = $1 OR email = $1 ORDER BY (username = $1) DESC LIMIT 1",
+                &[&login],
+            )
+            .await
+            .map_err(db)?;
+        row.map(|r| decode(r.get::<_, &[u8]>(0))).transpose()
+    }
+
+    pub(super) async fn list_users(&self) -> Result<Vec<User>, StoreError> {
+        let c = self.client().await?;
+        let rows = c.query("SELECT data FROM users ORDER BY username", &[]).await.map_err(db)?;
+        rows.iter().map(|r| decode(r.get::<_, &[u8]>(0))).collect()
+    }
+
+    pub(super) async fn users_page(
+        &self,
+        after: &str,
+        limit: usize,
+        filter: &UserFilter,
+    ) -> Result<(Vec<User>, bool), StoreError> {
+        // Pages are read in chunks in username order and filtered here, like the embedded store.
+        let c = self.client().await?;
+        let mut out = Vec::new();
+        let mut cursor = after.to_string();
+        loop {
+            let rows = c
+                .query("SELECT username, data FROM users WHERE username > $1 ORDER BY username LIMIT 500", &[&cursor])
+                .await
+                .map_err(db)?;
+            if rows.is_empty() {
+                return Ok((out, false));
+            }
+            for r in &rows {
+                cursor = r.get(0);
+                let user: User = decode(r.get::<_, &[u8]>(1))?;
+                if !filter.matches(&user) {
+                    continue;
+                }
+                if out.len() == limit {
+                    return Ok((out, true));
+                }
+                out.push(user);
+            }
+        }
+    }
+
+    pub(super) async fn modify_user<T: Send + 'static>(
+        &self,
+        username: &str,
+        revoke: Revoke,
+        change: impl FnOnce(&mut User) -> T + Send,
+    ) -> Result<Option<T>, StoreError> {
+        pg_tx!(self, |tx| {
+            let row = tx
+                .query_opt("SELECT data FROM users WHERE username = $1 FOR UPDATE", &[&username])
+                .await
+                .map_err(db)?;
+            let Some(row) = row else {
+                return Ok(None);
+            };
+            let mut user: User = decode(row.get::<_, &[u8]>(0))?;
+            let out = change(&mut user);
+            tx.execute("UPDATE users SET data = $2 WHERE username = $1", &[&username, &encode(&user)?])
+                .await
+                .map_err(db)?;
+            match revoke {
+                Revoke::None => {}
+                Revoke::All => revoke_in(tx, username, None).await?,
+                Revoke::AllExcept(keep) => revoke_in(tx, username, Some(&keep)).await?,
+            }
+            Ok(Some(out))
+        })
+    }
+
+    pub(super) async fn delete_user(&self, username: &str) -> Result<bool, StoreError> {
+        pg_tx!(self, |tx| {
+            let n = tx.execute("DELETE FROM users WHERE username = $1", &[&username]).await.map_err(db)?;
+            if n > 0 {
+                bump(tx).await?;
+            }
+            Ok(n > 0)
+        })
+    }
+
+    pub(super) async fn register_failure(
+        &self,
+        key: &str,
+        now: u64,
+        rule: FailureRule,
+    ) -> Result<Failures, StoreError> {
+        // One upsert: count, window reset and lockout decided in the same statement (same rules as redb).
+        let c = self.client().await?;
+        let row = c
+            .query_one(
+                "INSERT INTO failures AS f (key, count, window_start, locked_until)
+                 VALUES ($1, 1, $2, CASE WHEN 1 >= $3 THEN $2 + $5 ELSE 0 END)
+                 ON CONFLICT (key) DO UPDATE SET
+                   count = CASE WHEN $2 < f.window_start + $4 OR f.locked_until > $2 THEN f.count + 1 ELSE 1 END,
+                   window_start = CASE WHEN $2 < f.window_start + $4 OR f.locked_until > $2
+                                       THEN f.window_start ELSE $2 END,
+                   locked_until = CASE
+                     WHEN (CASE WHEN $2 < f.window_start + $4 OR f.locked_until > $2 THEN f.count + 1 ELSE 1 END) >= $3
+                      AND (CASE WHEN $2 < f.window_start + $4 OR f.locked_until > $2 THEN f.locked_until ELSE 0 END) <= $2
+                     THEN $2 + $5
+                     ELSE (CASE WHEN $2 < f.window_start + $4 OR f.locked_until > $2 THEN f.locked_until ELSE 0 END)
+                   END
+                 RETURNING count, window_start, locked_until",
+                &[&key, &i(now), &i32::try_from(rule.max).unwrap_or(i32::MAX), &i(rule.window), &i(rule.lockout)],
+            )
+            .await
+            .map_err(db)?;
+        Ok(Failures {
+            count: u32::try_from(row.get::<_, i32>(0)).unwrap_or(0),
+            window_start: u(row.get(1)),
+            locked_until: u(row.get(2)),
+        })
+    }
+
+    pub(super) async fn locked_until(&self, keys: &[String], now: u64) -> Result<Option<u64>, StoreError> {
+        let c = self.client().await?;
+        let row = c
+            .query_one(
+                "SELECT max(locked_until) FROM failures WHERE key = ANY($1) AND locked_until > $2",
+                &[&keys, &i(now)],
+            )
+            .await
+            .map_err(db)?;
+        Ok(row.get::<_, Option<i64>>(0).map(u))
+    }
+
+    pub(super) async fn clear_failures(&self, key: &str) -> Result<(), StoreError> {
+        let c = self.client().await?;
+        c.execute("DELETE FROM failures WHERE key = $1", &[&key]).await.map_err(db)?;
+        Ok(())
+    }
+
+    pub(super) async fn insert_session(
+        &self,
+        id: &[u8; 32],
+        record: &SessionRecord,
+        replacing: Option<&[u8; 32]>,
+    ) -> Result<(), StoreError> {
+        let data = encode(record)?;
+        pg_tx!(self, |tx| {
+            if let Some(old) = replacing {
+                delete_session_in(tx, old).await?;
+            }
+            tx.execute(
+                "INSERT INTO sessions (id, username, data, last_seen) VALUES ($1, $2, $3, $4)",
+                &[&id.as_slice(), &record.username, &data, &i(record.last_seen)],
+            )
+            .await
+            .map_err(db)?;
+            Ok(())
+        })
+    }
+
+    pub(super) async fn session_with_user(&self, id: &[u8; 32]) -> Result<Option<(SessionRecord, User)>, StoreError> {
+        let c = self.client().await?;
+        let row = c
+            .query_opt(
+                "SELECT s.data, s.last_seen, u.data FROM sessions s JOIN users u ON u.username = s.username WHERE s.id = $1",
+                &[&id.as_slice()],
+            )
+            .await
+            .map_err(db)?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let mut rec: SessionRecord = decode(row.get::<_, &[u8]>(0))?;
+        rec.last_seen = rec.last_seen.max(u(row.get(1)));
+        Ok(Some((rec, decode(row.get::<_, &[u8]>(2))?)))
+    }
+
+    /// Last-seen is batched: remembered here and written by [`flush_touches`], not one write per request.
+    pub(super) fn touch_session(&self, id: &[u8; 32], now: u64) {
+        let mut t = self.touches.lock().unwrap_or_else(|p| p.into_inner());
+        let e = t.entry(*id).or_insert(now);
+        *e = (*e).max(now);
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        let batch: Vec<([u8; 32], u64)> =
+            std::mem::take(&mut *self.touches.lock().unwrap_or_else(|p| p.into_inner())).into_iter().collect();
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<&[u8]> = batch.iter().map(|(id, _)| id.as_slice()).collect();
+        let times: Vec<i64> = batch.iter().map(|(_, t)| i(*t)).collect();
+        let c = self.client().await?;
+        c.execute(
+            "UPDATE sessions s SET last_seen = greatest(s.last_seen, b.t)
+             FROM unnest($1::bytea[], $2::bigint[]) AS b(id, t) WHERE s.id = b.id",
+            &[&ids, &times],
+        )
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    pub(super) async fn delete_session(&self, id: &[u8; 32]) -> Result<(), StoreError> {
+        pg_tx!(self, |tx| { delete_session_in(tx, id).await })
+    }
+
+    pub(super) async fn revoke_sessions(&self, username: &str) -> Result<usize, StoreError> {
+        pg_tx!(self, |tx| { revoke_count(tx, username, None).await })
+    }
+
+    pub(super) async fn purge_sessions(&self, now: u64, idle: u64, max_lifetime: u64) -> Result<usize, StoreError> {
+        let c = self.client().await?;
+        let rows = c.query("SELECT id, data, last_seen FROM sessions", &[]).await.map_err(db)?;
+        let mut expired: Vec<Vec<u8>> = Vec::new();
+        for r in &rows {
+            let mut rec: SessionRecord = decode(r.get::<_, &[u8]>(1))?;
+            rec.last_seen = rec.last_seen.max(u(r.get(2)));
+            if crate::session::expired(&rec, now, idle, max_lifetime) {
+                expired.push(r.get::<_, Vec<u8>>(0));
+            }
+        }
+        if expired.is_empty() {
+            return Ok(0);
+        }
+        let n = expired.len();
+        let done: Result<(), StoreError> = pg_tx!(self, |tx| {
+            tx.execute("DELETE FROM sessions WHERE id = ANY($1)", &[&expired]).await.map_err(db)?;
+            bump(tx).await
+        });
+        done?;
+        Ok(n)
+    }
+
+    pub(super) async fn put_pending(&self, session: &[u8; 32], p: &PendingEnrolment) -> Result<(), StoreError> {
+        let c = self.client().await?;
+        c.execute(
+            "INSERT INTO pending_enrolments (session, data) VALUES ($1, $2)
+             ON CONFLICT (session) DO UPDATE SET data = EXCLUDED.data",
+            &[&session.as_slice(), &encode(p)?],
+        )
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    pub(super) async fn pending(&self, session: &[u8; 32]) -> Result<Option<PendingEnrolment>, StoreError> {
+        let c = self.client().await?;
+        let row = c
+            .query_opt("SELECT data FROM pending_enrolments WHERE session = $1", &[&session.as_slice()])
+            .await
+            .map_err(db)?;
+        row.map(|r| decode(r.get::<_, &[u8]>(0))).transpose()
+    }
+
+    pub(super) async fn delete_pending(&self, session: &[u8; 32]) -> Result<(), StoreError> {
+        let c = self.client().await?;
+        c.execute("DELETE FROM pending_enrolments WHERE session = $1", &[&session.as_slice()]).await.map_err(db)?;
+        Ok(())
+    }
+
+    pub(super) async fn enable_two_factor(
+        &self,
+        username: &str,
+        state: TwoFactorState,
+        session: &[u8; 32],
+    ) -> Result<bool, StoreError> {
+        pg_tx!(self, |tx| {
+            let row = tx
+                .query_opt("SELECT data FROM users WHERE username = $1 FOR UPDATE", &[&username])
+                .await
+                .map_err(db)?;
+            let Some(row) = row else {
+                return Ok(false);
+            };
+            let mut user: User = decode(row.get::<_, &[u8]>(0))?;
+            if user.two_factor.is_some() {
+                return Ok(false);
+            }
+            user.two_factor = Some(state);
+            user.stamp += 1;
+            tx.execute("UPDATE users SET data = $2 WHERE username = $1", &[&username, &encode(&user)?])
+                .await
+                .map_err(db)?;
+            tx.execute("DELETE FROM pending_enrolments WHERE session = $1", &[&session.as_slice()])
+                .await
+                .map_err(db)?;
+            Ok(true)
+        })
+    }
+
+    pub(super) async fn append_audit(&self, event: &AuditEvent) -> Result<(), StoreError> {
+        let c = self.client().await?;
+        c.execute(
+            "INSERT INTO audit (username, at, data) VALUES ($1, $2, $3)",
+            &[&event.user, &i(event.at), &encode(event)?],
+        )
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    pub(super) async fn audit_for_user(&self, user: &str, limit: usize) -> Result<Vec<AuditEvent>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT data FROM audit WHERE username = $1 ORDER BY at DESC, id DESC LIMIT $2",
+                &[&user, &i64::try_from(limit).unwrap_or(i64::MAX)],
+            )
+            .await
+            .map_err(db)?;
+        rows.iter().map(|r| decode(r.get::<_, &[u8]>(0))).collect()
+    }
+
+    pub(super) async fn purge_audit(&self, before: u64) -> Result<usize, StoreError> {
+        let c = self.client().await?;
+        let n = c.execute("DELETE FROM audit WHERE at < $1", &[&i(before)]).await.map_err(db)?;
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
+    pub(super) async fn count_sessions(&self) -> Result<u64, StoreError> {
+        let c = self.client().await?;
+        let row = c.query_one("SELECT count(*) FROM sessions", &[]).await.map_err(db)?;
+        Ok(u(row.get(0)))
+    }
+
+    pub(super) async fn put_token(&self, hash: &str, record: &TokenRecord) -> Result<(), StoreError> {
+        let c = self.client().await?;
+        c.execute("INSERT INTO tokens (hash, data) VALUES ($1, $2)", &[&hash, &encode(record)?]).await.map_err(db)?;
+        Ok(())
+    }
+
+    pub(super) async fn token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let c = self.client().await?;
+        let row = c.query_opt("SELECT data FROM tokens WHERE hash = $1", &[&hash]).await.map_err(db)?;
+        row.map(|r| decode(r.get::<_, &[u8]>(0))).transpose()
+    }
+
+    pub(super) async fn reset_password(&self, hash: &str, new_hash: String, now: u64) -> Result<TokenUse, StoreError> {
+        pg_tx!(self, |tx| {
+            // Spending the token is the conditional statement: only one request can delete it.
+            let row = tx.query_opt("DELETE FROM tokens WHERE hash = $1 RETURNING data", &[&hash]).await.map_err(db)?;
+            let Some(row) = row else {
+                return Ok(TokenUse::Invalid);
+            };
+            let rec: TokenRecord = decode(row.get::<_, &[u8]>(0))?;
+            if rec.kind != TokenKind::PasswordReset || now >= rec.expires {
+                return Ok(TokenUse::Invalid);
+            }
+            let row = tx
+                .query_opt("SELECT data FROM users WHERE username = $1 FOR UPDATE", &[&rec.username])
+                .await
+                .map_err(db)?;
+            let Some(row) = row else {
+                return Ok(TokenUse::Invalid);
+            };
+            let mut user: User = decode(row.get::<_, &[u8]>(0))?;
+            if user.stamp != rec.stamp {
+                return Ok(TokenUse::Invalid);
+            }
+            user.password_hash = new_hash;
+            user.stamp += 1;
+            tx.execute("UPDATE users SET data = $2 WHERE username = $1", &[&rec.username, &encode(&user)?])
+                .await
+                .map_err(db)?;
+            revoke_in(tx, &rec.username, None).await?;
+            Ok(TokenUse::Done(rec.username))
+        })
+    }
+
+    pub(super) async fn accept_invitation(&self, hash: &str, mut user: User, now: u64) -> Result<TokenUse, StoreError> {
+        pg_tx!(self, |tx| {
+            let row = tx.query_opt("SELECT data FROM tokens WHERE hash = $1 FOR UPDATE", &[&hash]).await.map_err(db)?;
+            let Some(row) = row else {
+                return Ok(TokenUse::Invalid);
+            };
+            let rec: TokenRecord = decode(row.get::<_, &[u8]>(0))?;
+            if rec.kind != TokenKind::Invitation || now >= rec.expires {
+                return Ok(TokenUse::Invalid);
+            }
+            user.email = rec.email.clone();
+            user.groups = rec.groups.clone();
+            let clash = tx
+                    .query_opt(
+                        "SELECT username = $1 OR email = $1 FROM users WHERE username = $1 OR email = $1 OR username = $2 OR email = $2 LIMIT 1",
+                        &[&user.username, &user.email],
+                    )
+                    .await
+                    .map_err(db)?;
+            if let Some(row) = clash {
+                let name_taken: bool = row.get(0);
+                return Ok(TokenUse::Conflict(if name_taken {
+                    format!("the username {:?} is taken", user.username)
+                } else {
+                    "an account with this email address already exists".into()
+                }));
+            }
+            tx.execute(
+                "INSERT INTO users (username, email, data) VALUES ($1, $2, $3)",
+                &[&user.username, &user.email, &encode(&user)?],
+            )
+            .await
+            .map_err(db)?;
+            tx.execute("DELETE FROM tokens WHERE hash = $1", &[&hash]).await.map_err(db)?;
+            Ok(TokenUse::Done(user.username.clone()))
+        })
+    }
+
+    pub(super) async fn claim_interval(&self, key: &str, now: u64, interval: u64) -> Result<bool, StoreError> {
+        let c = self.client().await?;
+        let row = c
+            .query_opt(
+                "INSERT INTO throttle AS t (key, last) VALUES ($1, $2)
+                 ON CONFLICT (key) DO UPDATE SET last = $2 WHERE t.last + $3 <= $2
+                 RETURNING last",
+                &[&key, &i(now), &i(interval)],
+            )
+            .await
+            .map_err(db)?;
+        Ok(row.is_some())
+    }
+
+    /// Every row of every table, for `storage migrate-from-redb` (the reverse isn't needed).
+    pub(super) async fn import(&self, dump: super::Dump) -> Result<(), StoreError> {
+        pg_tx!(self, |tx| {
+            for user in &dump.users {
+                tx.execute(
+                    "INSERT INTO users (username, email, data) VALUES ($1, $2, $3)
+                         ON CONFLICT (username) DO UPDATE SET email = EXCLUDED.email, data = EXCLUDED.data",
+                    &[&user.username, &user.email, &encode(user)?],
+                )
+                .await
+                .map_err(db)?;
+            }
+            for (id, rec) in &dump.sessions {
+                tx.execute(
+                    "INSERT INTO sessions (id, username, data, last_seen) VALUES ($1, $2, $3, $4)
+                         ON CONFLICT (id) DO NOTHING",
+                    &[&id.as_slice(), &rec.username, &encode(rec)?, &i(rec.last_seen)],
+                )
+                .await
+                .map_err(db)?;
+            }
+            for (hash, rec) in &dump.tokens {
+                tx.execute(
+                    "INSERT INTO tokens (hash, data) VALUES ($1, $2) ON CONFLICT (hash) DO NOTHING",
+                    &[hash, &encode(rec)?],
+                )
+                .await
+                .map_err(db)?;
+            }
+            for e in &dump.audit {
+                tx.execute(
+                    "INSERT INTO audit (username, at, data) VALUES ($1, $2, $3)",
+                    &[&e.user, &i(e.at), &encode(e)?],
+                )
+                .await
+                .map_err(db)?;
+            }
+            bump(tx).await
+        })
+    }
+}
+
+/// Bumps the revision and wakes every instance (NOTIFY is delivered at commit).
+async fn bump(tx: &Transaction<'_>) -> Result<(), StoreError> {
+    tx.batch_execute("UPDATE meta SET value = value + 1 WHERE key = 'revision'; NOTIFY portcullis, 'revision'")
+        .await
+        .map_err(db)
+}
+
+async fn delete_session_in(tx: &Transaction<'_>, id: &[u8; 32]) -> Result<(), StoreError> {
+    let n = tx.execute("DELETE FROM sessions WHERE id = $1", &[&id.as_slice()]).await.map_err(db)?;
+    if n > 0 {
+        bump(tx).await?;
+    }
+    Ok(())
+}
+
+async fn revoke_in(tx: &Transaction<'_>, username: &str, keep: Option<&[u8; 32]>) -> Result<(), StoreError> {
+    revoke_count(tx, username, keep).await.map(|_| ())
+}
+
+async fn revoke_count(tx: &Transaction<'_>, username: &str, keep: Option<&[u8; 32]>) -> Result<usize, StoreError> {
+    let keep: &[u8] = keep.map_or(&[], |k| k.as_slice());
+    let n =
+        tx.execute("DELETE FROM sessions WHERE username = $1 AND id <> $2", &[&username, &keep]).await.map_err(db)?;
+    bump(tx).await?;
+    Ok(usize::try_from(n).unwrap_or(usize::MAX))
+}
+
+fn tls() -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(db)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+/// Keeps a dedicated LISTEN connection: each notification (and every [`POLL`]) re-reads the revision; each
+/// reconnect bumps the epoch so caches are flushed for whatever was missed meanwhile.
+async fn listen(
+    pg: tokio_postgres::Config,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
+    store: std::sync::Weak<PgStore>,
+) {
+    use futures_util::StreamExt;
+    const EPOCH: u64 = 1 << 40;
+    loop {
+        let Some(s) = store.upgrade() else { return };
+        let connected = pg.connect(tls.clone()).await;
+        let (client, mut conn) = match connected {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::warn!(error = %e, "revocation listener cannot connect; retrying");
+                drop(s);
+                tokio::time::sleep(POLL).await;
+                continue;
+            }
+        };
+        let (notify_tx, mut notify_rx) = tokio::sync::mpsc::channel::<()>(16);
+        let driver = tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+            while let Some(m) = messages.next().await {
+                match m {
+                    Ok(tokio_postgres::AsyncMessage::Notification(_)) => {
+                        let _ = notify_tx.try_send(());
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+        });
+        if client.batch_execute("LISTEN portcullis").await.is_err() {
+            driver.abort();
+            continue;
+        }
+        // Reconnected: whatever happened while we were away is unknown, so flush.
+        s.revision.fetch_add(EPOCH, Ordering::AcqRel);
+        drop(s);
+        loop {
+            let woke = tokio::time::timeout(POLL, notify_rx.recv()).await;
+            if matches!(woke, Ok(None)) || driver.is_finished() {
+                break;
+            }
+            let Some(s) = store.upgrade() else { return };
+            match read_revision_on(&client).await {
+                Ok(r) => {
+                    let epoch = s.revision.load(Ordering::Acquire) & !(EPOCH - 1);
+                    s.revision.store(epoch | (r & (EPOCH - 1)), Ordering::Release);
+                }
+                Err(_) => break,
+            }
+        }
+        driver.abort();
+        tracing::warn!("revocation listener lost its connection; reconnecting");
+    }
+}
+
+async fn read_revision_on(c: &Client) -> Result<u64, StoreError> {
+    let row = c.query_one("SELECT value FROM meta WHERE key = 'revision'", &[]).await.map_err(db)?;
+    Ok(u(row.get(0)))
+}
+
+/// Writes batched last-seen refreshes every few seconds.
+async fn flush_touches(store: std::sync::Weak<PgStore>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let Some(s) = store.upgrade() else { return };
+        if let Err(e) = s.flush().await {
+            tracing::warn!(error = %e, "could not write session last-seen batch");
+        }
+    }
+}
