@@ -77,6 +77,11 @@ secret_key_file = "{key}"
 secure = false
 [portal]
 title = "Portcullis demo"
+[mail]
+transport = "outbox"
+outbox_dir = "{outbox}"
+from = "Portcullis demo <no-reply@example.com>"
+public_url = "http://{listen}"
 [two_factor]
 required = true
 issuer = "Portcullis demo"
@@ -90,6 +95,7 @@ policy = "two_factor"
 "#,
         db = dir.join("portcullis.redb").display(),
         key = dir.join("secret.key").display(),
+        outbox = dir.join("outbox").display(),
     );
     Ok(Config::parse(&text, Path::new("(demo)"))?)
 }
@@ -142,7 +148,7 @@ pub async fn run(listen: SocketAddr) -> Result<()> {
     println!("  Open      http://{listen}/");
     println!("  Username  demo");
     println!("  Password  {pw}");
-    println!("  State     ./demo-data   (Ctrl-C to stop)");
+    println!("  State     ./demo-data   (emails in ./demo-data/outbox; Ctrl-C to stop)");
     println!();
     crate::run(listener, config, crate::cli::shutdown_signal()).await?;
     Ok(())
