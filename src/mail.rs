@@ -116,6 +116,7 @@ impl Sender {
 
     fn message(&self, email: &Email) -> Result<Message, MailError> {
         let to: Mailbox = email.to.parse().map_err(|_| MailError::Address(email.to.clone()))?;
+        // lettre picks the transfer encoding: lines over 76 characters (our links) go quoted-printable.
         Message::builder()
             .from(self.from.clone())
             .to(to)
@@ -224,7 +225,7 @@ mod tests {
         let email = Email {
             to: "alice@example.com".into(),
             subject: "Hello".into(),
-            body: "Line one\nhttps://example.com/x?token=abc\n".into(),
+            body: format!("Line one\nhttps://wiki.example.com/_portcullis/reset?token={}\n", "a".repeat(64)),
             kind: "test",
         };
         sender.deliver(&email).await.unwrap();
@@ -236,6 +237,9 @@ mod tests {
         let text = std::fs::read_to_string(&files[0]).unwrap();
         assert!(text.contains("To: alice@example.com"), "{text}");
         assert!(text.contains("Subject: Hello"), "{text}");
-        assert!(text.contains("token=abc"), "{text}");
+        // The long link line is quoted-printable: `=` as `=3D` and soft line breaks (`=` CRLF).
+        assert!(text.contains("Content-Transfer-Encoding: quoted-printable"), "{text}");
+        let decoded = text.replace("=\r\n", "").replace("=3D", "=");
+        assert!(decoded.contains(&format!("/_portcullis/reset?token={}", "a".repeat(64))), "{text}");
     }
 }

@@ -130,9 +130,11 @@ impl From<crate::keys::KeyError> for Reject {
 pub fn reject(gw: &Gateway, r: &Reject) -> Response<Body> {
     let (status, heading, detail) = r.parts();
     let (action_href, action_label) = match r {
-        Reject::Csrf | Reject::AccountLocked | Reject::TooManyAttempts(_) => {
-            (format!("{}/login", gw.prefix()), "Back to sign-in")
-        }
+        Reject::Csrf
+        | Reject::AccountLocked
+        | Reject::TooManyAttempts(_)
+        | Reject::AdminOnly
+        | Reject::Unauthorized => (format!("{}/login", gw.prefix()), "Back to sign-in"),
         _ => (String::new(), ""),
     };
     let ctx = minijinja::context! { heading, detail, action_href, action_label };

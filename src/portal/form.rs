@@ -84,10 +84,14 @@ pub fn check_csrf(
 }
 
 /// Whether the browser says the request came from another site.
+///
+/// Browsers send `Sec-Fetch-Site`; it is trusted when present (`same-origin`, or `none` for a typed URL). Our pages
+/// use `Referrer-Policy: no-referrer`, under which browsers send `Origin: null` even for same-origin posts, so the
+/// Origin header is only consulted when `Sec-Fetch-Site` is absent.
 fn cross_site(headers: &HeaderMap, host: Option<&str>) -> bool {
-    if headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("cross-site"))
-    {
-        return true;
+    if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
+        let site = site.trim().to_ascii_lowercase();
+        return !(site == "same-origin" || site == "none");
     }
     let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
         return false;

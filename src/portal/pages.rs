@@ -49,6 +49,7 @@ impl Pages {
     /// Templates from `dir` where present, embedded defaults otherwise.
     pub fn new(dir: Option<PathBuf>) -> Pages {
         let mut env = Environment::new();
+        env.set_formatter(html_formatter);
         env.set_loader(move |name: &str| {
             let Some((_, default)) = EMBEDDED.iter().find(|(n, _)| *n == name) else {
                 return Ok(None);
@@ -81,6 +82,35 @@ impl Pages {
                 )
             }
         }
+    }
+}
+
+/// HTML-escapes strings without touching `/` (minijinja's default writes `&#x2f;`, which is valid but makes
+/// links in pages and tests unreadable): `&`, `<`, `>`, `"` and `'` are what can break out of text or attributes.
+fn html_formatter(
+    out: &mut minijinja::Output,
+    state: &mut minijinja::State,
+    value: &Value,
+) -> Result<(), minijinja::Error> {
+    use std::fmt::Write;
+    let html = matches!(state.auto_escape(), minijinja::AutoEscape::Html);
+    match value.as_str() {
+        Some(s) if html && !value.is_safe() => {
+            let mut escaped = String::with_capacity(s.len());
+            for c in s.chars() {
+                match c {
+                    '&' => escaped.push_str("&amp;"),
+                    '<' => escaped.push_str("&lt;"),
+                    '>' => escaped.push_str("&gt;"),
+                    '"' => escaped.push_str("&quot;"),
+                    '\'' => escaped.push_str("&#39;"),
+                    c => escaped.push(c),
+                }
+            }
+            out.write_str(&escaped)
+                .map_err(|_| minijinja::Error::new(minijinja::ErrorKind::WriteFailure, "write failed"))
+        }
+        _ => minijinja::escape_formatter(out, state, value),
     }
 }
 
@@ -118,4 +148,25 @@ pub fn redirect(status: StatusCode, location: &str) -> Response<Body> {
     }
     secure_headers(h);
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reflected_values_are_escaped_but_slashes_stay() {
+        let mut env = Environment::new();
+        env.set_formatter(html_formatter);
+        env.add_template("t.html", "<a href=\"{{ u }}\">{{ t }}</a>").unwrap();
+        let out = env
+            .get_template("t.html")
+            .unwrap()
+            .render(context! { u => "/_portcullis/login?rd=/a&b", t => "<script>alert('x\")</script>" })
+            .unwrap();
+        assert_eq!(
+            out,
+            "<a href=\"/_portcullis/login?rd=/a&amp;b\">&lt;script&gt;alert(&#39;x&quot;)&lt;/script&gt;</a>"
+        );
+    }
 }
