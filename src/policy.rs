@@ -30,7 +30,9 @@ pub struct Decision {
 pub fn decide(config: &Config, host: Option<&str>, raw_path: &str) -> Result<Decision, PolicyError> {
     let app = find_app(&config.apps, host).ok_or(PolicyError::UnknownHost)?;
     let path = normalize_path(raw_path)?;
-    let policy = path_policy(&config.apps[app], &path);
+    // Servlet containers drop `;params` from segments (`/admin;x/` is `/admin/` to Tomcat): decide on both forms
+    // and keep the more restrictive answer.
+    let policy = path_policy(&config.apps[app], &path).max(path_policy(&config.apps[app], &strip_params(&path)));
     Ok(Decision { app, policy, path })
 }
 
@@ -60,6 +62,14 @@ pub fn path_policy(app: &App, path: &str) -> Policy {
 
 fn longest(app: &App, matches: impl Fn(&str) -> bool) -> Option<Policy> {
     app.rules.iter().filter(|r| matches(&r.path.0)).max_by_key(|r| r.path.0.len()).map(|r| r.policy)
+}
+
+/// The path with every segment's `;params` removed.
+fn strip_params(path: &str) -> String {
+    if !path.contains(';') {
+        return path.to_string();
+    }
+    path.split('/').map(|seg| seg.split(';').next().unwrap_or_default()).collect::<Vec<_>>().join("/")
 }
 
 /// Lower-cases a Host value and drops the port and a trailing dot. `None` if it isn't a plausible host.
@@ -127,6 +137,11 @@ pub fn normalize_path(raw: &str) -> Result<String, PolicyError> {
             return Err(PolicyError::BadPath("double or broken percent-encoding"));
         }
         let bare = decoded.split(|&b| b == b';').next().unwrap_or(&[]);
+        // Windows servers ignore trailing dots and spaces (`/admin./`, `/..%20/`): refuse them outright.
+        let is_dots = bare == b"." || bare == b"..";
+        if !is_dots && (bare.ends_with(b".") || bare.ends_with(b" ")) {
+            return Err(PolicyError::BadPath("a path segment ends with a dot or a space"));
+        }
         trailing_slash = false;
         match bare {
             b"" if decoded.is_empty() => trailing_slash = true,
@@ -195,11 +210,23 @@ mod tests {
             "/a%0d%0ab",
             "/a/%252e%252e/b",
             "/public/%c0%ae%c0%ae/secret",
+            "/admin./",
+            "/admin%20/",
+            "/admin../",
+            "/public/..%20/secret",
+            "/public/...%20/secret",
+            "/public/.../x",
             "/%ff",
             "relative",
         ] {
             assert!(normalize_path(raw).is_err(), "{raw} should be rejected");
         }
+    }
+
+    #[test]
+    fn path_parameters_cannot_dodge_a_rule() {
+        assert_eq!(strip_params("/admin;x=1/a;b/c"), "/admin/a/c");
+        assert_eq!(strip_params("/plain/"), "/plain/");
     }
 
     #[test]

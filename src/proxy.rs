@@ -40,7 +40,38 @@ pub enum UpstreamError {
     Tls(#[from] rustls::Error),
 }
 
-type Pooled = HttpClient<HttpsConnector<HttpConnector>, Incoming>;
+type Pooled = HttpClient<HttpsConnector<HttpConnector>, Watched>;
+
+/// The client's request body on its way upstream, noting whether the client broke it (bad chunking, cut short),
+/// so that failure is answered as the client's 400 and not blamed on the app as a 502.
+pub struct Watched {
+    inner: Incoming,
+    failed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl http_body::Body for Watched {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Err(_))) = &polled {
+            self.failed.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// One pooled HTTP client per app (each may trust its own CA).
 pub struct Upstreams {
@@ -275,7 +306,8 @@ pub async fn forward(
     }
     parts.uri = uri;
     parts.version = Version::HTTP_11;
-    let upstream_req = Request::from_parts(parts, body);
+    let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let upstream_req = Request::from_parts(parts, Watched { inner: body, failed: failed.clone() });
 
     let pending = gw.upstreams.clients[decision.app].request(upstream_req);
     let started = std::time::Instant::now();
@@ -283,6 +315,9 @@ pub async fn forward(
     gw.metrics.observe_upstream(&gw.app_labels[decision.app], started.elapsed());
     let mut resp = match outcome {
         Err(_) => return Err(Reject::GatewayTimeout),
+        Ok(Err(_)) if failed.load(std::sync::atomic::Ordering::Relaxed) => {
+            return Err(Reject::BadRequest("The request body was malformed or cut short."));
+        }
         Ok(Err(e)) => {
             tracing::warn!(upstream = %app.upstream.authority, error = %e, "upstream request failed");
             return Err(Reject::BadGateway);

@@ -28,7 +28,11 @@ pub fn owns(prefix: &str, path: &str) -> bool {
 }
 
 /// Routes a portal request. Paths match exactly, so no rule or header can reach a page by accident.
-pub async fn handle(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Result<Response<Body>, Reject> {
+pub async fn handle(
+    gw: &std::sync::Arc<Gateway>,
+    client: &Client,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Reject> {
     let sub = req.uri().path()[gw.prefix().len()..].to_string();
     let get = matches!(*req.method(), Method::GET | Method::HEAD);
     let post = req.method() == Method::POST;

@@ -92,7 +92,6 @@ fn html_formatter(
     state: &mut minijinja::State,
     value: &Value,
 ) -> Result<(), minijinja::Error> {
-    use std::fmt::Write;
     let html = matches!(state.auto_escape(), minijinja::AutoEscape::Html);
     match value.as_str() {
         Some(s) if html && !value.is_safe() => {

@@ -51,7 +51,11 @@ async fn allowed(gw: &Gateway, key: String, max: u32, now: u64) -> Result<bool, 
 }
 
 /// POST forgot: always the same page; an email only for a real, unlimited account.
-pub async fn submit_forgot(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Result<Response<Body>, Reject> {
+pub async fn submit_forgot(
+    gw: &std::sync::Arc<Gateway>,
+    client: &Client,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Reject> {
     let (parts, form) = form::read(req).await?;
     let binding = session::csrf_binding(&gw.keys, &parts.headers, &gw.config.csrf_cookie_name());
     check_csrf(gw, &parts, &form, binding.as_ref().map(|b| b.as_slice()))?;
@@ -64,14 +68,24 @@ pub async fn submit_forgot(gw: &Gateway, client: &Client, req: Request<Incoming>
         return Err(Reject::TooManyAttempts(RATE_WINDOW));
     }
     let login = normalize_login(form.get("username"));
-    // The same work happens for unknown names (counter, lookup), so the answer and its timing match.
+    // The same work happens for unknown names (counter, lookup) before the answer; the extra work for a real
+    // account (recipient counter, token, mail) happens after it, so the answer and its timing match.
     let account_ok = allowed(gw, format!("reset:acct:{login}"), PER_ACCOUNT, now).await?;
     let user = if login.is_empty() { None } else { gw.store.find_login(&login).await? };
-    if let Some(user) = user.filter(|u| !u.locked) {
-        let recipient_ok = allowed(gw, format!("reset:rcpt:{}", user.email), PER_ACCOUNT, now).await?;
-        if account_ok && recipient_ok {
-            send_reset(gw, client, &user, now).await?;
-        }
+    if let Some(user) = user.filter(|u| !u.locked && account_ok) {
+        let gw = gw.clone();
+        let client = client.clone();
+        tokio::spawn(async move {
+            let sent = async {
+                if allowed(&gw, format!("reset:rcpt:{}", user.email), PER_ACCOUNT, now).await? {
+                    send_reset(&gw, &client, &user, now).await?;
+                }
+                Ok::<(), Reject>(())
+            };
+            if sent.await.is_err() {
+                tracing::error!(user = %user.username, "password reset email could not be prepared");
+            }
+        });
     }
     Ok(forgot_page(gw, csrf, true))
 }

@@ -317,7 +317,11 @@ macro_rules! dispatch {
                 let inner = inner.clone();
                 tokio::task::spawn_blocking(move || {
                     let $r = &*inner;
-                    $redb
+                    let result = $redb;
+                    if let Err(e) = &result {
+                        inner.recover(e);
+                    }
+                    result
                 })
                 .await
                 .map_err(|_| StoreError::Task)?
@@ -353,7 +357,7 @@ impl Store {
     /// process or another. redb: one small inline read; PostgreSQL: the listener's last value, no round trip.
     pub fn revision(&self) -> Result<u64, StoreError> {
         match &self.backend {
-            Backend::Redb(r) => r.revision(),
+            Backend::Redb(r) => r.revision().inspect_err(|e| r.recover(e)),
             Backend::Postgres(p) => Ok(p.revision()),
         }
     }

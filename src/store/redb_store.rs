@@ -47,7 +47,17 @@ db_errors!(
 
 /// The redb-backed store.
 pub struct RedbStore {
-    db: Database,
+    /// The open database; `None` only while it is being reopened after an I/O error.
+    db: std::sync::RwLock<Option<std::sync::Arc<Database>>>,
+    /// Where it lives, for reopening.
+    path: std::path::PathBuf,
+}
+
+fn open_file(path: &Path) -> Result<Database, StoreError> {
+    Database::builder()
+        .set_concurrency_mode(redb::ConcurrencyMode::MultiWriter)
+        .create(path)
+        .map_err(|e| StoreError::Db(format!("{}: {e}", path.display())))
 }
 
 impl RedbStore {
@@ -56,18 +66,41 @@ impl RedbStore {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| StoreError::Db(format!("{}: {e}", dir.display())))?;
         }
-        let db = Database::builder()
-            .set_concurrency_mode(redb::ConcurrencyMode::MultiWriter)
-            .create(path)
-            .map_err(|e| StoreError::Db(format!("{}: {e}", path.display())))?;
-        let store = RedbStore { db };
+        let db = open_file(path)?;
+        let store = RedbStore { db: std::sync::RwLock::new(Some(std::sync::Arc::new(db))), path: path.to_path_buf() };
         store.migrate()?;
         Ok(store)
     }
 
+    fn db(&self) -> Result<std::sync::Arc<Database>, StoreError> {
+        let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
+        guard.clone().ok_or_else(|| StoreError::Db("storage is being reopened after an I/O error".into()))
+    }
+
+    /// After an I/O error (disk full, say) redb refuses every call until the database is reopened. Reopens it once
+    /// no operation holds it; until then calls fail cleanly (and the gateway answers 503).
+    pub fn recover(&self, err: &StoreError) {
+        let StoreError::Db(msg) = err else { return };
+        if !(msg.contains("re-open") || msg.contains("being reopened")) {
+            return;
+        }
+        let mut guard = self.db.write().unwrap_or_else(|p| p.into_inner());
+        if guard.as_ref().is_some_and(|db| std::sync::Arc::strong_count(db) > 1) {
+            return;
+        }
+        *guard = None;
+        match open_file(&self.path) {
+            Ok(db) => {
+                tracing::warn!(path = %self.path.display(), "storage reopened after an I/O error");
+                *guard = Some(std::sync::Arc::new(db));
+            }
+            Err(e) => tracing::error!(error = %e, "storage still unavailable"),
+        }
+    }
+
     /// Creates tables (readers can't open a table that was never created) and upgrades old schemas.
     fn migrate(&self) -> Result<(), StoreError> {
-        let tx = self.db.begin_write()?;
+        let tx = self.db()?.begin_write()?;
         {
             let mut meta = tx.open_table(META)?;
             let found = meta.get("schema_version")?.map(|v| v.value());
@@ -96,20 +129,20 @@ impl RedbStore {
     /// The revocation revision: it changes whenever a session may have been ended or a user locked, by this
     /// process or another (the CLI). A cheap read, done inline on the request path.
     pub fn revision(&self) -> Result<u64, StoreError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.db()?.begin_read()?;
         let meta = tx.open_table(META)?;
         Ok(meta.get("revision")?.map_or(0, |v| v.value()))
     }
 
     /// The schema version recorded in the file.
     pub fn schema_version(&self) -> Result<u64, StoreError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.db()?.begin_read()?;
         let meta = tx.open_table(META)?;
         Ok(meta.get("schema_version")?.map_or(0, |v| v.value()))
     }
 
     fn write<T>(&self, f: impl FnOnce(&WriteTransaction) -> Result<T, StoreError>) -> Result<T, StoreError> {
-        let tx = self.db.begin_write()?;
+        let tx = self.db()?.begin_write()?;
         let out = f(&tx)?;
         tx.commit()?;
         Ok(out)
@@ -139,13 +172,13 @@ impl RedbStore {
     }
 
     pub(super) fn user(&self, username: &str) -> Result<Option<User>, StoreError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.db()?.begin_read()?;
         let users = tx.open_table(USERS)?;
         users.get(username)?.map(|v| decode(v.value())).transpose()
     }
 
     pub(super) fn find_login(&self, login: &str) -> Result<Option<User>, StoreError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.db()?.begin_read()?;
         let users = tx.open_table(USERS)?;
         if let Some(v) = users.get(login)? {
             return decode(v.value()).map(Some);
@@ -158,7 +191,7 @@ impl RedbStore {
     }
 
     pub(super) fn list_users(&self) -> Result<Vec<User>, StoreError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.db()?.begin_read()?;
         let users = tx.open_table(USERS)?;
         users.iter()?.map(|row| decode(row?.1.value())).collect()
     }
@@ -203,7 +236,7 @@ impl RedbStore {
     }
 
     pub(super) fn audit_for_user(&self, user: &str, limit: usize) -> Result<Vec<AuditEvent>, StoreError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.db()?.begin_read()?;
         let t = tx.open_table(AUDIT)?;
         let mut out = Vec::new();
         for row in t.range((user, 0)..=(user, u64::MAX))?.rev() {
@@ -228,7 +261,7 @@ impl RedbStore {
 
     pub(super) fn count_sessions(&self) -> Result<u64, StoreError> {
         use redb::ReadableTableMetadata;
-        let tx = self.db.begin_read()?;
+        let tx = self.db()?.begin_read()?;
         Ok(tx.open_table(SESSIONS)?.len()?)
     }
 
@@ -239,7 +272,7 @@ impl RedbStore {
         limit: usize,
         filter: &UserFilter,
     ) -> Result<(Vec<User>, bool), StoreError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.db()?.begin_read()?;
         let users = tx.open_table(USERS)?;
         let mut out = Vec::new();
         let range = users.range::<&str>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))?;
@@ -264,7 +297,7 @@ impl RedbStore {
     }
 
     pub(super) fn token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.db()?.begin_read()?;
         let t = tx.open_table(TOKENS)?;
         t.get(hash)?.map(|v| decode(v.value())).transpose()
     }
@@ -336,7 +369,7 @@ impl RedbStore {
 
     /// Everything in the store, for copying into another backend.
     pub(super) fn dump(&self) -> Result<Dump, StoreError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.db()?.begin_read()?;
         let users = tx.open_table(USERS)?.iter()?.map(|r| decode(r?.1.value())).collect::<Result<_, _>>()?;
         let mut sessions = Vec::new();
         for row in tx.open_table(SESSIONS)?.iter()? {
@@ -362,7 +395,7 @@ impl RedbStore {
     }
 
     pub(super) fn pending(&self, session: &[u8; 32]) -> Result<Option<PendingEnrolment>, StoreError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.db()?.begin_read()?;
         let t = tx.open_table(PENDING)?;
         t.get(session.as_slice())?.map(|v| decode(v.value())).transpose()
     }
@@ -426,7 +459,7 @@ impl RedbStore {
     }
 
     pub(super) fn locked_until(&self, keys: &[String], now: u64) -> Result<Option<u64>, StoreError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.db()?.begin_read()?;
         let table = tx.open_table(FAILURES)?;
         let mut until = None;
         for key in keys {
@@ -464,7 +497,7 @@ impl RedbStore {
     }
 
     pub(super) fn session_with_user(&self, id: &[u8; 32]) -> Result<Option<(SessionRecord, User)>, StoreError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.db()?.begin_read()?;
         let sessions = tx.open_table(SESSIONS)?;
         let Some(rec) = sessions.get(id.as_slice())?.map(|v| decode::<SessionRecord>(v.value())).transpose()? else {
             return Ok(None);
