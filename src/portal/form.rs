@@ -51,13 +51,20 @@ pub async fn read(req: Request<Incoming>) -> Result<(http::request::Parts, Form)
             }
         })?
         .to_bytes();
-    let pairs: Vec<(String, String)> =
-        serde_urlencoded::from_bytes(&bytes).map_err(|_| Reject::BadRequest("The form could not be read."))?;
-    let mut map = HashMap::new();
-    for (k, v) in pairs {
-        map.entry(k).or_insert(v);
+    Ok((parts, Form::parse(&bytes)?))
+}
+
+impl Form {
+    /// Parses an urlencoded body. Repeated fields keep their first value.
+    pub fn parse(bytes: &[u8]) -> Result<Form, Reject> {
+        let pairs: Vec<(String, String)> =
+            serde_urlencoded::from_bytes(bytes).map_err(|_| Reject::BadRequest("The form could not be read."))?;
+        let mut map = HashMap::new();
+        for (k, v) in pairs {
+            map.entry(k).or_insert(v);
+        }
+        Ok(Form(map))
     }
-    Ok((parts, Form(map)))
 }
 
 /// Checks a form's CSRF token against its binding (session id or anonymous cookie), in constant time, and
