@@ -7,6 +7,7 @@ mod browser;
 mod cli;
 mod mail;
 mod ops;
+mod pages;
 mod proxy;
 mod selftest;
 mod two_factor;
