@@ -314,19 +314,26 @@ const SPOOFABLE_NAMES: &[&str] = &[
 pub fn strip_identity_headers(config: &Config, headers: &mut HeaderMap) {
     let configured =
         [&config.headers.user.0, &config.headers.email.0, &config.headers.name.0, &config.headers.groups.0];
-    let doomed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| {
-            let folded = name.as_str().replace('_', "-");
-            SPOOFABLE_PREFIXES.iter().any(|p| folded.starts_with(p))
-                || SPOOFABLE_NAMES.contains(&folded.as_str())
-                || configured.iter().any(|c| c.as_str().replace('_', "-") == folded)
-        })
-        .cloned()
-        .collect();
+    // Header names arrive lower-cased; compare with `_` read as `-`, without allocating per request.
+    let same = |a: &[u8], b: &[u8]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| fold(*x) == fold(*y));
+    let spoofable = |name: &HeaderName| {
+        let n = name.as_str().as_bytes();
+        SPOOFABLE_PREFIXES.iter().any(|p| n.len() >= p.len() && same(&n[..p.len()], p.as_bytes()))
+            || SPOOFABLE_NAMES.iter().any(|s| same(n, s.as_bytes()))
+            || configured.iter().any(|c| same(n, c.as_str().as_bytes()))
+    };
+    if !headers.keys().any(spoofable) {
+        return;
+    }
+    let doomed: Vec<HeaderName> = headers.keys().filter(|n| spoofable(n)).cloned().collect();
     for name in doomed {
         headers.remove(&name);
     }
+}
+
+/// `_` compares as `-` (oauth2-proxy CVE-2025-64484).
+fn fold(b: u8) -> u8 {
+    if b == b'_' { b'-' } else { b }
 }
 
 /// Whether a request is from a browser that can follow a redirect to the login page.

@@ -64,6 +64,21 @@ fn longest(app: &App, matches: impl Fn(&str) -> bool) -> Option<Policy> {
     app.rules.iter().filter(|r| matches(&r.path.0)).max_by_key(|r| r.path.0.len()).map(|r| r.policy)
 }
 
+/// A path already in normal form: only unreserved and sub-delim characters, no empty, dot or trailing-dot segments.
+fn is_plain(raw: &str) -> bool {
+    if !raw.bytes().all(|c| c.is_ascii_alphanumeric() || b"/-_~!$&'()*+,=:@.".contains(&c)) {
+        return false;
+    }
+    let mut segments = raw[1..].split('/').peekable();
+    while let Some(seg) = segments.next() {
+        let last = segments.peek().is_none();
+        if (seg.is_empty() && !last) || seg.ends_with('.') {
+            return false;
+        }
+    }
+    true
+}
+
 /// The path with every segment's `;params` removed.
 fn strip_params(path: &str) -> String {
     if !path.contains(';') {
@@ -117,6 +132,10 @@ const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
 pub fn normalize_path(raw: &str) -> Result<String, PolicyError> {
     if !raw.starts_with('/') {
         return Err(PolicyError::BadPath("the path must start with /"));
+    }
+    if is_plain(raw) {
+        // The common case: nothing to decode, collapse or check further.
+        return Ok(raw.to_string());
     }
     if raw.contains('\\') {
         return Err(PolicyError::BadPath("backslashes are not allowed"));
@@ -220,6 +239,17 @@ mod tests {
             "relative",
         ] {
             assert!(normalize_path(raw).is_err(), "{raw} should be rejected");
+        }
+    }
+
+    #[test]
+    fn plain_paths_take_the_fast_path_unchanged() {
+        for p in ["/", "/a", "/a/b/", "/wiki/Main_Page", "/x~y/(1)/a.b"] {
+            assert!(is_plain(p), "{p}");
+            assert_eq!(normalize_path(p).as_deref(), Ok(p));
+        }
+        for p in ["//a", "/a/./b", "/a.", "/a%20b", "/a;b", "/a//"] {
+            assert!(!is_plain(p), "{p}");
         }
     }
 
