@@ -181,7 +181,9 @@ pub async fn run(cli: Cli) -> Result<()> {
             let store = Store::from_config(&config.storage)
                 .await
                 .with_context(|| format!("opening {}", crate::gateway::storage_name(&config.storage)))?;
-            user(&store, &config, cmd).await
+            let result = user(&store, &config, cmd).await;
+            store.announce(&config.storage);
+            result
         }
         Command::Storage(StorageCommand::MigrateFromRedb { from }) => {
             init_logging(&quiet);

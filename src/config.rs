@@ -289,8 +289,9 @@ pub struct Server {
     pub header_read_timeout: Dur,
     /// How long in-flight requests may run after a shutdown signal.
     pub shutdown_grace: Dur,
-    /// Most simultaneous password hashes (each takes ~19 MiB).
-    pub max_concurrent_hashes: usize,
+    /// Most simultaneous password hashes (each takes ~19 MiB). Default: half the cores (1 to 4), so logins can't
+    /// take every core from proxying.
+    pub max_concurrent_hashes: Option<usize>,
 }
 
 impl Default for Server {
@@ -303,7 +304,7 @@ impl Default for Server {
             trusted_proxies: Vec::new(),
             header_read_timeout: Dur(Duration::from_secs(10)),
             shutdown_grace: Dur(Duration::from_secs(30)),
-            max_concurrent_hashes: 4,
+            max_concurrent_hashes: None,
         }
     }
 }
@@ -810,7 +811,7 @@ impl Config {
         if self.mail.transport == MailTransport::Smtp && self.mail.smtp_host.is_none() {
             return Err("[mail] transport = \"smtp\" needs smtp_host".into());
         }
-        if s.max_concurrent_hashes == 0 {
+        if s.max_concurrent_hashes == Some(0) {
             return Err("[server] max_concurrent_hashes must be at least 1".into());
         }
         Ok(())

@@ -71,8 +71,10 @@ impl Gateway {
         let store = Store::from_config(&config.storage)
             .await
             .map_err(|source| crate::Error::Store { path: storage_name(&config.storage), source })?;
+        store.listen_for_wakeups();
         let keys = Keys::load_or_create(&config.storage.secret_key_file)?;
-        let hasher = Hasher::new(config.server.max_concurrent_hashes)?;
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let hasher = Hasher::new(config.server.max_concurrent_hashes.unwrap_or((cores / 2).clamp(1, 4)))?;
         let shared = Shared {
             store,
             keys,
@@ -217,24 +219,31 @@ impl Gateway {
     /// [`Gateway::authenticate`] through the in-memory cache: the proxy hot path. A hit costs a signature check
     /// and one read of the store's revocation revision; no session or user record is read or decoded.
     pub async fn authenticate_cached(&self, headers: &HeaderMap) -> Result<Option<Authenticated>, Reject> {
-        let Some(id) = session::session_id(&self.keys, headers, &self.config.session.cookie_name.0) else {
+        let name = &self.config.session.cookie_name.0;
+        let mut raws = session::cookie_values(headers, name).peekable();
+        if raws.peek().is_none() {
             return Ok(None);
-        };
+        }
         let revision = self.store.revision()?;
         let now = self.clock.now();
-        if let session::Lookup::Hit(auth, touch_due) = self.cache.get(&id, revision, now) {
-            if !self.still_valid(&auth, now) {
-                self.cache.remove(&id);
-                return Ok(None);
+        for raw in raws {
+            if let session::Lookup::Hit(auth, touch_due) = self.cache.get(raw, revision, now) {
+                if !self.still_valid(&auth, now) {
+                    self.cache.remove(raw);
+                    return Ok(None);
+                }
+                if touch_due {
+                    self.touch(auth.id, now);
+                }
+                return Ok(Some(auth));
             }
-            if touch_due {
-                self.touch(id, now);
-            }
-            return Ok(Some(auth));
         }
+        let Some((_, raw)) = session::session_id_raw(&self.keys, headers, name) else {
+            return Ok(None);
+        };
         let found = self.authenticate(headers).await?;
         if let Some(auth) = &found {
-            self.cache.put(auth, revision);
+            self.cache.put(raw, auth, revision);
         }
         Ok(found)
     }

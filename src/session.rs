@@ -54,6 +54,7 @@ const CACHE_LIMIT: usize = 100_000;
 
 /// One cached session.
 struct Cached {
+    id: SessionId,
     record: Arc<SessionRecord>,
     user: Arc<User>,
     /// Last-seen as this process last wrote it (the record's copy may be older).
@@ -63,9 +64,12 @@ struct Cached {
 /// In-memory session lookups for the proxy hot path, so a request with a valid session touches no database
 /// table but one small revision counter. Whenever the store's revocation revision moves (logout, lock,
 /// password or two-factor change, here or in another process), everything cached is dropped.
+///
+/// Entries are keyed by the exact signed cookie value, so a hit needs no signature check either: only a value that
+/// verified once is ever stored.
 #[derive(Default)]
 pub struct SessionCache {
-    map: RwLock<HashMap<[u8; 32], Arc<Cached>>>,
+    map: RwLock<HashMap<Box<str>, Arc<Cached>>>,
     revision: AtomicU64,
 }
 
@@ -78,8 +82,8 @@ pub enum Lookup {
 }
 
 impl SessionCache {
-    /// Looks up `id`, first dropping everything if the store's `revision` moved since it was filled.
-    pub fn get(&self, id: &SessionId, revision: u64, now: u64) -> Lookup {
+    /// Looks up a raw cookie value, first dropping everything if the store's `revision` moved since it was filled.
+    pub fn get(&self, raw: &str, revision: u64, now: u64) -> Lookup {
         if self.revision.load(Ordering::Acquire) != revision {
             let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
             map.clear();
@@ -87,7 +91,7 @@ impl SessionCache {
             return Lookup::Miss;
         }
         let map = self.map.read().unwrap_or_else(|p| p.into_inner());
-        let Some(c) = map.get(&id.0) else {
+        let Some(c) = map.get(raw) else {
             return Lookup::Miss;
         };
         let seen = c.last_seen.load(Ordering::Relaxed);
@@ -97,11 +101,11 @@ impl SessionCache {
         if seen > record.last_seen {
             Arc::make_mut(&mut record).last_seen = seen;
         }
-        Lookup::Hit(Authenticated { id: *id, record, user: c.user.clone() }, due)
+        Lookup::Hit(Authenticated { id: c.id, record, user: c.user.clone() }, due)
     }
 
-    /// Remembers a session read from the store while the store was at `revision`.
-    pub fn put(&self, auth: &Authenticated, revision: u64) {
+    /// Remembers a session, read from the store while it was at `revision`, under the cookie value that verified.
+    pub fn put(&self, raw: &str, auth: &Authenticated, revision: u64) {
         let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
         if self.revision.load(Ordering::Acquire) != revision {
             return;
@@ -110,16 +114,17 @@ impl SessionCache {
             map.clear();
         }
         let cached = Cached {
+            id: auth.id,
             record: auth.record.clone(),
             user: auth.user.clone(),
             last_seen: AtomicU64::new(auth.record.last_seen),
         };
-        map.insert(auth.id.0, Arc::new(cached));
+        map.insert(raw.into(), Arc::new(cached));
     }
 
-    /// Forgets one session (expired or deleted here).
-    pub fn remove(&self, id: &SessionId) {
-        self.map.write().unwrap_or_else(|p| p.into_inner()).remove(&id.0);
+    /// Forgets one cookie value (its session expired).
+    pub fn remove(&self, raw: &str) {
+        self.map.write().unwrap_or_else(|p| p.into_inner()).remove(raw);
     }
 }
 
@@ -160,10 +165,15 @@ fn decode_tagged<const N: usize>(value: &str, tag: &str) -> Option<[u8; N]> {
 
 /// The session id from the request's session cookie, if one verifies. Malformed means "no session".
 pub fn session_id(keys: &Keys, headers: &HeaderMap, name: &str) -> Option<SessionId> {
-    cookie_values(headers, name)
-        .filter_map(|raw| verify(keys, name, raw))
-        .find_map(|v| decode_tagged::<32>(&v, SESSION_TAG))
-        .map(SessionId)
+    session_id_raw(keys, headers, name).map(|(id, _)| id)
+}
+
+/// [`session_id`], with the raw cookie value that verified.
+pub fn session_id_raw<'h>(keys: &Keys, headers: &'h HeaderMap, name: &'h str) -> Option<(SessionId, &'h str)> {
+    cookie_values(headers, name).find_map(|raw| {
+        let v = verify(keys, name, raw)?;
+        decode_tagged::<32>(&v, SESSION_TAG).map(|id| (SessionId(id), raw))
+    })
 }
 
 /// The anonymous CSRF binding from the request's CSRF cookie, if one verifies.
@@ -261,18 +271,20 @@ mod tests {
         }))
         .unwrap();
         let auth = Authenticated { id, record: Arc::new(record), user: Arc::new(user) };
-        assert!(matches!(cache.get(&id, 7, 1000), Lookup::Miss));
-        cache.put(&auth, 7);
-        assert!(matches!(cache.get(&id, 7, 1010), Lookup::Hit(_, false)));
+        let raw = "signed-value";
+        assert!(matches!(cache.get(raw, 7, 1000), Lookup::Miss));
+        cache.put(raw, &auth, 7);
+        assert!(matches!(cache.get(raw, 7, 1010), Lookup::Hit(_, false)));
+        assert!(matches!(cache.get("signed-valuf", 7, 1010), Lookup::Miss));
         // Last-seen refresh is due once per interval, and only to one caller.
-        assert!(matches!(cache.get(&id, 7, 1000 + TOUCH_INTERVAL), Lookup::Hit(_, true)));
-        assert!(matches!(cache.get(&id, 7, 1000 + TOUCH_INTERVAL), Lookup::Hit(_, false)));
+        assert!(matches!(cache.get(raw, 7, 1000 + TOUCH_INTERVAL), Lookup::Hit(_, true)));
+        assert!(matches!(cache.get(raw, 7, 1000 + TOUCH_INTERVAL), Lookup::Hit(_, false)));
         // A revocation anywhere (revision 8) empties the cache.
-        assert!(matches!(cache.get(&id, 8, 1100), Lookup::Miss));
-        assert!(matches!(cache.get(&id, 8, 1100), Lookup::Miss));
+        assert!(matches!(cache.get(raw, 8, 1100), Lookup::Miss));
+        assert!(matches!(cache.get(raw, 8, 1100), Lookup::Miss));
         // A value read under an old revision is not cached.
-        cache.put(&auth, 7);
-        assert!(matches!(cache.get(&id, 8, 1100), Lookup::Miss));
+        cache.put(raw, &auth, 7);
+        assert!(matches!(cache.get(raw, 8, 1100), Lookup::Miss));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 pub use postgres::PgStore;
-pub use redb_store::RedbStore;
+pub use redb_store::{RedbStore, announce_revocation, wakeup_path};
 
 /// Version byte prefixed to every stored value (both backends).
 const VALUE_VERSION: u8 = 1;
@@ -359,6 +359,20 @@ impl Store {
         match &self.backend {
             Backend::Redb(r) => r.revision().inspect_err(|e| r.recover(e)),
             Backend::Postgres(p) => Ok(p.revision()),
+        }
+    }
+
+    /// For `serve` on the embedded store: listen for the CLI's wake-ups so revocations need no file read per request.
+    pub fn listen_for_wakeups(&self) {
+        if let Backend::Redb(r) = &self.backend {
+            r.listen_for_wakeups();
+        }
+    }
+
+    /// After a CLI change: wake a running gateway on the same embedded store.
+    pub fn announce(&self, storage: &crate::config::Storage) {
+        if let Backend::Redb(_) = &self.backend {
+            announce_revocation(&storage.path);
         }
     }
 

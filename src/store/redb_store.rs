@@ -51,6 +51,31 @@ pub struct RedbStore {
     db: std::sync::RwLock<Option<std::sync::Arc<Database>>>,
     /// Where it lives, for reopening.
     path: std::path::PathBuf,
+    /// The revocation revision as last read: the hot path reads this, not the file.
+    revision: std::sync::atomic::AtomicU64,
+    /// When it was last read (milliseconds since `epoch`).
+    refreshed: std::sync::atomic::AtomicU64,
+    epoch: std::time::Instant,
+    /// Bound by `serve`: `portcullis user …` in another process sends a datagram here after each change, so the
+    /// next request re-reads the revision at once. Without it, every request reads the revision from the file.
+    wakeups: std::sync::OnceLock<std::os::unix::net::UnixDatagram>,
+}
+
+/// Re-read the revision at least this often even without a wake-up (a CLI that died before announcing).
+const REVISION_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The wake-up socket next to the database file.
+pub fn wakeup_path(db: &Path) -> std::path::PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push(".wakeup");
+    std::path::PathBuf::from(name)
+}
+
+/// Tells a running `serve` on this database that sessions may have been revoked (best effort: no server, no-op).
+pub fn announce_revocation(db: &Path) {
+    if let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() {
+        let _ = sock.send_to(b"r", wakeup_path(db));
+    }
 }
 
 fn open_file(path: &Path) -> Result<Database, StoreError> {
@@ -67,8 +92,16 @@ impl RedbStore {
             std::fs::create_dir_all(dir).map_err(|e| StoreError::Db(format!("{}: {e}", dir.display())))?;
         }
         let db = open_file(path)?;
-        let store = RedbStore { db: std::sync::RwLock::new(Some(std::sync::Arc::new(db))), path: path.to_path_buf() };
+        let store = RedbStore {
+            db: std::sync::RwLock::new(Some(std::sync::Arc::new(db))),
+            path: path.to_path_buf(),
+            revision: std::sync::atomic::AtomicU64::new(0),
+            refreshed: std::sync::atomic::AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
+            wakeups: std::sync::OnceLock::new(),
+        };
         store.migrate()?;
+        store.refresh_revision()?;
         Ok(store)
     }
 
@@ -129,9 +162,52 @@ impl RedbStore {
     /// The revocation revision: it changes whenever a session may have been ended or a user locked, by this
     /// process or another (the CLI). A cheap read, done inline on the request path.
     pub fn revision(&self) -> Result<u64, StoreError> {
+        use std::sync::atomic::Ordering;
+        let Some(sock) = self.wakeups.get() else {
+            return self.refresh_revision();
+        };
+        // A pending wake-up is in the socket buffer before the announcing CLI exits, so a request that follows
+        // the CLI always sees it here.
+        let mut buf = [0u8; 8];
+        let mut woken = false;
+        while sock.recv(&mut buf).is_ok() {
+            woken = true;
+        }
+        let now = self.millis();
+        let stale = now.saturating_sub(self.refreshed.load(Ordering::Relaxed)) >= REVISION_POLL.as_millis() as u64;
+        if woken || stale {
+            return self.refresh_revision();
+        }
+        Ok(self.revision.load(Ordering::Acquire))
+    }
+
+    fn millis(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Reads the revision from the file.
+    fn refresh_revision(&self) -> Result<u64, StoreError> {
+        use std::sync::atomic::Ordering;
         let tx = self.db()?.begin_read()?;
         let meta = tx.open_table(META)?;
-        Ok(meta.get("revision")?.map_or(0, |v| v.value()))
+        let r = meta.get("revision")?.map_or(0, |v| v.value());
+        self.revision.store(r, Ordering::Release);
+        self.refreshed.store(self.millis(), Ordering::Relaxed);
+        Ok(r)
+    }
+
+    /// Binds the wake-up socket (for `serve`); without it the revision is read from the file on every request.
+    pub fn listen_for_wakeups(&self) {
+        let path = wakeup_path(&self.path);
+        // A socket file left by a gateway that died is stale: nobody listens on it.
+        let _ = std::fs::remove_file(&path);
+        match std::os::unix::net::UnixDatagram::bind(&path).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
+            Ok(sock) => {
+                let _ = self.wakeups.set(sock);
+            }
+            Err(e) => tracing::warn!(path = %path.display(), error = %e,
+                "no wake-up socket; the revocation revision is read on every request instead"),
+        }
     }
 
     /// The schema version recorded in the file.
@@ -145,6 +221,8 @@ impl RedbStore {
         let tx = self.db()?.begin_write()?;
         let out = f(&tx)?;
         tx.commit()?;
+        // This process's own revocations are visible to its next request at once.
+        self.refresh_revision()?;
         Ok(out)
     }
 

@@ -2082,7 +2082,9 @@ async fn malformed_chunked_request_bodies_are_a_client_error_not_a_bad_gateway()
             let (buf, closed) = raw_exchange(w.gw.addr, req.as_bytes(), Duration::from_millis(1500)).await;
             let st = statuses(&buf);
             eprintln!("bad chunked body {name:<22} {host}{path} -> {st:?} closed={closed}");
-            if st.iter().any(|s| *s >= 500) || !(st.first() == Some(&400) || (closed && st.is_empty())) {
+            // An upstream that answers before reading the body may get its answer out before the body breaks;
+            // then the connection must still be closed. What may never happen is a 5xx blaming the app.
+            if st.iter().any(|s| *s >= 500) || !(st.first() == Some(&400) || closed) {
                 failures.push(format!("{name} on {host}{path}: answered {st:?} (closed={closed}); want 400 or a closed connection"));
             }
         }
