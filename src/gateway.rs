@@ -71,7 +71,7 @@ impl Gateway {
         let store = Store::from_config(&config.storage)
             .await
             .map_err(|source| crate::Error::Store { path: storage_name(&config.storage), source })?;
-        store.listen_for_wakeups();
+        store.listen_for_wakeups(&config.storage);
         let keys = Keys::load_or_create(&config.storage.secret_key_file)?;
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let hasher = Hasher::new(config.server.max_concurrent_hashes.unwrap_or((cores / 2).clamp(1, 4)))?;

@@ -14,7 +14,8 @@ pub const MAX_LEN: usize = 1024;
 
 /// The hash unknown names are verified against: the same parameters as real hashes, so the same cost, of a random
 /// password nobody knows (and a match would still not count). Fixed, so starting up computes no hash.
-const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$7ukQu870ht6MadjTSUNHZQ$epdN/o3gJN/uT9zn49FoP3kFaf7eXgAp74sqcNnLc6k";
+const DUMMY_HASH: &str =
+    "$argon2id$v=19$m=19456,t=2,p=1$7ukQu870ht6MadjTSUNHZQ$epdN/o3gJN/uT9zn49FoP3kFaf7eXgAp74sqcNnLc6k";
 
 /// Password problems.
 #[derive(Debug, thiserror::Error)]

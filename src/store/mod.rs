@@ -307,6 +307,9 @@ enum Backend {
 #[derive(Clone)]
 pub struct Store {
     backend: Backend,
+    /// Bound by `serve`: `portcullis user …` in another process sends a datagram here after each change, so the
+    /// next request sees it at once (redb re-reads its revision; PostgreSQL flushes the cache ahead of NOTIFY).
+    wakeups: Arc<std::sync::OnceLock<std::os::unix::net::UnixDatagram>>,
 }
 
 /// Runs an operation on whichever backend: redb's synchronous calls off the async runtime, PostgreSQL's directly.
@@ -334,12 +337,15 @@ macro_rules! dispatch {
 impl Store {
     /// Opens (creating and migrating as needed) the embedded store.
     pub fn open(path: &std::path::Path) -> Result<Store, StoreError> {
-        Ok(Store { backend: Backend::Redb(Arc::new(RedbStore::open(path)?)) })
+        Ok(Store { backend: Backend::Redb(Arc::new(RedbStore::open(path)?)), wakeups: Default::default() })
     }
 
     /// Connects to PostgreSQL (migrating under an advisory lock as needed).
     pub async fn open_postgres(url: &str, max_connections: usize) -> Result<Store, StoreError> {
-        Ok(Store { backend: Backend::Postgres(PgStore::open(url, max_connections).await?) })
+        Ok(Store {
+            backend: Backend::Postgres(PgStore::open(url, max_connections).await?),
+            wakeups: Default::default(),
+        })
     }
 
     /// Opens the backend the config names.
@@ -356,24 +362,38 @@ impl Store {
     /// The revocation revision: it moves whenever a session may have ended or a user was locked, by this
     /// process or another. redb: one small inline read; PostgreSQL: the listener's last value, no round trip.
     pub fn revision(&self) -> Result<u64, StoreError> {
+        // A pending wake-up is in the socket buffer before the announcing CLI exits, so a request that follows
+        // the CLI always sees it here.
+        let mut woken = false;
+        if let Some(sock) = self.wakeups.get() {
+            let mut buf = [0u8; 8];
+            while sock.recv(&mut buf).is_ok() {
+                woken = true;
+            }
+        }
         match &self.backend {
-            Backend::Redb(r) => r.revision().inspect_err(|e| r.recover(e)),
-            Backend::Postgres(p) => Ok(p.revision()),
+            Backend::Redb(r) => r.revision(woken, self.wakeups.get().is_some()).inspect_err(|e| r.recover(e)),
+            Backend::Postgres(p) => Ok(p.revision(woken)),
         }
     }
 
-    /// For `serve` on the embedded store: listen for the CLI's wake-ups so revocations need no file read per request.
-    pub fn listen_for_wakeups(&self) {
-        if let Backend::Redb(r) = &self.backend {
-            r.listen_for_wakeups();
+    /// For `serve`: listen for the CLI's wake-ups on a socket next to `[storage] path`.
+    pub fn listen_for_wakeups(&self, storage: &crate::config::Storage) {
+        let path = wakeup_path(&storage.path);
+        // A socket file left by a gateway that died is stale: nobody listens on it.
+        let _ = std::fs::remove_file(&path);
+        match std::os::unix::net::UnixDatagram::bind(&path).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
+            Ok(sock) => {
+                let _ = self.wakeups.set(sock);
+            }
+            Err(e) => tracing::warn!(path = %path.display(), error = %e,
+                "no wake-up socket: CLI changes are seen within the revision poll instead of at once"),
         }
     }
 
-    /// After a CLI change: wake a running gateway on the same embedded store.
+    /// After a CLI change: wake a running gateway on the same host and storage.
     pub fn announce(&self, storage: &crate::config::Storage) {
-        if let Backend::Redb(_) = &self.backend {
-            announce_revocation(&storage.path);
-        }
+        announce_revocation(&storage.path);
     }
 
     /// Applies `change` to a user under a lock (one transaction), ending sessions as `revoke` says.

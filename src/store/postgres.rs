@@ -25,6 +25,8 @@ use crate::audit::AuditEvent;
 pub const SCHEMA_VERSION: i64 = 1;
 /// How often the revision is re-read even without a notification: the worst-case revocation delay.
 pub const POLL: Duration = Duration::from_secs(1);
+/// The revision's high bits: a local epoch, moved to flush caches without a database round trip.
+const EPOCH: u64 = 1 << 40;
 /// Advisory lock key held while migrating, so instances can start together.
 const MIGRATION_LOCK: i64 = 0x706f_7274_6375;
 
@@ -61,12 +63,16 @@ macro_rules! pg_tx {
         };
         let value = out?;
         transaction.commit().await.map_err(db)?;
+        // This instance's own revocations reach its own cache at once, not when its NOTIFY comes back.
+        $self.flush_cache();
         Ok(value)
     }};
 }
 
-fn db(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Db(e.to_string())
+fn db(e: impl std::fmt::Debug + std::fmt::Display) -> StoreError {
+    // tokio-postgres's Display is just "db error"; the Debug form carries the server's message.
+    let shown = e.to_string();
+    StoreError::Db(if shown == "db error" { format!("{e:?}") } else { shown })
 }
 
 fn i(v: u64) -> i64 {
@@ -146,9 +152,19 @@ impl PgStore {
         Ok(u(row.get(0)))
     }
 
-    /// The revision as last seen by the listener (no database round trip).
-    pub fn revision(&self) -> u64 {
+    /// The revision as last seen by the listener (no database round trip). `woken`: a local CLI announced a
+    /// change, so flush now rather than wait for its NOTIFY.
+    pub fn revision(&self, woken: bool) -> u64 {
+        if woken {
+            self.flush_cache();
+        }
         self.revision.load(Ordering::Acquire)
+    }
+
+    /// Moves the epoch bits of the revision, which empties every session cache of this instance (the listener
+    /// keeps the epoch when it stores the database's value).
+    fn flush_cache(&self) {
+        self.revision.fetch_add(EPOCH, Ordering::AcqRel);
     }
 
     pub(super) async fn create_user(&self, user: &User) -> Result<(), StoreError> {
@@ -286,7 +302,7 @@ impl PgStore {
         let row = c
             .query_one(
                 "INSERT INTO failures AS f (key, count, window_start, locked_until)
-                 VALUES ($1, 1, $2, CASE WHEN 1 >= $3 THEN $2 + $5 ELSE 0 END)
+                 VALUES ($1::text, 1, $2::bigint, CASE WHEN 1 >= $3::int4 THEN $2::bigint + $5::bigint ELSE 0 END)
                  ON CONFLICT (key) DO UPDATE SET
                    count = CASE WHEN $2 < f.window_start + $4 OR f.locked_until > $2 THEN f.count + 1 ELSE 1 END,
                    window_start = CASE WHEN $2 < f.window_start + $4 OR f.locked_until > $2
@@ -700,7 +716,6 @@ async fn listen(
     store: std::sync::Weak<PgStore>,
 ) {
     use futures_util::StreamExt;
-    const EPOCH: u64 = 1 << 40;
     loop {
         let Some(s) = store.upgrade() else { return };
         let connected = pg.connect(tls.clone()).await;

@@ -56,9 +56,6 @@ pub struct RedbStore {
     /// When it was last read (milliseconds since `epoch`).
     refreshed: std::sync::atomic::AtomicU64,
     epoch: std::time::Instant,
-    /// Bound by `serve`: `portcullis user …` in another process sends a datagram here after each change, so the
-    /// next request re-reads the revision at once. Without it, every request reads the revision from the file.
-    wakeups: std::sync::OnceLock<std::os::unix::net::UnixDatagram>,
 }
 
 /// Re-read the revision at least this often even without a wake-up (a CLI that died before announcing).
@@ -98,7 +95,6 @@ impl RedbStore {
             revision: std::sync::atomic::AtomicU64::new(0),
             refreshed: std::sync::atomic::AtomicU64::new(0),
             epoch: std::time::Instant::now(),
-            wakeups: std::sync::OnceLock::new(),
         };
         store.migrate()?;
         store.refresh_revision()?;
@@ -161,21 +157,12 @@ impl RedbStore {
 
     /// The revocation revision: it changes whenever a session may have been ended or a user locked, by this
     /// process or another (the CLI). A cheap read, done inline on the request path.
-    pub fn revision(&self) -> Result<u64, StoreError> {
+    pub fn revision(&self, woken: bool, listening: bool) -> Result<u64, StoreError> {
         use std::sync::atomic::Ordering;
-        let Some(sock) = self.wakeups.get() else {
-            return self.refresh_revision();
-        };
-        // A pending wake-up is in the socket buffer before the announcing CLI exits, so a request that follows
-        // the CLI always sees it here.
-        let mut buf = [0u8; 8];
-        let mut woken = false;
-        while sock.recv(&mut buf).is_ok() {
-            woken = true;
-        }
         let now = self.millis();
         let stale = now.saturating_sub(self.refreshed.load(Ordering::Relaxed)) >= REVISION_POLL.as_millis() as u64;
-        if woken || stale {
+        // Without a wake-up socket, another process's change is only seen by reading the file every time.
+        if woken || stale || !listening {
             return self.refresh_revision();
         }
         Ok(self.revision.load(Ordering::Acquire))
@@ -186,7 +173,7 @@ impl RedbStore {
     }
 
     /// Reads the revision from the file.
-    fn refresh_revision(&self) -> Result<u64, StoreError> {
+    pub fn refresh_revision(&self) -> Result<u64, StoreError> {
         use std::sync::atomic::Ordering;
         let tx = self.db()?.begin_read()?;
         let meta = tx.open_table(META)?;
@@ -194,20 +181,6 @@ impl RedbStore {
         self.revision.store(r, Ordering::Release);
         self.refreshed.store(self.millis(), Ordering::Relaxed);
         Ok(r)
-    }
-
-    /// Binds the wake-up socket (for `serve`); without it the revision is read from the file on every request.
-    pub fn listen_for_wakeups(&self) {
-        let path = wakeup_path(&self.path);
-        // A socket file left by a gateway that died is stale: nobody listens on it.
-        let _ = std::fs::remove_file(&path);
-        match std::os::unix::net::UnixDatagram::bind(&path).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
-            Ok(sock) => {
-                let _ = self.wakeups.set(sock);
-            }
-            Err(e) => tracing::warn!(path = %path.display(), error = %e,
-                "no wake-up socket; the revocation revision is read on every request instead"),
-        }
     }
 
     /// The schema version recorded in the file.

@@ -14,3 +14,4 @@ mod two_factor;
 mod adversarial;
 mod faults;
 mod pg;
+mod fuzz_corpus;

@@ -490,8 +490,8 @@ async fn twenty_concurrent_submissions_of_one_recovery_code_over_a_and_b_give_ex
         // N pending sessions: the password step on A or B, the challenge on A or B (all four combinations)
         let mut ready = Vec::new();
         for i in 0..N {
-            let login_on = if i % 2 == 0 { cl.ga.addr } else { cl.gb.addr };
-            let submit_on = if (i / 2) % 2 == 0 { cl.ga.addr } else { cl.gb.addr };
+            let login_on = if i.is_multiple_of(2) { cl.ga.addr } else { cl.gb.addr };
+            let submit_on = if (i / 2).is_multiple_of(2) { cl.ga.addr } else { cl.gb.addr };
             let (c, csrf) = to_challenge(&mut Client::new(login_on, TF), "alice", submit_on).await;
             ready.push((c, csrf, submit_on == cl.ga.addr));
         }
@@ -546,7 +546,7 @@ async fn lockout_counts_across_both_instances() {
     cl.add_user("carol", &[]).await;
     cl.add_user("alice", &[]).await;
     let mut e = enroll(&mut cl.client_a(TF), "alice").await;
-    let inst = |i: u32| if i % 2 == 0 { (cl.ga.addr, "A") } else { (cl.gb.addr, "B") };
+    let inst = |i: u32| if i.is_multiple_of(2) { (cl.ga.addr, "A") } else { (cl.gb.addr, "B") };
 
     // password failures alternate between A and B; no instance sees MAX on its own
     for i in 0..MAX {
@@ -576,7 +576,7 @@ async fn lockout_counts_across_both_instances() {
     let (mut pb, csrf_b) = to_challenge(&mut cl.client_b(TF), "alice", cl.gb.addr).await;
     let bad = wrong_code(&e.secret);
     for i in 0..MAX {
-        let (c, csrf, name) = if i % 2 == 0 { (&mut pa, &csrf_a, "A") } else { (&mut pb, &csrf_b, "B") };
+        let (c, csrf, name) = if i.is_multiple_of(2) { (&mut pa, &csrf_a, "A") } else { (&mut pb, &csrf_b, "B") };
         let r = submit_totp(c, csrf, &bad).await;
         if i + 1 < MAX {
             assert_eq!(r.status, 401, "wrong code #{} on {name}: {}\n{}", i + 1, r.status, cl.logs());
@@ -805,7 +805,9 @@ async fn kill_minus_9_of_a_while_b_keeps_serving() {
     let carol_cookie = carol.session_cookie().unwrap();
     assert_eq!(carol.get("/on-b").await.status, 200);
     logout(&mut carol).await;
-    assert!(is_no_session(&get_with(cl.gb.addr, OF, &carol_cookie, "/x").await), "logout on B");
+    // (that the revoking instance itself refuses at once is checked by the logout test; here: within the bound)
+    let t = Instant::now();
+    refused_within_bound(cl.gb.addr, OF, &carol_cookie, t, "logout on B while A is dead, on B").await;
     within("200 requests on B after the kill", async {
         while after_kill.load(Ordering::Acquire) < 200 {
             tokio::time::sleep(Duration::from_millis(20)).await;

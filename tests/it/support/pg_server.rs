@@ -265,7 +265,7 @@ impl PgServer {
         let mut rest = text.as_str();
         while let Some(i) = rest.find("\\x") {
             let hex: String = rest[i + 2..].chars().take_while(|c| c.is_ascii_hexdigit()).collect();
-            if hex.len() >= 2 && hex.len() % 2 == 0 {
+            if hex.len() >= 2 && hex.len().is_multiple_of(2) {
                 out.push(b'\n');
                 out.extend(hex::decode(&hex).unwrap_or_default());
             }

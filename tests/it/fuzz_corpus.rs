@@ -1,0 +1,66 @@
+//! Fuzz corpus replay: every input in fuzz/seeds/TARGET/ (hand-written seeds, saved crashes and the minimised corpus
+//! of the recorded fuzz runs) goes through the same property checks as the cargo-fuzz target, so CI keeps what the
+//! fuzzers found without running them. See fuzz/README.md.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::PathBuf;
+
+#[path = "../../fuzz/src/lib.rs"]
+#[allow(dead_code)]
+mod checks;
+
+/// Runs `check` on every file in fuzz/seeds/`target`/ and fails naming each input that panics.
+fn replay(target: &str, check: fn(&[u8])) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds").join(target);
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("directory entry").path())
+        .filter(|p| p.is_file())
+        .collect();
+    entries.sort();
+    assert!(!entries.is_empty(), "no inputs in {}", dir.display());
+    let mut failures = Vec::new();
+    for path in &entries {
+        let data = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        if let Err(panic) = catch_unwind(AssertUnwindSafe(|| check(&data))) {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            failures.push(format!("{}: {message}", path.display()));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} {target} inputs fail:\n{}",
+        failures.len(),
+        entries.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn fuzz_corpus_session_cookie() {
+    replay("session_cookie", checks::session_cookie);
+}
+
+#[test]
+fn fuzz_corpus_form() {
+    replay("form", checks::form);
+}
+
+#[test]
+fn fuzz_corpus_path() {
+    replay("path", checks::path);
+}
+
+#[test]
+fn fuzz_corpus_redirect() {
+    replay("redirect", checks::redirect);
+}
+
+#[test]
+fn fuzz_corpus_config() {
+    replay("config", checks::config);
+}
