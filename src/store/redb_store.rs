@@ -70,7 +70,11 @@ pub fn wakeup_path(db: &Path) -> std::path::PathBuf {
 
 /// Tells a running `serve` on this database that sessions may have been revoked (best effort: no server, no-op).
 pub fn announce_revocation(db: &Path) {
-    if let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() {
+    // Non-blocking: a full queue already holds a wake-up (unread because no request came), and a CLI must
+    // never wait for the gateway.
+    if let Ok(sock) = std::os::unix::net::UnixDatagram::unbound()
+        && sock.set_nonblocking(true).is_ok()
+    {
         let _ = sock.send_to(b"r", wakeup_path(db));
     }
 }
