@@ -33,8 +33,7 @@ fn out_text(o: &std::process::Output) -> String {
 async fn show_user(env: &Env, name: &str) -> serde_json::Value {
     let o = env.cli(&["user", "show", name, "--json"], None).await;
     assert!(o.status.success(), "user show {name} --json: {}", out_text(&o));
-    serde_json::from_slice(&o.stdout)
-        .unwrap_or_else(|e| panic!("user show --json is not JSON ({e}): {}", out_text(&o)))
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("user show --json is not JSON ({e}): {}", out_text(&o)))
 }
 
 /// The TOTP code `oathtool` computes for `secret` (base32) at unix time `at`.
@@ -50,8 +49,7 @@ fn oathtool(secret: &str, at: u64) -> String {
 }
 
 fn csrf_of(r: &Resp) -> String {
-    extract_csrf(&r.text())
-        .unwrap_or_else(|| panic!("no csrf field in page (status {}): {}", r.status, r.text()))
+    extract_csrf(&r.text()).unwrap_or_else(|| panic!("no csrf field in page (status {}): {}", r.status, r.text()))
 }
 
 /// Decodes the HTML entities minijinja produces (`&amp;`, `&#x2f;`, ...).
@@ -141,11 +139,7 @@ fn row_state(row: &str) -> &'static str {
 /// The href of the "Next page" link (one containing `after=`), unescaped.
 fn next_link(html: &str) -> Option<String> {
     let html = unescape(html);
-    html.split("href=\"")
-        .skip(1)
-        .filter_map(|s| s.split('"').next())
-        .find(|h| h.contains("after="))
-        .map(str::to_string)
+    html.split("href=\"").skip(1).filter_map(|s| s.split('"').next()).find(|h| h.contains("after=")).map(str::to_string)
 }
 
 /// The base32 secret shown on the setup page (`<p class="secret code">ABCD EFGH ...</p>`), spaces removed.
@@ -163,10 +157,7 @@ fn shown_codes(html: &str) -> Vec<String> {
     };
     let rest = &html[start..];
     let rest = &rest[..rest.find("</ul>").unwrap_or(rest.len())];
-    rest.split("<li>")
-        .skip(1)
-        .filter_map(|s| s.find("</li>").map(|j| s[..j].trim().to_string()))
-        .collect()
+    rest.split("<li>").skip(1).filter_map(|s| s.find("</li>").map(|j| s[..j].trim().to_string())).collect()
 }
 
 struct Enrolled {
@@ -183,13 +174,10 @@ async fn enrol(gw: &Gateway, c: &mut Client, user: &str, pw: &str) -> Enrolled {
     assert!(loc.starts_with(&format!("{PREFIX}/enroll")), "first login of {user} went to {loc}, not enrolment");
     let page = c.browse(&loc).await;
     assert_eq!(page.status, 200, "setup page for {user}: {}", page.text());
-    let secret = shown_secret(&page.text())
-        .unwrap_or_else(|| panic!("no secret on the setup page: {}", page.text()));
+    let secret = shown_secret(&page.text()).unwrap_or_else(|| panic!("no secret on the setup page: {}", page.text()));
     let csrf = csrf_of(&page);
     let code = oathtool(&secret, gw.clock.now());
-    let r = c
-        .post_form(&format!("{PREFIX}/enroll/confirm"), &[("csrf", &csrf), ("rd", "/"), ("code", &code)])
-        .await;
+    let r = c.post_form(&format!("{PREFIX}/enroll/confirm"), &[("csrf", &csrf), ("rd", "/"), ("code", &code)]).await;
     assert_eq!(r.status, 200, "confirm enrolment of {user}: {}", r.text());
     let codes = shown_codes(&r.text());
     assert!(!codes.is_empty(), "no recovery codes shown: {}", r.text());
@@ -210,10 +198,7 @@ async fn login_full(gw: &Gateway, c: &mut Client, user: &str, pw: &str, secret: 
     let csrf = csrf_of(&page);
     let code = oathtool(secret, gw.clock.now());
     let r = c
-        .post_form(
-            &format!("{PREFIX}/challenge"),
-            &[("csrf", &csrf), ("rd", "/"), ("method", "totp"), ("code", &code)],
-        )
+        .post_form(&format!("{PREFIX}/challenge"), &[("csrf", &csrf), ("rd", "/"), ("method", "totp"), ("code", &code)])
         .await;
     assert_eq!(r.status, 303, "challenge of {user} with the right code: {}", r.text());
 }
@@ -234,21 +219,11 @@ async fn world() -> World {
     let gw = env.start().await;
     let mut admin = gw.client(APP);
     let admin_2fa = enrol(&gw, &mut admin, ADMIN, ADMIN_PW).await;
-    World {
-        up,
-        env,
-        gw,
-        admin,
-        admin_2fa,
-    }
+    World { up, env, gw, admin, admin_2fa }
 }
 
 fn users_url(query: &str) -> String {
-    if query.is_empty() {
-        format!("{PREFIX}/admin/users")
-    } else {
-        format!("{PREFIX}/admin/users?{query}")
-    }
+    if query.is_empty() { format!("{PREFIX}/admin/users") } else { format!("{PREFIX}/admin/users?{query}") }
 }
 
 /// GET an admin page as the admin; must be 200.
@@ -262,9 +237,7 @@ async fn admin_get(c: &mut Client, path: &str) -> Resp {
 async fn admin_act(c: &mut Client, user: &str, action: &str) {
     let page = admin_get(c, &format!("{PREFIX}/admin/users/{user}")).await;
     let csrf = csrf_of(&page);
-    let r = c
-        .post_form(&format!("{PREFIX}/admin/users/{user}/{action}"), &[("csrf", &csrf)])
-        .await;
+    let r = c.post_form(&format!("{PREFIX}/admin/users/{user}/{action}"), &[("csrf", &csrf)]).await;
     assert_eq!(r.status, 303, "POST {action} on {user}: {}", r.text());
     let loc = r.location();
     assert!(
@@ -447,7 +420,12 @@ async fn non_admins_get_403_on_every_admin_route() {
     let nobody = w.gw.client(APP);
     let whos = vec![
         Who { what: "no cookie", client: nobody.clone(), headers: vec![], csrf: String::new() },
-        Who { what: "no cookie + spoofed identity headers", client: nobody.clone(), headers: spoof.to_vec(), csrf: String::new() },
+        Who {
+            what: "no cookie + spoofed identity headers",
+            client: nobody.clone(),
+            headers: spoof.to_vec(),
+            csrf: String::new(),
+        },
         Who { what: "non-admin Full session", client: alice.clone(), headers: vec![], csrf: alice_csrf.clone() },
         Who {
             what: "non-admin Full session + spoofed identity headers",
@@ -456,7 +434,12 @@ async fn non_admins_get_403_on_every_admin_route() {
             csrf: alice_csrf.clone(),
         },
         Who { what: "admin Pending session", client: pending.clone(), headers: vec![], csrf: pending_csrf.clone() },
-        Who { what: "admin Pending session + spoofed headers", client: pending.clone(), headers: spoof.to_vec(), csrf: pending_csrf },
+        Who {
+            what: "admin Pending session + spoofed headers",
+            client: pending.clone(),
+            headers: spoof.to_vec(),
+            csrf: pending_csrf,
+        },
     ];
     let gets = [
         users_url(""),
@@ -486,9 +469,7 @@ async fn non_admins_get_403_on_every_admin_route() {
                 let body = serde_urlencoded::to_string([("csrf", who.csrf.as_str())]).unwrap();
                 let mut h = who.headers.clone();
                 h.push(("accept", "text/html"));
-                let r = c
-                    .send("POST", &path, &h, Some(("application/x-www-form-urlencoded", body.into_bytes())))
-                    .await;
+                let r = c.send("POST", &path, &h, Some(("application/x-www-form-urlencoded", body.into_bytes()))).await;
                 assert_eq!(r.status, 403, "{}: POST {path} -> {}: {}", who.what, r.status, r.text());
             }
         }
@@ -572,11 +553,7 @@ async fn admin_actions_take_effect_on_live_sessions() {
     let page = admin_get(&mut w.admin, &format!("{PREFIX}/admin/users/alice")).await;
     let html = unescape(&page.text());
     assert!(html.contains("Recent security events"), "{html}");
-    let admin_rows: Vec<String> = html
-        .split("<tr")
-        .filter(|r| r.contains("admin_action"))
-        .map(strip_tags)
-        .collect();
+    let admin_rows: Vec<String> = html.split("<tr").filter(|r| r.contains("admin_action")).map(strip_tags).collect();
     for action in ["lock", "unlock", "end-sessions", "reset-2fa"] {
         assert!(
             admin_rows.iter().any(|r| r.split_whitespace().any(|w| w == action) && r.contains(ADMIN)),
@@ -621,7 +598,8 @@ async fn admin_pages_never_show_hashes_or_secrets() {
         forbidden.push((secret.clone(), "a TOTP secret".into()));
         forbidden.push((secret.to_lowercase(), "a TOTP secret (lower case)".into()));
         forbidden.push((secret[..16].to_string(), "part of a TOTP secret".into()));
-        let spaced: Vec<String> = secret.as_bytes().chunks(4).map(|c| String::from_utf8_lossy(c).into_owned()).collect();
+        let spaced: Vec<String> =
+            secret.as_bytes().chunks(4).map(|c| String::from_utf8_lossy(c).into_owned()).collect();
         forbidden.push((spaced[..4].join(" "), "a TOTP secret (grouped)".into()));
     }
     for code in a2fa.codes.iter().chain(w.admin_2fa.codes.iter()) {

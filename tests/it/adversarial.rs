@@ -97,7 +97,11 @@ fn oathtool(secret: &str, at: u64) -> String {
 
 fn wrong_code(secret: &str, at: u64) -> String {
     let near: Vec<String> = (0..5).map(|i| oathtool(secret, at + i * 30 - 60)).collect();
-    ["000000", "111111", "222222", "333333", "987654"].iter().find(|c| !near.iter().any(|n| n == *c)).unwrap().to_string()
+    ["000000", "111111", "222222", "333333", "987654"]
+        .iter()
+        .find(|c| !near.iter().any(|n| n == *c))
+        .unwrap()
+        .to_string()
 }
 
 /// Decodes the HTML entities minijinja produces (`&amp;`, `&#x2f;`, ...).
@@ -185,9 +189,8 @@ async fn enrol_signed_in(gw: &Gateway, c: &mut Client, pw: &str) -> Enrolled {
     assert_eq!(r.status, 200, "POST /enroll: {}", r.text());
     let secret = shown_secret(&r.text()).unwrap_or_else(|| panic!("no secret on setup page: {}", r.text()));
     let code = oathtool(&secret, gw.clock.now());
-    let r = c
-        .post_form(&format!("{PREFIX}/enroll/confirm"), &[("csrf", &csrf_of(&r)), ("rd", "/"), ("code", &code)])
-        .await;
+    let r =
+        c.post_form(&format!("{PREFIX}/enroll/confirm"), &[("csrf", &csrf_of(&r)), ("rd", "/"), ("code", &code)]).await;
     assert_eq!(r.status, 200, "confirm: {}", r.text());
     let codes = shown_codes(&r.text());
     assert!(!codes.is_empty(), "no recovery codes: {}", r.text());
@@ -208,8 +211,7 @@ async fn to_challenge(c: &mut Client, user: &str, rd: &str) -> (Resp, String) {
 }
 
 async fn challenge_totp(c: &mut Client, csrf: &str, code: &str, rd: &str) -> Resp {
-    c.post_form(&format!("{PREFIX}/challenge"), &[("csrf", csrf), ("rd", rd), ("method", "totp"), ("code", code)])
-        .await
+    c.post_form(&format!("{PREFIX}/challenge"), &[("csrf", csrf), ("rd", rd), ("method", "totp"), ("code", code)]).await
 }
 
 /// Full login (password + TOTP) with a fresh time step.
@@ -263,13 +265,18 @@ async fn wait_mail(env: &Env, to: &str, needle: &str, seen: &mut std::collection
             } else {
                 text
             };
-            if text.lines().any(|l| l.to_ascii_lowercase().starts_with("to:") && l.contains(to)) && text.contains(needle)
+            if text.lines().any(|l| l.to_ascii_lowercase().starts_with("to:") && l.contains(to))
+                && text.contains(needle)
             {
                 seen.insert(name);
                 return text;
             }
         }
-        assert!(tokio::time::Instant::now() < deadline, "no mail to {to} containing {needle:?} within 15s; outbox: {:?}", mails(&dir));
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no mail to {to} containing {needle:?} within 15s; outbox: {:?}",
+            mails(&dir)
+        );
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
 }
@@ -608,7 +615,9 @@ async fn identity_header_spoofing_every_variant_on_every_route() {
 
     // raw header blocks: either a 400 or the request arrives without the spoofed values
     for extra in RAW_SPOOFS {
-        for (host, path, with_cookie) in [(APP, "/raw-auth", true), (OPEN, "/raw-open", false), (APP, "/public/raw", false)] {
+        for (host, path, with_cookie) in
+            [(APP, "/raw-auth", true), (OPEN, "/raw-open", false), (APP, "/public/raw", false)]
+        {
             let before_app = w.up.hit_count();
             let before_open = w.open.hit_count();
             let ck = if with_cookie { format!("Cookie: {cookie}\r\n") } else { String::new() };
@@ -656,7 +665,12 @@ async fn identity_header_spoofing_on_verify_responses() {
         let url = format!("http://{host}{uri}");
         let mut h: Vec<(&str, &str)> = spoofs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         if style == "caddy" {
-            h.extend([("x-forwarded-method", "GET"), ("x-forwarded-proto", "http"), ("x-forwarded-host", host), ("x-forwarded-uri", uri)]);
+            h.extend([
+                ("x-forwarded-method", "GET"),
+                ("x-forwarded-proto", "http"),
+                ("x-forwarded-host", host),
+                ("x-forwarded-uri", uri),
+            ]);
         } else {
             h.extend([("x-original-url", url.as_str()), ("x-original-method", "GET")]);
         }
@@ -673,7 +687,12 @@ async fn identity_header_spoofing_on_verify_responses() {
                     failures.push(format!("{ctx}: response header {k}: {v}"));
                 }
             }
-            let users: Vec<String> = r.headers.get_all("remote-user").iter().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect();
+            let users: Vec<String> = r
+                .headers
+                .get_all("remote-user")
+                .iter()
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .collect();
             let protected = host == APP && !uri.starts_with("/public/");
             match (protected, with_session) {
                 (true, true) => {
@@ -786,7 +805,13 @@ async fn hostile_redirect_targets_on_challenge_and_settings() {
         let r = c.browse(&format!("{PREFIX}/enroll?rd={}", enc(rd))).await;
         check_loc(&mut v, "GET /enroll (has 2FA)", rd, &r);
         check_field(&mut v, "GET /enroll (has 2FA)", rd, &r);
-        for p in ["/settings/disable", "/settings/recovery", "/settings/recovery/regenerate", "/settings/password", "/settings"] {
+        for p in [
+            "/settings/disable",
+            "/settings/recovery",
+            "/settings/recovery/regenerate",
+            "/settings/password",
+            "/settings",
+        ] {
             let r = c.browse(&format!("{PREFIX}{p}?rd={}", enc(rd))).await;
             check_loc(&mut v, p, rd, &r);
             check_field(&mut v, p, rd, &r);
@@ -794,7 +819,10 @@ async fn hostile_redirect_targets_on_challenge_and_settings() {
         // POST /settings/recovery with a hostile rd: the page shown must not link off-host
         let page = c.browse(&format!("{PREFIX}/settings/recovery")).await;
         let r = c
-            .post_form(&format!("{PREFIX}/settings/recovery"), &[("csrf", &csrf_of(&page)), ("rd", rd), ("password", PW)])
+            .post_form(
+                &format!("{PREFIX}/settings/recovery"),
+                &[("csrf", &csrf_of(&page)), ("rd", rd), ("password", PW)],
+            )
             .await;
         check_loc(&mut v, "POST /settings/recovery", rd, &r);
         for href in r.text().split("href=\"").skip(1).filter_map(|s| s.split('"').next()).map(unescape) {
@@ -818,7 +846,10 @@ async fn hostile_redirect_targets_on_enrolment_pages() {
         assert_eq!(r.status, 200, "GET /enroll rd {rd:?}: {}", r.text());
         check_field(&mut v, "GET /enroll (password form)", rd, &r);
         let r = alice
-            .post_form(&format!("{PREFIX}/enroll?rd={}", enc(rd)), &[("csrf", &csrf_of(&r)), ("rd", rd), ("password", PW)])
+            .post_form(
+                &format!("{PREFIX}/enroll?rd={}", enc(rd)),
+                &[("csrf", &csrf_of(&r)), ("rd", rd), ("password", PW)],
+            )
             .await;
         assert_eq!(r.status, 200, "POST /enroll rd {rd:?}: {}", r.text());
         check_field(&mut v, "POST /enroll (setup page)", rd, &r);
@@ -968,7 +999,10 @@ async fn path_normalisation_bypasses_of_bypass_and_deny_rules_raw_bytes() {
         }
         for h in &new {
             if !clean_public(&h.path) {
-                failures.push(format!("{shown:?}: unauthenticated request reached upstream as {:?} ({})", h.path, r.status));
+                failures.push(format!(
+                    "{shown:?}: unauthenticated request reached upstream as {:?} ({})",
+                    h.path, r.status
+                ));
             }
         }
         if r.status == 200 && new.len() != 1 {
@@ -1021,7 +1055,11 @@ async fn path_normalisation_bypasses_of_bypass_and_deny_rules_raw_bytes() {
             let r = raw_send(w.gw.addr, &req).await;
             let new: Vec<Hit> = up.hits()[before..].to_vec();
             let shown = String::from_utf8_lossy(t);
-            eprintln!("deny {host} {shown:<36} -> {} {:?}", r.status, new.iter().map(|h| h.path.clone()).collect::<Vec<_>>());
+            eprintln!(
+                "deny {host} {shown:<36} -> {} {:?}",
+                r.status,
+                new.iter().map(|h| h.path.clone()).collect::<Vec<_>>()
+            );
             if r.status >= 500 {
                 failures.push(format!("deny {host} {shown:?}: gateway error {}", r.status));
             }
@@ -1092,7 +1130,10 @@ async fn host_header_tricks_never_reach_a_protected_app_unauthenticated() {
             failures.push(format!("{headers:?} {target}: gateway error {}", r.status));
         }
         if !app_hits.is_empty() {
-            failures.push(format!("{headers:?} {target}: protected upstream reached without a session: {:?}", app_hits[0].path));
+            failures.push(format!(
+                "{headers:?} {target}: protected upstream reached without a session: {:?}",
+                app_hits[0].path
+            ));
         }
         if r.status == 200 && open_hits != 1 {
             failures.push(format!("{headers:?} {target}: 200 but not from the bypass app"));
@@ -1195,8 +1236,16 @@ async fn mutated_session_cookies_never_authenticate() {
         ("upper-cased name".into(), format!("{}={good}", SESSION.to_ascii_uppercase()).into_bytes(), None),
         ("name with space".into(), format!("{SESSION} ={good}").into_bytes(), Some("either")),
         ("prefixed name".into(), format!("x{SESSION}={good}").into_bytes(), None),
-        ("non-ASCII bytes".into(), [format!("{SESSION}=").into_bytes(), b"\xff\xfe\xc3\xa9\x80abc".to_vec()].concat(), None),
-        ("non-ASCII after genuine".into(), [format!("{SESSION}={good}").into_bytes(), b"\xc3\xa9".to_vec()].concat(), None),
+        (
+            "non-ASCII bytes".into(),
+            [format!("{SESSION}=").into_bytes(), b"\xff\xfe\xc3\xa9\x80abc".to_vec()].concat(),
+            None,
+        ),
+        (
+            "non-ASCII after genuine".into(),
+            [format!("{SESSION}={good}").into_bytes(), b"\xc3\xa9".to_vec()].concat(),
+            None,
+        ),
         ("UTF-8 name".into(), format!("s\u{e9}ssion=1; {SESSION}=\u{2603}").into_bytes(), None),
         ("NUL in value".into(), format!("{SESSION}={}\0{}", &good[..4], &good[4..]).into_bytes(), None),
         ("32 KiB header".into(), format!("{SESSION}={}", "A".repeat(32 * 1024)).into_bytes(), None),
@@ -1295,20 +1344,38 @@ async fn csrf_forgeries_on_login_logout_settings_and_admin_are_refused() {
     // login CSRF: the attacker's own token + cookie pair is no good in the victim's browser (victim's csrf cookie)
     let mut victim = w.gw.client(APP);
     victim.login_csrf("/").await;
-    let r = forged_post(&mut victim, &format!("{PREFIX}/login"), &[("csrf", &foreign_login), ("rd", "/"), ("username", "bob"), ("password", PW)], &[]).await;
+    let r = forged_post(
+        &mut victim,
+        &format!("{PREFIX}/login"),
+        &[("csrf", &foreign_login), ("rd", "/"), ("username", "bob"), ("password", PW)],
+        &[],
+    )
+    .await;
     if r.status != 403 || victim.jar.contains_key(SESSION) {
         failures.push(format!("login CSRF with the attacker's token and the victim's cookie: {}", r.status));
     }
     // ... nor without any csrf cookie (a cross-site form post from a fresh browser)
     let mut fresh = w.gw.client(APP);
-    let r = forged_post(&mut fresh, &format!("{PREFIX}/login"), &[("csrf", &foreign_login), ("rd", "/"), ("username", "bob"), ("password", PW)], &[]).await;
+    let r = forged_post(
+        &mut fresh,
+        &format!("{PREFIX}/login"),
+        &[("csrf", &foreign_login), ("rd", "/"), ("username", "bob"), ("password", PW)],
+        &[],
+    )
+    .await;
     if r.status != 403 || fresh.jar.contains_key(SESSION) {
         failures.push(format!("login CSRF without the victim's csrf cookie: {}", r.status));
     }
     // control: same-origin Origin passes
     let mut c = w.gw.client(APP);
     let t = c.login_csrf("/").await;
-    let r = forged_post(&mut c, &format!("{PREFIX}/login"), &[("csrf", &t), ("rd", "/"), ("username", "alice"), ("password", PW)], &[("origin", "http://app.test"), ("sec-fetch-site", "same-origin")]).await;
+    let r = forged_post(
+        &mut c,
+        &format!("{PREFIX}/login"),
+        &[("csrf", &t), ("rd", "/"), ("username", "alice"), ("password", PW)],
+        &[("origin", "http://app.test"), ("sec-fetch-site", "same-origin")],
+    )
+    .await;
     assert_eq!(r.status, 303, "control: same-origin login");
 
     // --- logout, settings and admin actions, from tina's Full session ---
@@ -1316,7 +1383,11 @@ async fn csrf_forgeries_on_login_logout_settings_and_admin_are_refused() {
         ("logout", "/logout", vec![]),
         ("settings/disable", "/settings/disable", vec![("rd", "/"), ("password", PW)]),
         ("settings/recovery/regenerate", "/settings/recovery/regenerate", vec![("rd", "/"), ("password", PW)]),
-        ("settings/password", "/settings/password", vec![("current", PW), ("password", "Hijacked-pass-123"), ("password2", "Hijacked-pass-123")]),
+        (
+            "settings/password",
+            "/settings/password",
+            vec![("current", PW), ("password", "Hijacked-pass-123"), ("password2", "Hijacked-pass-123")],
+        ),
         ("enroll/cancel", "/enroll/cancel", vec![]),
         ("admin lock bob", "/admin/users/bob/lock", vec![]),
         ("admin end-sessions bob", "/admin/users/bob/end-sessions", vec![]),
@@ -1415,7 +1486,10 @@ async fn session_fixation_planted_cookies_never_become_the_victims_session() {
     let mut attacker = w.gw.client(TF);
     attacker.jar.insert(SESSION.into(), pending.clone());
     let r = attacker.get("/fixation").await;
-    assert_ne!(r.status, 200, "the pre-challenge (pending) cookie reached a two_factor app after the victim finished the challenge");
+    assert_ne!(
+        r.status, 200,
+        "the pre-challenge (pending) cookie reached a two_factor app after the victim finished the challenge"
+    );
     let r = attacker.with_session(&pending).get("/x").await;
     assert!(r.status == 401 || r.status == 303 || r.status == 302, "pending cookie: {}", r.status);
 
@@ -1445,43 +1519,207 @@ async fn request_smuggling_shapes_never_reach_the_protected_upstream() {
     let chunk_body = format!("0\r\n\r\n{smuggled}");
     // (name, raw request, ambiguous: must be 400 or closed after at most one response)
     let cases: Vec<(&str, String, bool)> = vec![
-        ("CL then TE", format!("POST /public/a HTTP/1.1\r\nHost: app.test\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n{chunk_body}", chunk_body.len()), true),
-        ("TE then CL", format!("POST /public/a HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n{chunk_body}"), true),
-        ("CL.TE short CL", format!("POST /public/a HTTP/1.1\r\nHost: app.test\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n{chunk_body}"), true),
-        ("TE obfuscated xchunked", format!("POST /public/a HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: xchunked\r\nContent-Length: {}\r\n\r\n{chunk_body}", chunk_body.len()), true),
-        ("TE leading space", format!("POST /public/a HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding:  chunked\r\nContent-Length: 4\r\n\r\n{chunk_body}"), true),
-        ("TE tab", format!("POST /public/a HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding:\tchunked\r\nContent-Length: 4\r\n\r\n{chunk_body}"), true),
-        ("TE space before colon", format!("POST /public/a HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding : chunked\r\nContent-Length: 4\r\n\r\n{chunk_body}"), true),
-        ("TE chunked, identity", format!("POST /public/a HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked, identity\r\n\r\n{chunk_body}"), true),
-        ("TE identity, chunked", format!("POST /public/a HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: identity, chunked\r\nContent-Length: 4\r\n\r\n{chunk_body}"), true),
-        ("TE twice", format!("POST /public/a HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: x\r\n\r\n{chunk_body}"), true),
-        ("TE CHUNKED upper", format!("POST /public/a HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: CHUNKED\r\nContent-Length: 4\r\n\r\n{chunk_body}"), true),
-        ("TE obs-fold", format!("POST /public/a HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: identity\r\n chunked\r\nContent-Length: 4\r\n\r\n{chunk_body}"), true),
-        ("two Content-Lengths", format!("POST /public/a HTTP/1.1\r\nHost: app.test\r\nContent-Length: 0\r\nContent-Length: {}\r\n\r\n{smuggled}", smuggled.len()), true),
-        ("CL list", format!("POST /public/a HTTP/1.1\r\nHost: app.test\r\nContent-Length: 0, {}\r\n\r\n{smuggled}", smuggled.len()), true),
-        ("CL plus sign", format!("POST /public/a HTTP/1.1\r\nHost: app.test\r\nContent-Length: +0\r\n\r\n{smuggled}"), true),
-        ("CL negative", format!("POST /public/a HTTP/1.1\r\nHost: app.test\r\nContent-Length: -1\r\n\r\n{smuggled}"), true),
+        (
+            "CL then TE",
+            format!(
+                "POST /public/a HTTP/1.1\r\nHost: app.test\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n{chunk_body}",
+                chunk_body.len()
+            ),
+            true,
+        ),
+        (
+            "TE then CL",
+            format!(
+                "POST /public/a HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n{chunk_body}"
+            ),
+            true,
+        ),
+        (
+            "CL.TE short CL",
+            format!(
+                "POST /public/a HTTP/1.1\r\nHost: app.test\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n{chunk_body}"
+            ),
+            true,
+        ),
+        (
+            "TE obfuscated xchunked",
+            format!(
+                "POST /public/a HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: xchunked\r\nContent-Length: {}\r\n\r\n{chunk_body}",
+                chunk_body.len()
+            ),
+            true,
+        ),
+        (
+            "TE leading space",
+            format!(
+                "POST /public/a HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding:  chunked\r\nContent-Length: 4\r\n\r\n{chunk_body}"
+            ),
+            true,
+        ),
+        (
+            "TE tab",
+            format!(
+                "POST /public/a HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding:\tchunked\r\nContent-Length: 4\r\n\r\n{chunk_body}"
+            ),
+            true,
+        ),
+        (
+            "TE space before colon",
+            format!(
+                "POST /public/a HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding : chunked\r\nContent-Length: 4\r\n\r\n{chunk_body}"
+            ),
+            true,
+        ),
+        (
+            "TE chunked, identity",
+            format!(
+                "POST /public/a HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked, identity\r\n\r\n{chunk_body}"
+            ),
+            true,
+        ),
+        (
+            "TE identity, chunked",
+            format!(
+                "POST /public/a HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: identity, chunked\r\nContent-Length: 4\r\n\r\n{chunk_body}"
+            ),
+            true,
+        ),
+        (
+            "TE twice",
+            format!(
+                "POST /public/a HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: x\r\n\r\n{chunk_body}"
+            ),
+            true,
+        ),
+        (
+            "TE CHUNKED upper",
+            format!(
+                "POST /public/a HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: CHUNKED\r\nContent-Length: 4\r\n\r\n{chunk_body}"
+            ),
+            true,
+        ),
+        (
+            "TE obs-fold",
+            format!(
+                "POST /public/a HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: identity\r\n chunked\r\nContent-Length: 4\r\n\r\n{chunk_body}"
+            ),
+            true,
+        ),
+        (
+            "two Content-Lengths",
+            format!(
+                "POST /public/a HTTP/1.1\r\nHost: app.test\r\nContent-Length: 0\r\nContent-Length: {}\r\n\r\n{smuggled}",
+                smuggled.len()
+            ),
+            true,
+        ),
+        (
+            "CL list",
+            format!(
+                "POST /public/a HTTP/1.1\r\nHost: app.test\r\nContent-Length: 0, {}\r\n\r\n{smuggled}",
+                smuggled.len()
+            ),
+            true,
+        ),
+        (
+            "CL plus sign",
+            format!("POST /public/a HTTP/1.1\r\nHost: app.test\r\nContent-Length: +0\r\n\r\n{smuggled}"),
+            true,
+        ),
+        (
+            "CL negative",
+            format!("POST /public/a HTTP/1.1\r\nHost: app.test\r\nContent-Length: -1\r\n\r\n{smuggled}"),
+            true,
+        ),
         ("CL hex", format!("POST /public/a HTTP/1.1\r\nHost: app.test\r\nContent-Length: 0x0\r\n\r\n{smuggled}"), true),
-        ("CL overflow", format!("POST /public/a HTTP/1.1\r\nHost: app.test\r\nContent-Length: 18446744073709551616\r\n\r\n{smuggled}"), true),
-        ("CL obs-fold", format!("POST /public/a HTTP/1.1\r\nHost: app.test\r\nContent-Length: 0\r\n 44\r\n\r\n{smuggled}"), true),
-        ("chunk size junk", format!("POST /public/a HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n{smuggled}"), true),
-        ("chunk size negative", format!("POST /public/a HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\nab\r\n0\r\n\r\n{smuggled}"), true),
-        ("chunk size overflow", format!("POST /public/a HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffffff\r\nab\r\n0\r\n\r\n{smuggled}"), true),
-        ("chunk size too small", format!("POST /public/a HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nabcdef\r\n0\r\n\r\n{smuggled}"), true),
-        ("chunk ext with LF", format!("POST /public/a HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n2;x\nab\r\n0\r\n\r\n{smuggled}"), true),
-        ("chunk bare LF", format!("POST /public/a HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n2\nab\n0\n\n{smuggled}"), true),
-        ("HTTP/1.0 chunked", format!("POST /public/a HTTP/1.0\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n{chunk_body}"), true),
+        (
+            "CL overflow",
+            format!(
+                "POST /public/a HTTP/1.1\r\nHost: app.test\r\nContent-Length: 18446744073709551616\r\n\r\n{smuggled}"
+            ),
+            true,
+        ),
+        (
+            "CL obs-fold",
+            format!("POST /public/a HTTP/1.1\r\nHost: app.test\r\nContent-Length: 0\r\n 44\r\n\r\n{smuggled}"),
+            true,
+        ),
+        (
+            "chunk size junk",
+            format!(
+                "POST /public/a HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n{smuggled}"
+            ),
+            true,
+        ),
+        (
+            "chunk size negative",
+            format!(
+                "POST /public/a HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\nab\r\n0\r\n\r\n{smuggled}"
+            ),
+            true,
+        ),
+        (
+            "chunk size overflow",
+            format!(
+                "POST /public/a HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffffff\r\nab\r\n0\r\n\r\n{smuggled}"
+            ),
+            true,
+        ),
+        (
+            "chunk size too small",
+            format!(
+                "POST /public/a HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nabcdef\r\n0\r\n\r\n{smuggled}"
+            ),
+            true,
+        ),
+        (
+            "chunk ext with LF",
+            format!(
+                "POST /public/a HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n2;x\nab\r\n0\r\n\r\n{smuggled}"
+            ),
+            true,
+        ),
+        (
+            "chunk bare LF",
+            format!(
+                "POST /public/a HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n2\nab\n0\n\n{smuggled}"
+            ),
+            true,
+        ),
+        (
+            "HTTP/1.0 chunked",
+            format!(
+                "POST /public/a HTTP/1.0\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n{chunk_body}"
+            ),
+            true,
+        ),
         ("bare LF request", format!("GET /public/a HTTP/1.1\nHost: app.test\n\n{smuggled}"), false),
         ("bare LF protected", "GET /bare-lf-secret HTTP/1.1\nHost: app.test\n\n".to_string(), false),
         ("bare CR", format!("GET /public/a HTTP/1.1\rHost: app.test\r\r\n{smuggled}"), true),
         ("mixed LF CRLF", "GET /public/a HTTP/1.1\r\nHost: app.test\nX-A: b\r\n\r\n".to_string(), false),
-        ("obs-fold header", format!("GET /public/a HTTP/1.1\r\nHost: app.test\r\nX-A: b\r\n c\r\n\r\n{smuggled}"), true),
+        (
+            "obs-fold header",
+            format!("GET /public/a HTTP/1.1\r\nHost: app.test\r\nX-A: b\r\n c\r\n\r\n{smuggled}"),
+            true,
+        ),
         ("obs-fold Host", format!("GET /x HTTP/1.1\r\nHost: open.test\r\n app.test\r\n\r\n"), true),
-        ("GET with body", format!("GET /public/a HTTP/1.1\r\nHost: app.test\r\nContent-Length: {}\r\n\r\n{sm_post}", sm_post.len()), false),
+        (
+            "GET with body",
+            format!("GET /public/a HTTP/1.1\r\nHost: app.test\r\nContent-Length: {}\r\n\r\n{sm_post}", sm_post.len()),
+            false,
+        ),
         ("pipelined protected", format!("GET /public/a HTTP/1.1\r\nHost: app.test\r\n\r\n{smuggled}"), false),
         ("space in request line", format!("GET /public/a  HTTP/1.1\r\nHost: app.test\r\n\r\n{smuggled}"), true),
-        ("HTTP/1.1 with LF-LF inside header", format!("GET /public/a HTTP/1.1\r\nHost: app.test\r\nX-A: b\n\n{smuggled}"), false),
-        ("header name with space", format!("GET /public/a HTTP/1.1\r\nHost: app.test\r\nContent Length: 44\r\n\r\n{smuggled}"), true),
+        (
+            "HTTP/1.1 with LF-LF inside header",
+            format!("GET /public/a HTTP/1.1\r\nHost: app.test\r\nX-A: b\n\n{smuggled}"),
+            false,
+        ),
+        (
+            "header name with space",
+            format!("GET /public/a HTTP/1.1\r\nHost: app.test\r\nContent Length: 44\r\n\r\n{smuggled}"),
+            true,
+        ),
     ];
     let mut failures = Vec::new();
     for (name, req, ambiguous) in &cases {
@@ -1489,10 +1727,14 @@ async fn request_smuggling_shapes_never_reach_the_protected_upstream() {
         let (buf, closed) = raw_exchange(w.gw.addr, req.as_bytes(), Duration::from_millis(1500)).await;
         let st = statuses(&buf);
         let hits: Vec<Hit> = w.up.hits()[before..].to_vec();
-        eprintln!("smuggle {name:<28} -> {st:?} closed={closed} upstream {:?}", hits.iter().map(|h| h.path.clone()).collect::<Vec<_>>());
+        eprintln!(
+            "smuggle {name:<28} -> {st:?} closed={closed} upstream {:?}",
+            hits.iter().map(|h| h.path.clone()).collect::<Vec<_>>()
+        );
         for h in &hits {
             if !h.path.starts_with("/public/") {
-                failures.push(format!("{name}: unauthenticated request reached the upstream as {} {}", h.method, h.path));
+                failures
+                    .push(format!("{name}: unauthenticated request reached the upstream as {} {}", h.method, h.path));
             }
         }
         // (malformed chunked bodies on a bypass route: the status is checked in
@@ -1505,7 +1747,9 @@ async fn request_smuggling_shapes_never_reach_the_protected_upstream() {
             failures.push(format!("{name}: a second (smuggled) request got 200: {st:?}"));
         }
         if *ambiguous && !(st.first() == Some(&400) || (closed && st.len() <= 1)) {
-            failures.push(format!("{name}: ambiguous framing answered {st:?} without closing the connection (closed={closed})"));
+            failures.push(format!(
+                "{name}: ambiguous framing answered {st:?} without closing the connection (closed={closed})"
+            ));
         }
     }
     assert!(failures.is_empty(), "{} smuggling failure(s):\n{}", failures.len(), failures.join("\n"));
@@ -1532,12 +1776,25 @@ async fn lockout_evasion_by_name_variants_fresh_clients_and_forwarded_headers() 
         let csrf = c.login_csrf("/").await;
         let ip = format!("198.51.100.{}", i + 1);
         let ua = format!("evader/{i}");
-        let body = serde_urlencoded::to_string([("csrf", csrf.as_str()), ("rd", "/"), ("username", name), ("password", WRONG_PW)]).unwrap();
+        let body = serde_urlencoded::to_string([
+            ("csrf", csrf.as_str()),
+            ("rd", "/"),
+            ("username", name),
+            ("password", WRONG_PW),
+        ])
+        .unwrap();
         let r = c
             .send(
                 "POST",
                 &format!("{PREFIX}/login"),
-                &[("accept", "text/html"), ("x-forwarded-for", &ip), ("x-real-ip", &ip), ("forwarded", &format!("for={ip}")), ("user-agent", &ua), ("true-client-ip", &ip)],
+                &[
+                    ("accept", "text/html"),
+                    ("x-forwarded-for", &ip),
+                    ("x-real-ip", &ip),
+                    ("forwarded", &format!("for={ip}")),
+                    ("user-agent", &ua),
+                    ("true-client-ip", &ip),
+                ],
                 Some(("application/x-www-form-urlencoded", body.into_bytes())),
             )
             .await;
@@ -1545,11 +1802,21 @@ async fn lockout_evasion_by_name_variants_fresh_clients_and_forwarded_headers() 
     }
     let mut c = gw.client(APP);
     let csrf = c.login_csrf("/").await;
-    let body = serde_urlencoded::to_string([("csrf", csrf.as_str()), ("rd", "/"), ("username", "carol"), ("password", PW)]).unwrap();
+    let body =
+        serde_urlencoded::to_string([("csrf", csrf.as_str()), ("rd", "/"), ("username", "carol"), ("password", PW)])
+            .unwrap();
     let r = c
-        .send("POST", &format!("{PREFIX}/login"), &[("accept", "text/html"), ("x-forwarded-for", "203.0.113.77")], Some(("application/x-www-form-urlencoded", body.into_bytes())))
+        .send(
+            "POST",
+            &format!("{PREFIX}/login"),
+            &[("accept", "text/html"), ("x-forwarded-for", "203.0.113.77")],
+            Some(("application/x-www-form-urlencoded", body.into_bytes())),
+        )
         .await;
-    assert_eq!(r.status, 429, "6 failures spread over name variants / fresh clients / spoofed addresses must lock carol");
+    assert_eq!(
+        r.status, 429,
+        "6 failures spread over name variants / fresh clients / spoofed addresses must lock carol"
+    );
     assert!(r.header("retry-after").is_some());
     // the email spelling is locked as well
     let r = gw.client(APP).login(" Carol@example.COM", PW, "/").await;
@@ -1586,8 +1853,22 @@ async fn lockout_evasion_of_the_second_factor_through_the_reset_form() {
         let ip = format!("198.51.100.{i}");
         let page = c.browse(&format!("{PREFIX}/reset?token={tok}")).await;
         assert_eq!(page.status, 200);
-        let body = serde_urlencoded::to_string([("csrf", csrf_of(&page).as_str()), ("token", &tok), ("password", "New-passw0rd-xyz"), ("password2", "New-passw0rd-xyz"), ("code", &wc)]).unwrap();
-        let r = c.send("POST", &format!("{PREFIX}/reset"), &[("accept", "text/html"), ("x-forwarded-for", &ip)], Some(("application/x-www-form-urlencoded", body.into_bytes()))).await;
+        let body = serde_urlencoded::to_string([
+            ("csrf", csrf_of(&page).as_str()),
+            ("token", &tok),
+            ("password", "New-passw0rd-xyz"),
+            ("password2", "New-passw0rd-xyz"),
+            ("code", &wc),
+        ])
+        .unwrap();
+        let r = c
+            .send(
+                "POST",
+                &format!("{PREFIX}/reset"),
+                &[("accept", "text/html"), ("x-forwarded-for", &ip)],
+                Some(("application/x-www-form-urlencoded", body.into_bytes())),
+            )
+            .await;
         assert!(r.status == 401 || r.status == 429, "reset with a wrong code {i}: {}", r.status);
     }
     // now even the right code is refused, on the reset form and on the challenge
@@ -1663,7 +1944,10 @@ async fn reset_token_abuse_reuse_expiry_tampering_foreign_and_host_poisoning() {
     ];
     bad.retain(|t| t != &tok);
     for t in &bad {
-        let r = gw.client(APP).browse(&format!("{PREFIX}/reset?token={}", t.replace(' ', "%20").replace('\u{200b}', "%E2%80%8B"))).await;
+        let r = gw
+            .client(APP)
+            .browse(&format!("{PREFIX}/reset?token={}", t.replace(' ', "%20").replace('\u{200b}', "%E2%80%8B")))
+            .await;
         if r.status != 410 {
             failures.push(format!("GET /reset with tampered token {t:?}: {} (want 410)", r.status));
         }
@@ -1678,7 +1962,14 @@ async fn reset_token_abuse_reuse_expiry_tampering_foreign_and_host_poisoning() {
         failures.push("a tampered token changed alice's password".into());
     }
     // bob's token with alice's name in extra fields changes only bob
-    let r = post_reset(&mut gw.client(APP), &bob_tok, &bob_tok, "Bobs-new-pass-123", &[("username", "alice"), ("user", "alice"), ("email", "alice@example.com")]).await;
+    let r = post_reset(
+        &mut gw.client(APP),
+        &bob_tok,
+        &bob_tok,
+        "Bobs-new-pass-123",
+        &[("username", "alice"), ("user", "alice"), ("email", "alice@example.com")],
+    )
+    .await;
     assert_eq!(r.status, 200, "bob's reset: {}", r.text());
     if password_works(gw, "alice", "Bobs-new-pass-123").await {
         failures.push("bob's token changed alice's password".into());
@@ -1692,7 +1983,8 @@ async fn reset_token_abuse_reuse_expiry_tampering_foreign_and_host_poisoning() {
     // use, then reuse
     let r = post_reset(&mut gw.client(APP), &tok, &tok, "Alices-new-pass-1", &[]).await;
     assert_eq!(r.status, 200, "genuine reset (after the tampering attempts: {failures:?}): {}", r.text());
-    if r.set_cookies().iter().any(|c| c.starts_with(&format!("{SESSION}=")) && !c.starts_with(&format!("{SESSION}=;"))) {
+    if r.set_cookies().iter().any(|c| c.starts_with(&format!("{SESSION}=")) && !c.starts_with(&format!("{SESSION}=;")))
+    {
         failures.push("a reset set a session cookie".into());
     }
     let r = post_reset(&mut gw.client(APP), &tok, &tok, "Reused-pass-1234", &[]).await;
@@ -1766,7 +2058,11 @@ async fn reset_does_not_bypass_two_factor() {
     gw.clock.advance(30);
     let r = gw.client(TF).login("tina", "With-2fa-pass-123", "/").await;
     assert_eq!(r.status, 303);
-    assert!(r.location().starts_with(&format!("{PREFIX}/challenge")), "after a reset the login skipped the challenge: {}", r.location());
+    assert!(
+        r.location().starts_with(&format!("{PREFIX}/challenge")),
+        "after a reset the login skipped the challenge: {}",
+        r.location()
+    );
     // the old session ended
     assert!(whoami(&mut t).await.is_none(), "a session from before the reset survived it");
 }
@@ -1792,13 +2088,27 @@ async fn invitation_token_abuse_reuse_expiry_tampering_and_mass_assignment() {
             // a spent/expired token shows no form: the anonymous binding's token from the login page is the same
             None => c.login_csrf("/").await,
         };
-        let mut f: Vec<(&str, &str)> = vec![("csrf", &csrf), ("token", tok), ("username", user), ("name", "New Bie"), ("password", "Invited-pass-123"), ("password2", "Invited-pass-123")];
+        let mut f: Vec<(&str, &str)> = vec![
+            ("csrf", &csrf),
+            ("token", tok),
+            ("username", user),
+            ("name", "New Bie"),
+            ("password", "Invited-pass-123"),
+            ("password2", "Invited-pass-123"),
+        ];
         f.extend_from_slice(extra);
         let r = c.post_form(&format!("{PREFIX}/invite"), &f).await;
         (r, c)
     }
     // tampered tokens
-    for t in [format!("{tok}0"), format!("{tok}x"), tok.to_ascii_uppercase(), tok[..63].to_string(), format!("f{}", &tok[1..]), "0".repeat(64)] {
+    for t in [
+        format!("{tok}0"),
+        format!("{tok}x"),
+        tok.to_ascii_uppercase(),
+        tok[..63].to_string(),
+        format!("f{}", &tok[1..]),
+        "0".repeat(64),
+    ] {
         if t == tok {
             continue;
         }
@@ -1822,7 +2132,14 @@ async fn invitation_token_abuse_reuse_expiry_tampering_and_mass_assignment() {
     let (r, _) = accept(gw, &tok, &tok, "ALICE", &[]).await;
     assert_eq!(r.status, 409, "taken username in another case: {}", r.text());
     // mass assignment: extra fields must not choose groups, email or admin rights
-    let (r, _) = accept(gw, &tok, &tok, "newbie", &[("groups", "admins"), ("email", "mallory@evil.com"), ("admin", "true"), ("group", "admins")]).await;
+    let (r, _) = accept(
+        gw,
+        &tok,
+        &tok,
+        "newbie",
+        &[("groups", "admins"), ("email", "mallory@evil.com"), ("admin", "true"), ("group", "admins")],
+    )
+    .await;
     assert!(r.status == 303, "accept: {} {}", r.status, r.text());
     let u = show_user(env, "newbie").await;
     assert_eq!(u["email"], "newbie@example.com", "POST /invite let the form choose the email: {u}");
@@ -1859,9 +2176,35 @@ async fn invitation_token_abuse_reuse_expiry_tampering_and_mass_assignment() {
 
 fn leaks(text: &str, extra: &[&str]) -> Vec<String> {
     let mut needles: Vec<String> = [
-        "panicked", "thread '", "RUST_BACKTRACE", "backtrace", "stack backtrace", ".rs:", "/src/", "src/", "/home/", "/root/",
-        "/tmp/", "/work/", "cargo", "hyper::", "tokio::", "redb", "std::", "io::Error", "Os {", "os error", "Error {",
-        "kind:", "Connection refused", "connection refused", "Elapsed", "portcullis::", "unwrap", "StoreError", "Reject::",
+        "panicked",
+        "thread '",
+        "RUST_BACKTRACE",
+        "backtrace",
+        "stack backtrace",
+        ".rs:",
+        "/src/",
+        "src/",
+        "/home/",
+        "/root/",
+        "/tmp/",
+        "/work/",
+        "cargo",
+        "hyper::",
+        "tokio::",
+        "redb",
+        "std::",
+        "io::Error",
+        "Os {",
+        "os error",
+        "Error {",
+        "kind:",
+        "Connection refused",
+        "connection refused",
+        "Elapsed",
+        "portcullis::",
+        "unwrap",
+        "StoreError",
+        "Reject::",
         "127.0.0.1:",
     ]
     .iter()
@@ -1900,7 +2243,8 @@ async fn error_pages_leak_no_internals() {
         }
     };
     let both = |r: &Resp| {
-        let head: String = r.headers.iter().map(|(k, v)| format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes()))).collect();
+        let head: String =
+            r.headers.iter().map(|(k, v)| format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes()))).collect();
         (head, r.text())
     };
     for (what, host, path, accept, want) in [
@@ -1927,10 +2271,24 @@ async fn error_pages_leak_no_internals() {
     let mut c = gw.client(APP);
     let csrf = c.login_csrf("/").await;
     let big = format!("csrf={csrf}&username=alice&password={}", "x".repeat(100 * 1024));
-    let r = c.send("POST", &format!("{PREFIX}/login"), &[("accept", "text/html")], Some(("application/x-www-form-urlencoded", big.into_bytes()))).await;
+    let r = c
+        .send(
+            "POST",
+            &format!("{PREFIX}/login"),
+            &[("accept", "text/html")],
+            Some(("application/x-www-form-urlencoded", big.into_bytes())),
+        )
+        .await;
     let (h, b) = both(&r);
     check("100 KiB login form", r.status, 413, h, b);
-    let r = c.send("POST", &format!("{PREFIX}/login"), &[], Some(("application/x-www-form-urlencoded", b"%zz=%%%&&==\xff".to_vec()))).await;
+    let r = c
+        .send(
+            "POST",
+            &format!("{PREFIX}/login"),
+            &[],
+            Some(("application/x-www-form-urlencoded", b"%zz=%%%&&==\xff".to_vec())),
+        )
+        .await;
     let (h, b) = both(&r);
     check("garbage form", r.status, 403, h, b);
     let r = c.send("POST", &format!("{PREFIX}/login"), &[], Some(("application/json", b"{}".to_vec()))).await;
@@ -1946,7 +2304,11 @@ async fn error_pages_leak_no_internals() {
     for (what, raw) in [
         ("garbage request line", b"\x16\x03\x01\x00\xa5garbage\r\n\r\n".to_vec()),
         ("NUL path", b"GET /a\0b HTTP/1.1\r\nHost: app.test\r\n\r\n".to_vec()),
-        ("huge header", [b"GET / HTTP/1.1\r\nHost: app.test\r\nX-Big: ".to_vec(), vec![b'a'; 200_000], b"\r\n\r\n".to_vec()].concat()),
+        (
+            "huge header",
+            [b"GET / HTTP/1.1\r\nHost: app.test\r\nX-Big: ".to_vec(), vec![b'a'; 200_000], b"\r\n\r\n".to_vec()]
+                .concat(),
+        ),
         ("bad version", b"GET / HTTP/9.9\r\nHost: app.test\r\n\r\n".to_vec()),
     ] {
         let (buf, _) = raw_exchange(gw.addr, &raw, Duration::from_millis(1500)).await;
@@ -1979,7 +2341,8 @@ async fn nothing_typed_as_a_secret_reaches_the_logs() {
     let wrong_pw = "Wrong-Secret-Pw-9d2e";
     env.add_user("alice", "alice@example.com", "Alice", &["admins"], user_pw).await;
     let gw = env.spawn_child().await;
-    let mut secrets: Vec<(String, String)> = vec![("password".into(), user_pw.into()), ("wrong password".into(), wrong_pw.into())];
+    let mut secrets: Vec<(String, String)> =
+        vec![("password".into(), user_pw.into()), ("wrong password".into(), wrong_pw.into())];
     let mut c = Client::new(gw.addr, APP);
     // wrong password, then right; a password typed into the username field by mistake
     assert_eq!(c.login("alice", wrong_pw, "/").await.status, 401);
@@ -1991,14 +2354,19 @@ async fn nothing_typed_as_a_secret_reaches_the_logs() {
     secrets.push(("csrf cookie".into(), c.jar.get(CSRF).cloned().unwrap()));
     // enrolment: secret, confirming code, recovery codes
     let r = c.browse(&format!("{PREFIX}/enroll")).await;
-    let r = c.post_form(&format!("{PREFIX}/enroll"), &[("csrf", &csrf_of(&r)), ("rd", "/"), ("password", user_pw)]).await;
+    let r =
+        c.post_form(&format!("{PREFIX}/enroll"), &[("csrf", &csrf_of(&r)), ("rd", "/"), ("password", user_pw)]).await;
     let secret = shown_secret(&r.text()).unwrap();
     secrets.push(("csrf token".into(), csrf_of(&r)));
     let wrong = wrong_code(&secret, now_unix());
-    let r2 = c.post_form(&format!("{PREFIX}/enroll/confirm"), &[("csrf", &csrf_of(&r)), ("rd", "/"), ("code", &wrong)]).await;
+    let r2 = c
+        .post_form(&format!("{PREFIX}/enroll/confirm"), &[("csrf", &csrf_of(&r)), ("rd", "/"), ("code", &wrong)])
+        .await;
     assert_eq!(r2.status, 422);
     let code = oathtool(&secret, now_unix());
-    let r = c.post_form(&format!("{PREFIX}/enroll/confirm"), &[("csrf", &csrf_of(&r2)), ("rd", "/"), ("code", &code)]).await;
+    let r = c
+        .post_form(&format!("{PREFIX}/enroll/confirm"), &[("csrf", &csrf_of(&r2)), ("rd", "/"), ("code", &code)])
+        .await;
     assert_eq!(r.status, 200, "{}", r.text());
     let codes = shown_codes(&r.text());
     secrets.push(("TOTP secret".into(), secret.clone()));
@@ -2013,13 +2381,32 @@ async fn nothing_typed_as_a_secret_reaches_the_logs() {
     let page = d.browse(&r.location()).await;
     let bogus = "zzzzz-yyyyy-xxxxx";
     secrets.push(("bogus recovery code".into(), bogus.into()));
-    d.post_form(&format!("{PREFIX}/challenge"), &[("csrf", &csrf_of(&page)), ("rd", "/"), ("method", "recovery"), ("recovery_code", bogus)]).await;
-    let r = d.post_form(&format!("{PREFIX}/challenge"), &[("csrf", &csrf_of(&page)), ("rd", "/"), ("method", "recovery"), ("recovery_code", &codes[0])]).await;
+    d.post_form(
+        &format!("{PREFIX}/challenge"),
+        &[("csrf", &csrf_of(&page)), ("rd", "/"), ("method", "recovery"), ("recovery_code", bogus)],
+    )
+    .await;
+    let r = d
+        .post_form(
+            &format!("{PREFIX}/challenge"),
+            &[("csrf", &csrf_of(&page)), ("rd", "/"), ("method", "recovery"), ("recovery_code", &codes[0])],
+        )
+        .await;
     assert_eq!(r.status, 303, "{}", r.text());
     // proxied request with the cookie and an Authorization header for the app
     let app_token = "Bearer app-secret-token-5e1";
     secrets.push(("app Authorization".into(), app_token.into()));
-    let r = d.send("GET", "/x", &[("authorization", app_token), ("cookie", &format!("{SESSION}={}; app_sid=appcookie-3b9f", d.session_cookie().unwrap()))], None).await;
+    let r = d
+        .send(
+            "GET",
+            "/x",
+            &[
+                ("authorization", app_token),
+                ("cookie", &format!("{SESSION}={}; app_sid=appcookie-3b9f", d.session_cookie().unwrap())),
+            ],
+            None,
+        )
+        .await;
     assert_eq!(r.status, 200);
     secrets.push(("app cookie".into(), "appcookie-3b9f".into()));
     // password reset (token, new password), password change, invitation (token, password)
@@ -2042,13 +2429,30 @@ async fn nothing_typed_as_a_secret_reaches_the_logs() {
     let page = n.browse(&format!("{PREFIX}/invite?token={itok}")).await;
     let inv_pw = "Invitee-Pw-Secret-88";
     secrets.push(("invitee password".into(), inv_pw.into()));
-    let r = n.post_form(&format!("{PREFIX}/invite"), &[("csrf", &csrf_of(&page)), ("token", &itok), ("username", "invitee"), ("name", "In Vitee"), ("password", inv_pw), ("password2", inv_pw)]).await;
+    let r = n
+        .post_form(
+            &format!("{PREFIX}/invite"),
+            &[
+                ("csrf", &csrf_of(&page)),
+                ("token", &itok),
+                ("username", "invitee"),
+                ("name", "In Vitee"),
+                ("password", inv_pw),
+                ("password2", inv_pw),
+            ],
+        )
+        .await;
     assert_eq!(r.status, 303, "{}", r.text());
     secrets.push(("invitee session".into(), n.session_cookie().unwrap_or_else(|| "none-none".into())));
     let chpw = "Changed-Pw-Secret-31";
     secrets.push(("changed password".into(), chpw.into()));
     let page = n.browse(&format!("{PREFIX}/settings/password")).await;
-    let r = n.post_form(&format!("{PREFIX}/settings/password"), &[("csrf", &csrf_of(&page)), ("current", inv_pw), ("password", chpw), ("password2", chpw)]).await;
+    let r = n
+        .post_form(
+            &format!("{PREFIX}/settings/password"),
+            &[("csrf", &csrf_of(&page)), ("current", inv_pw), ("password", chpw), ("password2", chpw)],
+        )
+        .await;
     assert_eq!(r.status, 200, "{}", r.text());
     tokio::time::sleep(Duration::from_millis(500)).await;
     let log = gw.log();
@@ -2085,7 +2489,9 @@ async fn malformed_chunked_request_bodies_are_a_client_error_not_a_bad_gateway()
             // An upstream that answers before reading the body may get its answer out before the body breaks;
             // then the connection must still be closed. What may never happen is a 5xx blaming the app.
             if st.iter().any(|s| *s >= 500) || !(st.first() == Some(&400) || closed) {
-                failures.push(format!("{name} on {host}{path}: answered {st:?} (closed={closed}); want 400 or a closed connection"));
+                failures.push(format!(
+                    "{name} on {host}{path}: answered {st:?} (closed={closed}); want 400 or a closed connection"
+                ));
             }
         }
     }
@@ -2131,7 +2537,10 @@ async fn deny_and_bypass_rules_dodged_by_trailing_dots_and_spaces_on_windows_ups
             let n = windows_normalise(&h.path);
             eprintln!("windows deny {t:<16} -> {} upstream {:?} (Windows reads {n:?})", r.status, h.path);
             if n.starts_with("/admin/") || n == "/admin" {
-                failures.push(format!("deny rule /admin/ dodged by {t:?}: upstream got {:?}, which Windows reads as {n:?}", h.path));
+                failures.push(format!(
+                    "deny rule /admin/ dodged by {t:?}: upstream got {:?}, which Windows reads as {n:?}",
+                    h.path
+                ));
             }
         }
     }

@@ -10,14 +10,7 @@ fn one_factor(up: &Upstream) -> String {
 
 async fn env_with_alice(rest: &str) -> Env {
     let env = Env::password_only(rest);
-    env.add_user(
-        "alice",
-        "alice@example.com",
-        "Alice Liddell",
-        &["staff", "dev"],
-        PW,
-    )
-    .await;
+    env.add_user("alice", "alice@example.com", "Alice Liddell", &["staff", "dev"], PW).await;
     env
 }
 
@@ -38,49 +31,24 @@ async fn unauthenticated_browser_get_redirects_to_login_non_browser_gets_401() {
     let r = c.browse(target).await;
     assert_eq!(r.status, 302, "browser GET without session: {}", r.text());
     let loc = r.location();
-    assert!(
-        loc.starts_with(&format!("{PREFIX}/login?")),
-        "Location = {loc}"
-    );
-    assert_eq!(
-        query_param(&loc, "rd").as_deref(),
-        Some(target),
-        "rd in Location {loc} must round-trip"
-    );
+    assert!(loc.starts_with(&format!("{PREFIX}/login?")), "Location = {loc}");
+    assert_eq!(query_param(&loc, "rd").as_deref(), Some(target), "rd in Location {loc} must round-trip");
 
     let r = c.send("HEAD", "/x", &[("accept", "text/html")], None).await;
     assert_eq!(r.status, 302, "browser HEAD without session");
 
     for (what, headers) in [
         ("no Accept", vec![]),
-        (
-            "Accept: application/json",
-            vec![("accept", "application/json")],
-        ),
+        ("Accept: application/json", vec![("accept", "application/json")]),
         ("Accept: */*", vec![("accept", "*/*")]),
     ] {
         let r = c.send("GET", target, &headers, None).await;
         assert_eq!(r.status, 401, "GET with {what} without session");
     }
-    let r = c
-        .send(
-            "POST",
-            "/form",
-            &[("accept", "text/html")],
-            Some(("text/plain", b"x".to_vec())),
-        )
-        .await;
-    assert_eq!(
-        r.status, 401,
-        "POST (even from a browser) without session must be 401"
-    );
+    let r = c.send("POST", "/form", &[("accept", "text/html")], Some(("text/plain", b"x".to_vec()))).await;
+    assert_eq!(r.status, 401, "POST (even from a browser) without session must be 401");
 
-    assert_eq!(
-        up.hit_count(),
-        0,
-        "unauthenticated requests reached the upstream: {:?}",
-        up.hits()
-    );
+    assert_eq!(up.hit_count(), 0, "unauthenticated requests reached the upstream: {:?}", up.hits());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -93,11 +61,7 @@ async fn login_success_redirects_to_rd_and_upstream_sees_identity_headers() {
     let r = c.login("alice", PW, "/dash/board?a=1&b=2").await;
     assert_eq!(r.status, 303, "login: {}", r.text());
     assert_eq!(r.location(), "/dash/board?a=1&b=2");
-    let sc = r
-        .set_cookies()
-        .into_iter()
-        .find(|s| s.starts_with(&format!("{SESSION}=")))
-        .expect("session Set-Cookie");
+    let sc = r.set_cookies().into_iter().find(|s| s.starts_with(&format!("{SESSION}="))).expect("session Set-Cookie");
     let lc = sc.to_ascii_lowercase();
     assert!(lc.contains("httponly"), "{sc}");
     assert!(lc.contains("samesite=lax"), "{sc}");
@@ -106,37 +70,17 @@ async fn login_success_redirects_to_rd_and_upstream_sees_identity_headers() {
     let r = c.get("/dash/board?a=1&b=2").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.upstream_path(), "/dash/board?a=1&b=2");
-    assert_eq!(
-        r.upstream_header("remote-user"),
-        Some(vec!["alice".to_string()])
-    );
-    assert_eq!(
-        r.upstream_header("remote-email"),
-        Some(vec!["alice@example.com".to_string()])
-    );
-    assert_eq!(
-        r.upstream_header("remote-name"),
-        Some(vec!["Alice Liddell".to_string()])
-    );
-    let groups = r
-        .upstream_header("remote-groups")
-        .expect("remote-groups header");
+    assert_eq!(r.upstream_header("remote-user"), Some(vec!["alice".to_string()]));
+    assert_eq!(r.upstream_header("remote-email"), Some(vec!["alice@example.com".to_string()]));
+    assert_eq!(r.upstream_header("remote-name"), Some(vec!["Alice Liddell".to_string()]));
+    let groups = r.upstream_header("remote-groups").expect("remote-groups header");
     assert_eq!(groups.len(), 1, "{groups:?}");
     let mut g: Vec<&str> = groups[0].split(',').map(str::trim).collect();
     g.sort();
     assert_eq!(g, vec!["dev", "staff"]);
-    assert!(
-        r.upstream_header("x-forwarded-for").is_some(),
-        "X-Forwarded-For must be set"
-    );
-    assert_eq!(
-        r.upstream_header("x-forwarded-proto"),
-        Some(vec!["http".to_string()])
-    );
-    assert_eq!(
-        r.upstream_header("x-forwarded-host"),
-        Some(vec!["app.test".to_string()])
-    );
+    assert!(r.upstream_header("x-forwarded-for").is_some(), "X-Forwarded-For must be set");
+    assert_eq!(r.upstream_header("x-forwarded-proto"), Some(vec!["http".to_string()]));
+    assert_eq!(r.upstream_header("x-forwarded-host"), Some(vec!["app.test".to_string()]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,8 +93,7 @@ async fn policy_deny_is_403_and_group_restriction_enforced() {
         up.url()
     );
     let env = env_with_alice(&cfg).await;
-    env.add_user("bob", "bob@example.com", "Bob", &["dev"], PW)
-        .await;
+    env.add_user("bob", "bob@example.com", "Bob", &["dev"], PW).await;
     let gw = env.start().await;
 
     // deny: unauthenticated and authenticated
@@ -174,16 +117,8 @@ async fn policy_deny_is_403_and_group_restriction_enforced() {
     let mut alice = gw.client("staff.test");
     alice.login_ok("alice", PW).await;
     let r = alice.get("/secret").await;
-    assert_eq!(
-        r.status,
-        200,
-        "alice (in staff) on staff-only app: {}",
-        r.text()
-    );
-    assert_eq!(
-        r.upstream_header("remote-user"),
-        Some(vec!["alice".to_string()])
-    );
+    assert_eq!(r.status, 200, "alice (in staff) on staff-only app: {}", r.text());
+    assert_eq!(r.upstream_header("remote-user"), Some(vec!["alice".to_string()]));
     assert_eq!(up.hit_count(), before + 1);
     assert!(
         !up.hits().iter().any(|h| h.path.starts_with("/anything")
@@ -199,33 +134,15 @@ async fn unknown_host_is_404_and_host_matching_ignores_case_port_and_trailing_do
     let env = Env::password_only(&app("app.test", &up.url(), "bypass"));
     let gw = env.start().await;
 
-    for host in [
-        "other.test",
-        "evilapp.test",
-        "app.test.evil.com",
-        "app.testx",
-        "test",
-    ] {
+    for host in ["other.test", "evilapp.test", "app.test.evil.com", "app.testx", "test"] {
         let r = gw.client(host).get("/x").await;
         assert_eq!(r.status, 404, "unknown host {host}");
         let r = gw.client(host).browse("/x").await;
         assert_eq!(r.status, 404, "unknown host {host} (browser)");
     }
-    assert_eq!(
-        up.hit_count(),
-        0,
-        "unknown hosts were proxied: {:?}",
-        up.hits()
-    );
+    assert_eq!(up.hit_count(), 0, "unknown hosts were proxied: {:?}", up.hits());
 
-    for host in [
-        "app.test",
-        "APP.TEST",
-        "App.Test",
-        "app.test:8443",
-        "app.test.",
-        "App.Test.:80",
-    ] {
+    for host in ["app.test", "APP.TEST", "App.Test", "app.test:8443", "app.test.", "App.Test.:80"] {
         let r = gw.client(host).get("/matched").await;
         assert_eq!(r.status, 200, "host {host} should match app.test");
         assert_eq!(r.upstream_path(), "/matched");
@@ -261,15 +178,9 @@ async fn logout_deletes_session_server_side() {
     let page = c.browse(&format!("{PREFIX}/logout")).await;
     assert_eq!(page.status, 200, "logout page");
     let csrf = extract_csrf(&page.text()).expect("csrf token on logout page");
-    let r = c
-        .post_form(&format!("{PREFIX}/logout"), &[("csrf", &csrf)])
-        .await;
+    let r = c.post_form(&format!("{PREFIX}/logout"), &[("csrf", &csrf)]).await;
     assert_eq!(r.status, 303, "logout: {}", r.text());
-    assert!(
-        r.location().contains(&format!("{PREFIX}/login")),
-        "logout Location {}",
-        r.location()
-    );
+    assert!(r.location().contains(&format!("{PREFIX}/login")), "logout Location {}", r.location());
 
     let mut replay = c.with_session(&old);
     let r = replay.get("/after").await;
@@ -291,11 +202,7 @@ async fn logout_without_csrf_does_not_end_session() {
         assert!(r.status < 500, "logout with bad csrf gave {}", r.status);
         assert_ne!(r.status, 303, "logout accepted without a valid csrf token");
     }
-    assert_eq!(
-        c.get("/still").await.status,
-        200,
-        "session must survive a forged logout"
-    );
+    assert_eq!(c.get("/still").await.status, 200, "session must survive a forged logout");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -307,12 +214,7 @@ async fn login_with_missing_or_bad_csrf_is_403() {
     let csrf = c.login_csrf("/").await;
     let r = c.post_login("wrong-token", "alice", PW, "/").await;
     assert_eq!(r.status, 403, "bad csrf");
-    let r = c
-        .post_form(
-            &format!("{PREFIX}/login"),
-            &[("rd", "/"), ("username", "alice"), ("password", PW)],
-        )
-        .await;
+    let r = c.post_form(&format!("{PREFIX}/login"), &[("rd", "/"), ("username", "alice"), ("password", PW)]).await;
     assert_eq!(r.status, 403, "missing csrf field");
     // right token but no csrf cookie
     let mut nocookie = gw.client("app.test");
@@ -332,11 +234,7 @@ async fn bad_session_cookies_are_no_session_never_500() {
     let mut c = gw.client("app.test");
     c.login_ok("alice", PW).await;
     let good = c.session_cookie().unwrap();
-    assert_eq!(
-        c.with_session(&good).get("/ok").await.status,
-        200,
-        "control: the real cookie works"
-    );
+    assert_eq!(c.with_session(&good).get("/ok").await.status, 200, "control: the real cookie works");
 
     let mid = good.len() / 2;
     let mut tampered: Vec<u8> = good.clone().into_bytes();
@@ -353,14 +251,8 @@ async fn bad_session_cookies_are_no_session_never_500() {
         ("doubled", format!("{good}{good}")),
         ("empty", String::new()),
         ("garbage", "!!!not-a-cookie@@@".to_string()),
-        (
-            "base64 junk",
-            "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFB".to_string(),
-        ),
-        (
-            "base64url zeros",
-            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".to_string(),
-        ),
+        ("base64 junk", "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFB".to_string()),
+        ("base64url zeros", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".to_string()),
         ("long", "A".repeat(3000)),
         ("percent junk", "%00%ff%2F..".to_string()),
     ];
@@ -371,15 +263,8 @@ async fn bad_session_cookies_are_no_session_never_500() {
         let r = bad.browse("/probe").await;
         assert_eq!(r.status, 302, "{what} cookie (browser)");
     }
-    assert!(
-        up.hits().iter().all(|h| !h.path.starts_with("/probe")),
-        "bad cookies reached upstream"
-    );
-    assert_eq!(
-        c.with_session(&good).get("/ok").await.status,
-        200,
-        "the real cookie still works"
-    );
+    assert!(up.hits().iter().all(|h| !h.path.starts_with("/probe")), "bad cookies reached upstream");
+    assert_eq!(c.with_session(&good).get("/ok").await.status, 200, "the real cookie still works");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -396,11 +281,7 @@ async fn cookie_signed_by_another_gateway_is_rejected() {
     let mut c2 = gw2.client("app.test");
     c2.login_ok("alice", PW).await;
     let foreign = c2.session_cookie().unwrap();
-    assert_eq!(
-        c2.get("/home").await.status,
-        200,
-        "control: works on its own gateway"
-    );
+    assert_eq!(c2.get("/home").await.status, 200, "control: works on its own gateway");
 
     let mut c1 = Client::new(gw1.addr, "app.test");
     c1.jar = c2.jar.clone();
@@ -413,21 +294,15 @@ async fn cookie_signed_by_another_gateway_is_rejected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_expires_after_idle_timeout() {
     let up = start_upstream().await;
-    let env = env_with_alice(&format!(
-        "[session]\nidle_timeout = \"1h\"\nmax_lifetime = \"12h\"\n\n{}",
-        one_factor(&up)
-    ))
-    .await;
+    let env =
+        env_with_alice(&format!("[session]\nidle_timeout = \"1h\"\nmax_lifetime = \"12h\"\n\n{}", one_factor(&up)))
+            .await;
     let gw = env.start().await;
     let mut c = gw.client("app.test");
     c.login_ok("alice", PW).await;
     assert_eq!(c.get("/t0").await.status, 200);
     gw.clock.advance(59 * 60);
-    assert_eq!(
-        c.get("/t59m").await.status,
-        200,
-        "still valid 59 min after last use"
-    );
+    assert_eq!(c.get("/t59m").await.status, 200, "still valid 59 min after last use");
     gw.clock.advance(61 * 60);
     let r = c.get("/t2h").await;
     assert_eq!(r.status, 401, "session idle for 61 min must be expired");
@@ -438,11 +313,9 @@ async fn session_expires_after_idle_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_expires_after_max_lifetime_even_when_active() {
     let up = start_upstream().await;
-    let env = env_with_alice(&format!(
-        "[session]\nidle_timeout = \"1h\"\nmax_lifetime = \"2h\"\n\n{}",
-        one_factor(&up)
-    ))
-    .await;
+    let env =
+        env_with_alice(&format!("[session]\nidle_timeout = \"1h\"\nmax_lifetime = \"2h\"\n\n{}", one_factor(&up)))
+            .await;
     let gw = env.start().await;
     let mut c = gw.client("app.test");
     c.login_ok("alice", PW).await;
@@ -452,19 +325,11 @@ async fn session_expires_after_max_lifetime_even_when_active() {
     for i in 1..=59 {
         gw.clock.advance(2 * 60);
         let r = c.get(&format!("/active-{i}")).await;
-        assert_eq!(
-            r.status,
-            200,
-            "active session after {} min (idle timeout 1h, max lifetime 2h)",
-            i * 2
-        );
+        assert_eq!(r.status, 200, "active session after {} min (idle timeout 1h, max lifetime 2h)", i * 2);
     }
     gw.clock.advance(4 * 60); // 122 min since login, 4 min since last use
     let r = c.get("/too-old").await;
-    assert_eq!(
-        r.status, 401,
-        "session older than max_lifetime must be expired"
-    );
+    assert_eq!(r.status, 401, "session older than max_lifetime must be expired");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -481,10 +346,7 @@ async fn restart_keeps_users_and_sessions() {
     c.addr = gw.addr;
     let r = c.get("/after-restart").await;
     assert_eq!(r.status, 200, "session lost across restart");
-    assert_eq!(
-        r.upstream_header("remote-user"),
-        Some(vec!["alice".to_string()])
-    );
+    assert_eq!(r.upstream_header("remote-user"), Some(vec!["alice".to_string()]));
     let mut fresh = gw.client("app.test");
     fresh.login_ok("alice", PW).await;
     gw.stop().await;
@@ -495,17 +357,12 @@ async fn restart_keeps_users_and_sessions() {
 // ------------------------------------------------------------------------------------------
 
 fn lockout_cfg(up: &Upstream) -> String {
-    format!(
-        "[limits]\nmax_failures = 3\nfailure_window = \"10m\"\nlockout = \"15m\"\n\n{}",
-        one_factor(up)
-    )
+    format!("[limits]\nmax_failures = 3\nfailure_window = \"10m\"\nlockout = \"15m\"\n\n{}", one_factor(up))
 }
 
 fn retry_after(r: &Resp) -> u64 {
     let v = r.header("retry-after").expect("429 without Retry-After");
-    v.trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("Retry-After not integer seconds: {v}"))
+    v.trim().parse().unwrap_or_else(|_| panic!("Retry-After not integer seconds: {v}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -519,20 +376,10 @@ async fn lockout_after_max_failures_then_unlocks_after_lockout_period() {
         assert_eq!(r.status, 401, "wrong password #{i}");
     }
     let r = c.login("alice", "wrong", "/").await;
-    assert!(
-        r.status == 401 || r.status == 429,
-        "wrong password #3: {}",
-        r.status
-    );
+    assert!(r.status == 401 || r.status == 429, "wrong password #3: {}", r.status);
     let r = c.login("alice", PW, "/").await;
-    assert_eq!(
-        r.status, 429,
-        "after 3 failures even the right password must be refused"
-    );
-    assert!(
-        !c.jar.contains_key(SESSION),
-        "a session was issued while locked"
-    );
+    assert_eq!(r.status, 429, "after 3 failures even the right password must be refused");
+    assert!(!c.jar.contains_key(SESSION), "a session was issued while locked");
     let ra = retry_after(&r);
     assert!(ra > 0 && ra <= 15 * 60 + 1, "Retry-After = {ra}");
 
@@ -541,12 +388,7 @@ async fn lockout_after_max_failures_then_unlocks_after_lockout_period() {
     assert_eq!(r.status, 429, "still locked after 10 of 15 minutes");
     gw.clock.advance(5 * 60 + 2);
     let r = c.login("alice", PW, "/").await;
-    assert_eq!(
-        r.status,
-        303,
-        "lockout expired, correct password must work: {}",
-        r.text()
-    );
+    assert_eq!(r.status, 303, "lockout expired, correct password must work: {}", r.text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -560,25 +402,17 @@ async fn successful_login_resets_failure_counter() {
     }
     assert_eq!(c.login("alice", PW, "/").await.status, 303);
     for i in 0..2 {
-        assert_eq!(
-            c.login("alice", "wrong", "/").await.status,
-            401,
-            "wrong after reset #{i}"
-        );
+        assert_eq!(c.login("alice", "wrong", "/").await.status, 401, "wrong after reset #{i}");
     }
     let r = c.login("alice", PW, "/").await;
-    assert_eq!(
-        r.status, 303,
-        "2+2 failures separated by a success must not lock"
-    );
+    assert_eq!(r.status, 303, "2+2 failures separated by a success must not lock");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lockout_counts_email_and_name_variants_against_same_account() {
     let up = start_upstream().await;
     let env = Env::password_only(&lockout_cfg(&up));
-    env.add_user("carol", "carol@example.com", "Carol", &[], PW)
-        .await;
+    env.add_user("carol", "carol@example.com", "Carol", &[], PW).await;
     let gw = env.start().await;
     let mut c = gw.client("app.test");
     for name in ["carol@example.com", "  CAROL ", "Carol@Example.COM"] {
@@ -586,21 +420,12 @@ async fn lockout_counts_email_and_name_variants_against_same_account() {
         assert!(r.status == 401 || r.status == 429, "{name}: {}", r.status);
     }
     let r = c.login("carol", PW, "/").await;
-    assert_eq!(
-        r.status, 429,
-        "failures via email/case variants must lock the same account"
-    );
+    assert_eq!(r.status, 429, "failures via email/case variants must lock the same account");
     retry_after(&r);
     // login via e-mail works for a different user, to show the variants are real identifiers
     env.add_user("dan", "dan@example.com", "Dan", &[], PW).await;
-    let r = gw
-        .client("app.test")
-        .login(" DAN@example.com ", PW, "/")
-        .await;
-    assert_eq!(
-        r.status, 303,
-        "login by e-mail, other case, surrounding spaces"
-    );
+    let r = gw.client("app.test").login(" DAN@example.com ", PW, "/").await;
+    assert_eq!(r.status, 303, "login by e-mail, other case, surrounding spaces");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -611,17 +436,10 @@ async fn unknown_usernames_are_locked_the_same_way() {
     let mut c = gw.client("app.test");
     for i in 0..3 {
         let r = c.login("nobody", "whatever", "/").await;
-        assert!(
-            r.status == 401 || (i == 2 && r.status == 429),
-            "unknown user try {i}: {}",
-            r.status
-        );
+        assert!(r.status == 401 || (i == 2 && r.status == 429), "unknown user try {i}: {}", r.status);
     }
     let r = c.login("nobody", "whatever", "/").await;
-    assert_eq!(
-        r.status, 429,
-        "unknown name must be locked after max_failures"
-    );
+    assert_eq!(r.status, 429, "unknown name must be locked after max_failures");
     retry_after(&r);
     // other accounts unaffected
     assert_eq!(c.login("alice", PW, "/").await.status, 303);
@@ -630,11 +448,7 @@ async fn unknown_usernames_are_locked_the_same_way() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_user_and_wrong_password_are_indistinguishable() {
     let up = start_upstream().await;
-    let env = env_with_alice(&format!(
-        "[limits]\nmax_failures = 1000\n\n{}",
-        one_factor(&up)
-    ))
-    .await;
+    let env = env_with_alice(&format!("[limits]\nmax_failures = 1000\n\n{}", one_factor(&up))).await;
     let gw = env.start().await;
     let mut c = gw.client("app.test");
     let csrf = c.login_csrf("/").await;
@@ -643,11 +457,7 @@ async fn unknown_user_and_wrong_password_are_indistinguishable() {
     let b = c.post_login(&csrf, "mallory", "wrong-password", "/").await;
     assert_eq!(a.status, 401);
     assert_eq!(b.status, 401);
-    assert!(
-        a.text().contains("Invalid username or password"),
-        "{}",
-        a.text()
-    );
+    assert!(a.text().contains("Invalid username or password"), "{}", a.text());
     // The page may echo the submitted username back into the form; neutralise that.
     let na = a.text().replace("alice", "USER");
     let nb = b.text().replace("mallory", "USER");
@@ -659,41 +469,24 @@ async fn unknown_user_and_wrong_password_are_indistinguishable() {
     let mut tb = Vec::new();
     for _ in 0..7 {
         let t = Instant::now();
-        assert_eq!(
-            c.post_login(&csrf, "alice", "wrong-password", "/")
-                .await
-                .status,
-            401
-        );
+        assert_eq!(c.post_login(&csrf, "alice", "wrong-password", "/").await.status, 401);
         ta.push(t.elapsed());
         let t = Instant::now();
-        assert_eq!(
-            c.post_login(&csrf, "mallory", "wrong-password", "/")
-                .await
-                .status,
-            401
-        );
+        assert_eq!(c.post_login(&csrf, "mallory", "wrong-password", "/").await.status, 401);
         tb.push(t.elapsed());
     }
     ta.sort();
     tb.sort();
     let (ma, mb) = (ta[3].as_secs_f64(), tb[3].as_secs_f64());
     let ratio = mb / ma;
-    eprintln!(
-        "login timing: wrong password median {ma:.4}s, unknown user median {mb:.4}s, ratio {ratio:.2}"
-    );
-    assert!(
-        (0.33..=3.0).contains(&ratio),
-        "timing differs: wrong-password {ma:.4}s vs unknown-user {mb:.4}s"
-    );
+    eprintln!("login timing: wrong password median {ma:.4}s, unknown user median {mb:.4}s, ratio {ratio:.2}");
+    assert!((0.33..=3.0).contains(&ratio), "timing differs: wrong-password {ma:.4}s vs unknown-user {mb:.4}s");
 }
 
 /// Why `loc` (the Location after logging in with `rd`) is not a same-host path, if it isn't.
 fn safe_location_violation(rd: &str, loc: &str) -> Option<String> {
     let lower = loc.to_ascii_lowercase();
-    let decoded = percent_encoding::percent_decode_str(loc)
-        .decode_utf8_lossy()
-        .to_string();
+    let decoded = percent_encoding::percent_decode_str(loc).decode_utf8_lossy().to_string();
     let why = if !loc.starts_with('/') {
         "not a path"
     } else if loc.contains("//") {
@@ -704,9 +497,7 @@ fn safe_location_violation(rd: &str, loc: &str) -> Option<String> {
         "contains control characters or spaces"
     } else if lower.starts_with("/%2f") || lower.starts_with("/%5c") {
         "starts with an encoded slash"
-    } else if decoded.starts_with("//")
-        || decoded.starts_with("/\\")
-        || decoded.chars().take(3).any(|c| c.is_control())
+    } else if decoded.starts_with("//") || decoded.starts_with("/\\") || decoded.chars().take(3).any(|c| c.is_control())
     {
         "escapes the host once percent-decoded"
     } else {
@@ -718,11 +509,7 @@ fn safe_location_violation(rd: &str, loc: &str) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_rd_values_never_redirect_off_host() {
     let up = start_upstream().await;
-    let env = env_with_alice(&format!(
-        "[limits]\nmax_failures = 1000\n\n{}",
-        one_factor(&up)
-    ))
-    .await;
+    let env = env_with_alice(&format!("[limits]\nmax_failures = 1000\n\n{}", one_factor(&up))).await;
     let gw = env.start().await;
     let port = gw.addr.port();
     let same_host_other_port = format!("http://app.test:{}/x", port + 1);
@@ -765,22 +552,14 @@ async fn hostile_rd_values_never_redirect_off_host() {
         let mut c = gw.client("app.test");
         let r = c.login("alice", PW, rd).await;
         if r.status != 303 {
-            violations.push(format!(
-                "rd {rd:?}: login status {} (expected 303)",
-                r.status
-            ));
+            violations.push(format!("rd {rd:?}: login status {} (expected 303)", r.status));
             continue;
         }
         if let Some(v) = safe_location_violation(rd, &r.location()) {
             violations.push(v);
         }
     }
-    assert!(
-        violations.is_empty(),
-        "{} unsafe redirect(s):\n{}",
-        violations.len(),
-        violations.join("\n")
-    );
+    assert!(violations.is_empty(), "{} unsafe redirect(s):\n{}", violations.len(), violations.join("\n"));
     // positive controls
     for rd in ["/ok/path?q=1", "/", "/a/b/c"] {
         let mut c = gw.client("app.test");

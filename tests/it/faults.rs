@@ -79,8 +79,10 @@ impl Rng {
 
 /// One request that may die with the gateway: None on any transport error or after 5 s.
 async fn attempt(c: &mut Client, method: &str, path: &str, fields: Option<&[(&str, &str)]>) -> Option<Resp> {
-    let body = fields.map(|f| ("application/x-www-form-urlencoded", serde_urlencoded::to_string(f).unwrap().into_bytes()));
-    match tokio::time::timeout(Duration::from_secs(5), c.try_send(method, path, &[("accept", "text/html")], body)).await {
+    let body =
+        fields.map(|f| ("application/x-www-form-urlencoded", serde_urlencoded::to_string(f).unwrap().into_bytes()));
+    match tokio::time::timeout(Duration::from_secs(5), c.try_send(method, path, &[("accept", "text/html")], body)).await
+    {
         Ok(Ok(r)) => Some(r),
         _ => None,
     }
@@ -98,7 +100,9 @@ async fn sign_in(c: &mut Client, user: &str) -> Resp {
 async fn setup_page(c: &mut Client) -> (String, String) {
     let r = c.browse(&format!("{PREFIX}/enroll?rd=%2F")).await;
     assert_eq!(r.status, 200, "GET /enroll: {}", r.text());
-    let r = c.post_form(&format!("{PREFIX}/enroll"), &[("csrf", &csrf_in(&r).unwrap()), ("rd", "/"), ("password", PW)]).await;
+    let r = c
+        .post_form(&format!("{PREFIX}/enroll"), &[("csrf", &csrf_in(&r).unwrap()), ("rd", "/"), ("password", PW)])
+        .await;
     assert_eq!(r.status, 200, "POST /enroll: {}", r.text());
     (shown_secret(&r.text()).expect("secret on the setup page"), csrf_in(&r).unwrap())
 }
@@ -147,7 +151,10 @@ async fn kill_9_during_enrolments_logins_and_recovery_codes_keeps_invariants() {
         sign_in(&mut c, u).await;
         let (secret, csrf) = setup_page(&mut c).await;
         let r = c
-            .post_form(&format!("{PREFIX}/enroll/confirm"), &[("csrf", &csrf), ("rd", "/"), ("code", &oathtool(&secret, now_unix()))])
+            .post_form(
+                &format!("{PREFIX}/enroll/confirm"),
+                &[("csrf", &csrf), ("rd", "/"), ("code", &oathtool(&secret, now_unix()))],
+            )
             .await;
         assert_eq!(r.status, 200, "enrol {u}: {}", r.text());
         let shown = shown_codes(&r.text());
@@ -191,7 +198,8 @@ async fn kill_9_during_enrolments_logins_and_recovery_codes_keeps_invariants() {
             let used = mine.iter().filter(|c| c.2 == CodeState::Used).count();
             let unknown = mine.iter().filter(|c| c.2 == CodeState::Unknown).count();
             if left > CODES - used || left + used + unknown < CODES {
-                violations.push(format!("round {round}: {u} has {left} codes left; known used {used}, unknown {unknown}"));
+                violations
+                    .push(format!("round {round}: {u} has {left} codes left; known used {used}, unknown {unknown}"));
             }
         }
         if let Some((old, lock_ok)) = pending_lock.take() {
@@ -202,7 +210,9 @@ async fn kill_9_during_enrolments_logins_and_recovery_codes_keeps_invariants() {
             }
             let r = Client::new(gw.addr, APP).with_session(&old).get("/after-lock").await;
             if r.status == 200 {
-                violations.push(format!("round {round}: lk's session outlived `user lock` + kill -9 (lock CLI ok: {lock_ok})"));
+                violations.push(format!(
+                    "round {round}: lk's session outlived `user lock` + kill -9 (lock CLI ok: {lock_ok})"
+                ));
             }
             let o = env.cli(&["user", "unlock", "lk"], None).await;
             assert!(o.status.success(), "{}", out_text(&o));
@@ -213,7 +223,8 @@ async fn kill_9_during_enrolments_logins_and_recovery_codes_keeps_invariants() {
             // control: an acknowledged session survives kill -9
             let r = Client::new(gw.addr, APP).with_session(&lk_cookie).get("/alive").await;
             if r.status != 200 {
-                violations.push(format!("round {round}: lk's committed session did not survive kill -9 ({})", r.status));
+                violations
+                    .push(format!("round {round}: lk's committed session did not survive kill -9 ({})", r.status));
             }
         }
 
@@ -230,7 +241,10 @@ async fn kill_9_during_enrolments_logins_and_recovery_codes_keeps_invariants() {
             confirms.push((u, c, secret, csrf));
         }
         // one code submitted from two sessions at once (prefer a code whose fate is unknown), plus a used one
-        let pick = codes.iter().position(|c| c.2 == CodeState::Unknown).or_else(|| codes.iter().position(|c| c.2 == CodeState::Unused));
+        let pick = codes
+            .iter()
+            .position(|c| c.2 == CodeState::Unknown)
+            .or_else(|| codes.iter().position(|c| c.2 == CodeState::Unused));
         let used_one = codes.iter().position(|c| c.2 == CodeState::Used);
         let mut subs = Vec::new();
         for idx in pick.into_iter().chain(pick).chain(used_one) {
@@ -248,7 +262,13 @@ async fn kill_9_during_enrolments_logins_and_recovery_codes_keeps_invariants() {
         for (u, mut c, secret, csrf) in confirms {
             tasks.push(tokio::spawn(async move {
                 let code = oathtool(&secret, now_unix());
-                let r = attempt(&mut c, "POST", &format!("{PREFIX}/enroll/confirm"), Some(&[("csrf", &csrf), ("rd", "/"), ("code", &code)])).await;
+                let r = attempt(
+                    &mut c,
+                    "POST",
+                    &format!("{PREFIX}/enroll/confirm"),
+                    Some(&[("csrf", &csrf), ("rd", "/"), ("code", &code)]),
+                )
+                .await;
                 (format!("confirm:{u}"), r.map(|r| r.status), None)
             }));
         }
@@ -268,7 +288,13 @@ async fn kill_9_during_enrolments_logins_and_recovery_codes_keeps_invariants() {
             let mut c = Client::new(gw.addr, APP);
             let csrf = c.login_csrf("/").await;
             tasks.push(tokio::spawn(async move {
-                let r = attempt(&mut c, "POST", &format!("{PREFIX}/login"), Some(&[("csrf", &csrf), ("rd", "/"), ("username", u), ("password", PW)])).await;
+                let r = attempt(
+                    &mut c,
+                    "POST",
+                    &format!("{PREFIX}/login"),
+                    Some(&[("csrf", &csrf), ("rd", "/"), ("username", u), ("password", PW)]),
+                )
+                .await;
                 (format!("login:{u}"), r.map(|r| r.status), None)
             }));
         }
@@ -314,7 +340,8 @@ async fn kill_9_during_enrolments_logins_and_recovery_codes_keeps_invariants() {
             let total = successes.entry(code.clone()).or_default();
             *total += ok;
             if *total > 1 {
-                violations.push(format!("round {round}: recovery code {code} accepted {total} times (answers {answers:?})"));
+                violations
+                    .push(format!("round {round}: recovery code {code} accepted {total} times (answers {answers:?})"));
             }
             if ok > 0 {
                 codes[idx].2 = CodeState::Used;
@@ -367,7 +394,10 @@ async fn kill_9_during_enrolments_logins_and_recovery_codes_keeps_invariants() {
         codes.len(),
         violations.len()
     );
-    assert!(killed_mid >= ROUNDS / 5, "only {killed_mid} rounds had a request in flight at the kill: the kill is not landing");
+    assert!(
+        killed_mid >= ROUNDS / 5,
+        "only {killed_mid} rounds had a request in flight at the kill: the kill is not landing"
+    );
     assert!(violations.is_empty(), "{} invariant violation(s):\n{}", violations.len(), violations.join("\n"));
 }
 
@@ -395,7 +425,9 @@ async fn dying_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
                 let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
                 let _ = match path.as_str() {
                     "/cl" => {
-                        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100000\r\n\r\n").await;
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100000\r\n\r\n")
+                            .await;
                         s.write_all(&[b'x'; 1000]).await
                     }
                     "/chunked" => {
@@ -423,7 +455,11 @@ async fn dying_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
 async fn upstream_dying_mid_response_aborts_the_client_response_and_the_gateway_stays_healthy() {
     let (addr, task) = dying_upstream().await;
     let good = start_upstream().await;
-    let env = Env::password_only(&format!("{}{}", app("die.test", &format!("http://{addr}"), "bypass"), app(APP, &good.url(), "bypass")));
+    let env = Env::password_only(&format!(
+        "{}{}",
+        app("die.test", &format!("http://{addr}"), "bypass"),
+        app(APP, &good.url(), "bypass")
+    ));
     let gw = env.start().await;
     let t = Instant::now();
     for round in 0..20 {
@@ -433,7 +469,12 @@ async fn upstream_dying_mid_response_aborts_the_client_response_and_the_gateway_
             let res = within("truncated response", c.try_send("GET", path, &[], None)).await;
             match res {
                 Ok(r) => {
-                    assert!(r.status >= 500 || r.body.len() < full, "{path}: a complete {}-byte body from a dead upstream ({})", r.body.len(), r.status);
+                    assert!(
+                        r.status >= 500 || r.body.len() < full,
+                        "{path}: a complete {}-byte body from a dead upstream ({})",
+                        r.body.len(),
+                        r.status
+                    );
                     assert!(r.status != 200 || r.body.len() < full, "{path}: looks complete");
                 }
                 Err(e) => assert!(e.contains("body") || e.contains("send"), "{path}: {e}"),
@@ -459,14 +500,21 @@ async fn upstream_dying_mid_response_aborts_the_client_response_and_the_gateway_
                     (buf, closed)
                 };
                 let text = String::from_utf8_lossy(&buf);
-                eprintln!("dying upstream {path}: client got {} bytes, closed={closed}, head {:?}", buf.len(), text.lines().next());
+                eprintln!(
+                    "dying upstream {path}: client got {} bytes, closed={closed}, head {:?}",
+                    buf.len(),
+                    text.lines().next()
+                );
                 assert!(closed, "{path}: the gateway left the client connection open after the upstream died");
                 if text.starts_with("HTTP/1.1 200") && path != "/chunked" {
                     let body = &buf[buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..];
                     assert!(body.len() < full, "{path}: full body relayed");
                 }
                 if path == "/chunked" && text.starts_with("HTTP/1.1 200") {
-                    assert!(!text.ends_with("0\r\n\r\n"), "{path}: a terminating chunk was invented for a truncated body");
+                    assert!(
+                        !text.ends_with("0\r\n\r\n"),
+                        "{path}: a terminating chunk was invented for a truncated body"
+                    );
                 }
             }
         }
@@ -560,7 +608,11 @@ async fn slow_loris_connections_do_not_keep_a_normal_user_out_and_are_closed_aft
     assert!(user_s < 10.0, "a normal user needed {user_s:.1}s during the slow-loris attack");
     assert_eq!(open, 0, "{open} slow-loris connections outlived header_read_timeout = 2s by far");
     assert!(v.len() >= N * 95 / 100, "only {} of {N} loris connections were established and closed", v.len());
-    assert!(*v.last().unwrap() < 6.0, "a loris connection stayed {:.1}s with header_read_timeout = 2s", v.last().unwrap());
+    assert!(
+        *v.last().unwrap() < 6.0,
+        "a loris connection stayed {:.1}s with header_read_timeout = 2s",
+        v.last().unwrap()
+    );
     assert!(v[v.len() / 2] >= 1.5, "loris connections closed before the timeout ({:.2}s median)?", v[v.len() / 2]);
     assert!(up.hits().iter().all(|h| !h.path.starts_with("/loris")), "a partial request head reached the upstream");
 }
@@ -589,7 +641,10 @@ async fn ten_thousand_idle_keep_alive_connections_stay_within_a_memory_bound() {
     // build (20 KiB per connection); 320 MiB for a debug build, whose unoptimised async state machines are larger.
     let max_rss_kb: u64 = if cfg!(debug_assertions) { 320 * 1024 } else { 200 * 1024 };
     let limit = nofile_limit();
-    assert!(limit >= 12_000, "ulimit -n is {limit}: this test needs >= 12000 descriptors (10 000 connections); raise it");
+    assert!(
+        limit >= 12_000,
+        "ulimit -n is {limit}: this test needs >= 12000 descriptors (10 000 connections); raise it"
+    );
     let up = start_upstream().await;
     let env = Env::password_only(&format!(
         "[server]\nlisten = \"{{LISTEN}}\"\nheader_read_timeout = \"120s\"\n\n[log]\nlevel = \"warn\"\n\n{}",
@@ -647,7 +702,10 @@ async fn ten_thousand_idle_keep_alive_connections_stay_within_a_memory_bound() {
         s.write_all(req.as_bytes()).await.unwrap();
         let mut tmp = [0u8; 1024];
         let n = within("keep-alive reuse", s.read(&mut tmp)).await.unwrap();
-        assert!(String::from_utf8_lossy(&tmp[..n]).starts_with("HTTP/1.1 200"), "keep-alive connection was not reusable");
+        assert!(
+            String::from_utf8_lossy(&tmp[..n]).starts_with("HTTP/1.1 200"),
+            "keep-alive connection was not reusable"
+        );
     }
     drop(conns);
     let t3 = Instant::now();
@@ -656,7 +714,10 @@ async fn ten_thousand_idle_keep_alive_connections_stay_within_a_memory_bound() {
         if fd <= fd0 + 20 {
             break;
         }
-        assert!(t3.elapsed() < Duration::from_secs(20), "the gateway still holds {fd} descriptors 20s after the clients closed (baseline {fd0})");
+        assert!(
+            t3.elapsed() < Duration::from_secs(20),
+            "the gateway still holds {fd} descriptors 20s after the clients closed (baseline {fd0})"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let close_s = t3.elapsed().as_secs_f64();
@@ -775,7 +836,10 @@ async fn disk_full_storage_gives_a_clear_error_page_keeps_serving_reads_and_reco
         assert!(r.status == 303 || r.status == 503, "login {i} on a full disk: {} {}", r.status, r.text());
         if r.status == 503 {
             let text = r.text();
-            assert!(text.contains("temporarily unavailable") || text.contains("Temporarily unavailable"), "503 page: {text}");
+            assert!(
+                text.contains("temporarily unavailable") || text.contains("Temporarily unavailable"),
+                "503 page: {text}"
+            );
             for bad in ["panicked", "redb", "os error", "No space", "/tmp/", ".rs:"] {
                 assert!(!text.contains(bad), "503 page leaks {bad:?}: {text}");
             }
@@ -784,7 +848,15 @@ async fn disk_full_storage_gives_a_clear_error_page_keeps_serving_reads_and_reco
         }
     }
     let first_503 = statuses.iter().position(|s| *s == 503);
-    eprintln!("disk full: login statuses {:?} ({} attempts, {:.1}s)", statuses.iter().fold(BTreeMap::<u16, usize>::new(), |mut m, s| { *m.entry(*s).or_default() += 1; m }), statuses.len(), t.elapsed().as_secs_f64());
+    eprintln!(
+        "disk full: login statuses {:?} ({} attempts, {:.1}s)",
+        statuses.iter().fold(BTreeMap::<u16, usize>::new(), |mut m, s| {
+            *m.entry(*s).or_default() += 1;
+            m
+        }),
+        statuses.len(),
+        t.elapsed().as_secs_f64()
+    );
     assert!(first_503.is_some(), "200 logins on a full disk all succeeded: the test could not produce a write failure");
     // more write attempts keep failing cleanly, reads keep working
     for _ in 0..5 {
@@ -794,7 +866,10 @@ async fn disk_full_storage_gives_a_clear_error_page_keeps_serving_reads_and_reco
     let mut findings = Vec::new();
     let r = alice.get("/read-while-full").await;
     if r.status != 200 {
-        findings.push(format!("an existing session's proxied request got {} while the disk was full (reads must keep working)", r.status));
+        findings.push(format!(
+            "an existing session's proxied request got {} while the disk was full (reads must keep working)",
+            r.status
+        ));
     }
     assert_eq!(Client::new(gw.addr, APP).get(&format!("{PREFIX}/health")).await.status, 200);
     let r = Client::new(gw.addr, APP).browse(&format!("{PREFIX}/login")).await;
@@ -820,9 +895,14 @@ async fn disk_full_storage_gives_a_clear_error_page_keeps_serving_reads_and_reco
     let log = gw.log();
     assert!(!log.contains("panicked"), "panic in the log:\n{log}");
     let read_after = alice.get("/read-after-free").await.status;
-    eprintln!("disk full: after freeing space: login recovered after {:?} attempt(s) in {:.2}s; existing session read -> {read_after}", recovered.map(|i| i + 1), t.elapsed().as_secs_f64());
+    eprintln!(
+        "disk full: after freeing space: login recovered after {:?} attempt(s) in {:.2}s; existing session read -> {read_after}",
+        recovered.map(|i| i + 1),
+        t.elapsed().as_secs_f64()
+    );
     if recovered.is_none() || read_after != 200 {
-        let tail: String = log.lines().rev().take(8).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+        let tail: String =
+            log.lines().rev().take(8).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
         findings.push(format!("after freeing space the gateway does not recover without a restart (login ok: {}, read {read_after}); log tail:\n{tail}", recovered.is_some()));
     }
     // restart (what an operator would do) and check nothing was lost or corrupted
@@ -839,8 +919,16 @@ async fn disk_full_storage_gives_a_clear_error_page_keeps_serving_reads_and_reco
     let u = show_user(&env, "alice").await;
     assert_eq!(u["username"], "alice");
     gw = env.spawn_child().await;
-    assert_eq!(Client::new(gw.addr, APP).with_session(&alice.session_cookie().unwrap()).get("/reopened").await.status, 200, "a session from before the full disk was lost");
-    assert_eq!(Client::new(gw.addr, APP).with_session(&bob.session_cookie().unwrap()).get("/reopened").await.status, 200, "a session from after recovery was lost");
+    assert_eq!(
+        Client::new(gw.addr, APP).with_session(&alice.session_cookie().unwrap()).get("/reopened").await.status,
+        200,
+        "a session from before the full disk was lost"
+    );
+    assert_eq!(
+        Client::new(gw.addr, APP).with_session(&bob.session_cookie().unwrap()).get("/reopened").await.status,
+        200,
+        "a session from after recovery was lost"
+    );
     Client::new(gw.addr, APP).login_ok("alice", PW).await;
     kill9(gw.pid);
     let _ = gw.child.wait().await;

@@ -2,16 +2,16 @@
 mod support;
 
 mod admin;
+mod adversarial;
 mod auth;
 mod browser;
 mod cli;
+mod faults;
+mod fuzz_corpus;
 mod mail;
 mod ops;
 mod pages;
+mod pg;
 mod proxy;
 mod selftest;
 mod two_factor;
-mod adversarial;
-mod faults;
-mod pg;
-mod fuzz_corpus;

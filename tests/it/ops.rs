@@ -39,8 +39,7 @@ fn out_text(o: &std::process::Output) -> String {
 async fn show_user(env: &Env, name: &str) -> serde_json::Value {
     let o = env.cli(&["user", "show", name, "--json"], None).await;
     assert!(o.status.success(), "user show {name} --json: {}", out_text(&o));
-    serde_json::from_slice(&o.stdout)
-        .unwrap_or_else(|e| panic!("user show --json is not JSON ({e}): {}", out_text(&o)))
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("user show --json is not JSON ({e}): {}", out_text(&o)))
 }
 
 fn event_kinds(user: &serde_json::Value) -> Vec<String> {
@@ -75,8 +74,7 @@ fn wrong_code(secret: &str, at: u64) -> String {
 }
 
 fn csrf_of(r: &Resp) -> String {
-    extract_csrf(&r.text())
-        .unwrap_or_else(|| panic!("no csrf field in page (status {}): {}", r.status, r.text()))
+    extract_csrf(&r.text()).unwrap_or_else(|| panic!("no csrf field in page (status {}): {}", r.status, r.text()))
 }
 
 fn query_param(url: &str, name: &str) -> Option<String> {
@@ -98,10 +96,7 @@ fn shown_codes(html: &str) -> Vec<String> {
     };
     let rest = &html[start..];
     let rest = &rest[..rest.find("</ul>").unwrap_or(rest.len())];
-    rest.split("<li>")
-        .skip(1)
-        .filter_map(|s| s.find("</li>").map(|j| s[..j].trim().to_string()))
-        .collect()
+    rest.split("<li>").skip(1).filter_map(|s| s.find("</li>").map(|j| s[..j].trim().to_string())).collect()
 }
 
 struct Enrolled {
@@ -121,9 +116,7 @@ async fn finish_forced_enrolment(c: &mut Client, loc: &str, now: u64) -> Enrolle
     let csrf = csrf_of(&page);
     let rd = query_param(loc, "rd").unwrap_or_else(|| "/".into());
     let code = oathtool(&secret, now);
-    let r = c
-        .post_form(&format!("{PREFIX}/enroll/confirm"), &[("csrf", &csrf), ("rd", &rd), ("code", &code)])
-        .await;
+    let r = c.post_form(&format!("{PREFIX}/enroll/confirm"), &[("csrf", &csrf), ("rd", &rd), ("code", &code)]).await;
     assert_eq!(r.status, 200, "confirm enrolment: {}", r.text());
     let codes = shown_codes(&r.text());
     assert!(!codes.is_empty(), "no recovery codes on the confirmation page: {}", r.text());
@@ -141,17 +134,12 @@ async fn enrol(gw: &Gateway, c: &mut Client, user: &str) -> Enrolled {
 async fn post_login_with(c: &mut Client, user: &str, pass: &str, headers: &[(&str, &str)]) -> Resp {
     c.jar.remove(SESSION);
     let csrf = c.login_csrf("/").await;
-    let body = serde_urlencoded::to_string([("csrf", csrf.as_str()), ("rd", "/"), ("username", user), ("password", pass)])
-        .unwrap();
+    let body =
+        serde_urlencoded::to_string([("csrf", csrf.as_str()), ("rd", "/"), ("username", user), ("password", pass)])
+            .unwrap();
     let mut h = headers.to_vec();
     h.push(("accept", "text/html"));
-    c.send(
-        "POST",
-        &format!("{PREFIX}/login"),
-        &h,
-        Some(("application/x-www-form-urlencoded", body.into_bytes())),
-    )
-    .await
+    c.send("POST", &format!("{PREFIX}/login"), &h, Some(("application/x-www-form-urlencoded", body.into_bytes()))).await
 }
 
 async fn logout(c: &mut Client) {
@@ -167,8 +155,7 @@ async fn confirm_password(c: &mut Client, path: &str, password: &str) -> Resp {
     let page = c.browse(&format!("{PREFIX}{path}")).await;
     assert_eq!(page.status, 200, "GET {path}: {}", page.text());
     let csrf = csrf_of(&page);
-    c.post_form(&format!("{PREFIX}{path}"), &[("csrf", &csrf), ("rd", "/"), ("password", password)])
-        .await
+    c.post_form(&format!("{PREFIX}{path}"), &[("csrf", &csrf), ("rd", "/"), ("password", password)]).await
 }
 
 fn is_root() -> bool {
@@ -197,10 +184,8 @@ impl Served {
         Client::new(self.addr, host)
     }
     fn hup(&self) {
-        let st = std::process::Command::new("kill")
-            .args(["-HUP", &self.pid.to_string()])
-            .status()
-            .expect("run kill -HUP");
+        let st =
+            std::process::Command::new("kill").args(["-HUP", &self.pid.to_string()]).status().expect("run kill -HUP");
         assert!(st.success(), "kill -HUP {} failed", self.pid);
     }
     fn assert_running(&mut self) {
@@ -230,17 +215,13 @@ async fn serve_child(env: &Env, vars: &[(&str, &str)], log_name: &str) -> Served
     }
     let child = cmd.spawn().expect("spawn portcullis serve");
     let pid = child.id().unwrap();
-    let mut s = Served {
-        child,
-        pid,
-        addr: env.listen,
-        log_path,
-    };
+    let mut s = Served { child, pid, addr: env.listen, log_path };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         s.assert_running();
         let mut c = Client::new(s.addr, "localhost");
-        let probe = tokio::time::timeout(Duration::from_secs(5), c.try_send("GET", "/_portcullis/health", &[], None)).await;
+        let probe =
+            tokio::time::timeout(Duration::from_secs(5), c.try_send("GET", "/_portcullis/health", &[], None)).await;
         if matches!(probe, Ok(Ok(ref r)) if r.status == 200) {
             return s;
         }
@@ -252,17 +233,11 @@ async fn serve_child(env: &Env, vars: &[(&str, &str)], log_name: &str) -> Served
 /// The CLI with extra environment variables.
 async fn cli_env(config: &Path, args: &[&str], vars: &[(&str, &str)]) -> std::process::Output {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
-    cmd.args(args)
-        .arg("-c")
-        .arg(config)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
+    cmd.args(args).arg("-c").arg(config).stdin(std::process::Stdio::null()).kill_on_drop(true);
     for (k, v) in vars {
         cmd.env(k, v);
     }
-    within_for(Duration::from_secs(60), &format!("portcullis {args:?}"), cmd.output())
-        .await
-        .unwrap()
+    within_for(Duration::from_secs(60), &format!("portcullis {args:?}"), cmd.output()).await.unwrap()
 }
 
 /// Polls `f` until it is true, at most `secs` seconds.
@@ -328,18 +303,11 @@ async fn start_slow_upstream() -> SlowUpstream {
                         Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(body))))
                     }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
             });
         }
     });
-    SlowUpstream {
-        addr,
-        arrived,
-        release,
-        task,
-    }
+    SlowUpstream { addr, arrived, release, task }
 }
 
 // ----- real nginx -----------------------------------------------------------------------------------
@@ -437,7 +405,11 @@ async fn start_nginx(base: &Path, gateway: SocketAddr, upstream: SocketAddr) -> 
         if tokio::net::TcpStream::connect(listen).await.is_ok() {
             return n;
         }
-        assert!(tokio::time::Instant::now() < deadline, "nginx not listening within 20s; error.log:\n{}", n.error_log());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nginx not listening within 20s; error.log:\n{}",
+            n.error_log()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -489,10 +461,8 @@ async fn scrape(addr: SocketAddr, auth: Option<&str>) -> Resp {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_auth_request_login_flow() {
     let up = start_upstream().await;
-    let env = Env::new(&format!(
-        "[server]\ntrusted_proxies = [\"127.0.0.1/32\"]\n\n{}",
-        app(WIKI, &up.url(), "two_factor")
-    ));
+    let env =
+        Env::new(&format!("[server]\ntrusted_proxies = [\"127.0.0.1/32\"]\n\n{}", app(WIKI, &up.url(), "two_factor")));
     env.add_user("alice", "alice@example.com", "Alice Liddell", &["staff"], PW).await;
     let gw = env.start().await;
     let ngx = start_nginx(env.path(), gw.addr, up.addr).await;
@@ -500,7 +470,13 @@ async fn nginx_auth_request_login_flow() {
 
     // Not signed in: the gateway says 401 to the sub-request, nginx turns it into the login redirect.
     let r = c.browse("/docs/page?x=1").await;
-    assert_eq!(r.status, 302, "unauthenticated app request through nginx: {}\nerror.log:\n{}", r.text(), ngx.error_log());
+    assert_eq!(
+        r.status,
+        302,
+        "unauthenticated app request through nginx: {}\nerror.log:\n{}",
+        r.text(),
+        ngx.error_log()
+    );
     let loc = r.location();
     let path = loc
         .strip_prefix(&format!("http://{WIKI}"))
@@ -511,7 +487,12 @@ async fn nginx_auth_request_login_flow() {
 
     // Spoofed identity headers don't get an unauthenticated request through either.
     let r = c
-        .send("GET", "/docs/page", &[("accept", "text/html"), ("remote-user", "alice"), ("x-forwarded-user", "alice")], None)
+        .send(
+            "GET",
+            "/docs/page",
+            &[("accept", "text/html"), ("remote-user", "alice"), ("x-forwarded-user", "alice")],
+            None,
+        )
         .await;
     assert_eq!(r.status, 302, "spoofed Remote-User without a session: {}", r.text());
     assert_eq!(up.hit_count(), 0);
@@ -830,10 +811,7 @@ async fn audit_events_for_each_kind_and_no_secrets_in_logs() {
     assert_eq!(r.status, 401, "replayed code: {}", r.text());
     expect(&env, &["replay_rejected"], "a replayed code").await;
     let r = c
-        .post_form(
-            &challenge,
-            &[("csrf", &csrf), ("rd", "/"), ("method", "recovery"), ("recovery_code", &e.codes[0])],
-        )
+        .post_form(&challenge, &[("csrf", &csrf), ("rd", "/"), ("method", "recovery"), ("recovery_code", &e.codes[0])])
         .await;
     assert_eq!(r.status, 303, "recovery code: {}", r.text());
     cookies.extend(c.session_cookie());
@@ -939,9 +917,13 @@ async fn audit_events_for_each_kind_and_no_secrets_in_logs() {
         for (i, _) in captured.match_indices(code.as_str()) {
             let before = captured[..i].chars().last();
             let after = captured[i + code.len()..].chars().next();
-            let standalone = !before.is_some_and(|c| c.is_ascii_digit() || c == '.')
-                && !after.is_some_and(|c| c.is_ascii_digit());
-            assert!(!standalone, "the captured log contains the TOTP code {code}: ...{}...", &captured[i.saturating_sub(80)..(i + 86).min(captured.len())]);
+            let standalone =
+                !before.is_some_and(|c| c.is_ascii_digit() || c == '.') && !after.is_some_and(|c| c.is_ascii_digit());
+            assert!(
+                !standalone,
+                "the captured log contains the TOTP code {code}: ...{}...",
+                &captured[i.saturating_sub(80)..(i + 86).min(captured.len())]
+            );
         }
     }
     gw.stop().await;
@@ -1070,7 +1052,8 @@ async fn env_override_and_secret_file() {
     assert!(!o.status.success(), "token + token_file in one file accepted: {}", out_text(&o));
     assert!(String::from_utf8_lossy(&o.stderr).contains("not both"), "{}", out_text(&o));
     // A token_file that doesn't exist is an error too.
-    let o = cli_env(cfg, &["check-config"], &[("PORTCULLIS_METRICS__TOKEN_FILE", "/nonexistent/portcullis.token")]).await;
+    let o =
+        cli_env(cfg, &["check-config"], &[("PORTCULLIS_METRICS__TOKEN_FILE", "/nonexistent/portcullis.token")]).await;
     assert!(!o.status.success(), "missing token_file accepted: {}", out_text(&o));
 
     // `user` commands read the environment as well: another storage path shows other users.
@@ -1106,9 +1089,7 @@ fn reload_config(slow: &SlowUpstream, public_policy: &str) -> String {
 fn rewrite_config(env: &Env, rest: &str) {
     let text = std::fs::read_to_string(&env.config_path).unwrap();
     let storage_end = text.find("\n\n").expect("storage section") + 2;
-    let rest = rest
-        .replace("{DIR}", env.path().to_str().unwrap())
-        .replace("{LISTEN}", &env.listen.to_string());
+    let rest = rest.replace("{DIR}", env.path().to_str().unwrap()).replace("{LISTEN}", &env.listen.to_string());
     // Write to a temp file and rename, as an editor or config manager would.
     let tmp = env.path().join("portcullis.toml.new");
     std::fs::write(&tmp, format!("{}{}", &text[..storage_end], rest)).unwrap();
@@ -1139,7 +1120,8 @@ async fn sighup_reload_changes_a_rule_while_a_long_request_completes() {
     rewrite_config(&env, &reload_config(&slow, "deny"));
     s.hup();
     let a = s.addr;
-    eventually("the reloaded deny rule takes effect", 20, || async move { status_of(a, "/public/hello").await == 403 }).await;
+    eventually("the reloaded deny rule takes effect", 20, || async move { status_of(a, "/public/hello").await == 403 })
+        .await;
     assert!(!long.is_finished(), "the in-flight request ended before it was released");
     assert_eq!(status_of(s.addr, "/other").await, 401, "the rest of the app after the reload");
     s.assert_running();
@@ -1161,10 +1143,8 @@ async fn bad_reload_keeps_serving() {
     assert_eq!(status_of(s.addr, "/public/hello").await, 200);
 
     // An invalid value, then a syntax error: each reload fails, the old rules keep serving.
-    let broken = [
-        reload_config(&slow, "sometimes"),
-        reload_config(&slow, "deny").replace("[[app.rule]]", "[[app.rule]"),
-    ];
+    let broken =
+        [reload_config(&slow, "sometimes"), reload_config(&slow, "deny").replace("[[app.rule]]", "[[app.rule]")];
     for (i, text) in broken.iter().enumerate() {
         rewrite_config(&env, text);
         s.hup();

@@ -46,27 +46,17 @@ fn identity_like(name: &str, custom: &[&str]) -> bool {
     let n = norm(name);
     n.starts_with("remote-")
         || n.starts_with("x-auth-request-")
-        || [
-            "x-forwarded-user",
-            "x-forwarded-email",
-            "x-forwarded-groups",
-            "x-forwarded-preferred-username",
-        ]
-        .contains(&n.as_str())
+        || ["x-forwarded-user", "x-forwarded-email", "x-forwarded-groups", "x-forwarded-preferred-username"]
+            .contains(&n.as_str())
         || custom.iter().any(|c| norm(c) == n)
 }
 
 fn spoof_list(custom: &[&str]) -> Vec<(String, String)> {
-    let mut v: Vec<(String, String)> = SPOOF_HEADERS
-        .iter()
-        .map(|h| (h.to_string(), format!("spoofed-{}", h.to_ascii_lowercase())))
-        .collect();
+    let mut v: Vec<(String, String)> =
+        SPOOF_HEADERS.iter().map(|h| (h.to_string(), format!("spoofed-{}", h.to_ascii_lowercase()))).collect();
     for c in custom {
         v.push((c.to_string(), "spoofed-custom".into()));
-        v.push((
-            c.to_ascii_lowercase().replace('-', "_"),
-            "spoofed-custom-underscore".into(),
-        ));
+        v.push((c.to_ascii_lowercase().replace('-', "_"), "spoofed-custom-underscore".into()));
         v.push((c.to_ascii_uppercase(), "spoofed-custom-upper".into()));
     }
     v
@@ -75,10 +65,7 @@ fn spoof_list(custom: &[&str]) -> Vec<(String, String)> {
 fn assert_no_spoofed(headers: &BTreeMap<String, Vec<String>>, ctx: &str) {
     for (k, vs) in headers {
         for v in vs {
-            assert!(
-                !v.contains("spoofed"),
-                "{ctx}: upstream received spoofed header {k}: {v}"
-            );
+            assert!(!v.contains("spoofed"), "{ctx}: upstream received spoofed header {k}: {v}");
         }
     }
 }
@@ -95,16 +82,12 @@ async fn spoofing_case(custom_user_header: Option<&str>) {
         app("open.test", &up.url(), "bypass")
     );
     let env = Env::password_only(&cfg);
-    env.add_user("alice", "alice@example.com", "Alice", &["staff"], PW)
-        .await;
+    env.add_user("alice", "alice@example.com", "Alice", &["staff"], PW).await;
     let gw = env.start().await;
     let user_header = custom_user_header.unwrap_or("Remote-User");
     let custom: Vec<&str> = custom_user_header.into_iter().collect();
     let spoofs = spoof_list(&custom);
-    let spoof_refs: Vec<(&str, &str)> = spoofs
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
+    let spoof_refs: Vec<(&str, &str)> = spoofs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
 
     let mut c = gw.client("app.test");
     c.login_ok("alice", PW).await;
@@ -112,35 +95,18 @@ async fn spoofing_case(custom_user_header: Option<&str>) {
     assert_eq!(r.status, 200, "{}", r.text());
     let h = r.upstream_headers();
     assert_no_spoofed(&h, "authenticated route");
-    assert_eq!(
-        h.get(&user_header.to_ascii_lowercase()),
-        Some(&vec!["alice".to_string()]),
-        "{user_header}: {h:?}"
-    );
-    assert_eq!(
-        h.get("remote-email"),
-        Some(&vec!["alice@example.com".to_string()])
-    );
+    assert_eq!(h.get(&user_header.to_ascii_lowercase()), Some(&vec!["alice".to_string()]), "{user_header}: {h:?}");
+    assert_eq!(h.get("remote-email"), Some(&vec!["alice@example.com".to_string()]));
     assert_eq!(h.get("remote-groups"), Some(&vec!["staff".to_string()]));
     for k in h.keys() {
         if identity_like(k, &custom) {
-            let allowed = [
-                user_header.to_ascii_lowercase(),
-                "remote-email".into(),
-                "remote-name".into(),
-                "remote-groups".into(),
-            ];
-            assert!(
-                allowed.contains(k),
-                "authenticated route: unexpected identity header {k} reached upstream: {h:?}"
-            );
+            let allowed =
+                [user_header.to_ascii_lowercase(), "remote-email".into(), "remote-name".into(), "remote-groups".into()];
+            assert!(allowed.contains(k), "authenticated route: unexpected identity header {k} reached upstream: {h:?}");
         }
     }
     if custom_user_header.is_some() {
-        assert!(
-            !h.contains_key("remote-user"),
-            "custom user header configured, but remote-user reached upstream"
-        );
+        assert!(!h.contains_key("remote-user"), "custom user header configured, but remote-user reached upstream");
     }
 
     // bypass route, with and without a session
@@ -155,10 +121,7 @@ async fn spoofing_case(custom_user_header: Option<&str>) {
         let ctx = format!("bypass route (session: {with_session})");
         assert_no_spoofed(&h, &ctx);
         for k in h.keys() {
-            assert!(
-                !identity_like(k, &custom),
-                "{ctx}: identity header {k} reached upstream: {h:?}"
-            );
+            assert!(!identity_like(k, &custom), "{ctx}: identity header {k} reached upstream: {h:?}");
         }
     }
 }
@@ -177,11 +140,7 @@ fn cookie_pairs(h: &BTreeMap<String, Vec<String>>) -> Vec<(String, String)> {
     h.get("cookie")
         .into_iter()
         .flatten()
-        .flat_map(|v| {
-            v.split(';')
-                .map(|s| s.trim().to_string())
-                .collect::<Vec<_>>()
-        })
+        .flat_map(|v| v.split(';').map(|s| s.trim().to_string()).collect::<Vec<_>>())
         .filter(|s| !s.is_empty())
         .map(|s| match s.split_once('=') {
             Some((k, v)) => (k.trim().to_string(), v.trim().to_string()),
@@ -193,14 +152,9 @@ fn cookie_pairs(h: &BTreeMap<String, Vec<String>>) -> Vec<(String, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_cookies_are_not_forwarded_upstream_others_are() {
     let up = start_upstream().await;
-    let cfg = format!(
-        "{}{}",
-        app("app.test", &up.url(), "one_factor"),
-        app("open.test", &up.url(), "bypass")
-    );
+    let cfg = format!("{}{}", app("app.test", &up.url(), "one_factor"), app("open.test", &up.url(), "bypass"));
     let env = Env::password_only(&cfg);
-    env.add_user("alice", "alice@example.com", "Alice", &[], PW)
-        .await;
+    env.add_user("alice", "alice@example.com", "Alice", &[], PW).await;
     let gw = env.start().await;
     let mut c = gw.client("app.test");
     c.login_ok("alice", PW).await;
@@ -210,36 +164,17 @@ async fn gateway_cookies_are_not_forwarded_upstream_others_are() {
 
     for host in ["app.test", "open.test"] {
         let mut cc = gw.client(host);
-        let r = cc
-            .send("GET", "/cookies", &[("cookie", &cookie)], None)
-            .await;
+        let r = cc.send("GET", "/cookies", &[("cookie", &cookie)], None).await;
         assert_eq!(r.status, 200, "{host}");
         let h = r.upstream_headers();
         let pairs = cookie_pairs(&h);
         let names: Vec<&str> = pairs.iter().map(|(k, _)| k.as_str()).collect();
-        assert!(
-            !names.contains(&SESSION),
-            "{host}: session cookie forwarded: {:?}",
-            h.get("cookie")
-        );
-        assert!(
-            !names.contains(&CSRF),
-            "{host}: csrf cookie forwarded: {:?}",
-            h.get("cookie")
-        );
+        assert!(!names.contains(&SESSION), "{host}: session cookie forwarded: {:?}", h.get("cookie"));
+        assert!(!names.contains(&CSRF), "{host}: csrf cookie forwarded: {:?}", h.get("cookie"));
         let joined = h.get("cookie").map(|v| v.join(";")).unwrap_or_default();
-        assert!(
-            !joined.contains(&sess),
-            "{host}: session value leaked upstream"
-        );
-        assert!(
-            pairs.contains(&("theme".into(), "dark".into())),
-            "{host}: {pairs:?}"
-        );
-        assert!(
-            pairs.contains(&("other".into(), "1".into())),
-            "{host}: {pairs:?}"
-        );
+        assert!(!joined.contains(&sess), "{host}: session value leaked upstream");
+        assert!(pairs.contains(&("theme".into(), "dark".into())), "{host}: {pairs:?}");
+        assert!(pairs.contains(&("other".into(), "1".into())), "{host}: {pairs:?}");
         assert!(
             pairs.contains(&(format!("{SESSION}_x"), "keep".into())),
             "{host}: similar-named cookie dropped: {pairs:?}"
@@ -251,11 +186,7 @@ async fn gateway_cookies_are_not_forwarded_upstream_others_are() {
     // only gateway cookies: the upstream sees no (or an empty) Cookie header
     let r = c.get("/only-ours").await;
     assert_eq!(r.status, 200);
-    assert!(
-        cookie_pairs(&r.upstream_headers()).is_empty(),
-        "{:?}",
-        r.upstream_header("cookie")
-    );
+    assert!(cookie_pairs(&r.upstream_headers()).is_empty(), "{:?}", r.upstream_header("cookie"));
 }
 
 // ------------------------------------------------------------------------------------------
@@ -287,9 +218,7 @@ fn lenient_normalise(path: &str) -> String {
     let p = path.split('?').next().unwrap();
     let mut d = p.to_string();
     for _ in 0..2 {
-        d = percent_encoding::percent_decode_str(&d)
-            .decode_utf8_lossy()
-            .to_string();
+        d = percent_encoding::percent_decode_str(&d).decode_utf8_lossy().to_string();
     }
     let d = d.replace('\\', "/");
     let mut out: Vec<String> = Vec::new();
@@ -331,18 +260,10 @@ async fn path_tricks_cannot_reach_protected_paths_or_dodge_deny_rules() {
     assert_eq!(r.status, 401, "control /secret");
     let r = raw_get(gw.addr, "app.test", "/public/%7Euser/%41", "").await;
     assert_eq!(r.status, 200, "unreserved percent-encoding: {r:?}");
-    assert_eq!(
-        up_app.last_hit().path,
-        "/public/~user/A",
-        "unreserved chars must be decoded"
-    );
+    assert_eq!(up_app.last_hit().path, "/public/~user/A", "unreserved chars must be decoded");
     let r = raw_get(gw.addr, "app.test", "/public//a//b", "").await;
     assert_eq!(r.status, 200);
-    assert_eq!(
-        up_app.last_hit().path,
-        "/public/a/b",
-        "duplicate slashes must be merged"
-    );
+    assert_eq!(up_app.last_hit().path, "/public/a/b", "duplicate slashes must be merged");
     let r = raw_get(gw.addr, "open.test", "/admin/", "").await;
     assert_eq!(r.status, 403, "control /admin/ deny");
     let r = raw_get(gw.addr, "open.test", "/other", "").await;
@@ -386,18 +307,9 @@ async fn path_tricks_cannot_reach_protected_paths_or_dodge_deny_rules() {
     for t in app_tricks {
         let before = up_app.hit_count();
         let r = raw_get(gw.addr, "app.test", t, "").await;
-        assert!(
-            r.status < 500,
-            "{t}: gateway error {}: {}",
-            r.status,
-            r.head
-        );
+        assert!(r.status < 500, "{t}: gateway error {}: {}", r.status, r.head);
         let new: Vec<Hit> = up_app.hits()[before..].to_vec();
-        eprintln!(
-            "app.test  {t:<40} -> {} {:?}",
-            r.status,
-            new.iter().map(|h| h.path.clone()).collect::<Vec<_>>()
-        );
+        eprintln!("app.test  {t:<40} -> {} {:?}", r.status, new.iter().map(|h| h.path.clone()).collect::<Vec<_>>());
         for h in &new {
             assert!(
                 clean_public(&h.path),
@@ -443,31 +355,19 @@ async fn path_tricks_cannot_reach_protected_paths_or_dodge_deny_rules() {
     for t in deny_tricks {
         let before = up_open.hit_count();
         let r = raw_get(gw.addr, "open.test", t, "").await;
-        assert!(
-            r.status < 500,
-            "{t}: gateway error {}: {}",
-            r.status,
-            r.head
-        );
+        assert!(r.status < 500, "{t}: gateway error {}: {}", r.status, r.head);
         let new: Vec<Hit> = up_open.hits()[before..].to_vec();
-        eprintln!(
-            "open.test {t:<40} -> {} {:?}",
-            r.status,
-            new.iter().map(|h| h.path.clone()).collect::<Vec<_>>()
-        );
+        eprintln!("open.test {t:<40} -> {} {:?}", r.status, new.iter().map(|h| h.path.clone()).collect::<Vec<_>>());
         for h in &new {
             let got = h.path.split('?').next().unwrap();
             assert!(
-                !lenient_normalise(got).starts_with("/admin/")
-                    && lenient_normalise(got) != "/admin",
+                !lenient_normalise(got).starts_with("/admin/") && lenient_normalise(got) != "/admin",
                 "{t}: deny rule dodged, upstream received {:?} (status {})",
                 h.path,
                 r.status
             );
             assert!(
-                !got.to_ascii_lowercase().contains("%")
-                    && !got.contains('\\')
-                    && !got.contains("//"),
+                !got.to_ascii_lowercase().contains("%") && !got.contains('\\') && !got.contains("//"),
                 "{t}: upstream received an unnormalised path {got:?}"
             );
         }
@@ -476,19 +376,9 @@ async fn path_tricks_cannot_reach_protected_paths_or_dodge_deny_rules() {
         }
     }
     // the one that must be denied outright, whatever the spelling that normalises to it
-    for t in [
-        "//admin/",
-        "/%61dmin/",
-        "/x/../admin/",
-        "/./admin/",
-        "/admin/x",
-    ] {
+    for t in ["//admin/", "/%61dmin/", "/x/../admin/", "/./admin/", "/admin/x"] {
         let r = raw_get(gw.addr, "open.test", t, "").await;
-        assert!(
-            r.status == 403 || r.status == 400,
-            "{t}: expected 403 (or 400), got {}",
-            r.status
-        );
+        assert!(r.status == 403 || r.status == 400, "{t}: expected 403 (or 400), got {}", r.status);
     }
 }
 
@@ -499,29 +389,17 @@ async fn path_tricks_cannot_reach_protected_paths_or_dodge_deny_rules() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_echo_through_proxy_authenticated_and_bypass() {
     let up = start_upstream().await;
-    let cfg = format!(
-        "{}{}",
-        app("app.test", &up.url(), "one_factor"),
-        app("open.test", &up.url(), "bypass")
-    );
+    let cfg = format!("{}{}", app("app.test", &up.url(), "one_factor"), app("open.test", &up.url(), "bypass"));
     let env = Env::password_only(&cfg);
-    env.add_user("alice", "alice@example.com", "Alice", &[], PW)
-        .await;
+    env.add_user("alice", "alice@example.com", "Alice", &[], PW).await;
     let gw = env.start().await;
     let mut c = gw.client("app.test");
     c.login_ok("alice", PW).await;
 
     // unauthenticated upgrade refused
-    let tcp = within("connect", TcpStream::connect(gw.addr))
-        .await
-        .unwrap();
+    let tcp = within("connect", TcpStream::connect(gw.addr)).await.unwrap();
     let req = "ws://app.test/ws".into_client_request().unwrap();
-    match within(
-        "ws handshake (no session)",
-        tokio_tungstenite::client_async(req, tcp),
-    )
-    .await
-    {
+    match within("ws handshake (no session)", tokio_tungstenite::client_async(req, tcp)).await {
         Ok(_) => panic!("websocket upgrade without a session was accepted"),
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
             assert_eq!(resp.status().as_u16(), 401, "unauthenticated ws upgrade")
@@ -530,36 +408,21 @@ async fn websocket_echo_through_proxy_authenticated_and_bypass() {
     }
 
     for (host, expect_user) in [("app.test", "alice"), ("open.test", "-")] {
-        let tcp = within("connect", TcpStream::connect(gw.addr))
-            .await
-            .unwrap();
+        let tcp = within("connect", TcpStream::connect(gw.addr)).await.unwrap();
         let mut req = format!("ws://{host}/ws").into_client_request().unwrap();
-        req.headers_mut()
-            .insert("cookie", c.cookie_header().parse().unwrap());
-        req.headers_mut()
-            .insert("remote-user", "spoofed".parse().unwrap());
+        req.headers_mut().insert("cookie", c.cookie_header().parse().unwrap());
+        req.headers_mut().insert("remote-user", "spoofed".parse().unwrap());
         let (mut ws, resp) = within("ws handshake", tokio_tungstenite::client_async(req, tcp))
             .await
             .unwrap_or_else(|e| panic!("{host}: ws handshake failed: {e}"));
         assert_eq!(resp.status().as_u16(), 101);
-        let first = within("ws first message", ws.next())
-            .await
-            .expect("ws closed")
-            .expect("ws error");
-        assert_eq!(
-            first.to_text().unwrap(),
-            expect_user,
-            "{host}: identity seen by upstream ws handler"
-        );
-        within("ws send", ws.send(Message::text("hello through the gate")))
-            .await
-            .unwrap();
+        let first = within("ws first message", ws.next()).await.expect("ws closed").expect("ws error");
+        assert_eq!(first.to_text().unwrap(), expect_user, "{host}: identity seen by upstream ws handler");
+        within("ws send", ws.send(Message::text("hello through the gate"))).await.unwrap();
         let m = within("ws echo", ws.next()).await.unwrap().unwrap();
         assert_eq!(m.to_text().unwrap(), "hello through the gate");
         let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
-        within("ws send binary", ws.send(Message::binary(big.clone())))
-            .await
-            .unwrap();
+        within("ws send binary", ws.send(Message::binary(big.clone()))).await.unwrap();
         let m = within("ws binary echo", ws.next()).await.unwrap().unwrap();
         assert_eq!(m.into_data().as_ref(), &big[..]);
         within("ws close", ws.close(None)).await.ok();
@@ -573,13 +436,11 @@ async fn websocket_echo_through_proxy_authenticated_and_bypass() {
 fn tls_connector(cert: &rcgen::Certificate, alpn: &[u8]) -> tokio_rustls::TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert.der().clone()).unwrap();
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     cfg.alpn_protocols = vec![alpn.to_vec()];
     tokio_rustls::TlsConnector::from(Arc::new(cfg))
 }
@@ -598,73 +459,40 @@ async fn http2_over_tls_health_and_proxied_request() {
     let gw = env.start_unchecked().await;
 
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let tcp = within("tcp connect", TcpStream::connect(gw.addr))
+    let tcp = within("tcp connect", TcpStream::connect(gw.addr)).await.unwrap();
+    let tls = within("tls handshake", tls_connector(&ck.cert, b"h2").connect(name.clone(), tcp))
         .await
-        .unwrap();
-    let tls = within(
-        "tls handshake",
-        tls_connector(&ck.cert, b"h2").connect(name.clone(), tcp),
-    )
-    .await
-    .expect("TLS handshake with the gateway");
-    assert_eq!(
-        tls.get_ref().1.alpn_protocol(),
-        Some(&b"h2"[..]),
-        "ALPN h2 not negotiated"
-    );
-    let (mut send, conn) = within(
-        "h2 handshake",
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)),
-    )
-    .await
-    .expect("h2 handshake");
+        .expect("TLS handshake with the gateway");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]), "ALPN h2 not negotiated");
+    let (mut send, conn) =
+        within("h2 handshake", hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)))
+            .await
+            .expect("h2 handshake");
     tokio::spawn(conn);
 
-    let req = Request::get("https://localhost/_portcullis/health")
-        .body(empty_body())
-        .unwrap();
+    let req = Request::get("https://localhost/_portcullis/health").body(empty_body()).unwrap();
     let resp = within("h2 health", send.send_request(req)).await.unwrap();
     assert_eq!(resp.version(), hyper::Version::HTTP_2);
     assert_eq!(resp.status().as_u16(), 200);
-    let body = within("h2 body", resp.into_body().collect())
-        .await
-        .unwrap()
-        .to_bytes();
+    let body = within("h2 body", resp.into_body().collect()).await.unwrap().to_bytes();
     assert_eq!(&body[..], b"ok");
 
-    let req = Request::get("https://localhost/via/h2?q=1")
-        .body(empty_body())
-        .unwrap();
+    let req = Request::get("https://localhost/via/h2?q=1").body(empty_body()).unwrap();
     let resp = within("h2 proxied", send.send_request(req)).await.unwrap();
     assert_eq!(resp.version(), hyper::Version::HTTP_2);
     assert_eq!(resp.status().as_u16(), 200);
-    let body = within("h2 body", resp.into_body().collect())
-        .await
-        .unwrap()
-        .to_bytes();
+    let body = within("h2 body", resp.into_body().collect()).await.unwrap().to_bytes();
     let j: serde_json::Value = serde_json::from_slice(&body).expect("upstream JSON");
     assert_eq!(j["path"], "/via/h2?q=1");
     assert_eq!(j["headers"]["x-forwarded-proto"][0], "https");
 
     // http/1.1 over TLS still works
-    let tcp = within("connect", TcpStream::connect(gw.addr))
-        .await
-        .unwrap();
-    let tls = within(
-        "tls handshake h1",
-        tls_connector(&ck.cert, b"http/1.1").connect(name, tcp),
-    )
-    .await
-    .unwrap();
+    let tcp = within("connect", TcpStream::connect(gw.addr)).await.unwrap();
+    let tls = within("tls handshake h1", tls_connector(&ck.cert, b"http/1.1").connect(name, tcp)).await.unwrap();
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
     tokio::spawn(conn);
-    let req = Request::get("/_portcullis/health")
-        .header("host", "localhost")
-        .body(empty_body())
-        .unwrap();
+    let req = Request::get("/_portcullis/health").header("host", "localhost").body(empty_body()).unwrap();
     let resp = within("h1 over tls", send.send_request(req)).await.unwrap();
     assert_eq!(resp.status().as_u16(), 200);
     assert_eq!(resp.version(), hyper::Version::HTTP_11);
@@ -708,10 +536,8 @@ async fn large_upload_and_download_stream_with_bounded_memory() {
     const TOTAL: u64 = 200 * 1024 * 1024;
     const LIMIT: Duration = Duration::from_secs(300);
     let up = start_upstream().await;
-    let env = Env::password_only(&format!(
-        "[server]\nlisten = \"{{LISTEN}}\"\n\n{}",
-        app("app.test", &up.url(), "bypass")
-    ));
+    let env =
+        Env::password_only(&format!("[server]\nlisten = \"{{LISTEN}}\"\n\n{}", app("app.test", &up.url(), "bypass")));
     let gw = env.spawn_child().await;
     // warm up
     let mut c = Client::new(gw.addr, "app.test");
@@ -722,12 +548,8 @@ async fn large_upload_and_download_stream_with_bounded_memory() {
     // upload
     let sampler = sample_rss(gw.pid);
     let t = Instant::now();
-    let tcp = within("connect", TcpStream::connect(gw.addr))
-        .await
-        .unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
+    let tcp = within("connect", TcpStream::connect(gw.addr)).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
     tokio::spawn(conn);
     let chunk = Bytes::from(vec![7u8; 65536]);
     let stream = futures_util::stream::unfold(TOTAL, move |left| {
@@ -737,50 +559,26 @@ async fn large_upload_and_download_stream_with_bounded_memory() {
                 None
             } else {
                 let k = left.min(65536);
-                Some((
-                    Ok::<_, Infallible>(Frame::data(chunk.slice(0..k as usize))),
-                    left - k,
-                ))
+                Some((Ok::<_, Infallible>(Frame::data(chunk.slice(0..k as usize))), left - k))
             }
         }
     });
-    let req = Request::post("/upload")
-        .header("host", "app.test")
-        .body(StreamBody::new(stream))
-        .unwrap();
-    let resp = within_for(LIMIT, "200 MB upload", send.send_request(req))
-        .await
-        .expect("upload request");
+    let req = Request::post("/upload").header("host", "app.test").body(StreamBody::new(stream)).unwrap();
+    let resp = within_for(LIMIT, "200 MB upload", send.send_request(req)).await.expect("upload request");
     assert_eq!(resp.status().as_u16(), 200);
-    let body = within("upload response", resp.into_body().collect())
-        .await
-        .unwrap()
-        .to_bytes();
+    let body = within("upload response", resp.into_body().collect()).await.unwrap().to_bytes();
     let up_secs = t.elapsed().as_secs_f64();
     let peak_up = sampler.finish(gw.pid).await;
-    assert_eq!(
-        String::from_utf8_lossy(&body),
-        TOTAL.to_string(),
-        "upstream byte count"
-    );
+    assert_eq!(String::from_utf8_lossy(&body), TOTAL.to_string(), "upstream byte count");
 
     // download
     let sampler = sample_rss(gw.pid);
     let t = Instant::now();
-    let tcp = within("connect", TcpStream::connect(gw.addr))
-        .await
-        .unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
+    let tcp = within("connect", TcpStream::connect(gw.addr)).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
     tokio::spawn(conn);
-    let req = Request::get(format!("/download?bytes={TOTAL}"))
-        .header("host", "app.test")
-        .body(empty_body())
-        .unwrap();
-    let resp = within("download headers", send.send_request(req))
-        .await
-        .expect("download request");
+    let req = Request::get(format!("/download?bytes={TOTAL}")).header("host", "app.test").body(empty_body()).unwrap();
+    let resp = within("download headers", send.send_request(req)).await.expect("download request");
     assert_eq!(resp.status().as_u16(), 200);
     let mut body = resp.into_body();
     let mut got: u64 = 0;
@@ -808,14 +606,8 @@ async fn large_upload_and_download_stream_with_bounded_memory() {
         down_secs
     );
     let limit = baseline + 60 * 1024;
-    assert!(
-        peak_up < limit,
-        "upload peak RSS {peak_up} KiB >= baseline {baseline} + 60 MiB"
-    );
-    assert!(
-        peak_down < limit,
-        "download peak RSS {peak_down} KiB >= baseline {baseline} + 60 MiB"
-    );
+    assert!(peak_up < limit, "upload peak RSS {peak_up} KiB >= baseline {baseline} + 60 MiB");
+    assert!(peak_down < limit, "download peak RSS {peak_down} KiB >= baseline {baseline} + 60 MiB");
     assert_eq!(c.get("/_portcullis/health").await.status, 200);
 }
 
@@ -845,21 +637,12 @@ async fn upstream_down_is_502_and_slow_upstream_is_504() {
     let r = gw.client("slow.test").get("/hang").await;
     let el = t.elapsed();
     assert_eq!(r.status, 504, "hanging upstream with upstream_timeout = 1s");
-    assert!(
-        el >= Duration::from_millis(900),
-        "504 came too early: {el:?}"
-    );
+    assert!(el >= Duration::from_millis(900), "504 came too early: {el:?}");
     assert!(el < Duration::from_secs(20), "504 came too late: {el:?}");
     // a fast request on the same app is fine
     assert_eq!(gw.client("slow.test").get("/fast").await.status, 200);
 
-    assert_eq!(
-        gw.client("app.test")
-            .get("/_portcullis/health")
-            .await
-            .text(),
-        "ok"
-    );
+    assert_eq!(gw.client("app.test").get("/_portcullis/health").await.text(), "ok");
     assert_eq!(gw.client("app.test").get("/still-ok").await.status, 200);
     assert!(gw.is_running());
 }

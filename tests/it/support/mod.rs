@@ -50,10 +50,7 @@ pub fn enc(s: &str) -> String {
 }
 
 pub fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
 }
 
 /// A port that was free a moment ago (bind to :0, read, drop).
@@ -97,12 +94,7 @@ impl Upstream {
         self.hits.lock().unwrap().len()
     }
     pub fn last_hit(&self) -> Hit {
-        self.hits
-            .lock()
-            .unwrap()
-            .last()
-            .cloned()
-            .expect("upstream received no request")
+        self.hits.lock().unwrap().last().cloned().expect("upstream received no request")
     }
 }
 
@@ -115,17 +107,11 @@ impl Drop for Upstream {
 type UpBody = UnsyncBoxBody<Bytes, std::io::Error>;
 
 fn full_body(s: impl Into<Bytes>) -> UpBody {
-    Full::new(s.into())
-        .map_err(|never: Infallible| match never {})
-        .boxed_unsync()
+    Full::new(s.into()).map_err(|never: Infallible| match never {}).boxed_unsync()
 }
 
 fn up_resp(status: u16, ct: &str, body: impl Into<Bytes>) -> Response<UpBody> {
-    Response::builder()
-        .status(status)
-        .header("content-type", ct)
-        .body(full_body(body))
-        .unwrap()
+    Response::builder().status(status).header("content-type", ct).body(full_body(body)).unwrap()
 }
 
 pub async fn start_upstream() -> Upstream {
@@ -150,10 +136,7 @@ pub async fn start_upstream() -> Upstream {
     Upstream { addr, hits, task }
 }
 
-async fn upstream_handle(
-    req: Request<Incoming>,
-    hits: Arc<Mutex<Vec<Hit>>>,
-) -> Result<Response<UpBody>, Infallible> {
+async fn upstream_handle(req: Request<Incoming>, hits: Arc<Mutex<Vec<Hit>>>) -> Result<Response<UpBody>, Infallible> {
     let method = req.method().to_string();
     let path = req.uri().to_string();
     let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -163,11 +146,7 @@ async fn upstream_handle(
             .or_default()
             .push(String::from_utf8_lossy(v.as_bytes()).into_owned());
     }
-    let hit = Hit {
-        method: method.clone(),
-        path: path.clone(),
-        headers: headers.clone(),
-    };
+    let hit = Hit { method: method.clone(), path: path.clone(), headers: headers.clone() };
     hits.lock().unwrap().push(hit);
 
     let p = req.uri().path().to_string();
@@ -190,11 +169,7 @@ async fn upstream_handle(
         "/download" => {
             let q = req.uri().query().unwrap_or("");
             let pairs: Vec<(String, String)> = serde_urlencoded::from_str(q).unwrap_or_default();
-            let n: u64 = pairs
-                .iter()
-                .find(|(k, _)| k == "bytes")
-                .and_then(|(_, v)| v.parse().ok())
-                .unwrap_or(0);
+            let n: u64 = pairs.iter().find(|(k, _)| k == "bytes").and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
             let chunk = Bytes::from(vec![b'x'; 65536]);
             let stream = futures_util::stream::unfold(n, move |left| {
                 let chunk = chunk.clone();
@@ -203,10 +178,7 @@ async fn upstream_handle(
                         None
                     } else {
                         let k = left.min(65536);
-                        Some((
-                            Ok::<_, std::io::Error>(Frame::data(chunk.slice(0..k as usize))),
-                            left - k,
-                        ))
+                        Some((Ok::<_, std::io::Error>(Frame::data(chunk.slice(0..k as usize))), left - k))
                     }
                 }
             });
@@ -244,12 +216,8 @@ fn ws_upgrade(mut req: Request<Incoming>) -> Response<UpBody> {
     let on = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         if let Ok(up) = on.await {
-            let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
-                TokioIo::new(up),
-                Role::Server,
-                None,
-            )
-            .await;
+            let mut ws =
+                tokio_tungstenite::WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, None).await;
             if ws.send(Message::text(user)).await.is_err() {
                 return;
             }
@@ -297,9 +265,7 @@ impl Env {
         let dir = tempfile::tempdir().unwrap();
         let listen = free_addr();
         let d = dir.path();
-        let rest = rest
-            .replace("{DIR}", d.to_str().unwrap())
-            .replace("{LISTEN}", &listen.to_string());
+        let rest = rest.replace("{DIR}", d.to_str().unwrap()).replace("{LISTEN}", &listen.to_string());
         let db_url = pg_backend().then(pg_fresh_url);
         let pg_lines = match &db_url {
             Some(url) => format!("backend = \"postgres\"\nurl = \"{url}\"\n"),
@@ -313,13 +279,7 @@ impl Env {
         );
         let config_path = d.join("portcullis.toml");
         std::fs::write(&config_path, text).unwrap();
-        Env {
-            dir,
-            config_path,
-            clock: Arc::new(ManualClock::new(now_unix())),
-            listen,
-            db_url,
-        }
+        Env { dir, config_path, clock: Arc::new(ManualClock::new(now_unix())), listen, db_url }
     }
 
     /// The stored bytes to grep for secrets: the redb file, or on PostgreSQL a `pg_dump` of the database
@@ -346,14 +306,7 @@ impl Env {
         run_cli(args, &self.config_path, stdin).await
     }
 
-    pub async fn add_user(
-        &self,
-        name: &str,
-        email: &str,
-        full_name: &str,
-        groups: &[&str],
-        password: &str,
-    ) {
+    pub async fn add_user(&self, name: &str, email: &str, full_name: &str, groups: &[&str], password: &str) {
         let groups = groups.join(",");
         let mut args = vec!["user", "add", name, "--email", email, "--name", full_name];
         if !groups.is_empty() {
@@ -380,26 +333,16 @@ impl Env {
 
     /// Start the gateway in-process without probing it (e.g. TLS listeners).
     pub async fn start_unchecked(&self) -> Gateway {
-        let config = portcullis::config::Config::load(&self.config_path)
-            .unwrap_or_else(|e| panic!("Config::load failed: {e}"));
+        let config =
+            portcullis::config::Config::load(&self.config_path).unwrap_or_else(|e| panic!("Config::load failed: {e}"));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let clock: Arc<dyn Clock> = self.clock.clone();
-        let task = tokio::spawn(portcullis::run_with_clock(
-            listener,
-            config,
-            clock,
-            async move {
-                let _ = rx.await;
-            },
-        ));
-        Gateway {
-            addr,
-            clock: self.clock.clone(),
-            shutdown: Some(tx),
-            task: Some(task),
-        }
+        let task = tokio::spawn(portcullis::run_with_clock(listener, config, clock, async move {
+            let _ = rx.await;
+        }));
+        Gateway { addr, clock: self.clock.clone(), shutdown: Some(tx), task: Some(task) }
     }
 
     /// Start `portcullis serve -c CONFIG` as a child process (config must set listen = "{LISTEN}").
@@ -417,30 +360,18 @@ impl Env {
             .spawn()
             .expect("spawn portcullis serve");
         let pid = child.id().unwrap();
-        let mut cg = ChildGateway {
-            child,
-            addr: self.listen,
-            pid,
-            log_path,
-        };
+        let mut cg = ChildGateway { child, addr: self.listen, pid, log_path };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
         loop {
             if let Ok(Some(st)) = cg.child.try_wait() {
                 panic!("portcullis serve exited early ({st}); log:\n{}", cg.log());
             }
-            let probe = tokio::time::timeout(
-                Duration::from_secs(5),
-                try_get(cg.addr, "/_portcullis/health"),
-            )
-            .await;
+            let probe = tokio::time::timeout(Duration::from_secs(5), try_get(cg.addr, "/_portcullis/health")).await;
             if matches!(probe, Ok(Ok(ref r)) if r.status == 200) {
                 return cg;
             }
             if tokio::time::Instant::now() > deadline {
-                panic!(
-                    "portcullis serve not healthy within 90s; log:\n{}",
-                    cg.log()
-                );
+                panic!("portcullis serve not healthy within 90s; log:\n{}", cg.log());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -453,11 +384,7 @@ pub async fn run_cli(args: &[&str], config: &Path, stdin: Option<&str>) -> std::
     cmd.args(args)
         .arg("-c")
         .arg(config)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
@@ -468,13 +395,7 @@ pub async fn run_cli(args: &[&str], config: &Path, stdin: Option<&str>) -> std::
         si.write_all(b"\n").await.unwrap();
         drop(si);
     }
-    within_for(
-        Duration::from_secs(60),
-        &format!("portcullis {args:?}"),
-        child.wait_with_output(),
-    )
-    .await
-    .unwrap()
+    within_for(Duration::from_secs(60), &format!("portcullis {args:?}"), child.wait_with_output()).await.unwrap()
 }
 
 async fn try_get(addr: SocketAddr, path: &str) -> Result<Resp, String> {
@@ -500,11 +421,7 @@ impl Gateway {
             if self.task.as_ref().unwrap().is_finished() {
                 panic!("gateway task ended before becoming healthy");
             }
-            let probe = tokio::time::timeout(
-                Duration::from_secs(5),
-                try_get(self.addr, "/_portcullis/health"),
-            )
-            .await;
+            let probe = tokio::time::timeout(Duration::from_secs(5), try_get(self.addr, "/_portcullis/health")).await;
             if matches!(probe, Ok(Ok(ref r)) if r.status == 200) {
                 return;
             }
@@ -521,19 +438,14 @@ impl Gateway {
             let _ = tx.send(());
         }
         let task = self.task.take().unwrap();
-        let res = within("gateway shutdown", task)
-            .await
-            .expect("gateway task panicked");
+        let res = within("gateway shutdown", task).await.expect("gateway task panicked");
         if let Err(e) = res {
             panic!("run_with_clock returned an error: {e}");
         }
     }
 
     pub fn is_running(&self) -> bool {
-        self.task
-            .as_ref()
-            .map(|t| !t.is_finished())
-            .unwrap_or(false)
+        self.task.as_ref().map(|t| !t.is_finished()).unwrap_or(false)
     }
 }
 
@@ -587,13 +499,10 @@ impl Resp {
         String::from_utf8_lossy(&self.body).into_owned()
     }
     pub fn header(&self, name: &str) -> Option<String> {
-        self.headers
-            .get(name)
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        self.headers.get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
     }
     pub fn location(&self) -> String {
-        self.header("location")
-            .unwrap_or_else(|| panic!("no Location header; status {}", self.status))
+        self.header("location").unwrap_or_else(|| panic!("no Location header; status {}", self.status))
     }
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body)
@@ -602,13 +511,9 @@ impl Resp {
     /// For responses from the upstream echo: the header values it received.
     pub fn upstream_header(&self, name: &str) -> Option<Vec<String>> {
         let j = self.json();
-        j["headers"].get(name.to_ascii_lowercase()).map(|v| {
-            v.as_array()
-                .unwrap()
-                .iter()
-                .map(|s| s.as_str().unwrap().to_string())
-                .collect()
-        })
+        j["headers"]
+            .get(name.to_ascii_lowercase())
+            .map(|v| v.as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect())
     }
     pub fn upstream_headers(&self) -> BTreeMap<String, Vec<String>> {
         serde_json::from_value(self.json()["headers"].clone()).unwrap()
@@ -617,11 +522,7 @@ impl Resp {
         self.json()["path"].as_str().unwrap().to_string()
     }
     pub fn set_cookies(&self) -> Vec<String> {
-        self.headers
-            .get_all("set-cookie")
-            .iter()
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-            .collect()
+        self.headers.get_all("set-cookie").iter().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect()
     }
 }
 
@@ -642,19 +543,11 @@ pub struct Client {
 
 impl Client {
     pub fn new(addr: SocketAddr, host: &str) -> Client {
-        Client {
-            addr,
-            host: host.to_string(),
-            jar: BTreeMap::new(),
-        }
+        Client { addr, host: host.to_string(), jar: BTreeMap::new() }
     }
 
     pub fn cookie_header(&self) -> String {
-        self.jar
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join("; ")
+        self.jar.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("; ")
     }
 
     pub fn session_cookie(&self) -> Option<String> {
@@ -672,10 +565,7 @@ impl Client {
             let mut delete = value.is_empty();
             for attr in parts {
                 let a = attr.trim().to_ascii_lowercase();
-                if a == "max-age=0"
-                    || a.starts_with("max-age=-")
-                    || (a.starts_with("expires=") && a.contains("1970"))
-                {
+                if a == "max-age=0" || a.starts_with("max-age=-") || (a.starts_with("expires=") && a.contains("1970")) {
                     delete = true;
                 }
             }
@@ -694,22 +584,15 @@ impl Client {
         headers: &[(&str, &str)],
         body: Option<(&str, Vec<u8>)>,
     ) -> Result<Resp, String> {
-        let tcp = TcpStream::connect(self.addr)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
+        let tcp = TcpStream::connect(self.addr).await.map_err(|e| format!("connect: {e}"))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.map_err(|e| format!("handshake: {e}"))?;
         tokio::spawn(conn);
         let mut b = Request::builder().method(method).uri(path);
         if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
             b = b.header("host", &self.host);
         }
-        if !headers
-            .iter()
-            .any(|(k, _)| k.eq_ignore_ascii_case("cookie"))
-            && !self.jar.is_empty()
-        {
+        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("cookie")) && !self.jar.is_empty() {
             b = b.header("cookie", self.cookie_header());
         }
         for (k, v) in headers {
@@ -722,26 +605,12 @@ impl Client {
             }
             None => Vec::new(),
         };
-        let req = b
-            .body(Full::new(Bytes::from(data)))
-            .map_err(|e| format!("build request: {e}"))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| format!("send: {e}"))?;
+        let req = b.body(Full::new(Bytes::from(data))).map_err(|e| format!("build request: {e}"))?;
+        let resp = sender.send_request(req).await.map_err(|e| format!("send: {e}"))?;
         let (parts, body) = resp.into_parts();
-        let body = body
-            .collect()
-            .await
-            .map_err(|e| format!("body: {e}"))?
-            .to_bytes();
+        let body = body.collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
         self.store_cookies(&parts.headers);
-        Ok(Resp {
-            status: parts.status.as_u16(),
-            headers: parts.headers,
-            body,
-            version: parts.version,
-        })
+        Ok(Resp { status: parts.status.as_u16(), headers: parts.headers, body, version: parts.version })
     }
 
     pub async fn send(
@@ -752,9 +621,7 @@ impl Client {
         body: Option<(&str, Vec<u8>)>,
     ) -> Resp {
         let what = format!("{method} {path} (host {})", self.host);
-        within(&what, self.try_send(method, path, headers, body))
-            .await
-            .unwrap_or_else(|e| panic!("{what}: {e}"))
+        within(&what, self.try_send(method, path, headers, body)).await.unwrap_or_else(|e| panic!("{what}: {e}"))
     }
 
     /// GET without an Accept header (API-like client).
@@ -764,13 +631,7 @@ impl Client {
 
     /// GET as a browser (Accept: text/html).
     pub async fn browse(&mut self, path: &str) -> Resp {
-        self.send(
-            "GET",
-            path,
-            &[("accept", "text/html,application/xhtml+xml,*/*;q=0.8")],
-            None,
-        )
-        .await
+        self.send("GET", path, &[("accept", "text/html,application/xhtml+xml,*/*;q=0.8")], None).await
     }
 
     pub async fn post_form(&mut self, path: &str, fields: &[(&str, &str)]) -> Resp {
@@ -788,13 +649,8 @@ impl Client {
     pub async fn login_csrf(&mut self, rd: &str) -> String {
         let page = self.browse(&format!("{PREFIX}/login?rd={}", enc(rd))).await;
         assert_eq!(page.status, 200, "login page: {}", page.text());
-        assert!(
-            self.jar.contains_key(CSRF),
-            "login page did not set the {CSRF} cookie; jar: {:?}",
-            self.jar
-        );
-        extract_csrf(&page.text())
-            .unwrap_or_else(|| panic!("no csrf field in login page: {}", page.text()))
+        assert!(self.jar.contains_key(CSRF), "login page did not set the {CSRF} cookie; jar: {:?}", self.jar);
+        extract_csrf(&page.text()).unwrap_or_else(|| panic!("no csrf field in login page: {}", page.text()))
     }
 
     /// Full login flow: GET the login page, POST the form. Returns the POST response.
@@ -809,12 +665,7 @@ impl Client {
     pub async fn post_login(&mut self, csrf: &str, user: &str, pass: &str, rd: &str) -> Resp {
         self.post_form(
             &format!("{PREFIX}/login"),
-            &[
-                ("csrf", csrf),
-                ("rd", rd),
-                ("username", user),
-                ("password", pass),
-            ],
+            &[("csrf", csrf), ("rd", rd), ("username", user), ("password", pass)],
         )
         .await
     }
@@ -823,11 +674,7 @@ impl Client {
     pub async fn login_ok(&mut self, user: &str, pass: &str) {
         let r = self.login(user, pass, "/").await;
         assert_eq!(r.status, 303, "login as {user} failed: {}", r.text());
-        assert!(
-            self.jar.contains_key(SESSION),
-            "no session cookie after login; set-cookie: {:?}",
-            r.set_cookies()
-        );
+        assert!(self.jar.contains_key(SESSION), "no session cookie after login; set-cookie: {:?}", r.set_cookies());
     }
 
     /// A fresh client carrying only the given session cookie.
@@ -840,8 +687,7 @@ impl Client {
 
 /// True when the status means "no session": 401 for API clients, 302 to login for browsers.
 pub fn is_no_session(r: &Resp) -> bool {
-    r.status == 401
-        || (r.status == 302 && r.header("location").is_some_and(|l| l.contains("/login")))
+    r.status == 401 || (r.status == 302 && r.header("location").is_some_and(|l| l.contains("/login")))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -863,9 +709,7 @@ fn find(h: &[u8], n: &[u8]) -> Option<usize> {
 fn header_value(head: &str, name: &str) -> Option<String> {
     head.lines().skip(1).find_map(|l| {
         let (k, v) = l.split_once(':')?;
-        k.trim()
-            .eq_ignore_ascii_case(name)
-            .then(|| v.trim().to_string())
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
     })
 }
 
@@ -890,39 +734,21 @@ fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
 fn parse_raw(buf: &[u8], complete: bool) -> Option<RawResp> {
     let pos = find(buf, b"\r\n\r\n")?;
     let head = String::from_utf8_lossy(&buf[..pos]).into_owned();
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
+    let status: u16 = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     let rest = &buf[pos + 4..];
     if let Some(cl) = header_value(&head, "content-length").and_then(|v| v.parse::<usize>().ok()) {
         if rest.len() >= cl {
-            return Some(RawResp {
-                status,
-                head,
-                body: rest[..cl].to_vec(),
-            });
+            return Some(RawResp { status, head, body: rest[..cl].to_vec() });
         }
-    } else if header_value(&head, "transfer-encoding")
-        .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"))
-    {
+    } else if header_value(&head, "transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
         if let Some(body) = dechunk(rest) {
             return Some(RawResp { status, head, body });
         }
     } else if status == 204 || status == 304 || (100..200).contains(&status) {
-        return Some(RawResp {
-            status,
-            head,
-            body: Vec::new(),
-        });
+        return Some(RawResp { status, head, body: Vec::new() });
     }
     if complete {
-        return Some(RawResp {
-            status,
-            head,
-            body: rest.to_vec(),
-        });
+        return Some(RawResp { status, head, body: rest.to_vec() });
     }
     None
 }
