@@ -288,12 +288,13 @@ fn qp_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'=' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
+        if b[i] == b'='
+            && i + 2 < b.len()
+            && let Ok(v) = u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+        {
+            out.push(v);
+            i += 3;
+            continue;
         }
         out.push(b[i]);
         i += 1;
@@ -370,10 +371,10 @@ fn statuses(buf: &[u8]) -> Vec<u16> {
     let text = String::from_utf8_lossy(buf);
     let mut v = Vec::new();
     for (i, _) in text.match_indices("HTTP/1.") {
-        if i == 0 || text[..i].ends_with('\n') {
-            if let Some(code) = text[i..].split_whitespace().nth(1).and_then(|s| s.parse().ok()) {
-                v.push(code);
-            }
+        if (i == 0 || text[..i].ends_with('\n'))
+            && let Some(code) = text[i..].split_whitespace().nth(1).and_then(|s| s.parse().ok())
+        {
+            v.push(code);
         }
     }
     v
@@ -510,10 +511,10 @@ fn check_loc(violations: &mut Vec<String>, route: &str, rd: &str, r: &Resp) {
 }
 
 fn check_field(violations: &mut Vec<String>, route: &str, rd: &str, r: &Resp) {
-    if let Some(v) = field(&r.text(), "rd") {
-        if let Some(why) = offhost(&v) {
-            violations.push(format!("{route}: rd {rd:?} -> hidden rd field {v:?}: {why}"));
-        }
+    if let Some(v) = field(&r.text(), "rd")
+        && let Some(why) = offhost(&v)
+    {
+        violations.push(format!("{route}: rd {rd:?} -> hidden rd field {v:?}: {why}"));
     }
 }
 
@@ -917,7 +918,7 @@ fn lenient(path: &str) -> String {
             ("..", _) => {
                 out.pop();
             }
-            (_, b) if b.is_empty() => {}
+            (_, "") => {}
             (_, b) => out.push(b.to_string()),
         }
     }
@@ -1115,7 +1116,7 @@ async fn host_header_tricks_never_reach_a_protected_app_unauthenticated() {
         (format!("Host: {}\r\n", APP.to_ascii_uppercase()), "/upper-app".into()),
         (format!("Host: {APP}.\r\n"), "/trailing-dot-app".into()),
         (format!("Host: {APP}:1\r\n"), "/port-app".into()),
-        (format!("Host: unknown.test\r\n"), "/unknown".into()),
+        ("Host: unknown.test\r\n".to_string(), "/unknown".into()),
         (format!("Host: {OPEN}\r\n"), "*".into()),
     ];
     for (headers, target) in &cases {
@@ -1291,8 +1292,11 @@ async fn mutated_session_cookies_never_authenticate() {
 // CSRF
 // =============================================================================================
 
+/// Extra request headers.
+type Headers = Vec<(&'static str, &'static str)>;
+
 /// (what, extra headers, use a foreign token) for each forged variant of a form post.
-fn forgeries() -> Vec<(&'static str, Vec<(&'static str, &'static str)>, bool, bool)> {
+fn forgeries() -> Vec<(&'static str, Headers, bool, bool)> {
     // (what, headers, foreign token, omit token)
     vec![
         ("missing token", vec![], false, true),
@@ -1379,7 +1383,8 @@ async fn csrf_forgeries_on_login_logout_settings_and_admin_are_refused() {
     assert_eq!(r.status, 303, "control: same-origin login");
 
     // --- logout, settings and admin actions, from tina's Full session ---
-    let actions: Vec<(&str, &str, Vec<(&str, &str)>)> = vec![
+    type Fields<'a> = Vec<(&'a str, &'a str)>;
+    let actions: Vec<(&str, &str, Fields)> = vec![
         ("logout", "/logout", vec![]),
         ("settings/disable", "/settings/disable", vec![("rd", "/"), ("password", PW)]),
         ("settings/recovery/regenerate", "/settings/recovery/regenerate", vec![("rd", "/"), ("password", PW)]),
@@ -1515,7 +1520,7 @@ async fn session_fixation_planted_cookies_never_become_the_victims_session() {
 async fn request_smuggling_shapes_never_reach_the_protected_upstream() {
     let w = world("").await;
     let smuggled = "GET /smuggled-secret HTTP/1.1\r\nHost: app.test\r\n\r\n";
-    let sm_post = format!("POST /smuggled-secret HTTP/1.1\r\nHost: app.test\r\nContent-Length: 5\r\n\r\nxxxxx");
+    let sm_post = "POST /smuggled-secret HTTP/1.1\r\nHost: app.test\r\nContent-Length: 5\r\n\r\nxxxxx".to_string();
     let chunk_body = format!("0\r\n\r\n{smuggled}");
     // (name, raw request, ambiguous: must be 400 or closed after at most one response)
     let cases: Vec<(&str, String, bool)> = vec![
@@ -1702,7 +1707,7 @@ async fn request_smuggling_shapes_never_reach_the_protected_upstream() {
             format!("GET /public/a HTTP/1.1\r\nHost: app.test\r\nX-A: b\r\n c\r\n\r\n{smuggled}"),
             true,
         ),
-        ("obs-fold Host", format!("GET /x HTTP/1.1\r\nHost: open.test\r\n app.test\r\n\r\n"), true),
+        ("obs-fold Host", "GET /x HTTP/1.1\r\nHost: open.test\r\n app.test\r\n\r\n".to_string(), true),
         (
             "GET with body",
             format!("GET /public/a HTTP/1.1\r\nHost: app.test\r\nContent-Length: {}\r\n\r\n{sm_post}", sm_post.len()),
@@ -1743,7 +1748,7 @@ async fn request_smuggling_shapes_never_reach_the_protected_upstream() {
             failures.push(format!("{name}: gateway error {st:?}"));
         }
         // a smuggled second request the gateway itself parsed must have been authenticated like any other
-        if st.len() > 1 && st[1..].iter().any(|s| *s == 200) {
+        if st.len() > 1 && st[1..].contains(&200) {
             failures.push(format!("{name}: a second (smuggled) request got 200: {st:?}"));
         }
         if *ambiguous && !(st.first() == Some(&400) || (closed && st.len() <= 1)) {

@@ -258,7 +258,8 @@ async fn kill_9_during_enrolments_logins_and_recovery_codes_keeps_invariants() {
         let lock_round = round % 5 == 4;
 
         // ---- fire everything at once, SIGKILL after a random delay ----
-        let mut tasks: Vec<tokio::task::JoinHandle<(String, Option<u16>, Option<usize>)>> = Vec::new();
+        type Outcome = (String, Option<u16>, Option<usize>);
+        let mut tasks: Vec<tokio::task::JoinHandle<Outcome>> = Vec::new();
         for (u, mut c, secret, csrf) in confirms {
             tasks.push(tokio::spawn(async move {
                 let code = oathtool(&secret, now_unix());
