@@ -143,6 +143,14 @@ const HOP_BY_HOP: &[HeaderName] = &[
     header::PROXY_AUTHENTICATE,
 ];
 
+// Header names used on every request, built once (parsing a name from a string costs a hash and a copy).
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
 /// Removes hop-by-hop headers, including any named in Connection.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     let listed: Vec<HeaderName> = headers
@@ -155,8 +163,8 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     for name in listed.iter().chain(HOP_BY_HOP) {
         headers.remove(name);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
+    headers.remove(KEEP_ALIVE);
+    headers.remove(PROXY_CONNECTION);
 }
 
 /// A WebSocket opening handshake (RFC 6455 §4.1): `Connection: upgrade` and `Upgrade: websocket`.
@@ -215,33 +223,36 @@ fn strip_own_set_cookies(headers: &mut HeaderMap, own: &[&str]) {
 /// Sets X-Forwarded-For / -Proto / -Host; client values are kept only from trusted proxies.
 fn set_forwarded(headers: &mut HeaderMap, client: &Client, host: Option<&str>) {
     let peer = client.peer.ip().to_string();
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prior) if client.trusted => format!("{prior}, {peer}"),
         _ => peer,
     };
     if !client.trusted {
-        headers.remove("x-forwarded-host");
-        headers.remove("x-forwarded-proto");
+        headers.remove(X_FORWARDED_HOST);
+        headers.remove(X_FORWARDED_PROTO);
         headers.remove(header::FORWARDED);
-        headers.remove("x-real-ip");
+        headers.remove(X_REAL_IP);
     }
     if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
+        headers.insert(X_FORWARDED_FOR, v);
     }
     let proto = if client.https { "https" } else { "http" };
-    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
-    if !headers.contains_key("x-forwarded-host")
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    if !headers.contains_key(X_FORWARDED_HOST)
         && let Some(v) = host.and_then(|h| HeaderValue::from_str(h).ok())
     {
-        headers.insert("x-forwarded-host", v);
+        headers.insert(X_FORWARDED_HOST, v);
     }
     if let Ok(v) = HeaderValue::from_str(&client.addr.to_string()) {
-        headers.insert("x-real-ip", v);
+        headers.insert(X_REAL_IP, v);
     }
 }
 
 /// A header value from user data; control characters (which can't appear in headers) are dropped.
 fn header_value(s: &str) -> Option<HeaderValue> {
+    if !s.chars().any(char::is_control) {
+        return HeaderValue::from_str(s).ok().or_else(|| HeaderValue::from_bytes(s.as_bytes()).ok());
+    }
     let clean: String = s.chars().filter(|c| !c.is_control()).collect();
     HeaderValue::from_bytes(clean.as_bytes()).ok()
 }
