@@ -837,7 +837,15 @@ fn resolve_secret(name: &str, value: &mut Option<String>, file: &Option<PathBuf>
 
 /// Reads a secret file, dropping one trailing newline.
 fn read_secret(path: &Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    use std::io::Read;
+    const LIMIT: u64 = 64 * 1024;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(LIMIT + 1).read_to_string(&mut text))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if text.len() as u64 > LIMIT {
+        return Err(format!("{}: a secret file must be under 64 KiB", path.display()));
+    }
     let text = text.strip_suffix('\n').unwrap_or(&text);
     Ok(text.strip_suffix('\r').unwrap_or(text).to_string())
 }
@@ -879,7 +887,11 @@ fn apply_override(table: &mut toml::Table, keys: &[String], raw: &str) -> Result
 
 /// 1-based line and column of a byte offset.
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
+    let mut end = offset.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let before = &text[..end];
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
     (line, column)

@@ -13,15 +13,21 @@ pub fn safe_target(rd: &str) -> Option<&str> {
     }
     // Every layer of percent-decoding must still be a local path (a later hop may decode again).
     let mut layer = rd.as_bytes().to_vec();
-    for _ in 0..3 {
+    let mut settled = false;
+    for _ in 0..8 {
         let decoded: Vec<u8> = percent_encoding::percent_decode(&layer).collect();
         if decoded == layer {
+            settled = true;
             break;
         }
         if !is_local_path(&decoded, true) {
             return None;
         }
         layer = decoded;
+    }
+    // Still decoding after eight layers: nobody writes that by accident. Fail closed.
+    if !settled {
+        return None;
     }
     rd.parse::<http::uri::PathAndQuery>().ok()?;
     Some(rd)
@@ -84,6 +90,7 @@ mod tests {
             "/./evil",
             "/a/../..//evil.com",
             "/%2e//evil.com",
+            "/%2525252F%2525252Fevil.com",
         ] {
             assert_eq!(safe_target(rd), None, "{rd:?}");
         }
