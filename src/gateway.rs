@@ -44,8 +44,8 @@ pub struct Gateway {
     pub tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
     /// Prometheus metrics (shared across reloads).
     pub metrics: Arc<crate::metrics::Metrics>,
-    /// Metric label of each app (its host pattern).
-    pub app_labels: Vec<String>,
+    /// Metric handles of each app (labelled by its host pattern), then of "portal" and "unknown".
+    pub app_metrics: Vec<Arc<crate::metrics::LabelHandles>>,
     /// Outgoing mail queue.
     pub mailer: crate::mail::Mailer,
     /// Session lookups for the proxy hot path (shared across reloads).
@@ -113,14 +113,16 @@ impl Gateway {
             (Some(cert), Some(key)) => Some(crate::server::tls_acceptor(cert, key)?),
             _ => None,
         };
-        let app_labels = config
+        let mut app_metrics: Vec<_> = config
             .apps
             .iter()
             .map(|a| match &a.host {
-                crate::config::HostPattern::Any => "*".to_string(),
-                crate::config::HostPattern::Exact(h) => h.clone(),
+                crate::config::HostPattern::Any => shared.metrics.handles("*"),
+                crate::config::HostPattern::Exact(h) => shared.metrics.handles(h),
             })
             .collect();
+        app_metrics.push(shared.metrics.handles("portal"));
+        app_metrics.push(shared.metrics.handles("unknown"));
         let mailer = crate::mail::Mailer::start(&config.mail).map_err(crate::Error::Mail)?;
         Ok(Gateway {
             mailer,
@@ -129,7 +131,7 @@ impl Gateway {
             upstreams: Upstreams::new(&config)?,
             tls: tls_acceptor.is_some(),
             tls_acceptor,
-            app_labels,
+            app_metrics,
             store: shared.store,
             keys: shared.keys,
             clock: shared.clock,
@@ -366,15 +368,13 @@ pub async fn handle(gw: Arc<Gateway>, peer: SocketAddr, mut req: Request<Incomin
     let result =
         if portal { crate::portal::handle(&gw, &client, req).await } else { protected(&gw, &client, req).await };
     let resp = result.unwrap_or_else(|r| reject(&gw, &r));
-    let label = match app {
-        Some(i) => gw.app_labels[i].clone(),
-        None if portal => "portal".to_string(),
-        None => "unknown".to_string(),
+    let n = gw.config.apps.len();
+    let slot = match app {
+        Some(i) => i,
+        None if portal => n,
+        None => n + 1,
     };
-    gw.metrics
-        .requests
-        .get_or_create(&crate::metrics::RequestLabels { app: label, status: resp.status().as_u16() })
-        .inc();
+    gw.app_metrics[slot].request(resp.status().as_u16());
     resp
 }
 

@@ -323,7 +323,7 @@ pub async fn forward(
     let pending = gw.upstreams.clients[decision.app].request(upstream_req);
     let started = std::time::Instant::now();
     let outcome = tokio::time::timeout(app.upstream_timeout.0, pending).await;
-    gw.metrics.observe_upstream(&gw.app_labels[decision.app], started.elapsed());
+    gw.app_metrics[decision.app].upstream(started.elapsed());
     let mut resp = match outcome {
         Err(_) => return Err(Reject::GatewayTimeout),
         Ok(Err(_)) if failed.load(std::sync::atomic::Ordering::Relaxed) => {
