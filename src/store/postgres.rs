@@ -260,18 +260,11 @@ impl PgStore {
         change: impl FnOnce(&mut User) -> T + Send,
     ) -> Result<Option<T>, StoreError> {
         pg_tx!(self, |tx| {
-            let row = tx
-                .query_opt("SELECT data FROM users WHERE username = $1 FOR UPDATE", &[&username])
-                .await
-                .map_err(db)?;
-            let Some(row) = row else {
+            let Some(mut user) = lock_user(tx, &username).await? else {
                 return Ok(None);
             };
-            let mut user: User = decode(row.get::<_, &[u8]>(0))?;
             let out = change(&mut user);
-            tx.execute("UPDATE users SET data = $2 WHERE username = $1", &[&username, &encode(&user)?])
-                .await
-                .map_err(db)?;
+            save_user(tx, &user).await?;
             match revoke {
                 Revoke::None => {}
                 Revoke::All => revoke_in(tx, username, None).await?,
@@ -472,22 +465,15 @@ impl PgStore {
         session: &[u8; 32],
     ) -> Result<bool, StoreError> {
         pg_tx!(self, |tx| {
-            let row = tx
-                .query_opt("SELECT data FROM users WHERE username = $1 FOR UPDATE", &[&username])
-                .await
-                .map_err(db)?;
-            let Some(row) = row else {
+            let Some(mut user) = lock_user(tx, &username).await? else {
                 return Ok(false);
             };
-            let mut user: User = decode(row.get::<_, &[u8]>(0))?;
             if user.two_factor.is_some() {
                 return Ok(false);
             }
             user.two_factor = Some(state);
             user.stamp += 1;
-            tx.execute("UPDATE users SET data = $2 WHERE username = $1", &[&username, &encode(&user)?])
-                .await
-                .map_err(db)?;
+            save_user(tx, &user).await?;
             tx.execute("DELETE FROM pending_enrolments WHERE session = $1", &[&session.as_slice()])
                 .await
                 .map_err(db)?;
@@ -553,22 +539,15 @@ impl PgStore {
             if rec.kind != TokenKind::PasswordReset || now >= rec.expires {
                 return Ok(TokenUse::Invalid);
             }
-            let row = tx
-                .query_opt("SELECT data FROM users WHERE username = $1 FOR UPDATE", &[&rec.username])
-                .await
-                .map_err(db)?;
-            let Some(row) = row else {
+            let Some(mut user) = lock_user(tx, &rec.username).await? else {
                 return Ok(TokenUse::Invalid);
             };
-            let mut user: User = decode(row.get::<_, &[u8]>(0))?;
             if user.stamp != rec.stamp {
                 return Ok(TokenUse::Invalid);
             }
             user.password_hash = new_hash;
             user.stamp += 1;
-            tx.execute("UPDATE users SET data = $2 WHERE username = $1", &[&rec.username, &encode(&user)?])
-                .await
-                .map_err(db)?;
+            save_user(tx, &user).await?;
             revoke_in(tx, &rec.username, None).await?;
             Ok(TokenUse::Done(rec.username))
         })
@@ -666,6 +645,20 @@ impl PgStore {
             bump(tx).await
         })
     }
+}
+
+/// A user's record, row-locked until the transaction ends (so two instances can't both change it).
+async fn lock_user(tx: &Transaction<'_>, username: &str) -> Result<Option<User>, StoreError> {
+    let row = tx.query_opt("SELECT data FROM users WHERE username = $1 FOR UPDATE", &[&username]).await.map_err(db)?;
+    row.map(|r| decode(r.get::<_, &[u8]>(0))).transpose()
+}
+
+/// Writes back a user locked with [`lock_user`].
+async fn save_user(tx: &Transaction<'_>, user: &User) -> Result<(), StoreError> {
+    tx.execute("UPDATE users SET data = $2 WHERE username = $1", &[&user.username, &encode(user)?])
+        .await
+        .map_err(db)?;
+    Ok(())
 }
 
 /// Bumps the revision and wakes every instance (NOTIFY is delivered at commit).

@@ -360,12 +360,9 @@ impl RedbStore {
     pub(super) fn reset_password(&self, hash: &str, new_hash: String, now: u64) -> Result<TokenUse, StoreError> {
         self.write(|tx| {
             let mut tokens = tx.open_table(TOKENS)?;
-            let Some(rec) = tokens.get(hash)?.map(|v| decode::<TokenRecord>(v.value())).transpose()? else {
+            let Some(rec) = live_token(&tokens, hash, TokenKind::PasswordReset, now)? else {
                 return Ok(TokenUse::Invalid);
             };
-            if rec.kind != TokenKind::PasswordReset || now >= rec.expires {
-                return Ok(TokenUse::Invalid);
-            }
             let mut users = tx.open_table(USERS)?;
             let user = users.get(rec.username.as_str())?.map(|v| decode::<User>(v.value())).transpose()?;
             let Some(mut user) = user.filter(|u| u.stamp == rec.stamp) else {
@@ -384,12 +381,9 @@ impl RedbStore {
     pub(super) fn accept_invitation(&self, hash: &str, mut user: User, now: u64) -> Result<TokenUse, StoreError> {
         self.write(|tx| {
             let mut tokens = tx.open_table(TOKENS)?;
-            let Some(rec) = tokens.get(hash)?.map(|v| decode::<TokenRecord>(v.value())).transpose()? else {
+            let Some(rec) = live_token(&tokens, hash, TokenKind::Invitation, now)? else {
                 return Ok(TokenUse::Invalid);
             };
-            if rec.kind != TokenKind::Invitation || now >= rec.expires {
-                return Ok(TokenUse::Invalid);
-            }
             user.email = rec.email.clone();
             user.groups = rec.groups.clone();
             let mut users = tx.open_table(USERS)?;
@@ -606,6 +600,17 @@ impl RedbStore {
             Ok(expired.len())
         })
     }
+}
+
+/// An unexpired token of `kind` stored under `hash`.
+fn live_token(
+    tokens: &redb::Table<'_, &str, &[u8]>,
+    hash: &str,
+    kind: TokenKind,
+    now: u64,
+) -> Result<Option<TokenRecord>, StoreError> {
+    let rec = tokens.get(hash)?.map(|v| decode::<TokenRecord>(v.value())).transpose()?;
+    Ok(rec.filter(|r| r.kind == kind && now < r.expires))
 }
 
 /// Bumps the revocation revision, so every process's session cache drops what it holds.
