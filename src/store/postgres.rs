@@ -260,7 +260,7 @@ impl PgStore {
         change: impl FnOnce(&mut User) -> T + Send,
     ) -> Result<Option<T>, StoreError> {
         pg_tx!(self, |tx| {
-            let Some(mut user) = lock_user(tx, &username).await? else {
+            let Some(mut user) = lock_user(tx, username).await? else {
                 return Ok(None);
             };
             let out = change(&mut user);
@@ -465,7 +465,7 @@ impl PgStore {
         session: &[u8; 32],
     ) -> Result<bool, StoreError> {
         pg_tx!(self, |tx| {
-            let Some(mut user) = lock_user(tx, &username).await? else {
+            let Some(mut user) = lock_user(tx, username).await? else {
                 return Ok(false);
             };
             if user.two_factor.is_some() {

@@ -24,7 +24,9 @@ use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::Role;
 
+mod flows;
 mod pg_server;
+pub use flows::*;
 pub use pg_server::*;
 
 pub const PREFIX: &str = "/_portcullis";
