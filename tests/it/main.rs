@@ -13,5 +13,6 @@ mod ops;
 mod pages;
 mod pg;
 mod proxy;
+mod reload;
 mod selftest;
 mod two_factor;
