@@ -20,72 +20,6 @@ const APP: &str = "app.test";
 const ADMIN: &str = "admin";
 const ADMIN_PW: &str = "Adm1n-passw0rd!";
 
-fn out_text(o: &std::process::Output) -> String {
-    format!(
-        "status {:?}\nstdout: {}\nstderr: {}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-/// `user show NAME --json`.
-async fn show_user(env: &Env, name: &str) -> serde_json::Value {
-    let o = env.cli(&["user", "show", name, "--json"], None).await;
-    assert!(o.status.success(), "user show {name} --json: {}", out_text(&o));
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("user show --json is not JSON ({e}): {}", out_text(&o)))
-}
-
-/// The TOTP code `oathtool` computes for `secret` (base32) at unix time `at`.
-fn oathtool(secret: &str, at: u64) -> String {
-    let out = std::process::Command::new("/usr/bin/oathtool")
-        .args(["--totp", "-b", "-N", &format!("@{at}"), secret])
-        .output()
-        .expect("run oathtool");
-    assert!(out.status.success(), "oathtool failed: {}", out_text(&out));
-    let code = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    assert!(code.len() == 6 && code.bytes().all(|b| b.is_ascii_digit()), "oathtool printed {code:?}");
-    code
-}
-
-fn csrf_of(r: &Resp) -> String {
-    extract_csrf(&r.text()).unwrap_or_else(|| panic!("no csrf field in page (status {}): {}", r.status, r.text()))
-}
-
-/// Decodes the HTML entities minijinja produces (`&amp;`, `&#x2f;`, ...).
-fn unescape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(i) = rest.find('&') {
-        out.push_str(&rest[..i]);
-        rest = &rest[i..];
-        if let Some(j) = rest.find(';').filter(|j| *j <= 10) {
-            let ent = &rest[1..j];
-            let ch = match ent {
-                "amp" => Some('&'),
-                "lt" => Some('<'),
-                "gt" => Some('>'),
-                "quot" => Some('"'),
-                "apos" => Some('\''),
-                e if e.starts_with("#x") || e.starts_with("#X") => {
-                    u32::from_str_radix(&e[2..], 16).ok().and_then(char::from_u32)
-                }
-                e if e.starts_with('#') => e[1..].parse().ok().and_then(char::from_u32),
-                _ => None,
-            };
-            if let Some(ch) = ch {
-                out.push(ch);
-                rest = &rest[j + 1..];
-                continue;
-            }
-        }
-        out.push('&');
-        rest = &rest[1..];
-    }
-    out.push_str(rest);
-    out
-}
-
 /// Text of an HTML fragment without its tags.
 fn strip_tags(html: &str) -> String {
     let mut out = String::new();
@@ -142,64 +76,20 @@ fn next_link(html: &str) -> Option<String> {
     html.split("href=\"").skip(1).filter_map(|s| s.split('"').next()).find(|h| h.contains("after=")).map(str::to_string)
 }
 
-/// The base32 secret shown on the setup page (`<p class="secret code">ABCD EFGH ...</p>`), spaces removed.
-fn shown_secret(html: &str) -> Option<String> {
-    let marker = "<p class=\"secret code\">";
-    let i = html.find(marker)? + marker.len();
-    let rest = &html[i..];
-    Some(rest[..rest.find("</p>")?].chars().filter(|c| !c.is_whitespace()).collect())
-}
-
-/// Recovery codes in the `<li>` items of the codes list.
-fn shown_codes(html: &str) -> Vec<String> {
-    let Some(start) = html.find("id=\"codes\"") else {
-        return Vec::new();
-    };
-    let rest = &html[start..];
-    let rest = &rest[..rest.find("</ul>").unwrap_or(rest.len())];
-    rest.split("<li>").skip(1).filter_map(|s| s.find("</li>").map(|j| s[..j].trim().to_string())).collect()
-}
-
-struct Enrolled {
-    secret: String,
-    codes: Vec<String>,
-}
-
 /// First login with `[two_factor] required` (default): password -> forced enrolment -> confirm with the code for
 /// the gateway's clock. Leaves `c` with a Full session.
 async fn enrol(gw: &Gateway, c: &mut Client, user: &str, pw: &str) -> Enrolled {
-    let r = c.login(user, pw, "/").await;
-    assert_eq!(r.status, 303, "login of {user}: {}", r.text());
-    let loc = r.location();
-    assert!(loc.starts_with(&format!("{PREFIX}/enroll")), "first login of {user} went to {loc}, not enrolment");
-    let page = c.browse(&loc).await;
-    assert_eq!(page.status, 200, "setup page for {user}: {}", page.text());
-    let secret = shown_secret(&page.text()).unwrap_or_else(|| panic!("no secret on the setup page: {}", page.text()));
-    let csrf = csrf_of(&page);
-    let code = oathtool(&secret, gw.clock.now());
-    let r = c.post_form(&format!("{PREFIX}/enroll/confirm"), &[("csrf", &csrf), ("rd", "/"), ("code", &code)]).await;
-    assert_eq!(r.status, 200, "confirm enrolment of {user}: {}", r.text());
-    let codes = shown_codes(&r.text());
-    assert!(!codes.is_empty(), "no recovery codes shown: {}", r.text());
+    let e = enrol_forced(c, user, pw, || gw.clock.now()).await;
     assert!(c.session_cookie().is_some(), "no session after enrolment");
-    Enrolled { secret, codes }
+    e
 }
 
 /// Password + TOTP login of an enrolled user to a Full session. Moves the clock two steps on first, so the code is
 /// never one already used.
 async fn login_full(gw: &Gateway, c: &mut Client, user: &str, pw: &str, secret: &str) {
     gw.clock.advance(60);
-    let r = c.login(user, pw, "/").await;
-    assert_eq!(r.status, 303, "login of {user}: {}", r.text());
-    let loc = r.location();
-    assert!(loc.starts_with(&format!("{PREFIX}/challenge")), "login of enrolled {user} went to {loc}");
-    let page = c.browse(&loc).await;
-    assert_eq!(page.status, 200, "challenge page: {}", page.text());
-    let csrf = csrf_of(&page);
-    let code = oathtool(secret, gw.clock.now());
-    let r = c
-        .post_form(&format!("{PREFIX}/challenge"), &[("csrf", &csrf), ("rd", "/"), ("method", "totp"), ("code", &code)])
-        .await;
+    let (_, csrf) = login_to_challenge_page(c, user, pw, "/").await;
+    let r = submit_totp(c, &csrf, &totp_code(secret, gw.clock.now()), "/").await;
     assert_eq!(r.status, 303, "challenge of {user} with the right code: {}", r.text());
 }
 

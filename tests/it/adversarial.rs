@@ -65,105 +65,12 @@ async fn world(extra: &str) -> World {
     World { up, open, env, gw }
 }
 
-fn out_text(o: &std::process::Output) -> String {
-    format!(
-        "status {:?}\nstdout: {}\nstderr: {}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-async fn show_user(env: &Env, name: &str) -> serde_json::Value {
-    let o = env.cli(&["user", "show", name, "--json"], None).await;
-    assert!(o.status.success(), "user show {name} --json: {}", out_text(&o));
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("user show --json not JSON ({e}): {}", out_text(&o)))
-}
-
-fn query_param(url: &str, name: &str) -> Option<String> {
-    let q = url.split_once('?')?.1;
-    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(q).ok()?;
-    pairs.into_iter().find(|(k, _)| k == name).map(|(_, v)| v)
-}
-
-fn oathtool(secret: &str, at: u64) -> String {
-    let out = std::process::Command::new("oathtool")
-        .args(["--totp", "-b", "-N", &format!("@{at}"), secret])
-        .output()
-        .expect("run oathtool (Debian package oathtool)");
-    assert!(out.status.success(), "oathtool failed: {}", out_text(&out));
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-fn wrong_code(secret: &str, at: u64) -> String {
-    let near: Vec<String> = (0..5).map(|i| oathtool(secret, at + i * 30 - 60)).collect();
-    ["000000", "111111", "222222", "333333", "987654"]
-        .iter()
-        .find(|c| !near.iter().any(|n| n == *c))
-        .unwrap()
-        .to_string()
-}
-
-/// Decodes the HTML entities minijinja produces (`&amp;`, `&#x2f;`, ...).
-fn unescape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(i) = rest.find('&') {
-        out.push_str(&rest[..i]);
-        rest = &rest[i..];
-        if let Some(j) = rest.find(';').filter(|j| *j <= 10) {
-            let ent = &rest[1..j];
-            let ch = match ent {
-                "amp" => Some('&'),
-                "lt" => Some('<'),
-                "gt" => Some('>'),
-                "quot" => Some('"'),
-                "apos" => Some('\''),
-                e if e.starts_with("#x") || e.starts_with("#X") => {
-                    u32::from_str_radix(&e[2..], 16).ok().and_then(char::from_u32)
-                }
-                e if e.starts_with('#') => e[1..].parse().ok().and_then(char::from_u32),
-                _ => None,
-            };
-            if let Some(ch) = ch {
-                out.push(ch);
-                rest = &rest[j + 1..];
-                continue;
-            }
-        }
-        out.push('&');
-        rest = &rest[1..];
-    }
-    out.push_str(rest);
-    out
-}
-
 /// The (unescaped) value of a hidden input `name="NAME" value="..."`.
 fn field(html: &str, name: &str) -> Option<String> {
     let marker = format!("name=\"{name}\" value=\"");
     let i = html.find(&marker)? + marker.len();
     let rest = &html[i..];
     Some(unescape(&rest[..rest.find('"')?]))
-}
-
-fn csrf_of(r: &Resp) -> String {
-    extract_csrf(&r.text()).unwrap_or_else(|| panic!("no csrf field in page (status {}): {}", r.status, r.text()))
-}
-
-fn shown_secret(html: &str) -> Option<String> {
-    let marker = "<p class=\"secret code\">";
-    let i = html.find(marker)? + marker.len();
-    let rest = &html[i..];
-    Some(rest[..rest.find("</p>")?].chars().filter(|c| !c.is_whitespace()).collect())
-}
-
-fn shown_codes(html: &str) -> Vec<String> {
-    let Some(start) = html.find("id=\"codes\"") else {
-        return Vec::new();
-    };
-    let rest = &html[start..];
-    let rest = &rest[..rest.find("</ul>").unwrap_or(rest.len())];
-    rest.split("<li>").skip(1).filter_map(|s| s.find("</li>").map(|j| s[..j].trim().to_string())).collect()
 }
 
 /// The href of the last link that starts before `text`.
@@ -175,50 +82,25 @@ fn href_before(html: &str, text: &str) -> Option<String> {
     Some(unescape(&rest[..rest.find('"')?]))
 }
 
-struct Enrolled {
-    secret: String,
-    codes: Vec<String>,
-}
-
 /// From a Password session: GET /enroll → password → setup page → confirm with oathtool at the clock's time.
 /// Leaves `c` with a Full session and moves the clock one step on (so the confirming code is never reused).
 async fn enrol_signed_in(gw: &Gateway, c: &mut Client, pw: &str) -> Enrolled {
-    let r = c.browse(&format!("{PREFIX}/enroll?rd=%2F")).await;
-    assert_eq!(r.status, 200, "GET /enroll: {}", r.text());
-    let r = c.post_form(&format!("{PREFIX}/enroll"), &[("csrf", &csrf_of(&r)), ("rd", "/"), ("password", pw)]).await;
-    assert_eq!(r.status, 200, "POST /enroll: {}", r.text());
-    let secret = shown_secret(&r.text()).unwrap_or_else(|| panic!("no secret on setup page: {}", r.text()));
-    let code = oathtool(&secret, gw.clock.now());
-    let r =
-        c.post_form(&format!("{PREFIX}/enroll/confirm"), &[("csrf", &csrf_of(&r)), ("rd", "/"), ("code", &code)]).await;
-    assert_eq!(r.status, 200, "confirm: {}", r.text());
-    let codes = shown_codes(&r.text());
-    assert!(!codes.is_empty(), "no recovery codes: {}", r.text());
+    let page = signed_in_setup_page(c, pw).await;
+    let e = confirm_setup_page(c, &page, "/", || gw.clock.now()).await;
     gw.clock.advance(30);
-    Enrolled { secret, codes }
+    e
 }
 
 /// Password login of an enrolled user: returns the challenge page's csrf (the Pending session is in `c`).
 async fn to_challenge(c: &mut Client, user: &str, rd: &str) -> (Resp, String) {
-    let r = c.login(user, PW, rd).await;
-    assert_eq!(r.status, 303, "login {user}: {}", r.text());
-    let loc = r.location();
-    assert!(loc.starts_with(&format!("{PREFIX}/challenge")), "login of enrolled {user} went to {loc}");
-    let page = c.browse(&loc).await;
-    assert_eq!(page.status, 200, "challenge page: {}", page.text());
-    let csrf = csrf_of(&page);
-    (r, csrf)
-}
-
-async fn challenge_totp(c: &mut Client, csrf: &str, code: &str, rd: &str) -> Resp {
-    c.post_form(&format!("{PREFIX}/challenge"), &[("csrf", csrf), ("rd", rd), ("method", "totp"), ("code", code)]).await
+    login_to_challenge_page(c, user, PW, rd).await
 }
 
 /// Full login (password + TOTP) with a fresh time step.
 async fn login_full(gw: &Gateway, c: &mut Client, user: &str, secret: &str) {
     gw.clock.advance(30);
     let (_, csrf) = to_challenge(c, user, "/").await;
-    let r = challenge_totp(c, &csrf, &oathtool(secret, gw.clock.now()), "/").await;
+    let r = submit_totp(c, &csrf, &totp_code(secret, gw.clock.now()), "/").await;
     assert_eq!(r.status, 303, "challenge of {user}: {}", r.text());
 }
 
@@ -791,7 +673,7 @@ async fn hostile_redirect_targets_on_challenge_and_settings() {
         let page2 = c.browse(&format!("{PREFIX}/challenge?method=recovery&rd={}", enc(rd))).await;
         check_field(&mut v, "GET /challenge?method=recovery", rd, &page2);
         // POST with the hostile rd in the hidden field (tampered) and in the query
-        let code = oathtool(&e.secret, w.gw.clock.now());
+        let code = totp_code(&e.secret, w.gw.clock.now());
         let r = c
             .post_form(
                 &format!("{PREFIX}/challenge?rd={}", enc(rd)),
@@ -857,7 +739,7 @@ async fn hostile_redirect_targets_on_enrolment_pages() {
         // for every 6th target go all the way: the codes page's "I have saved" link
         if i % 6 == 0 {
             let secret = shown_secret(&r.text()).unwrap();
-            let code = oathtool(&secret, w.gw.clock.now());
+            let code = totp_code(&secret, w.gw.clock.now());
             let r = alice
                 .post_form(&format!("{PREFIX}/enroll/confirm"), &[("csrf", &csrf_of(&r)), ("rd", rd), ("code", &code)])
                 .await;
@@ -1483,7 +1365,7 @@ async fn session_fixation_planted_cookies_never_become_the_victims_session() {
     let mut victim = w.gw.client(TF);
     let (_, csrf) = to_challenge(&mut victim, "tina", "/").await;
     let pending = victim.session_cookie().unwrap();
-    let r = challenge_totp(&mut victim, &csrf, &oathtool(&e.secret, w.gw.clock.now()), "/").await;
+    let r = submit_totp(&mut victim, &csrf, &totp_code(&e.secret, w.gw.clock.now()), "/").await;
     assert_eq!(r.status, 303, "{}", r.text());
     let full = victim.session_cookie().unwrap();
     assert_ne!(full, pending, "the challenge kept the pending session id");
@@ -1878,12 +1760,12 @@ async fn lockout_evasion_of_the_second_factor_through_the_reset_form() {
     }
     // now even the right code is refused, on the reset form and on the challenge
     gw.clock.advance(30);
-    let code = oathtool(&e.secret, gw.clock.now());
+    let code = totp_code(&e.secret, gw.clock.now());
     let r = post_reset(&mut gw.client(APP), &tok, &tok, "New-passw0rd-xyz", &[("code", &code)]).await;
     assert_eq!(r.status, 429, "reset with the right code after 3 second-factor failures: {}", r.text());
     let mut c = gw.client(TF);
     let (_, csrf) = to_challenge(&mut c, "tina", "/").await;
-    let r = challenge_totp(&mut c, &csrf, &code, "/").await;
+    let r = submit_totp(&mut c, &csrf, &code, "/").await;
     assert_eq!(r.status, 429, "challenge after second-factor failures on the reset form");
     assert!(password_works(&gw, "tina", PW).await, "password unchanged");
 }
@@ -2054,7 +1936,7 @@ async fn reset_does_not_bypass_two_factor() {
     }
     assert!(!password_works(gw, "tina", "No-2fa-bypass-12").await);
     // the token is still good; with a right code it works, and 2FA stays on
-    let code = oathtool(&e.secret, gw.clock.now());
+    let code = totp_code(&e.secret, gw.clock.now());
     let r = post_reset(&mut gw.client(APP), &tok, &tok, "With-2fa-pass-123", &[("code", &code)]).await;
     assert_eq!(r.status, 200, "reset with the right code: {}", r.text());
     let u = show_user(&w.env, "tina").await;
@@ -2368,7 +2250,7 @@ async fn nothing_typed_as_a_secret_reaches_the_logs() {
         .post_form(&format!("{PREFIX}/enroll/confirm"), &[("csrf", &csrf_of(&r)), ("rd", "/"), ("code", &wrong)])
         .await;
     assert_eq!(r2.status, 422);
-    let code = oathtool(&secret, now_unix());
+    let code = totp_code(&secret, now_unix());
     let r = c
         .post_form(&format!("{PREFIX}/enroll/confirm"), &[("csrf", &csrf_of(&r2)), ("rd", "/"), ("code", &code)])
         .await;
@@ -2422,7 +2304,7 @@ async fn nothing_typed_as_a_secret_reaches_the_logs() {
     secrets.push(("reset token".into(), tok.clone()));
     let new_pw = "Reset-New-Pw-c0ffee";
     secrets.push(("reset password".into(), new_pw.into()));
-    let code = oathtool(&secret, now_unix() + 30);
+    let code = totp_code(&secret, now_unix() + 30);
     let r = post_reset(&mut Client::new(gw.addr, APP), &tok, &tok, new_pw, &[("code", &code)]).await;
     assert!(r.status == 200 || r.status == 401, "{}", r.text());
     let o = env.cli(&["user", "invite", "inv@example.com"], None).await;

@@ -14,12 +14,6 @@ async fn env_with_alice(rest: &str) -> Env {
     env
 }
 
-fn query_param(url: &str, name: &str) -> Option<String> {
-    let q = url.split_once('?')?.1;
-    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(q).ok()?;
-    pairs.into_iter().find(|(k, _)| k == name).map(|(_, v)| v)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unauthenticated_browser_get_redirects_to_login_non_browser_gets_401() {
     let up = start_upstream().await;

@@ -4,15 +4,6 @@ use std::path::Path;
 
 use crate::support::*;
 
-fn out_text(o: &std::process::Output) -> String {
-    format!(
-        "status {:?}\nstdout: {}\nstderr: {}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_lock_unlock_delete_affect_live_sessions() {
     let up = start_upstream().await;

@@ -17,48 +17,8 @@ use crate::support::*;
 const APP: &str = "app.test";
 const TF: &str = "tf.test";
 
-fn out_text(o: &std::process::Output) -> String {
-    format!(
-        "status {:?}\nstdout: {}\nstderr: {}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-async fn show_user(env: &Env, name: &str) -> serde_json::Value {
-    let o = env.cli(&["user", "show", name, "--json"], None).await;
-    assert!(o.status.success(), "user show {name} --json: {}", out_text(&o));
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("user show --json not JSON ({e}): {}", out_text(&o)))
-}
-
-fn oathtool(secret: &str, at: u64) -> String {
-    let out = std::process::Command::new("oathtool")
-        .args(["--totp", "-b", "-N", &format!("@{at}"), secret])
-        .output()
-        .expect("run oathtool");
-    assert!(out.status.success(), "oathtool failed: {}", out_text(&out));
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
 fn csrf_in(r: &Resp) -> Option<String> {
     extract_csrf(&r.text())
-}
-
-fn shown_secret(html: &str) -> Option<String> {
-    let marker = "<p class=\"secret code\">";
-    let i = html.find(marker)? + marker.len();
-    let rest = &html[i..];
-    Some(rest[..rest.find("</p>")?].chars().filter(|c| !c.is_whitespace()).collect())
-}
-
-fn shown_codes(html: &str) -> Vec<String> {
-    let Some(start) = html.find("id=\"codes\"") else {
-        return Vec::new();
-    };
-    let rest = &html[start..];
-    let rest = &rest[..rest.find("</ul>").unwrap_or(rest.len())];
-    rest.split("<li>").skip(1).filter_map(|s| s.find("</li>").map(|j| s[..j].trim().to_string())).collect()
 }
 
 /// A tiny xorshift PRNG (no extra dev-dependency); the seed is printed so a run can be repeated.
@@ -98,17 +58,8 @@ async fn sign_in(c: &mut Client, user: &str) -> Resp {
 
 /// From a Password session: the setup page (secret + csrf for the confirm form).
 async fn setup_page(c: &mut Client) -> (String, String) {
-    let r = c.browse(&format!("{PREFIX}/enroll?rd=%2F")).await;
-    assert_eq!(r.status, 200, "GET /enroll: {}", r.text());
-    let r = c
-        .post_form(&format!("{PREFIX}/enroll"), &[("csrf", &csrf_in(&r).unwrap()), ("rd", "/"), ("password", PW)])
-        .await;
-    assert_eq!(r.status, 200, "POST /enroll: {}", r.text());
+    let r = signed_in_setup_page(c, PW).await;
     (shown_secret(&r.text()).expect("secret on the setup page"), csrf_in(&r).unwrap())
-}
-
-fn kill9(pid: u32) {
-    let _ = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status();
 }
 
 // =============================================================================================
@@ -153,7 +104,7 @@ async fn kill_9_during_enrolments_logins_and_recovery_codes_keeps_invariants() {
         let r = c
             .post_form(
                 &format!("{PREFIX}/enroll/confirm"),
-                &[("csrf", &csrf), ("rd", "/"), ("code", &oathtool(&secret, now_unix()))],
+                &[("csrf", &csrf), ("rd", "/"), ("code", &totp_code(&secret, now_unix()))],
             )
             .await;
         assert_eq!(r.status, 200, "enrol {u}: {}", r.text());
@@ -262,7 +213,7 @@ async fn kill_9_during_enrolments_logins_and_recovery_codes_keeps_invariants() {
         let mut tasks: Vec<tokio::task::JoinHandle<Outcome>> = Vec::new();
         for (u, mut c, secret, csrf) in confirms {
             tasks.push(tokio::spawn(async move {
-                let code = oathtool(&secret, now_unix());
+                let code = totp_code(&secret, now_unix());
                 let r = attempt(
                     &mut c,
                     "POST",

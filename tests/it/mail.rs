@@ -11,6 +11,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
+use crate::support::shown_secret_spaced as shown_secret;
 use crate::support::*;
 
 // ---------------------------------------------------------------------------------------------
@@ -47,15 +48,6 @@ async fn env_with_alice(rest: &str) -> Env {
     let env = Env::new(rest);
     env.add_user(USER, EMAIL, "Alice Liddell", &["staff"], PW).await;
     env
-}
-
-fn out_text(o: &std::process::Output) -> String {
-    format!(
-        "status {:?}\nstdout: {}\nstderr: {}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 async fn cli_ok(env: &Env, args: &[&str], stdin: Option<&str>) -> std::process::Output {
@@ -272,16 +264,6 @@ fn path_of(url: &str) -> String {
 // HTTP helpers
 // ---------------------------------------------------------------------------------------------
 
-fn csrf_of(r: &Resp) -> String {
-    extract_csrf(&r.text()).unwrap_or_else(|| panic!("no csrf field in page (status {}): {}", r.status, r.text()))
-}
-
-fn session_set_cookie(r: &Resp) -> Option<String> {
-    r.set_cookies()
-        .into_iter()
-        .find(|s| s.starts_with(&format!("{SESSION}=")) && !s.starts_with(&format!("{SESSION}=;")))
-}
-
 /// GET /forgot (sets the csrf cookie when absent) and return the csrf token.
 async fn forgot_csrf(c: &mut Client) -> String {
     let page = c.browse(&format!("{PREFIX}/forgot")).await;
@@ -342,22 +324,6 @@ async fn login_result(gw: &Gateway, user: &str, pw: &str) -> (u16, String) {
     (r.status, loc)
 }
 
-async fn logout(c: &mut Client) {
-    let page = c.browse(&format!("{PREFIX}/logout")).await;
-    assert_eq!(page.status, 200, "logout page: {}", page.text());
-    let csrf = csrf_of(&page);
-    let r = c.post_form(&format!("{PREFIX}/logout"), &[("csrf", &csrf)]).await;
-    assert_eq!(r.status, 303, "logout: {}", r.text());
-}
-
-/// Password confirmation of a sensitive settings action (`/settings/disable`, `/settings/recovery/regenerate`).
-async fn confirm_password(c: &mut Client, path: &str, password: &str) -> Resp {
-    let page = c.browse(&format!("{PREFIX}{path}")).await;
-    assert_eq!(page.status, 200, "GET {path}: {}", page.text());
-    let csrf = csrf_of(&page);
-    c.post_form(&format!("{PREFIX}{path}"), &[("csrf", &csrf), ("rd", "/"), ("password", password)]).await
-}
-
 /// Settings password change: GET the form, POST current + new twice.
 async fn change_password(c: &mut Client, current: &str, new: &str) -> Resp {
     let page = c.browse(&format!("{PREFIX}/settings/password")).await;
@@ -373,48 +339,6 @@ async fn change_password(c: &mut Client, current: &str, new: &str) -> Resp {
 // ---------------------------------------------------------------------------------------------
 // TOTP helpers (copied from two_factor.rs)
 // ---------------------------------------------------------------------------------------------
-
-/// The TOTP code `oathtool` computes for `secret` (base32) at unix time `at`.
-fn oathtool(secret: &str, at: u64) -> String {
-    let out = std::process::Command::new("oathtool")
-        .args(["--totp", "-b", "-N", &format!("@{at}"), secret])
-        .output()
-        .expect("run oathtool (Debian package oathtool)");
-    assert!(out.status.success(), "oathtool failed: {}", out_text(&out));
-    let code = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    assert!(code.len() == 6 && code.bytes().all(|b| b.is_ascii_digit()), "oathtool printed {code:?}");
-    code
-}
-
-fn code_now(gw: &Gateway, secret: &str) -> String {
-    oathtool(secret, gw.clock.now())
-}
-
-/// A 6-digit code that is valid for none of the steps around `at`.
-fn wrong_code(secret: &str, at: u64) -> String {
-    let near: Vec<String> = (0..5).map(|i| oathtool(secret, at + i * 30 - 60)).collect();
-    ["000000", "111111", "222222", "333333", "444444", "555555", "987654"]
-        .iter()
-        .find(|c| !near.iter().any(|n| n == *c))
-        .unwrap()
-        .to_string()
-}
-
-fn shown_secret(html: &str) -> Option<String> {
-    let marker = "<p class=\"secret code\">";
-    let i = html.find(marker)? + marker.len();
-    let rest = &html[i..];
-    Some(rest[..rest.find("</p>")?].trim().to_string())
-}
-
-fn shown_codes(html: &str) -> Vec<String> {
-    let Some(start) = html.find("id=\"codes\"") else {
-        return Vec::new();
-    };
-    let rest = &html[start..];
-    let rest = &rest[..rest.find("</ul>").unwrap_or(rest.len())];
-    rest.split("<li>").skip(1).filter_map(|s| s.find("</li>").map(|j| s[..j].trim().to_string())).collect()
-}
 
 struct Setup {
     secret: String,
@@ -441,7 +365,7 @@ struct Enrolled {
 
 /// Confirm a setup page with a code at `at`; asserts the codes page.
 async fn finish_enroll(c: &mut Client, s: Setup, at: u64, rd: &str) -> Enrolled {
-    let r = confirm(c, &s, &oathtool(&s.secret, at), rd).await;
+    let r = confirm(c, &s, &totp_code(&s.secret, at), rd).await;
     assert_eq!(r.status, 200, "confirm with the right code: {}", r.text());
     assert!(r.text().contains("Two-factor authentication is on"), "codes page: {}", r.text());
     let codes = shown_codes(&r.text());
@@ -464,23 +388,12 @@ async fn forced_enroll(gw: &Gateway, c: &mut Client, user: &str, pw: &str) -> En
 
 /// From a Password/Full session: GET /enroll (password form), POST it, get the setup page.
 async fn settings_setup(c: &mut Client, pw: &str) -> Setup {
-    let r = c.browse(&format!("{PREFIX}/enroll?rd=%2F")).await;
-    assert_eq!(r.status, 200, "GET /enroll: {}", r.text());
-    let csrf = csrf_of(&r);
-    let r = c.post_form(&format!("{PREFIX}/enroll"), &[("csrf", &csrf), ("rd", "/"), ("password", pw)]).await;
-    assert_eq!(r.status, 200, "POST /enroll with the password: {}", r.text());
-    parse_setup(&r)
+    parse_setup(&signed_in_setup_page(c, pw).await)
 }
 
 /// Password login of an enrolled user up to the challenge; returns the challenge csrf.
 async fn login_to_challenge(c: &mut Client, user: &str, pw: &str) -> String {
-    let r = c.login(user, pw, "/").await;
-    assert_eq!(r.status, 303, "login: {}", r.text());
-    let loc = r.location();
-    assert!(loc.starts_with(&format!("{PREFIX}/challenge")), "login of an enrolled user went to {loc}");
-    let page = c.browse(&loc).await;
-    assert_eq!(page.status, 200, "challenge page: {}", page.text());
-    csrf_of(&page)
+    login_to_challenge_page(c, user, pw, "/").await.1
 }
 
 async fn post_challenge(c: &mut Client, fields: &[(&str, &str)], ua: &str) -> Resp {
@@ -1244,7 +1157,7 @@ async fn no_token_or_code_in_the_logs() {
     assert_eq!(page.status, 200, "setup page: {}", page.text());
     let s = parse_setup(&page);
     secrets.push(("TOTP secret".into(), s.secret.clone()));
-    let code = oathtool(&s.secret, now_unix());
+    let code = totp_code(&s.secret, now_unix());
     secrets.push(("enrolment TOTP code".into(), code.clone()));
     let r = confirm(&mut c, &s, &code, "/").await;
     assert_eq!(r.status, 200, "confirm: {}", r.text());

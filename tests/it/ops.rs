@@ -27,21 +27,6 @@ const WIKI: &str = "wiki.example.com";
 const APP: &str = "app.test";
 const WRONG_PW: &str = "Wr0ng-passw0rd-typed!";
 
-fn out_text(o: &std::process::Output) -> String {
-    format!(
-        "status {:?}\nstdout: {}\nstderr: {}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-async fn show_user(env: &Env, name: &str) -> serde_json::Value {
-    let o = env.cli(&["user", "show", name, "--json"], None).await;
-    assert!(o.status.success(), "user show {name} --json: {}", out_text(&o));
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("user show --json is not JSON ({e}): {}", out_text(&o)))
-}
-
 fn event_kinds(user: &serde_json::Value) -> Vec<String> {
     user["recent_events"]
         .as_array()
@@ -51,83 +36,9 @@ fn event_kinds(user: &serde_json::Value) -> Vec<String> {
         .collect()
 }
 
-/// The TOTP code `oathtool` computes for `secret` (base32) at unix time `at`.
-fn oathtool(secret: &str, at: u64) -> String {
-    let out = std::process::Command::new("/usr/bin/oathtool")
-        .args(["--totp", "-b", "-N", &format!("@{at}"), secret])
-        .output()
-        .expect("run oathtool");
-    assert!(out.status.success(), "oathtool failed: {}", out_text(&out));
-    let code = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    assert!(code.len() == 6 && code.bytes().all(|b| b.is_ascii_digit()), "oathtool printed {code:?}");
-    code
-}
-
-/// A 6-digit code valid for none of the steps around `at`.
-fn wrong_code(secret: &str, at: u64) -> String {
-    let near: Vec<String> = (0..7).map(|i| oathtool(secret, at + i * 30 - 90)).collect();
-    ["000000", "111111", "222222", "333333", "987654"]
-        .iter()
-        .find(|c| !near.iter().any(|n| n == *c))
-        .unwrap()
-        .to_string()
-}
-
-fn csrf_of(r: &Resp) -> String {
-    extract_csrf(&r.text()).unwrap_or_else(|| panic!("no csrf field in page (status {}): {}", r.status, r.text()))
-}
-
-fn query_param(url: &str, name: &str) -> Option<String> {
-    let q = url.split_once('?')?.1;
-    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(q).ok()?;
-    pairs.into_iter().find(|(k, _)| k == name).map(|(_, v)| v)
-}
-
-fn shown_secret(html: &str) -> Option<String> {
-    let marker = "<p class=\"secret code\">";
-    let i = html.find(marker)? + marker.len();
-    let rest = &html[i..];
-    Some(rest[..rest.find("</p>")?].chars().filter(|c| !c.is_whitespace()).collect())
-}
-
-fn shown_codes(html: &str) -> Vec<String> {
-    let Some(start) = html.find("id=\"codes\"") else {
-        return Vec::new();
-    };
-    let rest = &html[start..];
-    let rest = &rest[..rest.find("</ul>").unwrap_or(rest.len())];
-    rest.split("<li>").skip(1).filter_map(|s| s.find("</li>").map(|j| s[..j].trim().to_string())).collect()
-}
-
-struct Enrolled {
-    secret: String,
-    codes: Vec<String>,
-    /// The code that confirmed the enrolment.
-    code: String,
-}
-
-/// After a password login that answered 303 to `loc` (the forced enrolment page): show the setup page and confirm
-/// it with the code for unix time `now`.
-async fn finish_forced_enrolment(c: &mut Client, loc: &str, now: u64) -> Enrolled {
-    assert!(loc.starts_with(&format!("{PREFIX}/enroll")), "password login went to {loc}, not to enrolment");
-    let page = c.browse(loc).await;
-    assert_eq!(page.status, 200, "setup page: {}", page.text());
-    let secret = shown_secret(&page.text()).unwrap_or_else(|| panic!("no secret on the setup page: {}", page.text()));
-    let csrf = csrf_of(&page);
-    let rd = query_param(loc, "rd").unwrap_or_else(|| "/".into());
-    let code = oathtool(&secret, now);
-    let r = c.post_form(&format!("{PREFIX}/enroll/confirm"), &[("csrf", &csrf), ("rd", &rd), ("code", &code)]).await;
-    assert_eq!(r.status, 200, "confirm enrolment: {}", r.text());
-    let codes = shown_codes(&r.text());
-    assert!(!codes.is_empty(), "no recovery codes on the confirmation page: {}", r.text());
-    Enrolled { secret, codes, code }
-}
-
 /// Password login + forced enrolment, at the in-process gateway's clock time.
 async fn enrol(gw: &Gateway, c: &mut Client, user: &str) -> Enrolled {
-    let r = c.login(user, PW, "/").await;
-    assert_eq!(r.status, 303, "login of {user}: {}", r.text());
-    finish_forced_enrolment(c, &r.location(), gw.clock.now()).await
+    enrol_forced(c, user, PW, || gw.clock.now()).await
 }
 
 /// POST /login with extra request headers.
@@ -142,22 +53,6 @@ async fn post_login_with(c: &mut Client, user: &str, pass: &str, headers: &[(&st
     c.send("POST", &format!("{PREFIX}/login"), &h, Some(("application/x-www-form-urlencoded", body.into_bytes()))).await
 }
 
-async fn logout(c: &mut Client) {
-    let page = c.browse(&format!("{PREFIX}/logout")).await;
-    assert_eq!(page.status, 200, "logout page: {}", page.text());
-    let csrf = csrf_of(&page);
-    let r = c.post_form(&format!("{PREFIX}/logout"), &[("csrf", &csrf)]).await;
-    assert_eq!(r.status, 303, "logout: {}", r.text());
-}
-
-/// Password confirmation of a settings action, then its answer.
-async fn confirm_password(c: &mut Client, path: &str, password: &str) -> Resp {
-    let page = c.browse(&format!("{PREFIX}{path}")).await;
-    assert_eq!(page.status, 200, "GET {path}: {}", page.text());
-    let csrf = csrf_of(&page);
-    c.post_form(&format!("{PREFIX}{path}"), &[("csrf", &csrf), ("rd", "/"), ("password", password)]).await
-}
-
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .unwrap_or_default()
@@ -165,69 +60,6 @@ fn is_root() -> bool {
         .find(|l| l.starts_with("Uid:"))
         .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
         .unwrap_or(false)
-}
-
-// ----- a `portcullis serve` child with extra environment variables --------------------------------
-
-struct Served {
-    child: tokio::process::Child,
-    pid: u32,
-    addr: SocketAddr,
-    log_path: PathBuf,
-}
-
-impl Served {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
-    }
-    fn client(&self, host: &str) -> Client {
-        Client::new(self.addr, host)
-    }
-    fn hup(&self) {
-        let st =
-            std::process::Command::new("kill").args(["-HUP", &self.pid.to_string()]).status().expect("run kill -HUP");
-        assert!(st.success(), "kill -HUP {} failed", self.pid);
-    }
-    fn assert_running(&mut self) {
-        if let Ok(Some(st)) = self.child.try_wait() {
-            panic!("portcullis serve exited ({st}); log:\n{}", self.log());
-        }
-    }
-    async fn stop(mut self) {
-        let _ = self.child.kill().await;
-    }
-}
-
-/// `portcullis serve -c CONFIG` with `vars` in its environment, stdout+stderr captured to a file; waits for /health.
-async fn serve_child(env: &Env, vars: &[(&str, &str)], log_name: &str) -> Served {
-    let log_path = env.path().join(log_name);
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
-    cmd.arg("serve")
-        .arg("-c")
-        .arg(&env.config_path)
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .kill_on_drop(true);
-    for (k, v) in vars {
-        cmd.env(k, v);
-    }
-    let child = cmd.spawn().expect("spawn portcullis serve");
-    let pid = child.id().unwrap();
-    let mut s = Served { child, pid, addr: env.listen, log_path };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        s.assert_running();
-        let mut c = Client::new(s.addr, "localhost");
-        let probe =
-            tokio::time::timeout(Duration::from_secs(5), c.try_send("GET", "/_portcullis/health", &[], None)).await;
-        if matches!(probe, Ok(Ok(ref r)) if r.status == 200) {
-            return s;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "serve not healthy within 60s; log:\n{}", s.log());
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 /// The CLI with extra environment variables.
@@ -503,7 +335,7 @@ async fn nginx_auth_request_login_flow() {
     let csrf = csrf_of(&page);
     let r = c.post_login(&csrf, "alice", PW, "/docs/page?x=1").await;
     assert_eq!(r.status, 303, "login POST through nginx: {}", r.text());
-    let enrolled = finish_forced_enrolment(&mut c, &r.location(), gw.clock.now()).await;
+    let enrolled = finish_forced_enrolment(&mut c, &r.location(), || gw.clock.now()).await;
     assert!(!enrolled.secret.is_empty());
     assert!(c.session_cookie().is_some(), "no session cookie after enrolment through nginx");
 
@@ -747,7 +579,7 @@ async fn audit_events_for_each_kind_and_no_secrets_in_logs() {
         app(APP, &up.url(), "two_factor")
     ));
     env.add_user("alice", "alice@example.com", "Alice Liddell", &["staff"], PW).await;
-    let mut gw = serve_child(&env, &[], "serve.log").await;
+    let mut gw = env.spawn_child_with(&[], "serve.log", Duration::from_secs(60)).await;
     let mut cli_logs = String::new();
     let mut cookies: Vec<String> = Vec::new();
     let mut codes_typed: Vec<String> = Vec::new();
@@ -774,7 +606,7 @@ async fn audit_events_for_each_kind_and_no_secrets_in_logs() {
     let r = c.login("alice", PW, "/").await;
     assert_eq!(r.status, 303);
     cookies.extend(c.session_cookie());
-    let e = finish_forced_enrolment(&mut c, &r.location(), now_unix()).await;
+    let e = finish_forced_enrolment(&mut c, &r.location(), now_unix).await;
     cookies.extend(c.session_cookie());
     codes_typed.push(e.code.clone());
     expect(&env, &["login_succeeded", "two_factor_enabled"], "enrolment").await;
@@ -788,13 +620,13 @@ async fn audit_events_for_each_kind_and_no_secrets_in_logs() {
     cookies.extend(c.session_cookie());
     let page = c.browse(&r.location()).await;
     let csrf = csrf_of(&page);
-    let bad = wrong_code(&e.secret, now_unix());
+    let bad = wrong_code_around(&e.secret, now_unix(), 3);
     codes_typed.push(bad.clone());
     let challenge = format!("{PREFIX}/challenge");
     let r = c.post_form(&challenge, &[("csrf", &csrf), ("rd", "/"), ("method", "totp"), ("code", &bad)]).await;
     assert_eq!(r.status, 401, "wrong TOTP code: {}", r.text());
     expect(&env, &["second_factor_failed"], "a wrong code").await;
-    let good = oathtool(&e.secret, now_unix() + 30);
+    let good = totp_code(&e.secret, now_unix() + 30);
     codes_typed.push(good.clone());
     let r = c.post_form(&challenge, &[("csrf", &csrf), ("rd", "/"), ("method", "totp"), ("code", &good)]).await;
     assert_eq!(r.status, 303, "right TOTP code: {}", r.text());
@@ -1010,7 +842,7 @@ async fn env_override_and_secret_file() {
     let env = Env::new(&config(m1));
     std::fs::write(env.path().join("metrics.token"), format!("{token}\n")).unwrap();
     env.add_user("alice", "alice@example.com", "Alice Liddell", &[], PW).await;
-    let s = serve_child(&env, &[], "serve.log").await;
+    let s = env.spawn_child_with(&[], "serve.log", Duration::from_secs(60)).await;
     let mut c = s.client(APP);
     assert_eq!(c.get("/x").await.status, 200, "bypass app without overrides");
     assert_eq!(scrape(m1, None).await.status, 401, "metrics without a token (token_file set)");
@@ -1023,7 +855,7 @@ async fn env_override_and_secret_file() {
     let m2 = free_addr();
     let env2 = Env::new(&config(m2));
     std::fs::write(env2.path().join("metrics.token"), format!("{token}\n")).unwrap();
-    let s = serve_child(&env2, &[("PORTCULLIS_APP__0__POLICY", "deny")], "serve.log").await;
+    let s = env2.spawn_child_with(&[("PORTCULLIS_APP__0__POLICY", "deny")], "serve.log", Duration::from_secs(60)).await;
     let mut c = s.client(APP);
     let r = c.get("/x").await;
     assert_eq!(r.status, 403, "PORTCULLIS_APP__0__POLICY=deny: {}", r.text());
@@ -1105,7 +937,7 @@ async fn status_of(addr: SocketAddr, path: &str) -> u16 {
 async fn sighup_reload_changes_a_rule_while_a_long_request_completes() {
     let slow = start_slow_upstream().await;
     let env = Env::new(&reload_config(&slow, "bypass"));
-    let mut s = serve_child(&env, &[], "serve.log").await;
+    let mut s = env.spawn_child_with(&[], "serve.log", Duration::from_secs(60)).await;
     assert_eq!(status_of(s.addr, "/public/hello").await, 200, "bypass rule before the reload");
     assert_eq!(status_of(s.addr, "/other").await, 401, "one_factor app without a session");
 
@@ -1139,7 +971,7 @@ async fn sighup_reload_changes_a_rule_while_a_long_request_completes() {
 async fn bad_reload_keeps_serving() {
     let slow = start_slow_upstream().await;
     let env = Env::new(&reload_config(&slow, "bypass"));
-    let mut s = serve_child(&env, &[], "serve.log").await;
+    let mut s = env.spawn_child_with(&[], "serve.log", Duration::from_secs(60)).await;
     assert_eq!(status_of(s.addr, "/public/hello").await, 200);
 
     // An invalid value, then a syntax error: each reload fails, the old rules keep serving.

@@ -30,19 +30,6 @@ const OF: &str = "one.test";
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-fn out_text(o: &std::process::Output) -> String {
-    format!(
-        "status {:?}\nstdout: {}\nstderr: {}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn kill(pid: u32, sig: &str) {
-    let _ = std::process::Command::new("kill").args([sig, &pid.to_string()]).status();
-}
-
 /// 64 random bytes, mode 0600: the master key shared by every instance (written before any of them starts, so
 /// two instances booting together can't each create their own).
 fn write_key(path: &Path) {
@@ -153,54 +140,9 @@ impl Cluster {
     }
 }
 
-fn tail(log: &str) -> String {
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
-}
-
 /// The same cookies, sent to another instance.
 fn on(c: &Client, addr: std::net::SocketAddr) -> Client {
     Client { addr, host: c.host.clone(), jar: c.jar.clone() }
-}
-
-fn oathtool(secret: &str, at: u64) -> String {
-    let out = std::process::Command::new("oathtool")
-        .args(["--totp", "-b", "-N", &format!("@{at}"), secret])
-        .output()
-        .expect("run oathtool (Debian package oathtool)");
-    assert!(out.status.success(), "oathtool failed: {}", out_text(&out));
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-/// A 6-digit code valid for none of the steps around now.
-fn wrong_code(secret: &str) -> String {
-    let now = now_unix();
-    let near: Vec<String> = (0..7).map(|i| oathtool(secret, now + i * 30 - 90)).collect();
-    ["000000", "111111", "222222", "333333", "987654", "123456"]
-        .iter()
-        .find(|c| !near.iter().any(|n| n == *c))
-        .unwrap()
-        .to_string()
-}
-
-fn shown_secret(html: &str) -> Option<String> {
-    let marker = "<p class=\"secret code\">";
-    let i = html.find(marker)? + marker.len();
-    let rest = &html[i..];
-    Some(rest[..rest.find("</p>")?].chars().filter(|c| !c.is_whitespace()).collect())
-}
-
-fn shown_codes(html: &str) -> Vec<String> {
-    let Some(start) = html.find("id=\"codes\"") else {
-        return Vec::new();
-    };
-    let rest = &html[start..];
-    let rest = &rest[..rest.find("</ul>").unwrap_or(rest.len())];
-    rest.split("<li>").skip(1).filter_map(|s| s.find("</li>").map(|j| s[..j].trim().to_string())).collect()
-}
-
-fn csrf_of(r: &Resp) -> String {
-    extract_csrf(&r.text()).unwrap_or_else(|| panic!("no csrf field in page (status {}): {}", r.status, r.text()))
 }
 
 /// An enrolled user: secret, recovery codes, the last TOTP step the gateway accepted, the Full session cookie.
@@ -220,7 +162,7 @@ impl Enrolled {
             let step = (self.last_step + 1).max(cur);
             if step <= cur + 1 {
                 self.last_step = step;
-                return oathtool(&self.secret, step * 30);
+                return totp_code(&self.secret, step * 30);
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
@@ -229,60 +171,28 @@ impl Enrolled {
 
 /// Forced enrolment (required = true) at the first login, through `c`'s instance.
 async fn enroll(c: &mut Client, user: &str) -> Enrolled {
-    let r = c.login(user, PW, "/").await;
-    assert_eq!(r.status, 303, "login of {user}: {}", r.text());
-    let loc = r.location();
-    assert!(loc.starts_with(&format!("{PREFIX}/enroll")), "first login of {user} went to {loc}");
-    let page = c.browse(&loc).await;
-    assert_eq!(page.status, 200, "setup page: {}", page.text());
-    let secret = shown_secret(&page.text()).unwrap_or_else(|| panic!("no secret on the setup page: {}", page.text()));
-    let csrf = csrf_of(&page);
-    let step = now_unix() / 30;
-    let r = c
-        .post_form(
-            &format!("{PREFIX}/enroll/confirm"),
-            &[("csrf", &csrf), ("rd", "/"), ("code", &oathtool(&secret, step * 30))],
-        )
-        .await;
-    assert_eq!(r.status, 200, "enrolment confirm of {user}: {}", r.text());
-    let codes = shown_codes(&r.text());
-    assert_eq!(codes.len(), 10, "recovery codes page: {}", r.text());
-    Enrolled { secret, codes, last_step: step, cookie: c.session_cookie().expect("Full session after enrolment") }
+    let mut step = 0;
+    let e = enrol_forced(c, user, PW, || {
+        step = now_unix() / 30;
+        step * 30
+    })
+    .await;
+    assert_eq!(e.codes.len(), 10, "recovery codes page: {:?}", e.codes);
+    Enrolled {
+        secret: e.secret,
+        codes: e.codes,
+        last_step: step,
+        cookie: c.session_cookie().expect("Full session after enrolment"),
+    }
 }
 
 /// Password login of an enrolled user up to the challenge page, which is fetched from `challenge_on`
 /// (another instance, with the same cookie, when it differs). Returns the client for that instance and the csrf.
 async fn to_challenge(c: &mut Client, user: &str, challenge_on: std::net::SocketAddr) -> (Client, String) {
-    let r = c.login(user, PW, "/").await;
-    assert_eq!(r.status, 303, "password login of {user}: {}", r.text());
-    let loc = r.location();
-    assert!(loc.starts_with(&format!("{PREFIX}/challenge")), "login of enrolled {user} went to {loc}");
+    let (_, loc) = login_to_challenge_loc(c, user, PW, "/").await;
     let mut there = on(c, challenge_on);
-    let page = there.browse(&loc).await;
-    assert_eq!(page.status, 200, "challenge page: {}", page.text());
-    let csrf = csrf_of(&page);
+    let csrf = challenge_csrf(&mut there, &loc).await;
     (there, csrf)
-}
-
-async fn submit_totp(c: &mut Client, csrf: &str, code: &str) -> Resp {
-    c.post_form(&format!("{PREFIX}/challenge"), &[("csrf", csrf), ("rd", "/"), ("method", "totp"), ("code", code)])
-        .await
-}
-
-async fn submit_recovery(c: &mut Client, csrf: &str, code: &str) -> Resp {
-    c.post_form(
-        &format!("{PREFIX}/challenge"),
-        &[("csrf", csrf), ("rd", "/"), ("method", "recovery"), ("recovery_code", code)],
-    )
-    .await
-}
-
-async fn logout(c: &mut Client) {
-    let page = c.browse(&format!("{PREFIX}/logout")).await;
-    assert_eq!(page.status, 200, "logout page: {}", page.text());
-    let csrf = csrf_of(&page);
-    let r = c.post_form(&format!("{PREFIX}/logout"), &[("csrf", &csrf)]).await;
-    assert_eq!(r.status, 303, "logout: {}", r.text());
 }
 
 /// GET `path` on `addr` with only the session cookie.
@@ -455,17 +365,17 @@ async fn totp_code_accepted_on_a_is_refused_on_b() {
     let (mut on_b, csrf_b) = to_challenge(&mut cl.client_b(TF), "alice", cl.gb.addr).await;
     let code = e.fresh_code().await;
 
-    let r = submit_totp(&mut on_a, &csrf_a, &code).await;
+    let r = submit_totp(&mut on_a, &csrf_a, &code, "/").await;
     assert_eq!(r.status, 303, "the code on A: {}", r.text());
     assert_eq!(on_a.get("/").await.status, 200);
 
-    let r = submit_totp(&mut on_b, &csrf_b, &code).await;
+    let r = submit_totp(&mut on_b, &csrf_b, &code, "/").await;
     assert_eq!(r.status, 401, "the code A accepted was accepted again on B: {}\n{}", r.status, cl.logs());
     assert_ne!(on_b.get("/").await.status, 200, "B's session got past the challenge with a replayed code");
     // an older step is refused too (only steps newer than the last accepted one pass)
-    let older = oathtool(&e.secret, (e.last_step - 1) * 30);
+    let older = totp_code(&e.secret, (e.last_step - 1) * 30);
     if older != code {
-        let r = submit_totp(&mut on_b, &csrf_b, &older).await;
+        let r = submit_totp(&mut on_b, &csrf_b, &older, "/").await;
         assert_eq!(r.status, 401, "a code older than the one A accepted passed on B: {}", r.text());
     }
     let events = cl.show("alice").await["recent_events"].clone();
@@ -503,7 +413,7 @@ async fn twenty_concurrent_submissions_of_one_recovery_code_over_a_and_b_give_ex
                 let code = code.clone();
                 tokio::spawn(async move {
                     barrier.wait().await;
-                    let r = submit_recovery(&mut c, &csrf, &code).await;
+                    let r = submit_recovery(&mut c, &csrf, &code, "/").await;
                     (r.status, is_a, c)
                 })
             })
@@ -574,10 +484,10 @@ async fn lockout_counts_across_both_instances() {
     // second-factor failures alternate too (alice's password counter is untouched)
     let (mut pa, csrf_a) = to_challenge(&mut cl.client_a(TF), "alice", cl.ga.addr).await;
     let (mut pb, csrf_b) = to_challenge(&mut cl.client_b(TF), "alice", cl.gb.addr).await;
-    let bad = wrong_code(&e.secret);
+    let bad = wrong_code_around(&e.secret, now_unix(), 3);
     for i in 0..MAX {
         let (c, csrf, name) = if i.is_multiple_of(2) { (&mut pa, &csrf_a, "A") } else { (&mut pb, &csrf_b, "B") };
-        let r = submit_totp(c, csrf, &bad).await;
+        let r = submit_totp(c, csrf, &bad, "/").await;
         if i + 1 < MAX {
             assert_eq!(r.status, 401, "wrong code #{} on {name}: {}\n{}", i + 1, r.status, cl.logs());
         } else {
@@ -586,14 +496,14 @@ async fn lockout_counts_across_both_instances() {
     }
     let good = e.fresh_code().await;
     for (c, csrf, name) in [(&mut pa, &csrf_a, "A"), (&mut pb, &csrf_b, "B")] {
-        let r = submit_totp(c, csrf, &good).await;
+        let r = submit_totp(c, csrf, &good, "/").await;
         assert_eq!(
             r.status,
             429,
             "after {MAX} second-factor failures spread over A and B a correct code on {name} must be refused: {}",
             r.text()
         );
-        let r = submit_recovery(c, csrf, &e.codes[0]).await;
+        let r = submit_recovery(c, csrf, &e.codes[0], "/").await;
         assert_eq!(r.status, 429, "a recovery code on {name} during the shared lockout: {}", r.text());
     }
 }
@@ -685,7 +595,7 @@ async fn postgres_restart_mid_test_both_instances_recover_and_revocation_still_p
     let mut bob_sessions = vec![bob.cookie.clone()];
     for (i, addr) in [cl.ga.addr, cl.gb.addr].into_iter().enumerate() {
         let (mut c, csrf) = to_challenge(&mut Client::new(addr, TF), "bob", addr).await;
-        let r = submit_recovery(&mut c, &csrf, &bob.codes[i]).await;
+        let r = submit_recovery(&mut c, &csrf, &bob.codes[i], "/").await;
         assert_eq!(r.status, 303, "recovery-code login of bob: {}", r.text());
         bob_sessions.push(c.session_cookie().unwrap());
     }
@@ -880,7 +790,7 @@ async fn migration_from_redb_preserves_every_user_and_second_factor() {
     let g = src.spawn_child().await;
     let mut e = enroll(&mut Client::new(g.addr, TF), "alice").await;
     let (mut c, csrf) = to_challenge(&mut Client::new(g.addr, TF), "alice", g.addr).await;
-    let r = submit_recovery(&mut c, &csrf, &e.codes[0]).await;
+    let r = submit_recovery(&mut c, &csrf, &e.codes[0], "/").await;
     assert_eq!(r.status, 303, "recovery code on redb: {}", r.text());
     let redb_session = c.session_cookie().unwrap();
     kill(g.pid, "-TERM");
@@ -924,15 +834,15 @@ async fn migration_from_redb_preserves_every_user_and_second_factor() {
     assert_eq!(r.status, 200, "alice's session from the redb gateway on the PostgreSQL gateway: {}", r.text());
     let (mut c, csrf) = to_challenge(&mut Client::new(g.addr, TF), "alice", g.addr).await;
     let code = e.fresh_code().await;
-    let r = submit_totp(&mut c, &csrf, &code).await;
+    let r = submit_totp(&mut c, &csrf, &code, "/").await;
     assert_eq!(r.status, 303, "password + TOTP after the migration: {}\n{}", r.text(), g.log());
     let r = c.get("/after-migration").await;
     assert_eq!(r.status, 200);
     assert_eq!(r.upstream_header("remote-groups"), Some(vec!["staff,ops".to_string()]));
     let (mut c, csrf) = to_challenge(&mut Client::new(g.addr, TF), "alice", g.addr).await;
-    let r = submit_recovery(&mut c, &csrf, &e.codes[0]).await;
+    let r = submit_recovery(&mut c, &csrf, &e.codes[0], "/").await;
     assert_eq!(r.status, 401, "the recovery code spent on redb works again on PostgreSQL\n{}", tail(&g.log()));
-    let r = submit_recovery(&mut c, &csrf, &e.codes[1]).await;
+    let r = submit_recovery(&mut c, &csrf, &e.codes[1], "/").await;
     assert_eq!(r.status, 303, "an unspent recovery code after the migration: {}", r.text());
     assert_eq!(user_show(&dst, "alice").await["two_factor"]["recovery_codes_left"], 8);
     let r = Client::new(g.addr, TF).login("bob", PW, "/").await;

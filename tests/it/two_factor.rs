@@ -3,6 +3,7 @@
 
 use portcullis::clock::Clock;
 
+use crate::support::shown_secret_spaced as shown_secret;
 use crate::support::*;
 
 // ---------------------------------------------------------------------------------------------
@@ -33,83 +34,12 @@ async fn env_with_alice(rest: &str) -> Env {
     env
 }
 
-fn out_text(o: &std::process::Output) -> String {
-    format!(
-        "status {:?}\nstdout: {}\nstderr: {}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-/// `user show NAME --json`.
-async fn show_user(env: &Env, name: &str) -> serde_json::Value {
-    let o = env.cli(&["user", "show", name, "--json"], None).await;
-    assert!(o.status.success(), "user show {name} --json: {}", out_text(&o));
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("user show --json is not JSON ({e}): {}", out_text(&o)))
-}
-
-fn query_param(url: &str, name: &str) -> Option<String> {
-    let q = url.split_once('?')?.1;
-    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(q).ok()?;
-    pairs.into_iter().find(|(k, _)| k == name).map(|(_, v)| v)
-}
-
-/// The TOTP code `oathtool` computes for `secret` (base32) at unix time `at`.
-fn oathtool(secret: &str, at: u64) -> String {
-    let out = std::process::Command::new("oathtool")
-        .args(["--totp", "-b", "-N", &format!("@{at}"), secret])
-        .output()
-        .expect("run oathtool (Debian package oathtool)");
-    assert!(out.status.success(), "oathtool failed: {}", out_text(&out));
-    let code = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    assert!(code.len() == 6 && code.bytes().all(|b| b.is_ascii_digit()), "oathtool printed {code:?}");
-    code
-}
-
-/// The code for the gateway's current (manual) time.
-fn code_now(gw: &Gateway, secret: &str) -> String {
-    oathtool(secret, gw.clock.now())
-}
-
-/// A 6-digit code that is valid for none of the steps around `at` (skew up to 2).
-fn wrong_code(secret: &str, at: u64) -> String {
-    let near: Vec<String> = (0..5).map(|i| oathtool(secret, at + i * 30 - 60)).collect();
-    ["000000", "111111", "222222", "333333", "444444", "555555", "987654"]
-        .iter()
-        .find(|c| !near.iter().any(|n| n == *c))
-        .unwrap()
-        .to_string()
-}
-
 /// The value of a hidden input `name="NAME" value="..."`.
 fn field(html: &str, name: &str) -> Option<String> {
     let marker = format!("name=\"{name}\" value=\"");
     let i = html.find(&marker)? + marker.len();
     let rest = &html[i..];
     Some(rest[..rest.find('"')?].to_string())
-}
-
-fn csrf_of(r: &Resp) -> String {
-    extract_csrf(&r.text()).unwrap_or_else(|| panic!("no csrf field in page (status {}): {}", r.status, r.text()))
-}
-
-/// The base32 secret shown on the setup page (`<p class="secret code">ABCD EFGH ...</p>`), spaces kept.
-fn shown_secret(html: &str) -> Option<String> {
-    let marker = "<p class=\"secret code\">";
-    let i = html.find(marker)? + marker.len();
-    let rest = &html[i..];
-    Some(rest[..rest.find("</p>")?].trim().to_string())
-}
-
-/// Recovery codes in the `<li>` items of the codes list.
-fn shown_codes(html: &str) -> Vec<String> {
-    let Some(start) = html.find("id=\"codes\"") else {
-        return Vec::new();
-    };
-    let rest = &html[start..];
-    let rest = &rest[..rest.find("</ul>").unwrap_or(rest.len())];
-    rest.split("<li>").skip(1).filter_map(|s| s.find("</li>").map(|j| s[..j].trim().to_string())).collect()
 }
 
 fn assert_code_format(code: &str) {
@@ -210,28 +140,18 @@ async fn settings_setup(c: &mut Client, rd: &str) -> Setup {
     parse_setup(&r)
 }
 
+/// Password confirmation of a sensitive settings action (`/settings/disable`, `/settings/recovery`, ...); the page
+/// must show a password form.
+async fn confirm_password(c: &mut Client, path: &str, password: &str) -> Resp {
+    confirm_password_with(c, path, password, true).await
+}
+
 /// Login of an enrolled user; asserts the 303 to the challenge and returns the challenge page's csrf.
 async fn login_to_challenge(c: &mut Client, rd: &str) -> String {
-    let r = c.login(USER, PW, rd).await;
-    assert_eq!(r.status, 303, "login: {}", r.text());
-    let loc = r.location();
+    let (_, loc) = login_to_challenge_loc(c, USER, PW, rd).await;
     assert!(loc.starts_with(&format!("{PREFIX}/challenge?")), "login of an enrolled user went to {loc}");
     assert_eq!(query_param(&loc, "rd").as_deref(), Some(rd), "rd lost on the way to the challenge: {loc}");
-    let page = c.browse(&loc).await;
-    assert_eq!(page.status, 200, "challenge page: {}", page.text());
-    csrf_of(&page)
-}
-
-async fn submit_totp(c: &mut Client, csrf: &str, code: &str, rd: &str) -> Resp {
-    c.post_form(&format!("{PREFIX}/challenge"), &[("csrf", csrf), ("rd", rd), ("method", "totp"), ("code", code)]).await
-}
-
-async fn submit_recovery(c: &mut Client, csrf: &str, code: &str, rd: &str) -> Resp {
-    c.post_form(
-        &format!("{PREFIX}/challenge"),
-        &[("csrf", csrf), ("rd", rd), ("method", "recovery"), ("recovery_code", code)],
-    )
-    .await
+    challenge_csrf(c, &loc).await
 }
 
 /// Full two-factor login with a TOTP code at the clock's time; asserts success.
@@ -240,29 +160,6 @@ async fn login_with_totp(gw: &Gateway, c: &mut Client, secret: &str, rd: &str) {
     let r = submit_totp(c, &csrf, &code_now(gw, secret), rd).await;
     assert_eq!(r.status, 303, "challenge with the right code: {}", r.text());
     assert_eq!(r.location(), rd);
-}
-
-async fn logout(c: &mut Client) {
-    let page = c.browse(&format!("{PREFIX}/logout")).await;
-    assert_eq!(page.status, 200, "logout page: {}", page.text());
-    let csrf = csrf_of(&page);
-    let r = c.post_form(&format!("{PREFIX}/logout"), &[("csrf", &csrf)]).await;
-    assert_eq!(r.status, 303, "logout: {}", r.text());
-}
-
-/// Password confirmation of a sensitive settings action (`/settings/disable`, `/settings/recovery`, ...).
-async fn confirm_password(c: &mut Client, path: &str, password: &str) -> Resp {
-    let page = c.browse(&format!("{PREFIX}{path}")).await;
-    assert_eq!(page.status, 200, "GET {path}: {}", page.text());
-    assert!(page.text().contains("name=\"password\""), "GET {path} must show a password form: {}", page.text());
-    let csrf = csrf_of(&page);
-    c.post_form(&format!("{PREFIX}{path}"), &[("csrf", &csrf), ("rd", "/"), ("password", password)]).await
-}
-
-fn session_set_cookie(r: &Resp) -> Option<String> {
-    r.set_cookies()
-        .into_iter()
-        .find(|s| s.starts_with(&format!("{SESSION}=")) && !s.starts_with(&format!("{SESSION}=;")))
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
@@ -322,7 +219,7 @@ async fn enrolment_with_wrong_code_is_rejected_and_right_code_activates() {
     assert!(!r.text().contains("Two-factor authentication is on"));
     assert_eq!(show_user(&env, USER).await["two_factor"]["enabled"], false, "a wrong code enabled 2FA");
 
-    let r = confirm(&mut c, &again, &oathtool(&s.secret, now), rd).await;
+    let r = confirm(&mut c, &again, &totp_code(&s.secret, now), rd).await;
     assert_eq!(r.status, 200, "confirm with the oathtool code: {}", r.text());
     let text = r.text();
     assert!(text.contains("Two-factor authentication is on"), "{text}");

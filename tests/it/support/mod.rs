@@ -349,21 +349,29 @@ impl Env {
 
     /// Start `portcullis serve -c CONFIG` as a child process (config must set listen = "{LISTEN}").
     pub async fn spawn_child(&self) -> ChildGateway {
-        let log_path = self.path().join("serve.log");
+        self.spawn_child_with(&[], "serve.log", Duration::from_secs(90)).await
+    }
+
+    /// `portcullis serve -c CONFIG` with `vars` in its environment, stdout+stderr captured to `log_name` in the
+    /// temp dir; waits (at most `limit`) for /health to answer 200, panicking with the log if the child exits.
+    pub async fn spawn_child_with(&self, vars: &[(&str, &str)], log_name: &str, limit: Duration) -> ChildGateway {
+        let log_path = self.path().join(log_name);
         let log = std::fs::File::create(&log_path).unwrap();
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
-            .arg("serve")
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
+        cmd.arg("serve")
             .arg("-c")
             .arg(&self.config_path)
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn portcullis serve");
+            .kill_on_drop(true);
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn portcullis serve");
         let pid = child.id().unwrap();
         let mut cg = ChildGateway { child, addr: self.listen, pid, log_path };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+        let deadline = tokio::time::Instant::now() + limit;
         loop {
             if let Ok(Some(st)) = cg.child.try_wait() {
                 panic!("portcullis serve exited early ({st}); log:\n{}", cg.log());
@@ -373,9 +381,9 @@ impl Env {
                 return cg;
             }
             if tokio::time::Instant::now() > deadline {
-                panic!("portcullis serve not healthy within 90s; log:\n{}", cg.log());
+                panic!("portcullis serve not healthy within {limit:?}; log:\n{}", cg.log());
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
 }
@@ -472,6 +480,24 @@ impl ChildGateway {
     }
     pub fn rss_kb(&self) -> u64 {
         rss_kb(self.pid)
+    }
+    pub fn client(&self, host: &str) -> Client {
+        Client::new(self.addr, host)
+    }
+    /// `kill -HUP` (must succeed).
+    pub fn hup(&self) {
+        let st =
+            std::process::Command::new("kill").args(["-HUP", &self.pid.to_string()]).status().expect("run kill -HUP");
+        assert!(st.success(), "kill -HUP {} failed", self.pid);
+    }
+    /// Panics with the log if the child has exited.
+    pub fn assert_running(&mut self) {
+        if let Ok(Some(st)) = self.child.try_wait() {
+            panic!("portcullis serve exited ({st}); log:\n{}", self.log());
+        }
+    }
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
     }
 }
 
