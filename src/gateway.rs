@@ -366,7 +366,7 @@ pub async fn handle(gw: Arc<Gateway>, peer: SocketAddr, mut req: Request<Incomin
     let portal = crate::portal::owns(gw.prefix(), req.uri().path());
     let app = if portal { None } else { crate::policy::find_app(&gw.config.apps, request_host(&req).as_deref()) };
     let result =
-        if portal { crate::portal::handle(&gw, &client, req).await } else { protected(&gw, &client, req).await };
+        if portal { crate::portal::handle(&gw, &client, req).await } else { protected(&gw, &client, app, req).await };
     let resp = result.unwrap_or_else(|r| reject(&gw, &r));
     let n = gw.config.apps.len();
     let slot = match app {
@@ -379,9 +379,13 @@ pub async fn handle(gw: Arc<Gateway>, peer: SocketAddr, mut req: Request<Incomin
 }
 
 /// A request for an application: decide, authenticate, then proxy or send to the login page.
-async fn protected(gw: &Arc<Gateway>, client: &Client, req: Request<Incoming>) -> Result<Response<Body>, Reject> {
-    let host = request_host(&req);
-    let decision = crate::policy::decide(&gw.config, host.as_deref(), req.uri().path()).map_err(|e| match e {
+async fn protected(
+    gw: &Arc<Gateway>,
+    client: &Client,
+    app: Option<usize>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Reject> {
+    let decision = crate::policy::decide_for(&gw.config, app, req.uri().path()).map_err(|e| match e {
         crate::policy::PolicyError::UnknownHost => Reject::UnknownHost,
         crate::policy::PolicyError::BadPath(why) => Reject::BadRequest(why),
     })?;

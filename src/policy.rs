@@ -28,7 +28,12 @@ pub struct Decision {
 
 /// Picks the app and policy for a host and raw path.
 pub fn decide(config: &Config, host: Option<&str>, raw_path: &str) -> Result<Decision, PolicyError> {
-    let app = find_app(&config.apps, host).ok_or(PolicyError::UnknownHost)?;
+    decide_for(config, find_app(&config.apps, host), raw_path)
+}
+
+/// [`decide`] with the app already found (`None`: no app for the host).
+pub fn decide_for(config: &Config, app: Option<usize>, raw_path: &str) -> Result<Decision, PolicyError> {
+    let app = app.ok_or(PolicyError::UnknownHost)?;
     let path = normalize_path(raw_path)?;
     // Servlet containers drop `;params` from segments (`/admin;x/` is `/admin/` to Tomcat): decide on both forms
     // and keep the more restrictive answer.
