@@ -1,7 +1,8 @@
 //! Real-browser end-to-end test: a gateway in-process (real clock, outbox mail, 2FA required), users from
 //! the CLI, then `node tests/browser/e2e.mjs` drives headless Debian Chromium through playwright-core:
 //! login, forced enrolment, recovery codes, TOTP and recovery-code sign-in, forgot password through the
-//! outbox, an invitation, the admin list, phone-width checks, and screenshots into docs/screenshots/.
+//! outbox, an invitation, the admin list, phone-width checks, and screenshots (target/screenshots, or
+//! `$PORTCULLIS_SCREENSHOTS`; the committed set is docs/screenshots/).
 //!
 //! Needs /usr/bin/chromium (Debian package `chromium`) and `npm ci --prefix tests/browser`; .ci/run installs
 //! both. When either is missing the test FAILS (it is never skipped).
@@ -87,7 +88,12 @@ async fn real_browser_login_enrolment_recovery_reset_invitation_admin() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    let shots = root.join("docs/screenshots");
+    // Screenshots go to target/screenshots, so a test run leaves the tree clean; refresh the committed ones with
+    // `PORTCULLIS_SCREENSHOTS=docs/screenshots cargo test --test it browser`.
+    let shots = match std::env::var_os("PORTCULLIS_SCREENSHOTS") {
+        Some(dir) => root.join(dir),
+        None => root.join("target/screenshots"),
+    };
     std::fs::create_dir_all(&shots).unwrap();
     let started = Instant::now();
     let child = tokio::process::Command::new("node")
