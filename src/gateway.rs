@@ -11,6 +11,7 @@ use crate::clock::Clock;
 use crate::config::{Config, Policy, Secure};
 use crate::credentials::lockout::Lockout;
 use crate::credentials::password::Hasher;
+use crate::headers::Headers;
 use crate::keys::Keys;
 use crate::portal::pages::{Pages, redirect};
 use crate::proxy::Upstreams;
@@ -50,6 +51,43 @@ pub struct Gateway {
     pub mailer: crate::mail::Mailer,
     /// Session lookups for the proxy hot path (shared across reloads).
     pub cache: Arc<session::SessionCache>,
+    /// The CSRF cookie's name, worked out once.
+    csrf_cookie: String,
+}
+
+/// What the session cache says about a request.
+pub enum CacheAnswer {
+    /// A cached, still valid session.
+    Hit(Authenticated),
+    /// No session cookie, or its session just expired.
+    NoSession,
+    /// Not cached; the store has to be asked (at this revocation revision).
+    Miss(u64),
+}
+
+/// What a signed-in session may do with an app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// It may use the app.
+    Pass,
+    /// It owes its second factor (or enrolment): nothing but the portal.
+    Pending,
+    /// Signed in with the password alone, and the app needs two factors: enrolment first.
+    NeedsSecondFactor,
+    /// The user's groups don't include one the app requires.
+    NotInGroup,
+}
+
+/// Whether `auth` may use `app`, whose path needs `needed` (an authenticating policy, not deny or bypass).
+pub fn admission(app: &crate::config::App, needed: Policy, auth: &Authenticated) -> Admission {
+    match (auth.record.level, needed) {
+        (Level::Pending, _) => Admission::Pending,
+        (Level::Password, Policy::TwoFactor) => Admission::NeedsSecondFactor,
+        _ if !app.groups.is_empty() && !app.groups.iter().any(|g| auth.user.groups.contains(g)) => {
+            Admission::NotInGroup
+        }
+        _ => Admission::Pass,
+    }
 }
 
 /// What we know about the client of one request.
@@ -139,6 +177,7 @@ impl Gateway {
             tunnels: shared.tunnels,
             metrics: shared.metrics,
             cache: shared.cache,
+            csrf_cookie: config.csrf_cookie_name(),
             config,
         })
     }
@@ -149,6 +188,11 @@ impl Gateway {
         if let Err(e) = self.store.append_audit(event).await {
             tracing::error!(error = %e, "could not store an audit event");
         }
+    }
+
+    /// The names of the gateway's own cookies (session and CSRF), which never reach an app.
+    pub fn own_cookies(&self) -> [&str; 2] {
+        [&self.config.session.cookie_name.0, &self.csrf_cookie]
     }
 
     /// The portal prefix, e.g. `/_portcullis`.
@@ -166,7 +210,7 @@ impl Gateway {
     }
 
     /// Works out the client from the peer and, only for trusted proxies, X-Forwarded-For / -Proto.
-    pub fn client(&self, peer: SocketAddr, headers: &HeaderMap) -> Client {
+    pub fn client<H: Headers + ?Sized>(&self, peer: SocketAddr, headers: &H) -> Client {
         let trusted = self.is_trusted(peer.ip());
         let mut addr = peer.ip();
         let mut https = self.tls;
@@ -174,16 +218,15 @@ impl Gateway {
             // The right-most address that isn't one of our proxies is the client (earlier entries are the
             // client's own claims).
             let chain: Vec<IpAddr> = headers
-                .get_all("x-forwarded-for")
-                .iter()
-                .filter_map(|v| v.to_str().ok())
+                .values("x-forwarded-for")
+                .filter_map(crate::headers::text)
                 .flat_map(|v| v.split(','))
                 .filter_map(|s| s.trim().parse().ok())
                 .collect();
             if let Some(ip) = chain.iter().rev().find(|ip| !self.is_trusted(**ip)).or(chain.first()) {
                 addr = *ip;
             }
-            if let Some(proto) = headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok()) {
+            if let Some(proto) = headers.first_text("x-forwarded-proto") {
                 https = proto.trim().eq_ignore_ascii_case("https");
             }
         }
@@ -225,26 +268,13 @@ impl Gateway {
 
     /// [`Gateway::authenticate`] through the in-memory cache: the proxy hot path. A hit costs a map lookup of the
     /// signed cookie value and a check of the in-memory revocation revision: no signature check, no store read.
-    pub async fn authenticate_cached(&self, headers: &HeaderMap) -> Result<Option<Authenticated>, Reject> {
+    pub async fn authenticate_cached<H: Headers + ?Sized>(&self, headers: &H) -> Result<Option<Authenticated>, Reject> {
+        let revision = match self.cached_session(headers)? {
+            CacheAnswer::Hit(auth) => return Ok(Some(auth)),
+            CacheAnswer::NoSession => return Ok(None),
+            CacheAnswer::Miss(revision) => revision,
+        };
         let name = &self.config.session.cookie_name.0;
-        let mut raws = session::cookie_values(headers, name).peekable();
-        if raws.peek().is_none() {
-            return Ok(None);
-        }
-        let revision = self.store.revision()?;
-        let now = self.clock.now();
-        for raw in raws {
-            if let session::Lookup::Hit(auth, touch_due) = self.cache.get(raw, revision, now) {
-                if !self.still_valid(&auth, now) {
-                    self.cache.remove(raw);
-                    return Ok(None);
-                }
-                if touch_due {
-                    self.touch(auth.id, now);
-                }
-                return Ok(Some(auth));
-            }
-        }
         let Some((id, raw)) = session::session_id_raw(&self.keys, headers, name) else {
             return Ok(None);
         };
@@ -254,6 +284,30 @@ impl Gateway {
             self.cache.put(raw, auth, revision);
         }
         Ok(found)
+    }
+
+    /// The cache's part of [`Gateway::authenticate_cached`]: synchronous, so the relay can ask it in passing.
+    pub fn cached_session<H: Headers + ?Sized>(&self, headers: &H) -> Result<CacheAnswer, Reject> {
+        let name = &self.config.session.cookie_name.0;
+        let mut raws = session::cookie_values(headers, name).peekable();
+        if raws.peek().is_none() {
+            return Ok(CacheAnswer::NoSession);
+        }
+        let revision = self.store.revision()?;
+        let now = self.clock.now();
+        for raw in raws {
+            if let session::Lookup::Hit(auth, touch_due) = self.cache.get(raw, revision, now) {
+                if !self.still_valid(&auth, now) {
+                    self.cache.remove(raw);
+                    return Ok(CacheAnswer::NoSession);
+                }
+                if touch_due {
+                    self.touch(auth.id, now);
+                }
+                return Ok(CacheAnswer::Hit(auth));
+            }
+        }
+        Ok(CacheAnswer::Miss(revision))
     }
 
     /// Checks idle and absolute expiry and the lock flag; an invalid session is deleted.
@@ -314,31 +368,9 @@ struct Shared {
 /// Lifetime of a password-only session, in seconds.
 pub const PENDING_LIFETIME: u64 = 300;
 
-/// Identity header families always removed from client requests (`_` variants are folded to `-` first).
-const SPOOFABLE_PREFIXES: &[&str] = &["remote-", "x-auth-request-"];
-const SPOOFABLE_NAMES: &[&str] = &[
-    "x-forwarded-user",
-    "x-forwarded-email",
-    "x-forwarded-groups",
-    "x-forwarded-preferred-username",
-    "x-remote-user",
-    "x-user",
-    "x-email",
-];
-
-/// Removes every client-sent identity header: the configured names and the usual families, in any case, with `_`
-/// for `-` (oauth2-proxy CVE-2025-64484). Header names arrive lower-cased from hyper.
+/// Removes every client-sent identity header ([`crate::headers::is_identity_header`]).
 pub fn strip_identity_headers(config: &Config, headers: &mut HeaderMap) {
-    let configured =
-        [&config.headers.user.0, &config.headers.email.0, &config.headers.name.0, &config.headers.groups.0];
-    // Header names arrive lower-cased; compare with `_` read as `-`, without allocating per request.
-    let same = |a: &[u8], b: &[u8]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| fold(*x) == fold(*y));
-    let spoofable = |name: &HeaderName| {
-        let n = name.as_str().as_bytes();
-        SPOOFABLE_PREFIXES.iter().any(|p| n.len() >= p.len() && same(&n[..p.len()], p.as_bytes()))
-            || SPOOFABLE_NAMES.iter().any(|s| same(n, s.as_bytes()))
-            || configured.iter().any(|c| same(n, c.as_str().as_bytes()))
-    };
+    let spoofable = |name: &HeaderName| crate::headers::is_identity_header(config, name.as_str().as_bytes());
     if !headers.keys().any(spoofable) {
         return;
     }
@@ -346,11 +378,6 @@ pub fn strip_identity_headers(config: &Config, headers: &mut HeaderMap) {
     for name in doomed {
         headers.remove(&name);
     }
-}
-
-/// `_` compares as `-` (oauth2-proxy CVE-2025-64484).
-fn fold(b: u8) -> u8 {
-    if b == b'_' { b'-' } else { b }
 }
 
 /// Whether a request is from a browser that can follow a redirect to the login page.
@@ -403,19 +430,15 @@ async fn protected(
             let Some(auth) = gw.authenticate_cached(req.headers()).await? else {
                 return Ok(send_to(gw, &req, |rd| crate::portal::login_url(gw, rd)));
             };
-            match (auth.record.level, needed) {
-                // Owes its second factor (or enrolment): nothing but the portal.
-                (Level::Pending, _) => {
+            match admission(app, needed, &auth) {
+                Admission::Pending => {
                     return Ok(send_to(gw, &req, |rd| crate::portal::next_step_url(gw, &auth.user, rd)));
                 }
-                // Signed in with the password alone: a two-factor app leads into enrolment.
-                (Level::Password, Policy::TwoFactor) => {
+                Admission::NeedsSecondFactor => {
                     return Ok(send_to(gw, &req, |rd| crate::portal::enroll_url(gw, rd)));
                 }
-                _ => {}
-            }
-            if !app.groups.is_empty() && !app.groups.iter().any(|g| auth.user.groups.contains(g)) {
-                return Err(Reject::NotInGroup);
+                Admission::NotInGroup => return Err(Reject::NotInGroup),
+                Admission::Pass => {}
             }
             Some(auth.user)
         }

@@ -14,6 +14,7 @@ pub mod config;
 pub mod credentials;
 pub mod demo;
 pub mod gateway;
+pub mod headers;
 pub mod keys;
 pub mod mail;
 pub mod metrics;

@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,13 +11,16 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
 
 use crate::gateway::{Gateway, handle};
+use crate::proxy::relay::{self, Outcome};
 
 /// TLS set-up failures.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +75,8 @@ pub async fn serve(
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
+    // Tells connections idling on the relay to close when shutdown begins (hyper's are told by `graceful`).
+    let stop = CancellationToken::new();
     let connections = tokio_util::task::TaskTracker::new();
     tokio::pin!(shutdown);
     loop {
@@ -92,33 +98,25 @@ pub async fn serve(
         let current = current.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
-        connections.spawn(async move {
-            let svc = service_fn(move |req| {
-                let gw = current.load_full();
-                async move { Ok::<_, Infallible>(handle(gw, peer, req).await) }
-            });
-            let result = match tls {
-                Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(s)) => {
-                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(s), svc).into_owned();
-                        watcher.watch(conn).await
-                    }
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => return,
-                },
-                None => {
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
-                    watcher.watch(conn).await
-                }
+        let stop = stop.clone();
+        let task = async move {
+            let Some(acceptor) = tls else {
+                return relay_then_hyper(current, stream, peer, &stop, &builder, watcher).await;
             };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                // HTTP/2 (chosen by ALPN) is hyper's; HTTP/1.1 starts on the relay.
+                Ok(Ok(s)) if s.get_ref().1.alpn_protocol() == Some(b"h2") => {
+                    Box::pin(serve_hyper(current, s, peer, &builder, watcher)).await;
+                }
+                Ok(Ok(s)) => Box::pin(relay_then_hyper(current, s, peer, &stop, &builder, watcher)).await,
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => {}
             }
-        });
+        };
+        eprintln!("TASKSIZE {}", std::mem::size_of_val(&task));
+        connections.spawn(task);
     }
+    stop.cancel();
     drop(listener);
     tracing::info!("shutting down: waiting for in-flight requests");
     let gw = current.load_full();
@@ -129,4 +127,44 @@ pub async fn serve(
     gw.tunnels.close();
     let _ = tokio::time::timeout(grace, gw.tunnels.wait()).await;
     connections.close();
+}
+
+/// Serves a connection on the relay first ([`relay::serve`]); hyper takes over when a request needs it.
+async fn relay_then_hyper<IO>(
+    current: Arc<arc_swap::ArcSwap<Gateway>>,
+    io: IO,
+    peer: SocketAddr,
+    stop: &CancellationToken,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: Watcher,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    // The watcher is held while the relay serves, so a graceful shutdown waits for its request too.
+    // Boxed, so the relay's state is freed before hyper's connection (long-lived, often idle) starts.
+    match Box::pin(relay::serve(&current, io, peer, stop)).await {
+        Outcome::Closed => drop(watcher),
+        // Boxed too: inline, the two states would make every connection's task as large as both.
+        Outcome::Handover(io) => Box::pin(serve_hyper(current, io, peer, builder, watcher)).await,
+    }
+}
+
+/// Serves a connection with hyper: HTTP/1.1 with upgrades, or HTTP/2.
+async fn serve_hyper<IO>(
+    current: Arc<arc_swap::ArcSwap<Gateway>>,
+    io: IO,
+    peer: SocketAddr,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: Watcher,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let gw = current.load_full();
+        async move { Ok::<_, Infallible>(handle(gw, peer, req).await) }
+    });
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc).into_owned();
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
 }

@@ -10,6 +10,7 @@ use std::sync::{Arc, RwLock};
 use cookie::{Cookie, CookieJar, SameSite};
 use http::HeaderMap;
 
+use crate::headers::Headers;
 use crate::keys::{Keys, random_bytes};
 use crate::store::{SessionRecord, User};
 
@@ -148,13 +149,11 @@ fn verify(keys: &Keys, name: &str, raw: &str) -> Option<String> {
 }
 
 /// All values of the cookie `name` in the request's Cookie headers.
-pub fn cookie_values<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-    headers.get_all(http::header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).filter_map(
-        move |pair| {
-            let (k, v) = pair.split_once('=')?;
-            (k.trim() == name).then(|| v.trim())
-        },
-    )
+pub fn cookie_values<'a, H: Headers + ?Sized>(headers: &'a H, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    headers.values("cookie").filter_map(crate::headers::text).flat_map(|v| v.split(';')).filter_map(move |pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k.trim() == name).then(|| v.trim())
+    })
 }
 
 fn decode_tagged<const N: usize>(value: &str, tag: &str) -> Option<[u8; N]> {
@@ -169,7 +168,11 @@ pub fn session_id(keys: &Keys, headers: &HeaderMap, name: &str) -> Option<Sessio
 }
 
 /// [`session_id`], with the raw cookie value that verified.
-pub fn session_id_raw<'h>(keys: &Keys, headers: &'h HeaderMap, name: &'h str) -> Option<(SessionId, &'h str)> {
+pub fn session_id_raw<'h, H: Headers + ?Sized>(
+    keys: &Keys,
+    headers: &'h H,
+    name: &'h str,
+) -> Option<(SessionId, &'h str)> {
     cookie_values(headers, name).find_map(|raw| {
         let v = verify(keys, name, raw)?;
         decode_tagged::<32>(&v, SESSION_TAG).map(|id| (SessionId(id), raw))

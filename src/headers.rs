@@ -1,0 +1,250 @@
+//! Header rules shared by both proxy paths (hyper's and the HTTP/1.1 relay in [`crate::proxy::relay`]): reading
+//! headers from either representation, which headers are connection-scoped, which client headers could claim an
+//! identity, and which cookies are the gateway's own. One set of rules, so the two paths can't drift apart.
+
+use std::borrow::Cow;
+
+use http::{HeaderMap, HeaderName};
+
+use crate::config::Config;
+use crate::store::User;
+
+/// Read access to a message's headers: hyper's `HeaderMap` and the relay's parsed head alike.
+pub trait Headers {
+    /// Every value of the header `name` (given in lower case; matched case-insensitively), in order.
+    fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a;
+
+    /// The first value of `name`, when it is visible ASCII text.
+    fn first_text<'a>(&'a self, name: &'a str) -> Option<&'a str> {
+        self.values(name).next().and_then(text)
+    }
+}
+
+impl Headers for HeaderMap {
+    fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.get_all(name).iter().map(http::HeaderValue::as_bytes)
+    }
+}
+
+impl Headers for [httparse::Header<'_>] {
+    fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.iter().filter(move |h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value)
+    }
+}
+
+/// A header value as text, under the rule of `http::HeaderValue::to_str`: visible ASCII, space and tab only.
+pub fn text(v: &[u8]) -> Option<&str> {
+    if v.iter().all(|&b| b == b'\t' || (b' '..=b'~').contains(&b)) { std::str::from_utf8(v).ok() } else { None }
+}
+
+/// The comma-separated tokens of every value of `name` (RFC 9110 §5.6.1 lists), trimmed, empty ones skipped.
+pub fn tokens<'a, H: Headers + ?Sized>(headers: &'a H, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+    headers.values(name).flat_map(|v| v.split(|&b| b == b',')).map(<[u8]>::trim_ascii).filter(|t| !t.is_empty())
+}
+
+/// Whether `token` is in the list header `name`, ignoring ASCII case.
+pub fn has_token<H: Headers + ?Sized>(headers: &H, name: &str, token: &str) -> bool {
+    tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the legacy Keep-Alive and
+/// Proxy-Connection. Headers named in Connection are hop-by-hop too.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "keep-alive",
+    "proxy-connection",
+];
+
+/// Whether a header is connection-scoped: a fixed hop-by-hop name or one the message's Connection header lists.
+pub fn is_hop_by_hop<H: Headers + ?Sized>(headers: &H, name: &[u8]) -> bool {
+    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+        || tokens(headers, "connection").any(|t| t.eq_ignore_ascii_case(name))
+}
+
+/// Identity header families always removed from client requests (`_` variants are folded to `-` first).
+const SPOOFABLE_PREFIXES: &[&str] = &["remote-", "x-auth-request-"];
+const SPOOFABLE_NAMES: &[&str] = &[
+    "x-forwarded-user",
+    "x-forwarded-email",
+    "x-forwarded-groups",
+    "x-forwarded-preferred-username",
+    "x-remote-user",
+    "x-user",
+    "x-email",
+];
+
+/// Whether a client-sent header could claim an identity: the configured identity names and the usual families,
+/// in any case, with `_` read as `-` (oauth2-proxy CVE-2025-64484). Such headers never reach an app.
+pub fn is_identity_header(config: &Config, name: &[u8]) -> bool {
+    let fold = |b: u8| if b == b'_' { b'-' } else { b.to_ascii_lowercase() };
+    let same = |a: &[u8], b: &[u8]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| fold(*x) == fold(*y));
+    let h = &config.headers;
+    SPOOFABLE_PREFIXES.iter().any(|p| name.len() >= p.len() && same(&name[..p.len()], p.as_bytes()))
+        || SPOOFABLE_NAMES.iter().any(|s| same(name, s.as_bytes()))
+        || [&h.user.0, &h.email.0, &h.name.0, &h.groups.0].iter().any(|c| same(name, c.as_str().as_bytes()))
+}
+
+/// Forwarding headers the gateway sets itself; a client's copy never passes (X-Forwarded-For is extended).
+const SET_BY_US: &[&str] = &["cookie", "host", "x-forwarded-for", "x-forwarded-proto", "x-real-ip"];
+/// Forwarding headers believed only from a trusted proxy.
+const TRUSTED_ONLY: &[&str] = &["x-forwarded-host", "forwarded"];
+
+/// Whether a client request header goes upstream as it came. The rest are connection-scoped, could claim an
+/// identity, or are rebuilt by [`ForwardedHeaders`] and the identity headers.
+pub fn passes_upstream<H: Headers + ?Sized>(config: &Config, request: &H, name: &[u8], trusted: bool) -> bool {
+    let named = |list: &[&str]| list.iter().any(|h| name.eq_ignore_ascii_case(h.as_bytes()));
+    !(is_hop_by_hop(request, name)
+        || is_identity_header(config, name)
+        || named(SET_BY_US)
+        || (!trusted && named(TRUSTED_ONLY)))
+}
+
+/// Whether an upstream response header goes back to the client: not connection-scoped, and no Set-Cookie that
+/// would replace one of the gateway's cookies.
+pub fn passes_downstream<H: Headers + ?Sized>(response: &H, name: &[u8], value: &[u8], own: &[&str]) -> bool {
+    if is_hop_by_hop(response, name) {
+        return false;
+    }
+    if name.eq_ignore_ascii_case(b"set-cookie") {
+        let cookie = value.split(|&b| b == b'=').next().unwrap_or_default().trim_ascii();
+        return !own.iter().any(|o| o.as_bytes() == cookie);
+    }
+    true
+}
+
+/// The client's cookies minus the gateway's own, as one Cookie value (`None` when nothing is left).
+pub fn foreign_cookies<H: Headers + ?Sized>(request: &H, own: &[&str]) -> Option<String> {
+    let mut kept = String::new();
+    let pairs = request.values("cookie").filter_map(text).flat_map(|v| v.split(';')).map(str::trim);
+    for pair in pairs.filter(|p| !p.is_empty()) {
+        let name = pair.split_once('=').map_or(pair, |(k, _)| k).trim();
+        if !own.contains(&name) {
+            if !kept.is_empty() {
+                kept.push_str("; ");
+            }
+            kept.push_str(pair);
+        }
+    }
+    (!kept.is_empty()).then_some(kept)
+}
+
+/// The forwarding headers sent upstream, worked out once for both proxy paths.
+pub struct ForwardedHeaders<'a> {
+    /// X-Forwarded-For: a trusted proxy's chain extended with the peer, or just the peer.
+    pub forwarded_for: Cow<'a, str>,
+    /// X-Forwarded-Proto.
+    pub proto: &'static str,
+    /// X-Forwarded-Host, when the request doesn't carry a trusted one.
+    pub host: Option<&'a str>,
+    /// X-Real-IP: the client's address.
+    pub real_ip: Cow<'a, str>,
+}
+
+impl<'a> ForwardedHeaders<'a> {
+    /// The forwarding headers for a request from `client`, whose peer address reads `peer_ip`.
+    pub fn new<H: Headers + ?Sized>(
+        request: &'a H,
+        client: &crate::gateway::Client,
+        peer_ip: &'a str,
+        host: Option<&'a str>,
+    ) -> ForwardedHeaders<'a> {
+        let forwarded_for = match request.first_text("x-forwarded-for") {
+            Some(prior) if client.trusted => Cow::Owned(format!("{prior}, {peer_ip}")),
+            _ => Cow::Borrowed(peer_ip),
+        };
+        let keeps_host = client.trusted && request.values("x-forwarded-host").next().is_some();
+        let real_ip =
+            if client.addr == client.peer.ip() { Cow::Borrowed(peer_ip) } else { Cow::Owned(client.addr.to_string()) };
+        ForwardedHeaders {
+            forwarded_for,
+            proto: if client.https { "https" } else { "http" },
+            host: if keeps_host { None } else { host },
+            real_ip,
+        }
+    }
+
+    /// The headers as name/value pairs.
+    pub fn pairs(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        [
+            Some(("x-forwarded-for", &*self.forwarded_for)),
+            Some(("x-forwarded-proto", self.proto)),
+            self.host.map(|h| ("x-forwarded-host", h)),
+            Some(("x-real-ip", &*self.real_ip)),
+        ]
+        .into_iter()
+        .flatten()
+    }
+}
+
+/// The identity headers for a user, from the session only; control characters (which can't appear in headers)
+/// are dropped from the values.
+pub fn identity<'u>(config: &'u Config, user: &'u User) -> [(&'u HeaderName, Cow<'u, str>); 4] {
+    let clean = |s: Cow<'u, str>| {
+        if s.chars().any(char::is_control) { Cow::Owned(s.chars().filter(|c| !c.is_control()).collect()) } else { s }
+    };
+    let h = &config.headers;
+    [
+        (&h.user.0, clean(Cow::Borrowed(&user.username))),
+        (&h.email.0, clean(Cow::Borrowed(&user.email))),
+        (&h.name.0, clean(Cow::Borrowed(&user.display_name))),
+        (&h.groups.0, clean(Cow::Owned(user.groups.join(",")))),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn parsed<'b>(raw: &'b [u8], store: &'b mut [httparse::Header<'b>]) -> &'b [httparse::Header<'b>] {
+        let mut req = httparse::Request::new(store);
+        assert!(req.parse(raw).unwrap().is_complete());
+        req.headers
+    }
+
+    #[test]
+    fn hop_by_hop_includes_connection_listed_names_in_both_representations() {
+        let raw =
+            b"GET / HTTP/1.1\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nTE: trailers\r\nX-Kept: 1\r\n\r\n";
+        let mut store = [httparse::EMPTY_HEADER; 8];
+        let h = parsed(raw, &mut store);
+        let mut map = HeaderMap::new();
+        map.insert("connection", HeaderValue::from_static("keep-alive, x-secret"));
+        for name in [&b"x-secret"[..], b"X-SECRET", b"te", b"Keep-Alive", b"connection", b"proxy-connection"] {
+            assert!(is_hop_by_hop(h, name), "{}", String::from_utf8_lossy(name));
+            assert!(is_hop_by_hop(&map, name));
+        }
+        assert!(!is_hop_by_hop(h, b"x-kept"));
+        assert!(!is_hop_by_hop(&map, b"x-kept"));
+    }
+
+    #[test]
+    fn own_cookies_are_not_forwarded_and_upstream_cannot_set_them() {
+        let mut map = HeaderMap::new();
+        map.append("cookie", HeaderValue::from_static("a=1; portcullis_session=x"));
+        map.append("cookie", HeaderValue::from_static("portcullis_session_csrf=y; b=2"));
+        let own = ["portcullis_session", "portcullis_session_csrf"];
+        assert_eq!(foreign_cookies(&map, &own).as_deref(), Some("a=1; b=2"));
+        let only_ours =
+            HeaderMap::from_iter([(http::header::COOKIE, HeaderValue::from_static("portcullis_session=x"))]);
+        assert_eq!(foreign_cookies(&only_ours, &own), None);
+        let none = HeaderMap::new();
+        assert!(!passes_downstream(&none, b"Set-Cookie", b"portcullis_session=evil; Path=/", &own));
+        assert!(passes_downstream(&none, b"set-cookie", b"app=1", &own));
+        assert!(!passes_downstream(&none, b"Transfer-Encoding", b"chunked", &own));
+    }
+
+    #[test]
+    fn text_follows_header_value_to_str() {
+        for v in [&b"plain"[..], b"tab\there", b"", b"caf\xc3\xa9", b"nul\0", b"del\x7f"] {
+            let expected = HeaderValue::from_bytes(v).ok().and_then(|h| h.to_str().ok().map(str::to_string));
+            assert_eq!(text(v).map(str::to_string), expected, "{v:?}");
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! The reverse proxy: streams requests to the app and responses back, with hop-by-hop headers removed
+//! (RFC 9110 §7.6.1), forwarding headers set, identity added from the session only, and WebSocket upgrades
+//! tunnelled (RFC 6455 §4 over RFC 9110 §7.8 Upgrade).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::RootCertStore;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+
+use crate::Body;
+use crate::config::{App, Config};
+use crate::gateway::{Client, Gateway, request_host};
+use crate::headers::{ForwardedHeaders, foreign_cookies, has_token, passes_downstream, passes_upstream};
+use crate::policy::Decision;
+use crate::respond::Reject;
+use crate::store::User;
+
+pub mod relay;
+
+/// Building an upstream client failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The app's CA file can't be read.
+    #[error("ca_file {path}: {why}")]
+    CaFile {
+        /// The file.
+        path: String,
+        /// Why.
+        why: String,
+    },
+    /// rustls refused the configuration.
+    #[error("TLS client configuration: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+type Pooled = HttpClient<HttpsConnector<HttpConnector>, Watched>;
+
+/// The client's request body on its way upstream, noting whether the client broke it (bad chunking, cut short),
+/// so that failure is answered as the client's 400 and not blamed on the app as a 502.
+pub struct Watched {
+    inner: Incoming,
+    failed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl http_body::Body for Watched {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Err(_))) = &polled {
+            self.failed.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// One pooled HTTP client per app (each may trust its own CA), and the relay's connection pool of each
+/// plain-HTTP app.
+pub struct Upstreams {
+    clients: Vec<Pooled>,
+    relay: Vec<Option<relay::Pool>>,
+}
+
+impl Upstreams {
+    /// Builds the clients for every app.
+    pub fn new(config: &Config) -> Result<Upstreams, UpstreamError> {
+        let native = Arc::new(native_roots());
+        let clients = config.apps.iter().map(|app| client_for(app, &native)).collect::<Result<_, _>>()?;
+        let relay = config
+            .apps
+            .iter()
+            .map(|app| {
+                (app.upstream.scheme == http::uri::Scheme::HTTP).then(|| relay::Pool::new(&app.upstream.authority))
+            })
+            .collect();
+        Ok(Upstreams { clients, relay })
+    }
+
+    /// The relay's pool for an app; `None` when the relay doesn't serve it (an https upstream).
+    pub fn relay(&self, app: usize) -> Option<&relay::Pool> {
+        self.relay.get(app).and_then(Option::as_ref)
+    }
+}
+
+fn native_roots() -> RootCertStore {
+    let mut roots = RootCertStore::empty();
+    let found = rustls_native_certs::load_native_certs();
+    for cert in found.certs {
+        // A single unparsable system certificate shouldn't disable all the others.
+        let _ = roots.add(cert);
+    }
+    roots
+}
+
+fn client_for(app: &App, native: &RootCertStore) -> Result<Pooled, UpstreamError> {
+    let mut roots = native.clone();
+    if let Some(path) = &app.ca_file {
+        let err = |why: String| UpstreamError::CaFile { path: path.display().to_string(), why };
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .map_err(|e| err(e.to_string()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| err(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(err("no certificates in the file".into()));
+        }
+        for c in certs {
+            roots.add(c).map_err(|e| err(e.to_string()))?;
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(Duration::from_secs(10)));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(HttpClient::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(256)
+        .build(https))
+}
+
+/// A WebSocket opening handshake (RFC 6455 §4.1): `Connection: upgrade` and `Upgrade: websocket`.
+fn is_websocket(headers: &HeaderMap) -> bool {
+    has_token(headers, "connection", "upgrade") && has_token(headers, "upgrade", "websocket")
+}
+
+/// Adds the identity headers from the session's user.
+pub fn set_identity(headers: &mut HeaderMap, config: &Config, user: &User) {
+    for (name, value) in crate::headers::identity(config, user) {
+        if let Ok(v) = HeaderValue::from_str(&value).or_else(|_| HeaderValue::from_bytes(value.as_bytes())) {
+            headers.insert(name.clone(), v);
+        }
+    }
+}
+
+/// The request headers for the app: what passes as sent ([`passes_upstream`]), then our own cookies removed,
+/// the forwarding headers and the identity from the session.
+fn upstream_headers(
+    gw: &Gateway,
+    client: &Client,
+    host: Option<&str>,
+    identity: Option<&User>,
+    own: &[&str],
+    from: &HeaderMap,
+) -> HeaderMap {
+    let mut to = HeaderMap::with_capacity(from.len() + 8);
+    for (name, value) in from {
+        if passes_upstream(&gw.config, from, name.as_str().as_bytes(), client.trusted) {
+            to.append(name.clone(), value.clone());
+        }
+    }
+    if let Some(v) = foreign_cookies(from, own).and_then(|c| HeaderValue::from_str(&c).ok()) {
+        to.insert(header::COOKIE, v);
+    }
+    let peer_ip = client.peer.ip().to_string();
+    for (name, value) in ForwardedHeaders::new(from, client, &peer_ip, host).pairs() {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            to.insert(HeaderName::from_static(name), v);
+        }
+    }
+    if let Some(user) = identity {
+        set_identity(&mut to, &gw.config, user);
+    }
+    // HTTP/2 clients send :authority, not Host; the upstream speaks HTTP/1.1 and needs Host.
+    if let Some(v) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
+        to.insert(header::HOST, v);
+    }
+    to
+}
+
+/// Forwards an allowed request to its app and streams the answer back.
+pub async fn forward(
+    gw: &Arc<Gateway>,
+    client: &Client,
+    decision: Decision,
+    identity: Option<std::sync::Arc<User>>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Reject> {
+    let app = &gw.config.apps[decision.app];
+    let path_and_query = match req.uri().query() {
+        Some(q) => format!("{}?{}", decision.path, q),
+        None => decision.path,
+    };
+    let uri = Uri::builder()
+        .scheme(app.upstream.scheme.clone())
+        .authority(app.upstream.authority.clone())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|_| Reject::BadRequest("The address could not be understood."))?;
+    let host = request_host(&req);
+    let websocket = req.version() == Version::HTTP_11 && is_websocket(req.headers());
+    let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
+
+    let (mut parts, body) = req.into_parts();
+    let own = gw.own_cookies();
+    parts.headers = upstream_headers(gw, client, host.as_deref(), identity.as_deref(), &own, &parts.headers);
+    if websocket {
+        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    }
+    parts.uri = uri;
+    parts.version = Version::HTTP_11;
+    let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let upstream_req = Request::from_parts(parts, Watched { inner: body, failed: failed.clone() });
+
+    let pending = gw.upstreams.clients[decision.app].request(upstream_req);
+    let started = std::time::Instant::now();
+    let outcome = tokio::time::timeout(app.upstream_timeout.0, pending).await;
+    gw.app_metrics[decision.app].upstream(started.elapsed());
+    let mut resp = match outcome {
+        Err(_) => return Err(Reject::GatewayTimeout),
+        Ok(Err(_)) if failed.load(std::sync::atomic::Ordering::Relaxed) => {
+            return Err(Reject::BadRequest("The request body was malformed or cut short."));
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(upstream = %app.upstream.authority, error = %e, "upstream request failed");
+            return Err(Reject::BadGateway);
+        }
+        Ok(Ok(r)) => r,
+    };
+
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let Some(client_upgrade) = client_upgrade else {
+            return Err(Reject::BadGateway);
+        };
+        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        gw.tunnels.spawn(async move {
+            match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                Ok((down, up)) => {
+                    let mut down = TokioIo::new(down);
+                    let mut up = TokioIo::new(up);
+                    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
+            }
+        });
+        let (parts, _) = resp.into_parts();
+        return Ok(Response::from_parts(parts, crate::portal::pages::full(bytes::Bytes::new())));
+    }
+
+    let (mut parts, body) = resp.into_parts();
+    let mut headers = HeaderMap::with_capacity(parts.headers.len());
+    for (name, value) in &parts.headers {
+        if passes_downstream(&parts.headers, name.as_str().as_bytes(), value.as_bytes(), &own) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    parts.headers = headers;
+    Ok(Response::from_parts(parts, body.map_err(Into::into).boxed()))
+}

@@ -1,0 +1,805 @@
+//! The HTTP/1.1 relay: the proxy's fast lane for the common request — a GET or HEAD without a body, for a
+//! plain-HTTP app, from a session already in the cache (or for a bypass path). It is parsed once with httparse,
+//! checked, rewritten into a reused buffer and written to a pooled upstream connection; the answer is relayed
+//! back the same way, with its framing (RFC 9112 §6.3) followed to know where it ends. No `http::Request` or
+//! `Response`, no header map, no task per upstream connection.
+//!
+//! Everything else — a body, an upgrade, HTTP/1.0 or HTTP/2, a portal page, a request that needs a login, a
+//! denial, a store read or an https upstream — is handed to hyper together with the bytes read so far, and the
+//! connection stays with hyper from then on. Both paths apply the same header rules ([`crate::headers`]), the
+//! same policy decision and the same session checks.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Policy;
+use crate::gateway::{Admission, CacheAnswer, Gateway, admission};
+use crate::headers::{self, ForwardedHeaders, Headers};
+use crate::respond::Reject;
+
+/// Header lines the relay parses per message; more go to hyper (requests) or fail (responses).
+const MAX_HEADERS: usize = 64;
+/// A request head longer than this goes to hyper, whose limit is higher.
+const MAX_REQUEST_HEAD: usize = 16 * 1024;
+/// The longest response head accepted from an app.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Read size for bodies.
+const CHUNK: usize = 16 * 1024;
+/// How long an idle upstream connection is kept, and how many per app.
+const POOL_IDLE: Duration = Duration::from_secs(60);
+const POOL_MAX: usize = 256;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How a connection left the relay.
+pub enum Outcome<IO> {
+    /// It is closed (by the client, a timeout, shutdown or an error).
+    Closed,
+    /// hyper takes over: the connection with the bytes read but not yet handled.
+    Handover(Prefixed<IO>),
+}
+
+/// Idle keep-alive connections to one plain-HTTP app.
+pub struct Pool {
+    authority: String,
+    idle: Mutex<VecDeque<(Upstream, Instant)>>,
+}
+
+/// A connection to an app, with its read buffer (kept with the connection, so idle clients hold none).
+struct Upstream {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl Pool {
+    /// A pool for an upstream `host[:port]` (port 80 when none is given).
+    pub fn new(authority: &http::uri::Authority) -> Pool {
+        let authority = format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(80));
+        Pool { authority, idle: Mutex::new(VecDeque::new()) }
+    }
+
+    /// The most recently used idle connection that is not too old.
+    fn checkout(&self) -> Option<Upstream> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let (stream, since) = idle.pop_back()?;
+        if since.elapsed() < POOL_IDLE {
+            return Some(stream);
+        }
+        // The newest is stale, so all are.
+        idle.clear();
+        None
+    }
+
+    fn checkin(&self, stream: Upstream) {
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        while idle.front().is_some_and(|(_, since)| now.duration_since(*since) >= POOL_IDLE) {
+            idle.pop_front();
+        }
+        if idle.len() < POOL_MAX {
+            idle.push_back((stream, now));
+        }
+    }
+
+    async fn connect(&self) -> io::Result<Upstream> {
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.authority.as_str()))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connecting to the app timed out"))??;
+        stream.set_nodelay(true)?;
+        Ok(Upstream { stream, buf: BytesMut::new() })
+    }
+}
+
+/// The buffers of one client connection, reused for every request on it.
+struct Conn {
+    /// Bytes from the client not handled yet (a head being read, pipelined requests).
+    input: BytesMut,
+    /// The head being written: to the app, then to the client.
+    out: Vec<u8>,
+    peer: SocketAddr,
+    /// The peer's address as text, formatted once per connection.
+    peer_ip: String,
+}
+
+/// A request the relay forwards.
+struct Forward {
+    /// Index of the app.
+    app: usize,
+    /// Length of the request head in `input`.
+    len: usize,
+    /// A HEAD request: the answer has no body.
+    head: bool,
+    /// The client asked to close after this answer.
+    close: bool,
+}
+
+enum Planned {
+    Forward(Forward),
+    Partial,
+    Handover,
+}
+
+/// Serves a client connection until it closes, or until a request needs hyper.
+pub async fn serve<IO>(
+    current: &arc_swap::ArcSwap<Gateway>,
+    mut io: IO,
+    peer: SocketAddr,
+    stop: &CancellationToken,
+) -> Outcome<IO>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut c = Conn { input: BytesMut::new(), out: Vec::new(), peer, peer_ip: peer.ip().to_string() };
+    loop {
+        let gw = current.load_full();
+        // As hyper's header_read_timeout: from the moment a request is awaited until its head is complete.
+        let deadline = tokio::time::Instant::now() + gw.config.server.header_read_timeout.0;
+        let forward = loop {
+            if !c.input.is_empty() {
+                match plan(&gw, &mut c) {
+                    Planned::Forward(f) => break f,
+                    Planned::Partial if c.input.len() < MAX_REQUEST_HEAD => {}
+                    Planned::Partial | Planned::Handover => {
+                        // A copy of just the unread bytes: the read buffer itself shouldn't outlive the relay.
+                        return Outcome::Handover(Prefixed { prefix: Bytes::copy_from_slice(&c.input), io });
+                    }
+                }
+            }
+            c.input.reserve(4096);
+            let idle = c.input.is_empty();
+            tokio::select! {
+                read = tokio::time::timeout_at(deadline, io.read_buf(&mut c.input)) => match read {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => return Outcome::Closed,
+                },
+                () = stop.cancelled(), if idle => return Outcome::Closed,
+            }
+        };
+        match forward_one(&gw, &mut io, &mut c, &forward).await {
+            Ok(true) if !stop.is_cancelled() => {}
+            Ok(_) => {
+                let _ = io.shutdown().await;
+                return Outcome::Closed;
+            }
+            Err(e) => {
+                tracing::debug!(peer = %c.peer, error = %e, "relayed connection ended");
+                return Outcome::Closed;
+            }
+        }
+    }
+}
+
+/// Bytes a request target may hold on the relay: RFC 3986 path and query characters (`pchar`, `/`, `?`). Anything
+/// else (`#`, `\`, quotes, non-ASCII…) is left to hyper and the policy's full handling.
+fn plain_target_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b)
+}
+
+/// Parses a request head from `c.input` and, when the relay can take it, writes the upstream head into `c.out`.
+/// Nothing here has effects that matter if hyper then handles the request instead.
+fn plan(gw: &Gateway, c: &mut Conn) -> Planned {
+    let Conn { input, out, peer, peer_ip, .. } = c;
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut slots);
+    let len = match req.parse(input) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Planned::Partial,
+        // Malformed, too many headers, or HTTP/2's preface: hyper answers it.
+        Err(_) => return Planned::Handover,
+    };
+    let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
+        return Planned::Handover;
+    };
+    let head = match method {
+        "GET" => false,
+        "HEAD" => true,
+        _ => return Planned::Handover,
+    };
+    let hs: &[httparse::Header<'_>] = req.headers;
+    // Origin form only (RFC 9112 §3.2.1); a body, an upgrade or an expectation needs hyper's handling.
+    if !target.starts_with('/') || !target.bytes().all(plain_target_byte) {
+        return Planned::Handover;
+    }
+    if ["content-length", "transfer-encoding", "upgrade", "expect"].iter().any(|n| hs.values(n).next().is_some())
+        || headers::has_token(hs, "connection", "upgrade")
+    {
+        return Planned::Handover;
+    }
+    let mut hosts = hs.values("host");
+    let (Some(host), None) = (hosts.next().and_then(headers::text), hosts.next()) else {
+        return Planned::Handover;
+    };
+    let (path, query) = target.split_once('?').map_or((target, None), |(p, q)| (p, Some(q)));
+    if crate::portal::owns(gw.prefix(), path) {
+        return Planned::Handover;
+    }
+    let app_index = crate::policy::find_app(&gw.config.apps, Some(host));
+    let Ok(decision) = crate::policy::decide_for(&gw.config, app_index, path) else {
+        return Planned::Handover;
+    };
+    if gw.upstreams.relay(decision.app).is_none() {
+        return Planned::Handover;
+    }
+    let app = &gw.config.apps[decision.app];
+    let user = match decision.policy {
+        Policy::Deny => return Planned::Handover,
+        Policy::Bypass => None,
+        needed => match gw.cached_session(hs) {
+            Ok(CacheAnswer::Hit(auth)) if admission(app, needed, &auth) == Admission::Pass => Some(auth.user),
+            _ => return Planned::Handover,
+        },
+    };
+    let client = gw.client(*peer, hs);
+
+    out.clear();
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(decision.path.as_bytes());
+    if let Some(q) = query {
+        out.push(b'?');
+        out.extend_from_slice(q.as_bytes());
+    }
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    put_header(out, b"host", host.as_bytes());
+    for h in hs {
+        if headers::passes_upstream(&gw.config, hs, h.name.as_bytes(), client.trusted) {
+            put_header(out, h.name.as_bytes(), h.value);
+        }
+    }
+    let own = gw.own_cookies();
+    if let Some(cookies) = headers::foreign_cookies(hs, &own) {
+        put_header(out, b"cookie", cookies.as_bytes());
+    }
+    for (name, value) in ForwardedHeaders::new(hs, &client, peer_ip, Some(host)).pairs() {
+        put_header(out, name.as_bytes(), value.as_bytes());
+    }
+    if let Some(user) = &user {
+        for (name, value) in headers::identity(&gw.config, user) {
+            put_header(out, name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+    Planned::Forward(Forward { app: decision.app, len, head, close: headers::has_token(hs, "connection", "close") })
+}
+
+fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// How an app's response body ends (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// No body: HEAD, 204, 304.
+    Empty,
+    /// Content-Length.
+    Length(u64),
+    /// Transfer-Encoding: chunked.
+    Chunked,
+    /// Neither: the body ends when the app closes the connection.
+    UntilClose,
+}
+
+/// A parsed response head; its rewritten form is in `Conn::out`.
+struct ResponseHead {
+    status: u16,
+    framing: Framing,
+    /// The upstream connection can carry another request afterwards.
+    reusable: bool,
+    /// The client connection closes after this answer.
+    close: bool,
+}
+
+fn bad(why: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, why)
+}
+
+/// Sends one request and relays its answer. `Ok(true)`: the client connection can carry another request.
+async fn forward_one<IO>(gw: &Gateway, client: &mut IO, c: &mut Conn, f: &Forward) -> io::Result<bool>
+where
+    IO: AsyncWrite + Unpin,
+{
+    c.input.advance(f.len);
+    let app = &gw.config.apps[f.app];
+    let Some(pool) = gw.upstreams.relay(f.app) else {
+        return answer(gw, client, c, f, &Reject::BadGateway).await;
+    };
+    let own = gw.own_cookies();
+    let started = Instant::now();
+    let exchanged = tokio::time::timeout(app.upstream_timeout.0, exchange(pool, c, &own, f)).await;
+    gw.app_metrics[f.app].upstream(started.elapsed());
+    let (mut up, head) = match exchanged {
+        Ok(Ok(pair)) => pair,
+        Ok(Err(e)) => {
+            tracing::warn!(upstream = %pool.authority, error = %e, "upstream request failed");
+            return answer(gw, client, c, f, &Reject::BadGateway).await;
+        }
+        Err(_) => return answer(gw, client, c, f, &Reject::GatewayTimeout).await,
+    };
+    gw.app_metrics[f.app].request(head.status);
+    let complete = relay_body(&mut up, client, &mut c.out, head.framing).await?;
+    client.flush().await?;
+    if !complete {
+        // The app broke off mid-body: the client sees the answer cut short, as with hyper.
+        return Ok(false);
+    }
+    if head.reusable && up.buf.is_empty() {
+        pool.checkin(up);
+    }
+    Ok(!head.close)
+}
+
+/// Writes the request in `c.out` to the app and reads the answer's head, on a pooled connection when there is one.
+async fn exchange(pool: &Pool, c: &mut Conn, own: &[&str], f: &Forward) -> io::Result<(Upstream, ResponseHead)> {
+    let mut pooled = pool.checkout();
+    loop {
+        let reused = pooled.is_some();
+        let mut up = match pooled.take() {
+            Some(s) => s,
+            None => pool.connect().await?,
+        };
+        up.buf.clear();
+        match send(&mut up, &mut c.out, own, f).await {
+            Ok(head) => return Ok((up, head)),
+            // A pooled connection the app closed while it was idle fails before any answer: try once more on a
+            // new one (GET and HEAD are idempotent, RFC 9110 §9.2.2). `c.out` still holds the request.
+            Err(e) if reused && up.buf.is_empty() && e.kind() != io::ErrorKind::InvalidData => {
+                tracing::debug!(error = %e, "pooled upstream connection was closed; reconnecting");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn send(up: &mut Upstream, out: &mut Vec<u8>, own: &[&str], f: &Forward) -> io::Result<ResponseHead> {
+    up.stream.write_all(out).await?;
+    loop {
+        up.buf.reserve(CHUNK);
+        if up.stream.read_buf(&mut up.buf).await? == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the app closed the connection before answering"));
+        }
+        if let Some(head) = response_head(&mut up.buf, out, own, f)? {
+            return Ok(head);
+        }
+    }
+}
+
+/// Parses the app's response head from `input` (skipping interim 1xx answers, which the hyper path doesn't
+/// pass on either) and writes the head for the client into `out`. `None`: more bytes are needed.
+fn response_head(
+    input: &mut BytesMut,
+    out: &mut Vec<u8>,
+    own: &[&str],
+    f: &Forward,
+) -> io::Result<Option<ResponseHead>> {
+    loop {
+        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut slots);
+        let len = match resp.parse(input) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) if input.len() <= MAX_RESPONSE_HEAD => return Ok(None),
+            Ok(httparse::Status::Partial) => return Err(bad("the app's response head is too large")),
+            Err(e) => return Err(bad(format!("malformed response head: {e}"))),
+        };
+        let (Some(version), Some(status)) = (resp.version, resp.code) else {
+            return Err(bad("malformed response head"));
+        };
+        if status == 101 {
+            return Err(bad("101 Switching Protocols without an upgrade"));
+        }
+        if status < 200 {
+            input.advance(len);
+            continue;
+        }
+        let hs: &[httparse::Header<'_>] = resp.headers;
+        let framing = framing(hs, status, f.head)?;
+        let close = f.close || framing == Framing::UntilClose;
+        let reusable = version == 1 && !headers::has_token(hs, "connection", "close") && framing != Framing::UntilClose;
+        out.clear();
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(status.to_string().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(resp.reason.unwrap_or_default().as_bytes());
+        out.extend_from_slice(b"\r\n");
+        for h in hs {
+            if headers::passes_downstream(hs, h.name.as_bytes(), h.value, own) {
+                put_header(out, h.name.as_bytes(), h.value);
+            }
+        }
+        if hs.values("date").next().is_none() {
+            put_header(out, b"date", http_date().as_bytes());
+        }
+        if framing == Framing::Chunked {
+            put_header(out, b"transfer-encoding", b"chunked");
+        }
+        if close {
+            put_header(out, b"connection", b"close");
+        }
+        out.extend_from_slice(b"\r\n");
+        input.advance(len);
+        return Ok(Some(ResponseHead { status, framing, reusable, close }));
+    }
+}
+
+/// The body's framing from the response head (RFC 9112 §6.3). Ambiguous framing — Content-Length beside
+/// Transfer-Encoding, lengths that disagree, a transfer coding other than chunked last — is refused (502): it is
+/// how response splitting starts, and the client would have to guess.
+fn framing(hs: &[httparse::Header<'_>], status: u16, head_request: bool) -> io::Result<Framing> {
+    if head_request || status == 204 || status == 304 {
+        return Ok(Framing::Empty);
+    }
+    let has_length = hs.values("content-length").next().is_some();
+    if hs.values("transfer-encoding").next().is_some() {
+        if has_length {
+            return Err(bad("both Transfer-Encoding and Content-Length"));
+        }
+        let last = headers::tokens(hs, "transfer-encoding").last();
+        return match last {
+            Some(t) if t.eq_ignore_ascii_case(b"chunked") => Ok(Framing::Chunked),
+            _ => Err(bad("a transfer coding other than chunked")),
+        };
+    }
+    if !has_length {
+        return Ok(Framing::UntilClose);
+    }
+    let mut length = None;
+    for t in headers::tokens(hs, "content-length") {
+        let n = std::str::from_utf8(t)
+            .ok()
+            .filter(|s| s.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or_else(|| bad("malformed Content-Length"))?;
+        if length.is_some_and(|l| l != n) {
+            return Err(bad("conflicting Content-Length values"));
+        }
+        length = Some(n);
+    }
+    length.map(Framing::Length).ok_or_else(|| bad("empty Content-Length"))
+}
+
+/// Relays the body after the head in `c.out`. `Ok(false)`: the app ended it early (or sent something invalid);
+/// the client has what came before.
+async fn relay_body<IO>(up: &mut Upstream, client: &mut IO, out: &mut Vec<u8>, framing: Framing) -> io::Result<bool>
+where
+    IO: AsyncWrite + Unpin,
+{
+    let Upstream { stream: up, buf: upstream } = up;
+    // The head goes out with whatever body came with it, in one write; the rest is written as it arrives.
+    match framing {
+        Framing::Empty => {
+            client.write_all(out).await?;
+            Ok(true)
+        }
+        Framing::Length(n) => {
+            let mut left = n;
+            let k = body_part(upstream, left);
+            out.extend_from_slice(&upstream[..k]);
+            upstream.advance(k);
+            left -= k as u64;
+            client.write_all(out).await?;
+            while left > 0 {
+                if !refill(up, upstream).await {
+                    return Ok(false);
+                }
+                let k = body_part(upstream, left);
+                client.write_all(&upstream[..k]).await?;
+                upstream.advance(k);
+                left -= k as u64;
+            }
+            Ok(true)
+        }
+        Framing::Chunked => {
+            let mut chunks = Chunked::default();
+            let used = chunks.feed(upstream);
+            let k = *used.as_ref().unwrap_or(&0);
+            out.extend_from_slice(&upstream[..k]);
+            upstream.advance(k);
+            client.write_all(out).await?;
+            if used.is_err() {
+                return Ok(false);
+            }
+            while !chunks.done() {
+                if !refill(up, upstream).await {
+                    return Ok(false);
+                }
+                let Ok(k) = chunks.feed(upstream) else {
+                    return Ok(false);
+                };
+                client.write_all(&upstream[..k]).await?;
+                upstream.advance(k);
+            }
+            Ok(true)
+        }
+        Framing::UntilClose => {
+            out.extend_from_slice(upstream);
+            upstream.clear();
+            client.write_all(out).await?;
+            while refill(up, upstream).await {
+                client.write_all(upstream).await?;
+            }
+            Ok(true)
+        }
+    }
+}
+
+/// How many of the buffered bytes belong to a body with `left` bytes to go.
+fn body_part(buf: &BytesMut, left: u64) -> usize {
+    buf.len().min(usize::try_from(left).unwrap_or(usize::MAX))
+}
+
+/// Reads more of the body into an emptied buffer; `false` at end of stream or on an error.
+async fn refill(up: &mut TcpStream, buf: &mut BytesMut) -> bool {
+    buf.clear();
+    buf.reserve(CHUNK);
+    matches!(up.read_buf(buf).await, Ok(n) if n > 0)
+}
+
+/// Writes one of our own pages (502, 504) to the client.
+async fn answer<IO>(gw: &Gateway, client: &mut IO, c: &mut Conn, f: &Forward, r: &Reject) -> io::Result<bool>
+where
+    IO: AsyncWrite + Unpin,
+{
+    let resp = crate::respond::reject(gw, r);
+    gw.app_metrics[f.app].request(resp.status().as_u16());
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let out = &mut c.out;
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(parts.status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(parts.status.canonical_reason().unwrap_or_default().as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        if name != http::header::CONTENT_LENGTH {
+            put_header(out, name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+    put_header(out, b"content-length", body.len().to_string().as_bytes());
+    put_header(out, b"date", http_date().as_bytes());
+    if f.close {
+        put_header(out, b"connection", b"close");
+    }
+    out.extend_from_slice(b"\r\n");
+    if !f.head {
+        out.extend_from_slice(&body);
+    }
+    client.write_all(out).await?;
+    client.flush().await?;
+    Ok(!f.close)
+}
+
+/// The Date header value (RFC 9110 §6.6.1), formatted once a second per thread.
+fn http_date() -> String {
+    thread_local! {
+        static CACHED: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((0, String::new())) };
+    }
+    let now = std::time::SystemTime::now();
+    let secs = now.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    CACHED.with_borrow_mut(|(at, text)| {
+        if *at != secs || text.is_empty() {
+            *at = secs;
+            *text = httpdate::fmt_http_date(now);
+        }
+        text.clone()
+    })
+}
+
+/// Follows chunked framing (RFC 9112 §7.1) over bytes relayed as they are, to find where the body ends.
+/// Strict: CRLF line ends, at most 16 hex digits of size, no bare LF.
+#[derive(Default)]
+struct Chunked {
+    state: ChunkState,
+    size: u64,
+    digits: u8,
+}
+
+#[derive(Default, Clone, Copy, PartialEq, Eq, Debug)]
+enum ChunkState {
+    #[default]
+    Size,
+    Extension,
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    TrailerStart,
+    Trailer,
+    TrailerLf,
+    EndLf,
+    Done,
+}
+
+/// The chunked framing is broken.
+#[derive(Debug)]
+struct ChunkError;
+
+impl Chunked {
+    fn done(&self) -> bool {
+        self.state == ChunkState::Done
+    }
+
+    /// Takes bytes of the body; returns how many belong to it (all, unless it ends within `input`).
+    fn feed(&mut self, input: &[u8]) -> Result<usize, ChunkError> {
+        use ChunkState::*;
+        let mut i = 0;
+        while i < input.len() && self.state != Done {
+            if self.state == Data {
+                let k = (input.len() - i).min(usize::try_from(self.size).unwrap_or(usize::MAX));
+                self.size -= k as u64;
+                i += k;
+                if self.size == 0 {
+                    self.state = DataCr;
+                }
+                continue;
+            }
+            let b = input[i];
+            i += 1;
+            self.state = match (self.state, b) {
+                (Size, b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F') if self.digits < 16 => {
+                    let d = (b as char).to_digit(16).ok_or(ChunkError)?;
+                    self.size = self.size * 16 + u64::from(d);
+                    self.digits += 1;
+                    Size
+                }
+                (Size, b';' | b' ' | b'\t') if self.digits > 0 => Extension,
+                (Size, b'\r') if self.digits > 0 => SizeLf,
+                (Extension, b'\r') => SizeLf,
+                (Extension, b) if b != b'\n' => Extension,
+                (SizeLf, b'\n') if self.size == 0 => TrailerStart,
+                (SizeLf, b'\n') => Data,
+                (DataCr, b'\r') => DataLf,
+                (DataLf, b'\n') => {
+                    self.digits = 0;
+                    Size
+                }
+                (TrailerStart, b'\r') => EndLf,
+                (TrailerStart | Trailer, b) if b != b'\r' && b != b'\n' => Trailer,
+                (Trailer, b'\r') => TrailerLf,
+                (TrailerLf, b'\n') => TrailerStart,
+                (EndLf, b'\n') => Done,
+                _ => return Err(ChunkError),
+            };
+        }
+        Ok(i)
+    }
+}
+
+/// A connection with bytes already read in front of it, so hyper sees the stream exactly as the client sent it.
+pub struct Prefixed<IO> {
+    prefix: Bytes,
+    io: IO,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Prefixed<IO> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Prefixed<IO> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn whole(body: &[u8]) -> Result<(usize, bool), ChunkError> {
+        let mut c = Chunked::default();
+        let n = c.feed(body)?;
+        Ok((n, c.done()))
+    }
+
+    #[test]
+    fn chunked_framing_ends_where_the_body_ends_however_it_is_split() {
+        let body = b"4\r\nWiki\r\n5;ext=1\r\npedia\r\nE\r\n in\r\n\r\nchunks.\r\n0\r\nX-Trailer: 1\r\n\r\n";
+        let mut input = body.to_vec();
+        input.extend_from_slice(b"HTTP/1.1 200 OK\r\n"); // the next response must not be taken
+        assert_eq!(whole(&input).unwrap(), (body.len(), true));
+        for split in 0..=body.len() {
+            let mut c = Chunked::default();
+            let a = c.feed(&body[..split]).unwrap();
+            assert_eq!(a, split);
+            let b = c.feed(&input[split..]).unwrap();
+            assert_eq!(a + b, body.len(), "split at {split}");
+            assert!(c.done());
+        }
+        assert_eq!(whole(b"0\r\n\r\n").unwrap(), (5, true));
+        assert_eq!(whole(b"10\r\n0123").unwrap(), (8, false));
+    }
+
+    #[test]
+    fn broken_chunked_framing_is_refused() {
+        for bad in [
+            &b"\r\n"[..],
+            b"g\r\n",
+            b"4\nWiki\r\n",
+            b"4\r\nWikiX\r\n",
+            b"4\r\nWiki\r\r",
+            b"11111111111111111\r\n",
+            b"0\r\n\n",
+            b";\r\n",
+            b"0\r\nTrailer\n",
+        ] {
+            assert!(whole(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    fn head(raw: &str, head_request: bool) -> io::Result<Framing> {
+        let mut slots = [httparse::EMPTY_HEADER; 16];
+        let mut resp = httparse::Response::new(&mut slots);
+        resp.parse(raw.as_bytes()).unwrap();
+        let status = resp.code.unwrap();
+        framing(resp.headers, status, head_request)
+    }
+
+    #[test]
+    fn response_framing_follows_rfc_9112_and_refuses_ambiguity() {
+        assert_eq!(head("HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n", false).unwrap(), Framing::Length(12));
+        assert_eq!(head("HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\n", false).unwrap(), Framing::Length(3));
+        assert_eq!(head("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", false).unwrap(), Framing::Chunked);
+        assert_eq!(head("HTTP/1.1 200 OK\r\n\r\n", false).unwrap(), Framing::UntilClose);
+        assert_eq!(head("HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n", true).unwrap(), Framing::Empty);
+        assert_eq!(head("HTTP/1.1 304 Not Modified\r\nContent-Length: 12\r\n\r\n", false).unwrap(), Framing::Empty);
+        assert_eq!(head("HTTP/1.1 204 No Content\r\n\r\n", false).unwrap(), Framing::Empty);
+        for ambiguous in [
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: +3\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: \r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+        ] {
+            assert!(head(ambiguous, false).is_err(), "{ambiguous:?}");
+        }
+    }
+
+    #[test]
+    fn relay_targets_are_plain() {
+        assert!("/wiki/Main_Page?action=edit&x=%20".bytes().all(plain_target_byte));
+        for odd in ["/a b", "/a#b", "/a\\b", "/\"x", "/é", "/{x}", "/a|b", "/a^b", "/a`b", "/<x>"] {
+            assert!(!odd.bytes().all(plain_target_byte), "{odd}");
+        }
+    }
+}
