@@ -288,8 +288,12 @@ impl Gateway {
 
     /// The cache's part of [`Gateway::authenticate_cached`]: synchronous, so the relay can ask it in passing.
     pub fn cached_session<H: Headers + ?Sized>(&self, headers: &H) -> Result<CacheAnswer, Reject> {
-        let name = &self.config.session.cookie_name.0;
-        let mut raws = session::cookie_values(headers, name).peekable();
+        self.cached_session_of(session::cookie_values(headers, &self.config.session.cookie_name.0))
+    }
+
+    /// [`Gateway::cached_session`] for the session cookie values already picked from the request.
+    pub fn cached_session_of<'a>(&self, raws: impl Iterator<Item = &'a str>) -> Result<CacheAnswer, Reject> {
+        let mut raws = raws.peekable();
         if raws.peek().is_none() {
             return Ok(CacheAnswer::NoSession);
         }

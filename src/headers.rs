@@ -34,7 +34,19 @@ impl Headers for [httparse::Header<'_>] {
 
 /// A header value as text, under the rule of `http::HeaderValue::to_str`: visible ASCII, space and tab only.
 pub fn text(v: &[u8]) -> Option<&str> {
-    if v.iter().all(|&b| b == b'\t' || (b' '..=b'~').contains(&b)) { std::str::from_utf8(v).ok() } else { None }
+    // No early exit, so the check vectorises; the hot path reads long cookie values with it.
+    let visible = v.iter().fold(true, |ok, &b| ok & ((b' '..=b'~').contains(&b) | (b == b'\t')));
+    if visible { std::str::from_utf8(v).ok() } else { None }
+}
+
+/// Every cookie pair of the Cookie headers (RFC 6265 §5.4) as (name, pair), both trimmed; a header value that
+/// isn't text is skipped whole, as `HeaderValue::to_str` would.
+pub fn cookie_pairs<'a, H: Headers + ?Sized>(headers: &'a H) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
+    headers.values("cookie").filter_map(text).flat_map(|v| v.split(';')).filter_map(|pair| {
+        let pair = pair.trim();
+        let name = pair.split_once('=').map_or(pair, |(k, _)| k).trim();
+        (!pair.is_empty()).then_some((name, pair))
+    })
 }
 
 /// The comma-separated tokens of every value of `name` (RFC 9110 §5.6.1 lists), trimmed, empty ones skipped.
@@ -61,10 +73,20 @@ const HOP_BY_HOP: &[&str] = &[
     "proxy-connection",
 ];
 
+/// The names a message's Connection header lists (RFC 9110 §7.6.1), gathered once per message.
+pub struct Listed<'a>(Vec<&'a [u8]>);
+
+impl<'a> Listed<'a> {
+    /// The Connection tokens of a message (no allocation when it has none).
+    pub fn of<H: Headers + ?Sized>(headers: &'a H) -> Listed<'a> {
+        Listed(tokens(headers, "connection").collect())
+    }
+}
+
 /// Whether a header is connection-scoped: a fixed hop-by-hop name or one the message's Connection header lists.
-pub fn is_hop_by_hop<H: Headers + ?Sized>(headers: &H, name: &[u8]) -> bool {
+pub fn is_hop_by_hop(listed: &Listed<'_>, name: &[u8]) -> bool {
     HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
-        || tokens(headers, "connection").any(|t| t.eq_ignore_ascii_case(name))
+        || listed.0.iter().any(|t| t.eq_ignore_ascii_case(name))
 }
 
 /// Identity header families always removed from client requests (`_` variants are folded to `-` first).
@@ -85,9 +107,16 @@ pub fn is_identity_header(config: &Config, name: &[u8]) -> bool {
     let fold = |b: u8| if b == b'_' { b'-' } else { b.to_ascii_lowercase() };
     let same = |a: &[u8], b: &[u8]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| fold(*x) == fold(*y));
     let h = &config.headers;
+    let configured = [&h.user.0, &h.email.0, &h.name.0, &h.groups.0];
+    // Most names (host, accept, cookie…) start with a letter no identity name starts with.
+    let first = name.first().map_or(0, |b| fold(*b));
+    if first != b'r' && first != b'x' && !configured.iter().any(|c| c.as_str().bytes().next().map(fold) == Some(first))
+    {
+        return false;
+    }
     SPOOFABLE_PREFIXES.iter().any(|p| name.len() >= p.len() && same(&name[..p.len()], p.as_bytes()))
         || SPOOFABLE_NAMES.iter().any(|s| same(name, s.as_bytes()))
-        || [&h.user.0, &h.email.0, &h.name.0, &h.groups.0].iter().any(|c| same(name, c.as_str().as_bytes()))
+        || configured.iter().any(|c| same(name, c.as_str().as_bytes()))
 }
 
 /// Forwarding headers the gateway sets itself; a client's copy never passes (X-Forwarded-For is extended).
@@ -97,9 +126,9 @@ const TRUSTED_ONLY: &[&str] = &["x-forwarded-host", "forwarded"];
 
 /// Whether a client request header goes upstream as it came. The rest are connection-scoped, could claim an
 /// identity, or are rebuilt by [`ForwardedHeaders`] and the identity headers.
-pub fn passes_upstream<H: Headers + ?Sized>(config: &Config, request: &H, name: &[u8], trusted: bool) -> bool {
+pub fn passes_upstream(config: &Config, listed: &Listed<'_>, name: &[u8], trusted: bool) -> bool {
     let named = |list: &[&str]| list.iter().any(|h| name.eq_ignore_ascii_case(h.as_bytes()));
-    !(is_hop_by_hop(request, name)
+    !(is_hop_by_hop(listed, name)
         || is_identity_header(config, name)
         || named(SET_BY_US)
         || (!trusted && named(TRUSTED_ONLY)))
@@ -107,8 +136,8 @@ pub fn passes_upstream<H: Headers + ?Sized>(config: &Config, request: &H, name: 
 
 /// Whether an upstream response header goes back to the client: not connection-scoped, and no Set-Cookie that
 /// would replace one of the gateway's cookies.
-pub fn passes_downstream<H: Headers + ?Sized>(response: &H, name: &[u8], value: &[u8], own: &[&str]) -> bool {
-    if is_hop_by_hop(response, name) {
+pub fn passes_downstream(listed: &Listed<'_>, name: &[u8], value: &[u8], own: &[&str]) -> bool {
+    if is_hop_by_hop(listed, name) {
         return false;
     }
     if name.eq_ignore_ascii_case(b"set-cookie") {
@@ -121,9 +150,7 @@ pub fn passes_downstream<H: Headers + ?Sized>(response: &H, name: &[u8], value: 
 /// The client's cookies minus the gateway's own, as one Cookie value (`None` when nothing is left).
 pub fn foreign_cookies<H: Headers + ?Sized>(request: &H, own: &[&str]) -> Option<String> {
     let mut kept = String::new();
-    let pairs = request.values("cookie").filter_map(text).flat_map(|v| v.split(';')).map(str::trim);
-    for pair in pairs.filter(|p| !p.is_empty()) {
-        let name = pair.split_once('=').map_or(pair, |(k, _)| k).trim();
+    for (name, pair) in cookie_pairs(request) {
         if !own.contains(&name) {
             if !kept.is_empty() {
                 kept.push_str("; ");
@@ -213,15 +240,17 @@ mod tests {
         let raw =
             b"GET / HTTP/1.1\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nTE: trailers\r\nX-Kept: 1\r\n\r\n";
         let mut store = [httparse::EMPTY_HEADER; 8];
-        let h = parsed(raw, &mut store);
+        let parsed = parsed(raw, &mut store);
+        let h = &Listed::of(parsed);
         let mut map = HeaderMap::new();
         map.insert("connection", HeaderValue::from_static("keep-alive, x-secret"));
+        let map = &Listed::of(&map);
         for name in [&b"x-secret"[..], b"X-SECRET", b"te", b"Keep-Alive", b"connection", b"proxy-connection"] {
             assert!(is_hop_by_hop(h, name), "{}", String::from_utf8_lossy(name));
-            assert!(is_hop_by_hop(&map, name));
+            assert!(is_hop_by_hop(map, name));
         }
         assert!(!is_hop_by_hop(h, b"x-kept"));
-        assert!(!is_hop_by_hop(&map, b"x-kept"));
+        assert!(!is_hop_by_hop(map, b"x-kept"));
     }
 
     #[test]
@@ -234,10 +263,26 @@ mod tests {
         let only_ours =
             HeaderMap::from_iter([(http::header::COOKIE, HeaderValue::from_static("portcullis_session=x"))]);
         assert_eq!(foreign_cookies(&only_ours, &own), None);
-        let none = HeaderMap::new();
+        let empty = HeaderMap::new();
+        let none = Listed::of(&empty);
         assert!(!passes_downstream(&none, b"Set-Cookie", b"portcullis_session=evil; Path=/", &own));
         assert!(passes_downstream(&none, b"set-cookie", b"app=1", &own));
         assert!(!passes_downstream(&none, b"Transfer-Encoding", b"chunked", &own));
+    }
+
+    #[test]
+    fn identity_headers_are_caught_in_any_case_and_with_underscores() {
+        let config: Config =
+            toml::from_str("[[app]]\nhost = \"*\"\nupstream = \"http://127.0.0.1:1\"\n\n[headers]\nuser = \"_who\"\n")
+                .unwrap();
+        for spoof in
+            ["Remote-User", "REMOTE_EMAIL", "x-auth-request-user", "X_Forwarded_User", "x-email", "-WHO", "_who"]
+        {
+            assert!(is_identity_header(&config, spoof.as_bytes()), "{spoof}");
+        }
+        for fine in ["host", "accept", "x-forwarded-for", "x-request-id", "referer", "who"] {
+            assert!(!is_identity_header(&config, fine.as_bytes()), "{fine}");
+        }
     }
 
     #[test]

@@ -69,6 +69,10 @@ pub struct Metrics {
     pub lockouts: Family<StepLabels, Counter>,
     /// Sessions in the store (refreshed periodically).
     pub active_sessions: Gauge<i64, std::sync::atomic::AtomicI64>,
+    /// Requests the HTTP/1.1 relay forwarded itself (the rest went through hyper).
+    pub relayed: Counter,
+    /// Connections the relay handed to hyper.
+    pub handovers: Counter,
 }
 
 impl Default for Metrics {
@@ -137,7 +141,25 @@ impl Metrics {
         let build = Family::<BuildLabels, Gauge<i64, std::sync::atomic::AtomicI64>>::default();
         registry.register("build_info", "Build information", build.clone());
         build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
-        Metrics { registry, requests, upstream_latency, logins, second_factor, lockouts, active_sessions }
+        let relayed = Counter::default();
+        registry.register(
+            "relayed_requests",
+            "Requests forwarded by the HTTP/1.1 relay (a subset of portcullis_requests; the rest went through hyper)",
+            relayed.clone(),
+        );
+        let handovers = Counter::default();
+        registry.register("relay_handovers", "Connections the HTTP/1.1 relay handed to hyper", handovers.clone());
+        Metrics {
+            registry,
+            requests,
+            upstream_latency,
+            logins,
+            second_factor,
+            lockouts,
+            active_sessions,
+            relayed,
+            handovers,
+        }
     }
 
     /// Counts a password login outcome.

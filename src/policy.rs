@@ -43,6 +43,10 @@ pub fn decide_for(config: &Config, app: Option<usize>, raw_path: &str) -> Result
 
 /// Finds the app for a Host value: exact name first, then `*`.
 pub fn find_app(apps: &[App], host: Option<&str>) -> Option<usize> {
+    // Only `*` apps: the host can't change the answer, so it needn't be normalised (an allocation).
+    if apps.iter().all(|a| a.host == HostPattern::Any) {
+        return apps.iter().position(|a| a.host == HostPattern::Any);
+    }
     let host = host.and_then(normalize_host);
     if let Some(h) = &host
         && let Some(i) = apps.iter().position(|a| matches!(&a.host, HostPattern::Exact(x) if x == h))

@@ -150,10 +150,9 @@ fn verify(keys: &Keys, name: &str, raw: &str) -> Option<String> {
 
 /// All values of the cookie `name` in the request's Cookie headers.
 pub fn cookie_values<'a, H: Headers + ?Sized>(headers: &'a H, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-    headers.values("cookie").filter_map(crate::headers::text).flat_map(|v| v.split(';')).filter_map(move |pair| {
-        let (k, v) = pair.split_once('=')?;
-        (k.trim() == name).then(|| v.trim())
-    })
+    crate::headers::cookie_pairs(headers)
+        .filter(move |(k, _)| *k == name)
+        .filter_map(|(_, pair)| pair.split_once('=').map(|(_, v)| v.trim()))
 }
 
 fn decode_tagged<const N: usize>(value: &str, tag: &str) -> Option<[u8; N]> {

@@ -20,7 +20,7 @@ use rustls::pki_types::pem::PemObject;
 use crate::Body;
 use crate::config::{App, Config};
 use crate::gateway::{Client, Gateway, request_host};
-use crate::headers::{ForwardedHeaders, foreign_cookies, has_token, passes_downstream, passes_upstream};
+use crate::headers::{ForwardedHeaders, Listed, foreign_cookies, has_token, passes_downstream, passes_upstream};
 use crate::policy::Decision;
 use crate::respond::Reject;
 use crate::store::User;
@@ -173,8 +173,9 @@ fn upstream_headers(
     from: &HeaderMap,
 ) -> HeaderMap {
     let mut to = HeaderMap::with_capacity(from.len() + 8);
+    let listed = Listed::of(from);
     for (name, value) in from {
-        if passes_upstream(&gw.config, from, name.as_str().as_bytes(), client.trusted) {
+        if passes_upstream(&gw.config, &listed, name.as_str().as_bytes(), client.trusted) {
             to.append(name.clone(), value.clone());
         }
     }
@@ -269,8 +270,9 @@ pub async fn forward(
 
     let (mut parts, body) = resp.into_parts();
     let mut headers = HeaderMap::with_capacity(parts.headers.len());
+    let listed = Listed::of(&parts.headers);
     for (name, value) in &parts.headers {
-        if passes_downstream(&parts.headers, name.as_str().as_bytes(), value.as_bytes(), &own) {
+        if passes_downstream(&listed, name.as_str().as_bytes(), value.as_bytes(), &own) {
             headers.append(name.clone(), value.clone());
         }
     }

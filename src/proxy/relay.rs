@@ -150,6 +150,7 @@ where
                     Planned::Forward(f) => break f,
                     Planned::Partial if c.input.len() < MAX_REQUEST_HEAD => {}
                     Planned::Partial | Planned::Handover => {
+                        gw.metrics.handovers.inc();
                         // A copy of just the unread bytes: the read buffer itself shouldn't outlive the relay.
                         return Outcome::Handover(Prefixed { prefix: Bytes::copy_from_slice(&c.input), io });
                     }
@@ -231,10 +232,29 @@ fn plan(gw: &Gateway, c: &mut Conn) -> Planned {
         return Planned::Handover;
     }
     let app = &gw.config.apps[decision.app];
+    // One pass over the cookies: the session's values for the cache, the app's for the upstream.
+    let own = gw.own_cookies();
+    let mut sessions = [""; 4];
+    let mut found = 0;
+    let mut foreign = String::new();
+    for (name, pair) in headers::cookie_pairs(hs) {
+        if name == own[0] {
+            let Some(slot) = sessions.get_mut(found) else {
+                return Planned::Handover;
+            };
+            *slot = pair.split_once('=').map_or("", |(_, v)| v.trim());
+            found += 1;
+        } else if name != own[1] {
+            if !foreign.is_empty() {
+                foreign.push_str("; ");
+            }
+            foreign.push_str(pair);
+        }
+    }
     let user = match decision.policy {
         Policy::Deny => return Planned::Handover,
         Policy::Bypass => None,
-        needed => match gw.cached_session(hs) {
+        needed => match gw.cached_session_of(sessions[..found].iter().copied()) {
             Ok(CacheAnswer::Hit(auth)) if admission(app, needed, &auth) == Admission::Pass => Some(auth.user),
             _ => return Planned::Handover,
         },
@@ -251,14 +271,14 @@ fn plan(gw: &Gateway, c: &mut Conn) -> Planned {
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
     put_header(out, b"host", host.as_bytes());
+    let listed = headers::Listed::of(hs);
     for h in hs {
-        if headers::passes_upstream(&gw.config, hs, h.name.as_bytes(), client.trusted) {
+        if headers::passes_upstream(&gw.config, &listed, h.name.as_bytes(), client.trusted) {
             put_header(out, h.name.as_bytes(), h.value);
         }
     }
-    let own = gw.own_cookies();
-    if let Some(cookies) = headers::foreign_cookies(hs, &own) {
-        put_header(out, b"cookie", cookies.as_bytes());
+    if !foreign.is_empty() {
+        put_header(out, b"cookie", foreign.as_bytes());
     }
     for (name, value) in ForwardedHeaders::new(hs, &client, peer_ip, Some(host)).pairs() {
         put_header(out, name.as_bytes(), value.as_bytes());
@@ -312,6 +332,7 @@ where
     IO: AsyncWrite + Unpin,
 {
     c.input.advance(f.len);
+    gw.metrics.relayed.inc();
     let app = &gw.config.apps[f.app];
     let Some(pool) = gw.upstreams.relay(f.app) else {
         return answer(gw, client, c, f, &Reject::BadGateway).await;
@@ -409,17 +430,23 @@ fn response_head(
         let reusable = version == 1 && !headers::has_token(hs, "connection", "close") && framing != Framing::UntilClose;
         out.clear();
         out.extend_from_slice(b"HTTP/1.1 ");
-        out.extend_from_slice(status.to_string().as_bytes());
+        // httparse gives a three-digit code.
+        out.extend_from_slice(&[
+            b'0' + (status / 100 % 10) as u8,
+            b'0' + (status / 10 % 10) as u8,
+            b'0' + (status % 10) as u8,
+        ]);
         out.push(b' ');
         out.extend_from_slice(resp.reason.unwrap_or_default().as_bytes());
         out.extend_from_slice(b"\r\n");
+        let listed = headers::Listed::of(hs);
         for h in hs {
-            if headers::passes_downstream(hs, h.name.as_bytes(), h.value, own) {
+            if headers::passes_downstream(&listed, h.name.as_bytes(), h.value, own) {
                 put_header(out, h.name.as_bytes(), h.value);
             }
         }
         if hs.values("date").next().is_none() {
-            put_header(out, b"date", http_date().as_bytes());
+            put_date(out);
         }
         if framing == Framing::Chunked {
             put_header(out, b"transfer-encoding", b"chunked");
@@ -568,7 +595,7 @@ where
         }
     }
     put_header(out, b"content-length", body.len().to_string().as_bytes());
-    put_header(out, b"date", http_date().as_bytes());
+    put_date(out);
     if f.close {
         put_header(out, b"connection", b"close");
     }
@@ -581,8 +608,8 @@ where
     Ok(!f.close)
 }
 
-/// The Date header value (RFC 9110 §6.6.1), formatted once a second per thread.
-fn http_date() -> String {
+/// Writes a Date header (RFC 9110 §6.6.1); its value is formatted once a second per thread.
+fn put_date(out: &mut Vec<u8>) {
     thread_local! {
         static CACHED: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((0, String::new())) };
     }
@@ -593,8 +620,8 @@ fn http_date() -> String {
             *at = secs;
             *text = httpdate::fmt_http_date(now);
         }
-        text.clone()
-    })
+        put_header(out, b"date", text.as_bytes());
+    });
 }
 
 /// Follows chunked framing (RFC 9112 §7.1) over bytes relayed as they are, to find where the body ends.
