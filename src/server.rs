@@ -113,7 +113,6 @@ pub async fn serve(
                 Err(_) => {}
             }
         };
-        eprintln!("TASKSIZE {}", std::mem::size_of_val(&task));
         connections.spawn(task);
     }
     stop.cancel();

@@ -68,16 +68,29 @@ impl Pool {
         Pool { authority, idle: Mutex::new(VecDeque::new()) }
     }
 
-    /// The most recently used idle connection that is not too old.
+    /// The most recently used idle connection that is not too old and still quiet.
     fn checkout(&self) -> Option<Upstream> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let (stream, since) = idle.pop_back()?;
-        if since.elapsed() < POOL_IDLE {
-            return Some(stream);
+        loop {
+            let (up, since) = {
+                let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+                let (up, since) = idle.pop_back()?;
+                if since.elapsed() >= POOL_IDLE {
+                    // The newest is too old, so all are.
+                    idle.clear();
+                    return None;
+                }
+                (up, since)
+            };
+            // An idle connection must have nothing to read. End of stream means the app closed it; bytes mean it
+            // spoke unasked (a 408 before closing, say), and they must not be taken as the next answer.
+            let mut probe = [0u8; 1];
+            match up.stream.try_read(&mut probe) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Some(up),
+                _ => {
+                    tracing::debug!(idle_for = ?since.elapsed(), "dropping a pooled upstream connection the app closed")
+                }
+            }
         }
-        // The newest is stale, so all are.
-        idle.clear();
-        None
     }
 
     fn checkin(&self, stream: Upstream) {

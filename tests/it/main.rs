@@ -13,6 +13,7 @@ mod ops;
 mod pages;
 mod pg;
 mod proxy;
+mod relay;
 mod reload;
 mod selftest;
 mod two_factor;
