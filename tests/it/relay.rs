@@ -10,6 +10,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -557,6 +561,93 @@ fn assert_alice(get: impl Fn(&str) -> Vec<String>, what: &str) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// TLS
+// ---------------------------------------------------------------------------------------------
+
+/// [`gateway`] with a TLS listener (a fresh self-signed certificate for `APP`); also returns the certificate to
+/// trust. Not probed: the harness checks health over plain HTTP.
+async fn tls_gateway(apps: &str) -> (Env, Gateway, SocketAddr, rcgen::Certificate) {
+    let (maddr, metrics) = metrics_section();
+    let env = Env::password_only(&format!(
+        "[server]\ntls_cert = \"{{DIR}}/cert.pem\"\ntls_key = \"{{DIR}}/key.pem\"\n\n{metrics}{apps}"
+    ));
+    let ck = rcgen::generate_simple_self_signed(vec![APP.to_string()]).unwrap();
+    std::fs::write(env.path().join("cert.pem"), ck.cert.pem()).unwrap();
+    std::fs::write(env.path().join("key.pem"), ck.signing_key.serialize_pem()).unwrap();
+    env.add_user("alice", "alice@example.com", "Alice Liddell", &["staff"], PW).await;
+    let gw = env.start_unchecked().await;
+    (env, gw, maddr, ck.cert)
+}
+
+/// A TLS connection to the gateway trusting `cert` and offering only `alpn`, which it asserts was chosen.
+async fn tls_connect(
+    addr: SocketAddr,
+    cert: &rcgen::Certificate,
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    let tcp = within("connect", TcpStream::connect(addr)).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(APP).unwrap();
+    let tls = within("TLS handshake", tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp))
+        .await
+        .expect("TLS handshake with the gateway");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(alpn), "ALPN chose another protocol");
+    tls
+}
+
+type H1 = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// hyper's HTTP/1.1 client on a new TLS connection that negotiated http/1.1 (requests on it share the connection).
+async fn tls_h1(addr: SocketAddr, cert: &rcgen::Certificate) -> H1 {
+    let tls = tls_connect(addr, cert, b"http/1.1").await;
+    let (send, conn) =
+        within("HTTP/1.1 handshake", hyper::client::conn::http1::handshake(TokioIo::new(tls))).await.unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+/// The whole answer as a [`Resp`]; its cookies go into `c`'s jar.
+async fn into_resp(r: hyper::Response<hyper::body::Incoming>, c: &mut Client) -> Resp {
+    let (parts, body) = r.into_parts();
+    let body = within("body", body.collect()).await.expect("response body").to_bytes();
+    c.store_cookies(&parts.headers);
+    Resp { status: parts.status.as_u16(), headers: parts.headers, body, version: parts.version }
+}
+
+/// A request on `send` with `c`'s host and cookies, `headers` and an optional form body.
+async fn tls_send(
+    send: &mut H1,
+    c: &mut Client,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    form: Option<String>,
+) -> Resp {
+    let mut b = Request::builder().method(method).uri(path).header("host", &c.host);
+    if !c.jar.is_empty() {
+        b = b.header("cookie", c.cookie_header());
+    }
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    if form.is_some() {
+        b = b.header("content-type", "application/x-www-form-urlencoded");
+    }
+    let request = b.body(Full::new(Bytes::from(form.unwrap_or_default()))).unwrap();
+    let what = format!("{method} {path} over TLS http/1.1");
+    within(&what, send.ready()).await.unwrap_or_else(|e| panic!("{what}: connection not ready: {e}"));
+    let r = within(&what, send.send_request(request)).await.unwrap_or_else(|e| panic!("{what}: {e}"));
+    into_resp(r, c).await
+}
+
+// ---------------------------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------------------------
 
@@ -990,5 +1081,72 @@ async fn large_content_length_and_chunked_downloads_are_relayed_byte_exact() {
         }
     }
     assert_moved(maddr, before, 2, 0, "two downloads").await;
+    gw.stop().await;
+}
+
+/// Over TLS, ALPN decides who serves a connection: http/1.1 starts on the relay, h2 is hyper's alone. Two
+/// keep-alive GETs of a warm session on one http/1.1 TLS connection are relayed (the relayed counter rises by
+/// exactly 2, no handover) with the session user's identity, not a spoofed one, and `X-Forwarded-Proto: https` at
+/// the app; a GET on an h2 connection gets the same identity without the relay's counters moving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_http1_requests_take_the_relay_and_h2_stays_with_hyper() {
+    let up = start_upstream().await;
+    let (_env, gw, maddr, cert) = tls_gateway(&app(APP, &up.url(), "one_factor")).await;
+
+    // Sign in and warm the session over TLS, on hyper's path (the login page hands the connection over).
+    let mut c = gw.client(APP);
+    let html = [("accept", "text/html")];
+    let mut h1 = tls_h1(gw.addr, &cert).await;
+    let page = tls_send(&mut h1, &mut c, "GET", &format!("{PREFIX}/login?rd=%2F"), &html, None).await;
+    assert_eq!(page.status, 200, "login page over TLS: {}", page.text());
+    let csrf = extract_csrf(&page.text()).unwrap_or_else(|| panic!("no csrf field in the login page: {}", page.text()));
+    let form =
+        serde_urlencoded::to_string([("csrf", csrf.as_str()), ("rd", "/"), ("username", "alice"), ("password", PW)])
+            .unwrap();
+    let r = tls_send(&mut h1, &mut c, "POST", &format!("{PREFIX}/login"), &html, Some(form)).await;
+    assert_eq!(r.status, 303, "login over TLS: {}", r.text());
+    let set = session_set_cookie(&r).unwrap_or_else(|| panic!("no session cookie set: {:?}", r.set_cookies()));
+    assert!(set.to_ascii_lowercase().contains("; secure"), "session cookie set over TLS without Secure: {set}");
+    let r = tls_send(&mut h1, &mut c, "GET", "/warm", &[], None).await;
+    assert_eq!(r.status, 200, "first proxied request: {}", r.text());
+    drop(h1);
+
+    // http/1.1: two keep-alive GETs on one connection, both relayed.
+    let before = counts(maddr).await;
+    let mut h1 = tls_h1(gw.addr, &cert).await;
+    for i in 0..2 {
+        let path = format!("/tls/{i}?q={i}");
+        let r = tls_send(&mut h1, &mut c, "GET", &path, &[("Remote-User", "admin")], None).await;
+        assert_eq!(r.status, 200, "GET {path} over TLS http/1.1: {}", r.text());
+        assert_eq!(r.version, hyper::Version::HTTP_11);
+        assert_eq!(r.upstream_path(), path);
+        assert_alice(|n| r.upstream_header(n).unwrap_or_default(), &format!("GET {path} over TLS http/1.1"));
+        assert_eq!(r.upstream_header("x-forwarded-proto"), Some(vec!["https".to_string()]), "GET {path}");
+    }
+    assert_moved(maddr, before, 2, 0, "two keep-alive GETs on a TLS http/1.1 connection").await;
+    drop(h1);
+
+    // h2: hyper serves it; the relay never sees it.
+    let before = counts(maddr).await;
+    let tls = tls_connect(gw.addr, &cert, b"h2").await;
+    let (mut h2, conn) =
+        within("h2 handshake", hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    let request = Request::get(format!("https://{APP}/over/h2"))
+        .header("cookie", c.cookie_header())
+        .header("remote-user", "admin")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let r = within("GET over h2", h2.send_request(request)).await.expect("GET over h2");
+    let r = into_resp(r, &mut c).await;
+    assert_eq!(r.status, 200, "GET over h2: {}", r.text());
+    assert_eq!(r.version, hyper::Version::HTTP_2);
+    assert_eq!(r.upstream_path(), "/over/h2");
+    assert_alice(|n| r.upstream_header(n).unwrap_or_default(), "GET over h2");
+    assert_eq!(r.upstream_header("x-forwarded-proto"), Some(vec!["https".to_string()]), "GET over h2");
+    assert_moved(maddr, before, 0, 0, "a GET on an h2 connection").await;
+    drop(h2);
     gw.stop().await;
 }
