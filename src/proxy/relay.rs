@@ -28,12 +28,15 @@ use crate::gateway::{Admission, CacheAnswer, Gateway, admission};
 use crate::headers::{self, ForwardedHeaders, Headers};
 use crate::respond::Reject;
 
-/// Header lines the relay parses per message; more go to hyper (requests) or fail (responses).
+/// Header lines the relay parses per request; more go to hyper.
 const MAX_HEADERS: usize = 64;
+/// Header lines accepted in an app's response: hyper's client limit (100) and then some, so no answer that works
+/// through hyper fails on the relay.
+const MAX_RESPONSE_HEADERS: usize = 128;
 /// A request head longer than this goes to hyper, whose limit is higher.
 const MAX_REQUEST_HEAD: usize = 16 * 1024;
-/// The longest response head accepted from an app.
-const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// The longest response head accepted from an app: hyper's client limit (its read buffer's maximum).
+const MAX_RESPONSE_HEAD: usize = 8192 + 4096 * 100;
 /// Read size for bodies.
 const CHUNK: usize = 16 * 1024;
 /// How long an idle upstream connection is kept, and how many per app.
@@ -419,7 +422,7 @@ fn response_head(
     f: &Forward,
 ) -> io::Result<Option<ResponseHead>> {
     loop {
-        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut slots = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
         let mut resp = httparse::Response::new(&mut slots);
         let len = match resp.parse(input) {
             Ok(httparse::Status::Complete(n)) => n,

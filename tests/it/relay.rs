@@ -154,7 +154,7 @@ fn dechunk(b: &[u8]) -> Option<(Vec<u8>, usize, Fields)> {
 /// Parses one response from the start of `buf` (`head`: it answers a HEAD request; `eof`: no more bytes will
 /// come). `None`: incomplete. 1xx answers come back as responses of their own.
 fn parse_response(buf: &[u8], head: bool, eof: bool) -> Option<(Msg, usize)> {
-    let mut slots = [httparse::EMPTY_HEADER; 64];
+    let mut slots = [httparse::EMPTY_HEADER; 128];
     let mut r = httparse::Response::new(&mut slots);
     let n = match r.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
@@ -392,6 +392,15 @@ fn reply(seen: &Seen) -> Reply {
             b("HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"),
             ok(b"after hints"),
         ]),
+        // As many header lines as hyper's client accepts (100), one of them 100 KiB long.
+        "/many-headers" => {
+            let mut head = format!("HTTP/1.1 200 OK\r\nDate: {FIXED_DATE}\r\nX-Long: {}\r\n", "v".repeat(100 * 1024));
+            for i in 0..96 {
+                head.push_str(&format!("X-Many-{i}: {i}\r\n"));
+            }
+            head.push_str("Content-Length: 4\r\n\r\nmany");
+            Reply::Keep(vec![b(&head)])
+        }
         "/no-date" => Reply::Keep(vec![b("HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nno date")]),
         "/no-content" => Reply::Keep(vec![b(&format!("HTTP/1.1 204 No Content\r\nDate: {FIXED_DATE}\r\n\r\n"))]),
         // A 304 may announce the length of the representation it stands for, without a body.
@@ -854,7 +863,8 @@ async fn a_request_with_a_body_hands_the_connection_to_hyper_mid_stream() {
 /// Response framing on the relay (bypass app, scripted upstream): a chunked body is relayed verbatim (extension
 /// and trailer included) under exactly one `transfer-encoding: chunked`; a close-delimited body arrives whole with
 /// `connection: close` and the connection then closes; a 103 before the 200 is not passed on; a missing Date is
-/// added and an app's Date kept; 204 and a 304 announcing a length have no body, and the connection stays in step.
+/// added and an app's Date kept; a head as large as hyper accepts passes; 204 and a 304 announcing a length have no
+/// body, and the connection stays in step.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relayed_response_framing_chunked_close_delimited_interim_and_date() {
     let s = script().await;
@@ -888,6 +898,13 @@ async fn relayed_response_framing_chunked_close_delimited_interim_and_date() {
     let skew = d.duration_since(t0).unwrap_or_else(|e| e.duration());
     assert!(skew < Duration::from_secs(60), "added Date {:?} is {skew:?} off", dates[0]);
 
+    // A head as large as hyper's client takes (100 header lines, one of 100 KiB) passes whole.
+    raw.send(req("GET", "/many-headers", RAW, "").as_bytes()).await;
+    let r = raw.response(false).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "many"), "{}", r.status);
+    assert_eq!(r.header("x-long").map(str::len), Some(100 * 1024));
+    assert_eq!(r.header("x-many-95"), Some("95"));
+
     raw.send(req("GET", "/no-content", RAW, "").as_bytes()).await;
     let r = raw.response(false).await;
     assert_eq!(r.status, 204, "{r:?}");
@@ -910,7 +927,7 @@ async fn relayed_response_framing_chunked_close_delimited_interim_and_date() {
     assert_eq!(r.text(), "close-delimited body");
     assert!(raw.rest().await.is_empty());
 
-    assert_moved(maddr, before, 7, 0, "bypass requests to the scripted app").await;
+    assert_moved(maddr, before, 8, 0, "bypass requests to the scripted app").await;
     gw.stop().await;
 }
 
