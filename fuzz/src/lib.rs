@@ -178,3 +178,153 @@ pub fn config(data: &[u8]) {
         Err(e) => drop(e.to_string()),
     }
 }
+
+/// relay_chunked: the relay's chunked-framing tracker (src/proxy/relay.rs) never panics; splitting the input
+/// anywhere (the first byte picks where) gives the same answer as feeding it whole; it never claims more bytes than
+/// it was given; and a body it calls complete ends exactly where a plain reference decoder of RFC 9112 §7.1 (same
+/// strictness: CRLF only, at most 16 hex digits) says it ends.
+pub fn relay_chunked(data: &[u8]) {
+    use portcullis::proxy::relay::fuzzing;
+    let Some((&pick, input)) = data.split_first() else {
+        return;
+    };
+    let cut = usize::from(pick) * input.len() / 255;
+    let whole = fuzzing::chunked(input, input.len());
+    assert_eq!(fuzzing::chunked(input, cut), whole, "splitting at {cut} changed the answer");
+    let reference = reference_chunked_len(input);
+    match whole {
+        (Some(n), true) => assert_eq!(reference, Ok(n), "the tracker ended the body at {n}"),
+        (Some(n), false) => {
+            assert_eq!(n, input.len(), "an unfinished body must take every byte");
+            assert_eq!(reference, Err(true), "the reference decoder disagrees about an unfinished body");
+        }
+        (None, _) => assert_eq!(reference, Err(false), "the tracker refused framing the reference decoder accepts"),
+    }
+}
+
+/// The length of the chunked body at the start of `b` (RFC 9112 §7.1): `Ok(len)`, `Err(true)` when it is a valid
+/// but unfinished prefix, `Err(false)` when it is malformed.
+fn reference_chunked_len(b: &[u8]) -> Result<usize, bool> {
+    // Whether `b[i..]` starts with `want`; Err(true) when `b` ends first on a matching prefix.
+    let expect = |i: usize, want: &[u8]| -> Result<(), bool> {
+        let have = b.get(i..).unwrap_or_default();
+        let n = have.len().min(want.len());
+        if have[..n] != want[..n] {
+            return Err(false);
+        }
+        if n < want.len() { Err(true) } else { Ok(()) }
+    };
+    let mut i = 0;
+    loop {
+        let start = i;
+        while i < b.len() && b[i].is_ascii_hexdigit() {
+            i += 1;
+        }
+        let digits = &b[start..i];
+        if digits.len() > 16 {
+            return Err(false);
+        }
+        if i == b.len() {
+            return Err(true);
+        }
+        if digits.is_empty() {
+            return Err(false);
+        }
+        let size = u64::from_str_radix(std::str::from_utf8(digits).map_err(|_| false)?, 16).map_err(|_| false)?;
+        if matches!(b[i], b';' | b' ' | b'\t') {
+            while i < b.len() && b[i] != b'\r' && b[i] != b'\n' {
+                i += 1;
+            }
+        }
+        expect(i, b"\r\n")?;
+        i += 2;
+        if size == 0 {
+            break;
+        }
+        let left = (b.len() - i) as u64;
+        if size > left {
+            return Err(true);
+        }
+        i += size as usize;
+        expect(i, b"\r\n")?;
+        i += 2;
+    }
+    loop {
+        if i == b.len() {
+            return Err(true);
+        }
+        if b[i] == b'\r' {
+            expect(i, b"\r\n")?;
+            return Ok(i + 2);
+        }
+        while i < b.len() && b[i] != b'\r' && b[i] != b'\n' {
+            i += 1;
+        }
+        expect(i, b"\r\n")?;
+        i += 2;
+    }
+}
+
+/// relay_response: the relay's reading of an app's response head never panics, and a head it accepts goes to the
+/// client as one that httparse reads back whole, with the same status, no connection-scoped header but the framing
+/// it chose itself, no Set-Cookie for the gateway's cookies, and the app's Date headers or else one of its own. (The
+/// first byte's low bit makes it the answer to a HEAD.)
+pub fn relay_response(data: &[u8]) {
+    use portcullis::proxy::relay::fuzzing;
+    let Some((&flags, input)) = data.split_first() else {
+        return;
+    };
+    let own = [SESSION_NAME, CSRF_NAME];
+    let Ok(Some((head, framing))) = fuzzing::response(input, flags & 1 == 1, &own) else {
+        return;
+    };
+    let mut slots = [httparse::EMPTY_HEADER; 256];
+    let mut parsed = httparse::Response::new(&mut slots);
+    let n = match parsed.parse(&head) {
+        Ok(httparse::Status::Complete(n)) => n,
+        other => panic!("the client head doesn't parse ({other:?}): {:?}", String::from_utf8_lossy(&head)),
+    };
+    assert_eq!(n, head.len(), "bytes after the client head");
+    // The app's final answer: interim 1xx heads before it are skipped, as the relay skips them.
+    let mut rest = input;
+    let (code, sent_dates) = loop {
+        let mut slots = [httparse::EMPTY_HEADER; 256];
+        let mut original = httparse::Response::new(&mut slots);
+        let Ok(httparse::Status::Complete(n)) = original.parse(rest) else {
+            panic!("the relay accepted a head httparse doesn't: {:?}", String::from_utf8_lossy(input));
+        };
+        if original.code.is_some_and(|c| c < 200) {
+            rest = &rest[n..];
+            continue;
+        }
+        let dates = original.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("date")).count();
+        break (original.code, dates);
+    };
+    assert_eq!(parsed.code, code, "status changed");
+    let count = |name: &str| parsed.headers.iter().filter(|h| h.name.eq_ignore_ascii_case(name)).count();
+    for h in parsed.headers.iter() {
+        let name = h.name.to_ascii_lowercase();
+        match name.as_str() {
+            "transfer-encoding" => assert!(framing == "chunked" && h.value == b"chunked", "{name} with {framing}"),
+            "connection" => assert_eq!(h.value, b"close", "a Connection header other than ours"),
+            "te"
+            | "trailer"
+            | "upgrade"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization" => panic!("connection-scoped {name} passed"),
+            "set-cookie" => {
+                let cookie = h.value.split(|&b| b == b'=').next().unwrap_or_default().trim_ascii();
+                assert!(!own.iter().any(|o| o.as_bytes() == cookie), "the app set the gateway's cookie");
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(count("transfer-encoding"), usize::from(framing == "chunked"));
+    // The app's Dates pass as sent; one is added only when it sent none.
+    assert_eq!(count("date"), sent_dates.max(1), "Date headers: {} (the app sent {sent_dates})", count("date"));
+    if framing == "close" {
+        assert_eq!(count("connection"), 1, "a close-delimited answer must say connection: close");
+    }
+}

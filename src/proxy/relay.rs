@@ -720,6 +720,46 @@ impl Chunked {
     }
 }
 
+/// Entry points for the fuzz targets (fuzz/) and their CI replay: the relay's parsing of what an app sends, without
+/// sockets.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    /// Feeds `input` to the chunked-framing tracker in two pieces split at `cut`: the bytes that belong to the body
+    /// (`None`: the framing is broken) and whether the body ended.
+    pub fn chunked(input: &[u8], cut: usize) -> (Option<usize>, bool) {
+        let cut = cut.min(input.len());
+        let mut c = Chunked::default();
+        let used = c.feed(&input[..cut]).ok().and_then(|a| {
+            if c.done() {
+                return Some(a);
+            }
+            c.feed(&input[cut..]).ok().map(|b| a + b)
+        });
+        (used, c.done())
+    }
+
+    /// Parses an app's response head as the relay does, with `own` the gateway's cookie names: `Ok(None)` when
+    /// more bytes are needed, `Err` when the relay answers 502, else the head the client would get and the framing
+    /// (`"empty"`, `"length:N"`, `"chunked"`, `"close"`).
+    pub fn response(input: &[u8], head_request: bool, own: &[&str]) -> Result<Option<(Vec<u8>, String)>, String> {
+        let mut buf = BytesMut::from(input);
+        let mut out = Vec::new();
+        let f = Forward { app: 0, len: 0, head: head_request, close: false };
+        let head = response_head(&mut buf, &mut out, own, &f).map_err(|e| e.to_string())?;
+        Ok(head.map(|h| {
+            let framing = match h.framing {
+                Framing::Empty => "empty".to_string(),
+                Framing::Length(n) => format!("length:{n}"),
+                Framing::Chunked => "chunked".to_string(),
+                Framing::UntilClose => "close".to_string(),
+            };
+            (out, framing)
+        }))
+    }
+}
+
 /// A connection with bytes already read in front of it, so hyper sees the stream exactly as the client sent it.
 pub struct Prefixed<IO> {
     prefix: Bytes,

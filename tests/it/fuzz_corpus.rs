@@ -64,3 +64,13 @@ fn fuzz_corpus_redirect() {
 fn fuzz_corpus_config() {
     replay("config", checks::config);
 }
+
+#[test]
+fn fuzz_corpus_relay_chunked() {
+    replay("relay_chunked", checks::relay_chunked);
+}
+
+#[test]
+fn fuzz_corpus_relay_response() {
+    replay("relay_response", checks::relay_response);
+}
