@@ -11,6 +11,7 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Mutex;
@@ -206,9 +207,10 @@ fn plain_target_byte(b: u8) -> bool {
 /// Nothing here has effects that matter if hyper then handles the request instead.
 fn plan(gw: &Gateway, c: &mut Conn) -> Planned {
     let Conn { input, out, peer, peer_ip, .. } = c;
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut slots);
-    let len = match req.parse(input) {
+    // Uninitialised slots: zeroing them would cost more than parsing a short head.
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(&mut req, input, &mut slots) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Planned::Partial,
         // Malformed, too many headers, or HTTP/2's preface: hyper answers it.
@@ -422,14 +424,15 @@ fn response_head(
     f: &Forward,
 ) -> io::Result<Option<ResponseHead>> {
     loop {
-        let mut slots = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-        let mut resp = httparse::Response::new(&mut slots);
-        let len = match resp.parse(input) {
-            Ok(httparse::Status::Complete(n)) => n,
-            Ok(httparse::Status::Partial) if input.len() <= MAX_RESPONSE_HEAD => return Ok(None),
-            Ok(httparse::Status::Partial) => return Err(bad("the app's response head is too large")),
-            Err(e) => return Err(bad(format!("malformed response head: {e}"))),
-        };
+        let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_RESPONSE_HEADERS];
+        let mut resp = httparse::Response::new(&mut []);
+        let len =
+            match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut resp, input, &mut slots) {
+                Ok(httparse::Status::Complete(n)) => n,
+                Ok(httparse::Status::Partial) if input.len() <= MAX_RESPONSE_HEAD => return Ok(None),
+                Ok(httparse::Status::Partial) => return Err(bad("the app's response head is too large")),
+                Err(e) => return Err(bad(format!("malformed response head: {e}"))),
+            };
         let (Some(version), Some(status)) = (resp.version, resp.code) else {
             return Err(bad("malformed response head"));
         };
