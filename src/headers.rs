@@ -103,6 +103,11 @@ impl<'a> Listed<'a> {
     pub fn of<H: Headers + ?Sized>(headers: &'a H) -> Listed<'a> {
         Listed(tokens(headers, "connection").collect())
     }
+
+    /// Whether Connection lists `token` (`close`, `upgrade`…), ignoring ASCII case.
+    pub fn has(&self, token: &str) -> bool {
+        self.0.iter().any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
+    }
 }
 
 /// Whether a header is connection-scoped: a fixed hop-by-hop name or one the message's Connection header lists.
@@ -171,16 +176,35 @@ pub fn passes_downstream(listed: &Listed<'_>, name: &[u8], value: &[u8], own: &[
 
 /// The client's cookies minus the gateway's own, as one Cookie value (`None` when nothing is left).
 pub fn foreign_cookies<H: Headers + ?Sized>(request: &H, own: &[&str]) -> Option<String> {
+    Some(split_cookies(request, own, |_, _| {})).filter(|kept| !kept.is_empty())
+}
+
+/// One pass over the Cookie headers: `ours(name, value)` sees each of the gateway's own cookies, and the others
+/// come back joined as one Cookie value for the app (empty when there are none).
+pub fn split_cookies<'a, H: Headers + ?Sized>(
+    request: &'a H,
+    own: &[&str],
+    mut ours: impl FnMut(&'a str, &'a str),
+) -> String {
     let mut kept = String::new();
     for (name, pair) in cookie_pairs(request) {
-        if !own.contains(&name) {
+        if own.contains(&name) {
+            if let Some(value) = cookie_value(pair) {
+                ours(name, value);
+            }
+        } else {
             if !kept.is_empty() {
                 kept.push_str("; ");
             }
             kept.push_str(pair);
         }
     }
-    (!kept.is_empty()).then_some(kept)
+    kept
+}
+
+/// The value of a `name=value` cookie pair, trimmed (`None` without `=`).
+pub fn cookie_value(pair: &str) -> Option<&str> {
+    pair.split_once('=').map(|(_, v)| v.trim())
 }
 
 /// The forwarding headers sent upstream, worked out once for both proxy paths.

@@ -152,7 +152,7 @@ fn verify(keys: &Keys, name: &str, raw: &str) -> Option<String> {
 pub fn cookie_values<'a, H: Headers + ?Sized>(headers: &'a H, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
     crate::headers::cookie_pairs(headers)
         .filter(move |(k, _)| *k == name)
-        .filter_map(|(_, pair)| pair.split_once('=').map(|(_, v)| v.trim()))
+        .filter_map(|(_, pair)| crate::headers::cookie_value(pair))
 }
 
 fn decode_tagged<const N: usize>(value: &str, tag: &str) -> Option<[u8; N]> {

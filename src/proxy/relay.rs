@@ -229,8 +229,9 @@ fn plan(gw: &Gateway, c: &mut Conn) -> Planned {
     if !target.starts_with('/') || !target.bytes().all(plain_target_byte) {
         return Planned::Handover;
     }
+    let listed = headers::Listed::of(hs);
     if ["content-length", "transfer-encoding", "upgrade", "expect"].iter().any(|n| hs.values(n).next().is_some())
-        || headers::has_token(hs, "connection", "upgrade")
+        || listed.has("upgrade")
     {
         return Planned::Handover;
     }
@@ -254,20 +255,16 @@ fn plan(gw: &Gateway, c: &mut Conn) -> Planned {
     let own = gw.own_cookies();
     let mut sessions = [""; 4];
     let mut found = 0;
-    let mut foreign = String::new();
-    for (name, pair) in headers::cookie_pairs(hs) {
+    let foreign = headers::split_cookies(hs, &own, |name, value| {
         if name == own[0] {
-            let Some(slot) = sessions.get_mut(found) else {
-                return Planned::Handover;
-            };
-            *slot = pair.split_once('=').map_or("", |(_, v)| v.trim());
-            found += 1;
-        } else if name != own[1] {
-            if !foreign.is_empty() {
-                foreign.push_str("; ");
+            if let Some(slot) = sessions.get_mut(found) {
+                *slot = value;
             }
-            foreign.push_str(pair);
+            found += 1;
         }
+    });
+    if found > sessions.len() {
+        return Planned::Handover;
     }
     let user = match decision.policy {
         Policy::Deny => return Planned::Handover,
@@ -289,7 +286,6 @@ fn plan(gw: &Gateway, c: &mut Conn) -> Planned {
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
     put_header(out, b"host", host.as_bytes());
-    let listed = headers::Listed::of(hs);
     for h in hs {
         if headers::passes_upstream(&gw.config, &listed, h.name.as_bytes(), client.trusted) {
             put_header(out, h.name.as_bytes(), h.value);
@@ -307,7 +303,7 @@ fn plan(gw: &Gateway, c: &mut Conn) -> Planned {
         }
     }
     out.extend_from_slice(b"\r\n");
-    Planned::Forward(Forward { app: decision.app, len, head, close: headers::has_token(hs, "connection", "close") })
+    Planned::Forward(Forward { app: decision.app, len, head, close: listed.has("close") })
 }
 
 fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -446,7 +442,8 @@ fn response_head(
         let hs: &[httparse::Header<'_>] = resp.headers;
         let framing = framing(hs, status, f.head)?;
         let close = f.close || framing == Framing::UntilClose;
-        let reusable = version == 1 && !headers::has_token(hs, "connection", "close") && framing != Framing::UntilClose;
+        let listed = headers::Listed::of(hs);
+        let reusable = version == 1 && !listed.has("close") && framing != Framing::UntilClose;
         out.clear();
         out.extend_from_slice(b"HTTP/1.1 ");
         // httparse gives a three-digit code.
@@ -458,7 +455,6 @@ fn response_head(
         out.push(b' ');
         out.extend_from_slice(resp.reason.unwrap_or_default().as_bytes());
         out.extend_from_slice(b"\r\n");
-        let listed = headers::Listed::of(hs);
         for h in hs {
             if headers::passes_downstream(&listed, h.name.as_bytes(), h.value, own) {
                 put_header(out, h.name.as_bytes(), h.value);

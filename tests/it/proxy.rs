@@ -433,18 +433,6 @@ async fn websocket_echo_through_proxy_authenticated_and_bypass() {
 // HTTP/2 over TLS
 // ------------------------------------------------------------------------------------------
 
-fn tls_connector(cert: &rcgen::Certificate, alpn: &[u8]) -> tokio_rustls::TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.der().clone()).unwrap();
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![alpn.to_vec()];
-    tokio_rustls::TlsConnector::from(Arc::new(cfg))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_over_tls_health_and_proxied_request() {
     let up = start_upstream().await;

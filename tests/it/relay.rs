@@ -594,17 +594,9 @@ async fn tls_connect(
     cert: &rcgen::Certificate,
     alpn: &[u8],
 ) -> tokio_rustls::client::TlsStream<TcpStream> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.der().clone()).unwrap();
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![alpn.to_vec()];
     let tcp = within("connect", TcpStream::connect(addr)).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from(APP).unwrap();
-    let tls = within("TLS handshake", tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp))
+    let tls = within("TLS handshake", tls_connector(cert, alpn).connect(name, tcp))
         .await
         .expect("TLS handshake with the gateway");
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(alpn), "ALPN chose another protocol");

@@ -815,3 +815,16 @@ pub async fn raw_get(addr: SocketAddr, host: &str, target: &str, extra: &str) ->
 pub fn empty_body() -> Empty<Bytes> {
     Empty::new()
 }
+
+/// A TLS client that trusts only `cert` and offers only the ALPN protocol `alpn`.
+pub fn tls_connector(cert: &rcgen::Certificate, alpn: &[u8]) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+}
