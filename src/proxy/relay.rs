@@ -73,12 +73,12 @@ impl Pool {
     }
 
     /// The most recently used idle connection that is not too old and still quiet.
-    fn checkout(&self) -> Option<Upstream> {
+    fn checkout(&self, now: Instant) -> Option<Upstream> {
         loop {
             let (up, since) = {
                 let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
                 let (up, since) = idle.pop_back()?;
-                if since.elapsed() >= POOL_IDLE {
+                if now.saturating_duration_since(since) >= POOL_IDLE {
                     // The newest is too old, so all are.
                     idle.clear();
                     return None;
@@ -91,14 +91,13 @@ impl Pool {
             match up.stream.try_read(&mut probe) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Some(up),
                 _ => {
-                    tracing::debug!(idle_for = ?since.elapsed(), "dropping a pooled upstream connection the app closed")
+                    tracing::debug!(idle_for = ?now.saturating_duration_since(since), "dropping a pooled upstream connection the app closed")
                 }
             }
         }
     }
 
-    fn checkin(&self, stream: Upstream) {
-        let now = Instant::now();
+    fn checkin(&self, stream: Upstream, now: Instant) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         while idle.front().is_some_and(|(_, since)| now.duration_since(*since) >= POOL_IDLE) {
             idle.pop_front();
@@ -146,6 +145,25 @@ enum Planned {
     Handover,
 }
 
+/// A connection's two timers, re-armed for each request rather than made anew: moving a tokio timer's deadline
+/// later is one atomic update, where a timer per request is a wheel insert and removal under the driver's lock.
+struct Timers<'a> {
+    /// `header_read_timeout`: from the moment a request is awaited until its head is complete.
+    head: Pin<&'a mut tokio::time::Sleep>,
+    /// `upstream_timeout`: from sending a request until the app's answer head is in.
+    upstream: Pin<&'a mut tokio::time::Sleep>,
+}
+
+/// Runs `work` until `timer` reaches `deadline`; `None` when it does first.
+async fn within<F: Future>(mut timer: Pin<&mut tokio::time::Sleep>, deadline: Instant, work: F) -> Option<F::Output> {
+    timer.as_mut().reset(deadline.into());
+    tokio::select! {
+        biased;
+        out = work => Some(out),
+        () = timer => None,
+    }
+}
+
 /// Serves a client connection until it closes, or until a request needs hyper.
 pub async fn serve<IO>(
     current: &arc_swap::ArcSwap<Gateway>,
@@ -156,11 +174,18 @@ pub async fn serve<IO>(
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
+    // A token of the connection's own: checking and awaiting it locks its node, not the one all connections share.
+    let stop = stop.child_token();
+    let mut stopped = std::pin::pin!(stop.cancelled());
+    let far = tokio::time::Instant::now() + Duration::from_secs(86_400);
+    let mut timers = Timers {
+        head: std::pin::pin!(tokio::time::sleep_until(far)),
+        upstream: std::pin::pin!(tokio::time::sleep_until(far)),
+    };
     let mut c = Conn { input: BytesMut::new(), out: Vec::new(), peer, peer_ip: peer.ip().to_string() };
     loop {
         let gw = current.load_full();
-        // As hyper's header_read_timeout: from the moment a request is awaited until its head is complete.
-        let deadline = tokio::time::Instant::now() + gw.config.server.header_read_timeout.0;
+        timers.head.as_mut().reset((Instant::now() + gw.config.server.header_read_timeout.0).into());
         let forward = loop {
             if !c.input.is_empty() {
                 match plan(&gw, &mut c) {
@@ -176,14 +201,16 @@ where
             c.input.reserve(4096);
             let idle = c.input.is_empty();
             tokio::select! {
-                read = tokio::time::timeout_at(deadline, io.read_buf(&mut c.input)) => match read {
-                    Ok(Ok(n)) if n > 0 => {}
+                biased;
+                read = io.read_buf(&mut c.input) => match read {
+                    Ok(n) if n > 0 => {}
                     _ => return Outcome::Closed,
                 },
-                () = stop.cancelled(), if idle => return Outcome::Closed,
+                () = timers.head.as_mut() => return Outcome::Closed,
+                () = stopped.as_mut(), if idle => return Outcome::Closed,
             }
         };
-        match forward_one(&gw, &mut io, &mut c, &forward).await {
+        match forward_one(&gw, &mut io, &mut c, &forward, timers.upstream.as_mut()).await {
             Ok(true) if !stop.is_cancelled() => {}
             Ok(_) => {
                 let _ = io.shutdown().await;
@@ -334,6 +361,8 @@ struct ResponseHead {
     reusable: bool,
     /// The client connection closes after this answer.
     close: bool,
+    /// The app sent no Date: the head in `Conn::out` still needs one (RFC 9110 §6.6.1).
+    needs_date: bool,
 }
 
 fn bad(why: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error {
@@ -341,7 +370,13 @@ fn bad(why: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error {
 }
 
 /// Sends one request and relays its answer. `Ok(true)`: the client connection can carry another request.
-async fn forward_one<IO>(gw: &Gateway, client: &mut IO, c: &mut Conn, f: &Forward) -> io::Result<bool>
+async fn forward_one<IO>(
+    gw: &Gateway,
+    client: &mut IO,
+    c: &mut Conn,
+    f: &Forward,
+    timer: Pin<&mut tokio::time::Sleep>,
+) -> io::Result<bool>
 where
     IO: AsyncWrite + Unpin,
 {
@@ -352,18 +387,21 @@ where
         return answer(gw, client, c, f, &Reject::BadGateway).await;
     };
     let own = gw.own_cookies();
+    // Two clock reads per request serve the deadline, the pool's ages, the latency metric and the Date.
     let started = Instant::now();
-    let exchanged = tokio::time::timeout(app.upstream_timeout.0, exchange(pool, c, &own, f)).await;
-    gw.app_metrics[f.app].upstream(started.elapsed());
+    let exchanged = within(timer, started + app.upstream_timeout.0, exchange(pool, c, &own, f, started)).await;
+    let answered = Instant::now();
+    gw.app_metrics[f.app].upstream(answered.saturating_duration_since(started));
     let (mut up, head) = match exchanged {
-        Ok(Ok(pair)) => pair,
-        Ok(Err(e)) => {
+        Some(Ok(pair)) => pair,
+        Some(Err(e)) => {
             tracing::warn!(upstream = %pool.authority, error = %e, "upstream request failed");
             return answer(gw, client, c, f, &Reject::BadGateway).await;
         }
-        Err(_) => return answer(gw, client, c, f, &Reject::GatewayTimeout).await,
+        None => return answer(gw, client, c, f, &Reject::GatewayTimeout).await,
     };
     gw.app_metrics[f.app].request(head.status);
+    finish_head(&mut c.out, &head, answered);
     let complete = relay_body(&mut up, client, &mut c.out, head.framing).await?;
     client.flush().await?;
     if !complete {
@@ -371,14 +409,20 @@ where
         return Ok(false);
     }
     if head.reusable && up.buf.is_empty() {
-        pool.checkin(up);
+        pool.checkin(up, answered);
     }
     Ok(!head.close)
 }
 
 /// Writes the request in `c.out` to the app and reads the answer's head, on a pooled connection when there is one.
-async fn exchange(pool: &Pool, c: &mut Conn, own: &[&str], f: &Forward) -> io::Result<(Upstream, ResponseHead)> {
-    let mut pooled = pool.checkout();
+async fn exchange(
+    pool: &Pool,
+    c: &mut Conn,
+    own: &[&str],
+    f: &Forward,
+    now: Instant,
+) -> io::Result<(Upstream, ResponseHead)> {
+    let mut pooled = pool.checkout(now);
     loop {
         let reused = pooled.is_some();
         let mut up = match pooled.take() {
@@ -460,9 +504,6 @@ fn response_head(
                 put_header(out, h.name.as_bytes(), h.value);
             }
         }
-        if hs.values("date").next().is_none() {
-            put_date(out);
-        }
         if framing == Framing::Chunked {
             put_header(out, b"transfer-encoding", b"chunked");
         }
@@ -470,8 +511,18 @@ fn response_head(
             put_header(out, b"connection", b"close");
         }
         out.extend_from_slice(b"\r\n");
+        let needs_date = hs.values("date").next().is_none();
         input.advance(len);
-        return Ok(Some(ResponseHead { status, framing, reusable, close }));
+        return Ok(Some(ResponseHead { status, framing, reusable, close, needs_date }));
+    }
+}
+
+/// Adds the Date the app didn't send (RFC 9110 §6.6.1) before the blank line that ends the head in `out`.
+fn finish_head(out: &mut Vec<u8>, head: &ResponseHead, now: Instant) {
+    if head.needs_date {
+        out.truncate(out.len() - 2);
+        put_date(out, now);
+        out.extend_from_slice(b"\r\n");
     }
 }
 
@@ -610,7 +661,7 @@ where
         }
     }
     put_header(out, b"content-length", body.len().to_string().as_bytes());
-    put_date(out);
+    put_date(out, Instant::now());
     if f.close {
         put_header(out, b"connection", b"close");
     }
@@ -623,17 +674,19 @@ where
     Ok(!f.close)
 }
 
-/// Writes a Date header (RFC 9110 §6.6.1); its value is formatted once a second per thread.
-fn put_date(out: &mut Vec<u8>) {
+/// Writes a Date header (RFC 9110 §6.6.1) for the moment `now`. Its value is formatted once a second per thread,
+/// and the wall clock is read only then: until the next second starts, `now` alone tells the text is current.
+fn put_date(out: &mut Vec<u8>, now: Instant) {
     thread_local! {
-        static CACHED: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((0, String::new())) };
+        static CACHED: std::cell::RefCell<(Option<Instant>, String)> =
+            const { std::cell::RefCell::new((None, String::new())) };
     }
-    let now = std::time::SystemTime::now();
-    let secs = now.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    CACHED.with_borrow_mut(|(at, text)| {
-        if *at != secs || text.is_empty() {
-            *at = secs;
-            *text = httpdate::fmt_http_date(now);
+    CACHED.with_borrow_mut(|(until, text)| {
+        if until.is_none_or(|u| now >= u) {
+            let wall = std::time::SystemTime::now();
+            let into_second = wall.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+            *until = Some(Instant::now() + Duration::from_nanos(u64::from(1_000_000_000 - into_second)));
+            *text = httpdate::fmt_http_date(wall);
         }
         put_header(out, b"date", text.as_bytes());
     });
@@ -748,6 +801,7 @@ pub mod fuzzing {
         let f = Forward { app: 0, len: 0, head: head_request, close: false };
         let head = response_head(&mut buf, &mut out, own, &f).map_err(|e| e.to_string())?;
         Ok(head.map(|h| {
+            finish_head(&mut out, &h, Instant::now());
             let framing = match h.framing {
                 Framing::Empty => "empty".to_string(),
                 Framing::Length(n) => format!("length:{n}"),

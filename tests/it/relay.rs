@@ -1159,3 +1159,51 @@ async fn tls_http1_requests_take_the_relay_and_h2_stays_with_hyper() {
     drop(h2);
     gw.stop().await;
 }
+
+/// The relay re-arms one header-read and one upstream timer per connection instead of making new ones per request,
+/// so each must still count from the right moment: a 1 s `upstream_timeout` after a request to an app with the
+/// default 30 s is a 504 after about 1 s (the deadline moved earlier), and with `header_read_timeout = 2s` a
+/// connection that waits 1.2 s before each of its requests stays open well past 2 s of idling in all, then closes
+/// about 2 s after its last answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connections_timers_are_re_armed_for_every_request() {
+    let s = script().await;
+    let (_env, gw, maddr) = gateway(&format!(
+        "[server]\nlisten = \"{{LISTEN}}\"\nheader_read_timeout = \"2s\"\n\n{}[[app]]\nhost = \"slow.test\"\n\
+         upstream = \"{}\"\npolicy = \"bypass\"\nupstream_timeout = \"1s\"\n\n",
+        app(RAW, &s.url(), "bypass"),
+        s.url()
+    ))
+    .await;
+    let before = counts(maddr).await;
+    let mut raw = Raw::connect(gw.addr).await;
+
+    raw.send(req("GET", "/first", RAW, "").as_bytes()).await;
+    assert_eq!(raw.response(false).await.text(), "GET /first");
+    raw.send(req("GET", "/hang", "slow.test", "").as_bytes()).await;
+    let t = Instant::now();
+    let r = raw.response(false).await;
+    let el = t.elapsed();
+    assert_eq!(r.status, 504, "hanging upstream with upstream_timeout = 1s: {r:?}");
+    assert!(el >= Duration::from_millis(900), "504 came too early: {el:?}");
+    assert!(
+        el < Duration::from_secs(15),
+        "504 came {el:?} after the request: the 30 s deadline of the request before?"
+    );
+
+    // Idle 1.2 s before each request: 2.4 s in all, past the 2 s a timer armed only once would allow.
+    let mut last = Instant::now();
+    for i in 0..2 {
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        raw.send(req("GET", &format!("/again-{i}"), RAW, "").as_bytes()).await;
+        let r = raw.response(false).await;
+        assert_eq!((r.status, r.text()), (200, format!("GET /again-{i}")), "request {i} after 1.2 s idle");
+        last = Instant::now();
+    }
+    assert!(raw.rest().await.is_empty(), "nothing but a close after the last answer");
+    let idle = last.elapsed();
+    assert!(idle >= Duration::from_millis(1500), "closed {idle:?} after the last answer, header_read_timeout is 2s");
+    assert!(idle < Duration::from_secs(15), "an idle connection stayed {idle:?} with header_read_timeout = 2s");
+    assert_moved(maddr, before, 4, 0, "first, 504, two after idling").await;
+    gw.stop().await;
+}
