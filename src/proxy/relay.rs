@@ -183,8 +183,11 @@ where
         upstream: std::pin::pin!(tokio::time::sleep_until(far)),
     };
     let mut c = Conn { input: BytesMut::new(), out: Vec::new(), peer, peer_ip: peer.ip().to_string() };
+    // The connection's own handle on the current gateway: a pointer check per request, where `load_full` would
+    // bump the reference count that every connection shares (a reload still takes effect at the next request).
+    let mut current = arc_swap::Cache::new(current);
     loop {
-        let gw = current.load_full();
+        let gw: &Gateway = current.load();
         timers.head.as_mut().reset((Instant::now() + gw.config.server.header_read_timeout.0).into());
         let forward = loop {
             if !c.input.is_empty() {
