@@ -191,7 +191,7 @@ where
         timers.head.as_mut().reset((Instant::now() + gw.config.server.header_read_timeout.0).into());
         let forward = loop {
             if !c.input.is_empty() {
-                match plan(&gw, &mut c) {
+                match plan(gw, &mut c) {
                     Planned::Forward(f) => break f,
                     Planned::Partial if c.input.len() < MAX_REQUEST_HEAD => {}
                     Planned::Partial | Planned::Handover => {
@@ -213,7 +213,7 @@ where
                 () = stopped.as_mut(), if idle => return Outcome::Closed,
             }
         };
-        match forward_one(&gw, &mut io, &mut c, &forward, timers.upstream.as_mut()).await {
+        match forward_one(gw, &mut io, &mut c, &forward, timers.upstream.as_mut()).await {
             Ok(true) if !stop.is_cancelled() => {}
             Ok(_) => {
                 let _ = io.shutdown().await;
