@@ -97,7 +97,10 @@ impl Pool {
         }
     }
 
-    fn checkin(&self, stream: Upstream, now: Instant) {
+    fn checkin(&self, stream: Upstream) {
+        // Read now, not taken from the request: after a long body, an earlier time would break the newest-last
+        // order `checkout` relies on.
+        let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         while idle.front().is_some_and(|(_, since)| now.duration_since(*since) >= POOL_IDLE) {
             idle.pop_front();
@@ -390,7 +393,8 @@ where
         return answer(gw, client, c, f, &Reject::BadGateway).await;
     };
     let own = gw.own_cookies();
-    // Two clock reads per request serve the deadline, the pool's ages, the latency metric and the Date.
+    // Two clock reads serve the deadline, the pool's checkout, the latency metric and the Date (a third, the
+    // checkin's, comes after the body).
     let started = Instant::now();
     let exchanged = within(timer, started + app.upstream_timeout.0, exchange(pool, c, &own, f, started)).await;
     let answered = Instant::now();
@@ -412,7 +416,7 @@ where
         return Ok(false);
     }
     if head.reusable && up.buf.is_empty() {
-        pool.checkin(up, answered);
+        pool.checkin(up);
     }
     Ok(!head.close)
 }
@@ -522,7 +526,7 @@ fn response_head(
 
 /// Adds the Date the app didn't send (RFC 9110 §6.6.1) before the blank line that ends the head in `out`.
 fn finish_head(out: &mut Vec<u8>, head: &ResponseHead, now: Instant) {
-    if head.needs_date {
+    if head.needs_date && out.ends_with(b"\r\n\r\n") {
         out.truncate(out.len() - 2);
         put_date(out, now);
         out.extend_from_slice(b"\r\n");
