@@ -516,6 +516,22 @@ pub struct App {
     /// Path rules; the longest matching prefix wins.
     #[serde(default, rename = "rule")]
     pub rules: Vec<Rule>,
+    /// Let GET and HEAD requests with a body through (refused with 400 by default: an app that never reads a GET
+    /// body would take it for the next request on the connection).
+    #[serde(default)]
+    pub allow_get_body: bool,
+    /// Re-use an upstream connection for anyone's requests. Off by default: a connection only ever carries
+    /// requests of the identity that last used it, so bytes an app sends past the end of an answer can't reach
+    /// another user ([`crate::proxy::pool`]).
+    #[serde(default)]
+    pub shared_connections: bool,
+    /// Most idle upstream connections kept for this app, whoever they belong to.
+    #[serde(default = "default_max_idle")]
+    pub max_idle_connections: usize,
+}
+
+fn default_max_idle() -> usize {
+    128
 }
 
 fn default_policy() -> Policy {

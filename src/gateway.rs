@@ -39,8 +39,8 @@ pub struct Gateway {
     pub upstreams: Upstreams,
     /// Whether the listener terminates TLS.
     pub tls: bool,
-    /// Tracks upgraded tunnels (WebSocket) so shutdown can wait for them.
-    pub tunnels: tokio_util::task::TaskTracker,
+    /// Upgraded tunnels (WebSocket), each closed when its session ends; shutdown waits for them.
+    pub tunnels: Arc<crate::proxy::tunnels::Tunnels>,
     /// TLS termination, when configured.
     pub tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
     /// Prometheus metrics (shared across reloads).
@@ -118,7 +118,7 @@ impl Gateway {
             keys,
             clock,
             hasher,
-            tunnels: tokio_util::task::TaskTracker::new(),
+            tunnels: Arc::default(),
             metrics: Arc::new(crate::metrics::Metrics::new()),
             cache: Arc::new(session::SessionCache::default()),
         };
@@ -314,6 +314,30 @@ impl Gateway {
         Ok(CacheAnswer::Miss(revision))
     }
 
+    /// A tunnel's session, looked at again (see [`crate::proxy::tunnels`]): `Some(when to look next)` while it is
+    /// valid; `None` when it ended, expired, or can't be read (fail closed).
+    pub async fn tunnel_session(&self, id: SessionId, now: u64) -> Option<u64> {
+        let (record, user) = match self.store.session_with_user(id.0).await {
+            Ok(found) => found?,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot check a tunnel's session; closing the tunnel");
+                return None;
+            }
+        };
+        let auth = Authenticated { id, record: Arc::new(record), user: Arc::new(user) };
+        self.still_valid(&auth, now).then(|| self.session_due(&auth.record))
+    }
+
+    /// When a session reaches its idle or absolute limit, as its record stands (unix seconds).
+    pub fn session_due(&self, record: &crate::store::SessionRecord) -> u64 {
+        let s = &self.config.session;
+        let idle = match record.level {
+            Level::Pending => s.idle_timeout.secs().min(PENDING_LIFETIME),
+            _ => s.idle_timeout.secs(),
+        };
+        record.created.saturating_add(s.max_lifetime.secs()).min(record.last_seen.saturating_add(idle))
+    }
+
     /// Checks idle and absolute expiry and the lock flag; an invalid session is deleted.
     fn still_valid(&self, auth: &Authenticated, now: u64) -> bool {
         let s = &self.config.session;
@@ -364,7 +388,7 @@ struct Shared {
     keys: Keys,
     clock: Arc<dyn Clock>,
     hasher: Hasher,
-    tunnels: tokio_util::task::TaskTracker,
+    tunnels: Arc<crate::proxy::tunnels::Tunnels>,
     metrics: Arc<crate::metrics::Metrics>,
     cache: Arc<session::SessionCache>,
 }
@@ -427,6 +451,9 @@ async fn protected(
         crate::policy::PolicyError::BadPath(why) => Reject::BadRequest(why),
     })?;
     let app = &gw.config.apps[decision.app];
+    if !app.allow_get_body && crate::headers::bodyless_method_with_body(&req) {
+        return Err(Reject::BadRequest("A GET or HEAD request can't carry a body."));
+    }
     let identity = match decision.policy {
         Policy::Deny => return Err(Reject::Denied),
         Policy::Bypass => None,
@@ -444,7 +471,7 @@ async fn protected(
                 Admission::NotInGroup => return Err(Reject::NotInGroup),
                 Admission::Pass => {}
             }
-            Some(auth.user)
+            Some(auth)
         }
     };
     crate::proxy::forward(gw, client, decision, identity, req).await

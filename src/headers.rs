@@ -207,6 +207,20 @@ pub fn cookie_value(pair: &str) -> Option<&str> {
     pair.split_once('=').map(|(_, v)| v.trim())
 }
 
+/// Whether a GET or HEAD request carries a body: a non-zero Content-Length, any Transfer-Encoding, or (HTTP/2)
+/// data after the head. Such a body means nothing (RFC 9110 §9.3.1), and an app that never reads it would parse it
+/// as the next request on the connection, with whatever identity headers it claims.
+pub fn bodyless_method_with_body<B: http_body::Body>(req: &http::Request<B>) -> bool {
+    if req.method() != http::Method::GET && req.method() != http::Method::HEAD {
+        return false;
+    }
+    let h = req.headers();
+    let zero = |v: &[u8]| !v.is_empty() && v.iter().all(|&b| b == b'0');
+    h.contains_key(http::header::TRANSFER_ENCODING)
+        || h.get_all(http::header::CONTENT_LENGTH).iter().any(|v| !zero(v.as_bytes()))
+        || !req.body().is_end_stream()
+}
+
 /// The forwarding headers sent upstream, worked out once for both proxy paths.
 pub struct ForwardedHeaders<'a> {
     /// X-Forwarded-For: a trusted proxy's chain extended with the peer, or just the peer.

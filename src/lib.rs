@@ -97,7 +97,11 @@ pub async fn run_with_clock(
 ) -> Result<(), Error> {
     let metrics_listen = config.metrics.listen;
     let gw = Arc::new(arc_swap::ArcSwap::from_pointee(Gateway::build(config, clock).await?));
-    let mut background = vec![tokio::spawn(sweep(gw.clone())), tokio::spawn(reload_on_sighup(gw.clone()))];
+    let mut background = vec![
+        tokio::spawn(sweep(gw.clone())),
+        tokio::spawn(reload_on_sighup(gw.clone())),
+        tokio::spawn(watch_tunnels(gw.clone())),
+    ];
     if let Some(addr) = metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -131,6 +135,37 @@ async fn reload_on_sighup(gw: Arc<arc_swap::ArcSwap<Gateway>>) {
                 tracing::info!(config = %path.display(), "configuration reloaded");
             }
             Err(e) => tracing::error!(error = %e, "reload failed; still running the previous configuration"),
+        }
+    }
+}
+
+/// How often the tunnel watcher looks for revocations: well inside the ~1 s revocation bound.
+const TUNNEL_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Closes every upgraded tunnel whose session ended ([`proxy::tunnels`]): on each move of the revocation revision
+/// (here, the CLI or another instance) every tunnel's session is read again; otherwise a tunnel's session is
+/// read when it reaches its idle or absolute limit.
+async fn watch_tunnels(gw: Arc<arc_swap::ArcSwap<Gateway>>) {
+    let mut tick = tokio::time::interval(TUNNEL_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut seen = None;
+    loop {
+        tick.tick().await;
+        let gw = gw.load_full();
+        if gw.tunnels.count() == 0 {
+            seen = None;
+            continue;
+        }
+        // An unreadable revision counts as moved: every tunnel's session is checked (and fails closed).
+        let revision = gw.store.revision().ok();
+        let all = revision.is_none() || revision != seen;
+        seen = revision;
+        let now = gw.clock.now();
+        for due in gw.tunnels.due(now, all) {
+            match gw.tunnel_session(due.session, now).await {
+                Some(next) => gw.tunnels.extend(due.tunnel, next),
+                None => gw.tunnels.end(due.tunnel),
+            }
         }
     }
 }

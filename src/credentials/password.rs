@@ -1,10 +1,15 @@
 //! Password hashing with argon2id (OWASP parameters: m=19456 KiB, t=2, p=1), run off the async runtime.
+//!
+//! Each hash needs `m_cost` KiB of working memory. Allocated per hash, glibc keeps the freed 19 MiB blocks in its
+//! arenas and RSS grows with every login; so the [`Hasher`] owns at most `limit` block buffers, made on first
+//! need and reused for every hash after (argon2's `hash_password_into_with_memory`). Peak hashing memory is
+//! `limit × m_cost`, whatever the number of logins, failures or unknown names.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use argon2::Argon2;
-use argon2::password_hash::phc::PasswordHash;
-use argon2::password_hash::{PasswordHasher as _, PasswordVerifier as _};
+use argon2::password_hash::phc::{Output, ParamsString, PasswordHash, Salt};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
+use subtle::ConstantTimeEq;
 use tokio::sync::Semaphore;
 
 /// Shortest accepted password (NIST SP 800-63B §3.1.1.2).
@@ -16,6 +21,9 @@ pub const MAX_LEN: usize = 1024;
 /// password nobody knows (and a match would still not count). Fixed, so starting up computes no hash.
 const DUMMY_HASH: &str =
     "$argon2id$v=19$m=19456,t=2,p=1$7ukQu870ht6MadjTSUNHZQ$epdN/o3gJN/uT9zn49FoP3kFaf7eXgAp74sqcNnLc6k";
+
+/// Salt length for new hashes (the PHC recommendation).
+const SALT_LEN: usize = 16;
 
 /// Password problems.
 #[derive(Debug, thiserror::Error)]
@@ -37,27 +45,87 @@ pub fn check_new(password: &str) -> Result<(), PasswordError> {
     if (MIN_LEN..=MAX_LEN).contains(&n) { Ok(()) } else { Err(PasswordError::Length) }
 }
 
-/// Hashes a password synchronously (for the CLI).
-pub fn hash_blocking(password: &str) -> Result<String, PasswordError> {
+/// Working memory for one hash of the shipped parameters.
+fn new_blocks() -> Box<[Block]> {
+    vec![Block::default(); Params::DEFAULT.block_count()].into_boxed_slice()
+}
+
+/// Hashes a password with the shipped parameters, in `blocks`.
+fn hash_with(password: &str, blocks: &mut [Block]) -> Result<String, PasswordError> {
     check_new(password)?;
-    Argon2::default().hash_password(password.as_bytes()).map(|h| h.to_string()).map_err(|_| PasswordError::Hash)
+    let salt_bytes = crate::keys::random_bytes::<SALT_LEN>().map_err(|_| PasswordError::Hash)?;
+    let salt = Salt::new(&salt_bytes).map_err(|_| PasswordError::Hash)?;
+    let params = Params::DEFAULT;
+    let mut out = [0u8; Params::DEFAULT_OUTPUT_LEN];
+    Argon2::new(Algorithm::Argon2id, Version::V0x13, params.clone())
+        .hash_password_into_with_memory(password.as_bytes(), &salt, &mut out, &mut *blocks)
+        .map_err(|_| PasswordError::Hash)?;
+    let phc = PasswordHash {
+        algorithm: Algorithm::Argon2id.ident(),
+        version: Some(Version::V0x13.into()),
+        params: ParamsString::try_from(&params).map_err(|_| PasswordError::Hash)?,
+        salt: Some(salt),
+        hash: Some(Output::new(&out).map_err(|_| PasswordError::Hash)?),
+    };
+    Ok(phc.to_string())
+}
+
+/// Verifies a password against a PHC string in `blocks` (a hash of larger parameters than the shipped ones gets
+/// memory of its own). A malformed hash never verifies.
+fn verify_with(password: &str, phc: &str, blocks: &mut [Block]) -> bool {
+    if password.chars().count() > MAX_LEN {
+        return false;
+    }
+    let Ok(parsed) = PasswordHash::new(phc) else {
+        return false;
+    };
+    let (Some(salt), Some(expected)) = (&parsed.salt, &parsed.hash) else {
+        return false;
+    };
+    let (Ok(algorithm), Ok(params)) = (Algorithm::try_from(parsed.algorithm.as_str()), Params::try_from(&parsed))
+    else {
+        return false;
+    };
+    let version = match parsed.version.map(Version::try_from) {
+        None => Version::default(),
+        Some(Ok(v)) => v,
+        Some(Err(_)) => return false,
+    };
+    let mut out = vec![0u8; expected.len()];
+    let mut own;
+    let memory = if params.block_count() <= blocks.len() {
+        blocks
+    } else {
+        own = vec![Block::default(); params.block_count()];
+        &mut own[..]
+    };
+    let hashed = Argon2::new(algorithm, version, params).hash_password_into_with_memory(
+        password.as_bytes(),
+        salt,
+        &mut out,
+        memory,
+    );
+    // Constant-time: the comparison must not tell how much of a guess was right.
+    hashed.is_ok() && bool::from(out.ct_eq(expected.as_bytes()))
+}
+
+/// Hashes a password synchronously (for the CLI: one hash per process, so its memory is simply its own).
+pub fn hash_blocking(password: &str) -> Result<String, PasswordError> {
+    hash_with(password, &mut new_blocks())
 }
 
 /// Verifies a password against a PHC string synchronously. A malformed hash never verifies.
 pub fn verify_blocking(password: &str, phc: &str) -> bool {
-    if password.chars().count() > MAX_LEN {
-        return false;
-    }
-    match PasswordHash::new(phc) {
-        Ok(parsed) => Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok(),
-        Err(_) => false,
-    }
+    verify_with(password, phc, &mut new_blocks())
 }
 
-/// Hashes and verifies on the blocking pool, at most `limit` at a time, so a login storm can't starve proxying.
+/// Hashes and verifies on the blocking pool, at most `limit` at a time (so a login storm can't starve proxying),
+/// each in one of at most `limit` reused memory buffers (so logins can't grow memory).
 #[derive(Clone)]
 pub struct Hasher {
     permits: Arc<Semaphore>,
+    /// Idle working-memory buffers; with the permits, never more than `limit` exist.
+    free: Arc<Mutex<Vec<Box<[Block]>>>>,
     /// Verified when the user doesn't exist, so unknown names cost the same time as wrong passwords.
     dummy: Arc<String>,
 }
@@ -65,24 +133,41 @@ pub struct Hasher {
 impl Hasher {
     /// A hasher allowing `limit` concurrent hashes.
     pub fn new(limit: usize) -> Result<Hasher, PasswordError> {
-        Ok(Hasher { permits: Arc::new(Semaphore::new(limit.max(1))), dummy: Arc::new(DUMMY_HASH.to_string()) })
+        Ok(Hasher {
+            permits: Arc::new(Semaphore::new(limit.max(1))),
+            free: Arc::default(),
+            dummy: Arc::new(DUMMY_HASH.to_string()),
+        })
+    }
+
+    /// Runs `work` on the blocking pool with a permit and a pooled buffer, which goes back to the pool after.
+    async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut [Block]) -> T + Send + 'static,
+    ) -> Result<T, PasswordError> {
+        let _permit = self.permits.acquire().await.map_err(|_| PasswordError::Task)?;
+        let free = self.free.clone();
+        let mut blocks = free.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_else(new_blocks);
+        tokio::task::spawn_blocking(move || {
+            let out = work(&mut blocks);
+            free.lock().unwrap_or_else(|p| p.into_inner()).push(blocks);
+            out
+        })
+        .await
+        .map_err(|_| PasswordError::Task)
     }
 
     /// Verifies `password` against `phc`, or against the dummy hash when there is no user.
     pub async fn verify(&self, password: String, phc: Option<String>) -> Result<bool, PasswordError> {
-        let _permit = self.permits.acquire().await.map_err(|_| PasswordError::Task)?;
         let known = phc.is_some();
         let phc = phc.unwrap_or_else(|| (*self.dummy).clone());
-        let ok = tokio::task::spawn_blocking(move || verify_blocking(&password, &phc))
-            .await
-            .map_err(|_| PasswordError::Task)?;
+        let ok = self.run(move |blocks| verify_with(&password, &phc, blocks)).await?;
         Ok(ok && known)
     }
 
     /// Hashes a new password.
     pub async fn hash(&self, password: String) -> Result<String, PasswordError> {
-        let _permit = self.permits.acquire().await.map_err(|_| PasswordError::Task)?;
-        tokio::task::spawn_blocking(move || hash_blocking(&password)).await.map_err(|_| PasswordError::Task)?
+        self.run(move |blocks| hash_with(&password, blocks)).await?
     }
 }
 
@@ -97,6 +182,24 @@ mod tests {
         assert!(verify_blocking("correct horse battery", &h));
         assert!(!verify_blocking("correct horse batterz", &h));
         assert!(!verify_blocking("x", "not a hash"));
+    }
+
+    #[test]
+    fn pooled_hashes_agree_with_the_argon2_crates_own_hasher_and_verifier() {
+        use argon2::password_hash::{PasswordHasher as _, PasswordVerifier as _};
+        let mut blocks = new_blocks();
+        let ours = hash_with("correct horse battery", &mut blocks).unwrap();
+        let parsed = PasswordHash::new(&ours).unwrap();
+        assert!(Argon2::default().verify_password(b"correct horse battery", &parsed).is_ok());
+        assert!(Argon2::default().verify_password(b"correct horse batterz", &parsed).is_err());
+        let theirs = Argon2::default().hash_password(b"another password").unwrap().to_string();
+        // The same buffer serves hash after hash; what it held before doesn't matter.
+        assert!(verify_with("another password", &theirs, &mut blocks));
+        assert!(!verify_with("another passwore", &theirs, &mut blocks));
+        // Larger parameters than the shipped ones (an imported hash) still verify, in memory of their own.
+        let big = Argon2::new(Algorithm::Argon2id, Version::V0x13, Params::new(32 * 1024, 2, 1, None).unwrap());
+        let big_hash = big.hash_password(b"imported password").unwrap().to_string();
+        assert!(verify_with("imported password", &big_hash, &mut blocks));
     }
 
     #[test]

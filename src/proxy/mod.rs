@@ -3,16 +3,12 @@
 //! tunnelled (RFC 6455 §4 over RFC 9110 §7.8 Upgrade).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client as HttpClient;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use rustls::RootCertStore;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
@@ -25,7 +21,10 @@ use crate::policy::Decision;
 use crate::respond::Reject;
 use crate::store::User;
 
+mod client;
+pub mod pool;
 pub mod relay;
+pub mod tunnels;
 
 /// Building an upstream client failed.
 #[derive(Debug, thiserror::Error)]
@@ -41,9 +40,10 @@ pub enum UpstreamError {
     /// rustls refused the configuration.
     #[error("TLS client configuration: {0}")]
     Tls(#[from] rustls::Error),
+    /// The upstream's host can't be a TLS server name.
+    #[error("upstream host is not a valid TLS server name: {0}")]
+    Name(String),
 }
-
-type Pooled = HttpClient<HttpsConnector<HttpConnector>, Watched>;
 
 /// The client's request body on its way upstream, noting whether the client broke it (bad chunking, cut short),
 /// so that failure is answered as the client's 400 and not blamed on the app as a 502.
@@ -79,7 +79,7 @@ impl http_body::Body for Watched {
 /// One pooled HTTP client per app (each may trust its own CA), and the relay's connection pool of each
 /// plain-HTTP app.
 pub struct Upstreams {
-    clients: Vec<Pooled>,
+    clients: Vec<Arc<client::AppClient>>,
     relay: Vec<Option<relay::Pool>>,
 }
 
@@ -92,7 +92,8 @@ impl Upstreams {
             .apps
             .iter()
             .map(|app| {
-                (app.upstream.scheme == http::uri::Scheme::HTTP).then(|| relay::Pool::new(&app.upstream.authority))
+                (app.upstream.scheme == http::uri::Scheme::HTTP)
+                    .then(|| relay::Pool::new(&app.upstream.authority, app.max_idle_connections))
             })
             .collect();
         Ok(Upstreams { clients, relay })
@@ -114,38 +115,34 @@ fn native_roots() -> RootCertStore {
     roots
 }
 
-fn client_for(app: &App, native: &RootCertStore) -> Result<Pooled, UpstreamError> {
-    let mut roots = native.clone();
-    if let Some(path) = &app.ca_file {
-        let err = |why: String| UpstreamError::CaFile { path: path.display().to_string(), why };
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-            .map_err(|e| err(e.to_string()))?
-            .collect::<Result<_, _>>()
-            .map_err(|e| err(e.to_string()))?;
-        if certs.is_empty() {
-            return Err(err("no certificates in the file".into()));
+fn client_for(app: &App, native: &RootCertStore) -> Result<Arc<client::AppClient>, UpstreamError> {
+    let tls = if app.upstream.scheme == http::uri::Scheme::HTTPS {
+        let mut roots = native.clone();
+        if let Some(path) = &app.ca_file {
+            let err = |why: String| UpstreamError::CaFile { path: path.display().to_string(), why };
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+                .map_err(|e| err(e.to_string()))?
+                .collect::<Result<_, _>>()
+                .map_err(|e| err(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(err("no certificates in the file".into()));
+            }
+            for c in certs {
+                roots.add(c).map_err(|e| err(e.to_string()))?;
+            }
         }
-        for c in certs {
-            roots.add(c).map_err(|e| err(e.to_string()))?;
-        }
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(Duration::from_secs(10)));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    Ok(HttpClient::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(256)
-        .build(https))
+        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Some(tokio_rustls::TlsConnector::from(Arc::new(tls)))
+    } else {
+        None
+    };
+    let client = client::AppClient::new(&app.upstream.authority, tls, app.max_idle_connections)
+        .map_err(|e| UpstreamError::Name(e.to_string()))?;
+    Ok(Arc::new(client))
 }
 
 /// A WebSocket opening handshake (RFC 6455 §4.1): `Connection: upgrade` and `Upgrade: websocket`.
@@ -203,7 +200,7 @@ pub async fn forward(
     gw: &Arc<Gateway>,
     client: &Client,
     decision: Decision,
-    identity: Option<std::sync::Arc<User>>,
+    session: Option<crate::session::Authenticated>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Reject> {
     let app = &gw.config.apps[decision.app];
@@ -223,7 +220,8 @@ pub async fn forward(
 
     let (mut parts, body) = req.into_parts();
     let own = gw.own_cookies();
-    parts.headers = upstream_headers(gw, client, host.as_deref(), identity.as_deref(), &own, &parts.headers);
+    let identity = session.as_ref().map(|s| &*s.user);
+    parts.headers = upstream_headers(gw, client, host.as_deref(), identity, &own, &parts.headers);
     if websocket {
         parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
@@ -233,11 +231,12 @@ pub async fn forward(
     let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let upstream_req = Request::from_parts(parts, Watched { inner: body, failed: failed.clone() });
 
-    let pending = gw.upstreams.clients[decision.app].request(upstream_req);
+    let who = pool::Affinity::of(app.shared_connections, session.as_ref().map(|s| &s.user));
+    let pending = gw.upstreams.clients[decision.app].request(who, upstream_req);
     let started = std::time::Instant::now();
     let outcome = tokio::time::timeout(app.upstream_timeout.0, pending).await;
     gw.app_metrics[decision.app].upstream(started.elapsed());
-    let mut resp = match outcome {
+    let (mut resp, checkin) = match outcome {
         Err(_) => return Err(Reject::GatewayTimeout),
         Ok(Err(_)) if failed.load(std::sync::atomic::Ordering::Relaxed) => {
             return Err(Reject::BadRequest("The request body was malformed or cut short."));
@@ -253,8 +252,12 @@ pub async fn forward(
         let Some(client_upgrade) = client_upgrade else {
             return Err(Reject::BadGateway);
         };
+        // The connection is the tunnel's now; it never goes back to the pool.
+        drop(checkin);
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
-        gw.tunnels.spawn(async move {
+        // The tunnel lives while its session does (bypass tunnels belong to nobody).
+        let owner = session.as_ref().map(|s| (s.id, gw.session_due(&s.record)));
+        gw.tunnels.open(owner, async move {
             match tokio::try_join!(client_upgrade, upstream_upgrade) {
                 Ok((down, up)) => {
                     let mut down = TokioIo::new(down);
@@ -277,5 +280,6 @@ pub async fn forward(
         }
     }
     parts.headers = headers;
+    let body = client::Returning::new(body, checkin);
     Ok(Response::from_parts(parts, body.map_err(Into::into).boxed()))
 }

@@ -9,12 +9,10 @@
 //! connection stays with hyper from then on. Both paths apply the same header rules ([`crate::headers`]), the
 //! same policy decision and the same session checks.
 
-use std::collections::VecDeque;
 use std::io;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Mutex;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -27,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Policy;
 use crate::gateway::{Admission, CacheAnswer, Gateway, admission};
 use crate::headers::{self, ForwardedHeaders, Headers};
+use crate::proxy::pool::{Affinity, IdlePool};
 use crate::respond::Reject;
 
 /// Header lines the relay parses per request; more go to hyper.
@@ -40,9 +39,6 @@ const MAX_REQUEST_HEAD: usize = 16 * 1024;
 const MAX_RESPONSE_HEAD: usize = 8192 + 4096 * 100;
 /// Read size for bodies.
 const CHUNK: usize = 16 * 1024;
-/// How long an idle upstream connection is kept, and how many per app.
-const POOL_IDLE: Duration = Duration::from_secs(60);
-const POOL_MAX: usize = 256;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How a connection left the relay.
@@ -53,10 +49,10 @@ pub enum Outcome<IO> {
     Handover(Prefixed<IO>),
 }
 
-/// Idle keep-alive connections to one plain-HTTP app.
+/// Idle keep-alive connections to one plain-HTTP app, private to the identity that used them last.
 pub struct Pool {
     authority: String,
-    idle: Mutex<VecDeque<(Upstream, Instant)>>,
+    idle: IdlePool<Upstream>,
 }
 
 /// A connection to an app, with its read buffer (kept with the connection, so idle clients hold none).
@@ -66,48 +62,30 @@ struct Upstream {
 }
 
 impl Pool {
-    /// A pool for an upstream `host[:port]` (port 80 when none is given).
-    pub fn new(authority: &http::uri::Authority) -> Pool {
+    /// A pool for an upstream `host[:port]` (port 80 when none is given) of at most `max_idle` connections.
+    pub fn new(authority: &http::uri::Authority, max_idle: usize) -> Pool {
         let authority = format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(80));
-        Pool { authority, idle: Mutex::new(VecDeque::new()) }
+        Pool { authority, idle: IdlePool::new(max_idle) }
     }
 
-    /// The most recently used idle connection that is not too old and still quiet.
-    fn checkout(&self, now: Instant) -> Option<Upstream> {
-        loop {
-            let (up, since) = {
-                let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-                let (up, since) = idle.pop_back()?;
-                if now.saturating_duration_since(since) >= POOL_IDLE {
-                    // The newest is too old, so all are.
-                    idle.clear();
-                    return None;
-                }
-                (up, since)
-            };
+    /// The most recently used idle connection of `who` that is not too old and still quiet.
+    fn checkout(&self, who: &Affinity, now: Instant) -> Option<Upstream> {
+        self.idle.checkout(who, now, |up| {
             // An idle connection must have nothing to read. End of stream means the app closed it; bytes mean it
             // spoke unasked (a 408 before closing, say), and they must not be taken as the next answer.
             let mut probe = [0u8; 1];
             match up.stream.try_read(&mut probe) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Some(up),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
                 _ => {
-                    tracing::debug!(idle_for = ?now.saturating_duration_since(since), "dropping a pooled upstream connection the app closed")
+                    tracing::debug!("dropping a pooled upstream connection the app closed or spoke on");
+                    false
                 }
             }
-        }
+        })
     }
 
-    fn checkin(&self, stream: Upstream) {
-        // Read now, not taken from the request: after a long body, an earlier time would break the newest-last
-        // order `checkout` relies on.
-        let now = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while idle.front().is_some_and(|(_, since)| now.duration_since(*since) >= POOL_IDLE) {
-            idle.pop_front();
-        }
-        if idle.len() < POOL_MAX {
-            idle.push_back((stream, now));
-        }
+    fn checkin(&self, who: Affinity, stream: Upstream) {
+        self.idle.checkin(who, stream);
     }
 
     async fn connect(&self) -> io::Result<Upstream> {
@@ -140,6 +118,8 @@ struct Forward {
     head: bool,
     /// The client asked to close after this answer.
     close: bool,
+    /// Whose requests the upstream connection may carry afterwards.
+    who: Affinity,
 }
 
 enum Planned {
@@ -336,7 +316,8 @@ fn plan(gw: &Gateway, c: &mut Conn) -> Planned {
         }
     }
     out.extend_from_slice(b"\r\n");
-    Planned::Forward(Forward { app: decision.app, len, head, close: listed.has("close") })
+    let who = Affinity::of(app.shared_connections, user.as_ref());
+    Planned::Forward(Forward { app: decision.app, len, head, close: listed.has("close"), who })
 }
 
 fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -416,7 +397,7 @@ where
         return Ok(false);
     }
     if head.reusable && up.buf.is_empty() {
-        pool.checkin(up);
+        pool.checkin(f.who.clone(), up);
     }
     Ok(!head.close)
 }
@@ -429,7 +410,7 @@ async fn exchange(
     f: &Forward,
     now: Instant,
 ) -> io::Result<(Upstream, ResponseHead)> {
-    let mut pooled = pool.checkout(now);
+    let mut pooled = pool.checkout(&f.who, now);
     loop {
         let reused = pooled.is_some();
         let mut up = match pooled.take() {
@@ -805,7 +786,7 @@ pub mod fuzzing {
     pub fn response(input: &[u8], head_request: bool, own: &[&str]) -> Result<Option<(Vec<u8>, String)>, String> {
         let mut buf = BytesMut::from(input);
         let mut out = Vec::new();
-        let f = Forward { app: 0, len: 0, head: head_request, close: false };
+        let f = Forward { app: 0, len: 0, head: head_request, close: false, who: Affinity::Anonymous };
         let head = response_head(&mut buf, &mut out, own, &f).map_err(|e| e.to_string())?;
         Ok(head.map(|h| {
             finish_head(&mut out, &h, Instant::now());

@@ -1,4 +1,4 @@
-//! Portcullis black-box integration tests (see /work/notes/CONTRACT.md).
+//! Portcullis black-box integration tests: each module drives real gateways over real sockets.
 mod support;
 
 mod admin;
@@ -8,6 +8,7 @@ mod browser;
 mod cli;
 mod faults;
 mod fuzz_corpus;
+mod hardening;
 mod mail;
 mod ops;
 mod pages;

@@ -32,41 +32,6 @@ const FIXED_DATE: &str = "Sun, 06 Nov 1994 08:49:37 GMT";
 // The relay's counters
 // ---------------------------------------------------------------------------------------------
 
-/// A `[metrics]` section on a free port (no token), and that port.
-fn metrics_section() -> (SocketAddr, String) {
-    let addr = free_addr();
-    (addr, format!("[metrics]\nlisten = \"{addr}\"\n\n"))
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Counts {
-    relayed: u64,
-    handovers: u64,
-}
-
-impl std::ops::Sub for Counts {
-    type Output = Counts;
-    fn sub(self, o: Counts) -> Counts {
-        Counts { relayed: self.relayed - o.relayed, handovers: self.handovers - o.handovers }
-    }
-}
-
-/// The relay's two counters, scraped from the metrics endpoint at `maddr`. Both are incremented before the
-/// request is answered, so after a response has been read they already count it: no polling needed.
-async fn counts(maddr: SocketAddr) -> Counts {
-    let r = Client::new(maddr, &maddr.to_string()).get("/metrics").await;
-    assert_eq!(r.status, 200, "metrics: {}", r.text());
-    let text = r.text();
-    let value = |name: &str| -> u64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .map(|v| v as u64)
-            .unwrap_or_else(|| panic!("no {name} in metrics:\n{text}"))
-    };
-    Counts { relayed: value("portcullis_relayed_requests_total"), handovers: value("portcullis_relay_handovers_total") }
-}
-
 /// Asserts the counters moved from `before` by exactly `relayed` / `handovers`.
 async fn assert_moved(maddr: SocketAddr, before: Counts, relayed: u64, handovers: u64, what: &str) {
     let delta = counts(maddr).await - before;

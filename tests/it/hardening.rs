@@ -1,0 +1,325 @@
+//! What an outside review and real apps broke: login memory, tunnels outliving their session, GET bodies,
+//! upstream connections crossing identities, unframed answers, header-name variants, descriptor exhaustion, codes
+//! spent before the rest of a form is checked, short idle timeouts, state-file modes, and smaller framing rules.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use crate::support::*;
+
+const APP: &str = "app.test";
+
+// =============================================================================================
+// Login memory
+// =============================================================================================
+
+/// Each argon2 hash needs 19 MiB; allocated per hash, glibc kept the freed blocks and 100 logins took 300 MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_logins_and_fifty_failures_grow_memory_by_at_most_64_mib() {
+    let up = start_upstream().await;
+    let env = Env::password_only(&format!(
+        "[server]\nlisten = \"{{LISTEN}}\"\nmax_concurrent_hashes = 2\n\n[log]\nlevel = \"warn\"\n\n\
+         [limits]\nmax_failures = 1000\nmax_failures_per_address = 1000\n\n{}",
+        app(APP, &up.url(), "one_factor")
+    ));
+    for i in 0..4 {
+        env.add_user(&format!("user{i}"), &format!("user{i}@example.com"), "User", &[], PW).await;
+    }
+    let gw = env.spawn_child().await;
+    let rss0 = gw.rss_kb();
+    let addr = gw.addr;
+    let ok = Arc::new(AtomicUsize::new(0));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let t = Instant::now();
+    // 4 at a time: 200 good logins, 25 wrong passwords, 25 unknown names (the dummy hash).
+    let mut workers = Vec::new();
+    for w in 0..4 {
+        let (ok, refused) = (ok.clone(), refused.clone());
+        workers.push(tokio::spawn(async move {
+            for i in 0..(250 / 4 + 1) {
+                let n = w + 4 * i;
+                if n >= 250 {
+                    break;
+                }
+                let mut c = Client::new(addr, APP);
+                let user = format!("user{w}");
+                let (name, pass) = match n % 10 {
+                    0 => (user.as_str(), "wrong-password-1"),
+                    5 => ("nobody-by-that-name", PW),
+                    _ => (user.as_str(), PW),
+                };
+                let r = c.login(name, pass, "/").await;
+                match r.status {
+                    303 => ok.fetch_add(1, Ordering::Relaxed),
+                    401 | 403 => refused.fetch_add(1, Ordering::Relaxed),
+                    s => panic!("login {n}: status {s}: {}", r.text()),
+                };
+            }
+        }));
+    }
+    for w in workers {
+        within_for(Duration::from_secs(300), "logins", w).await.unwrap();
+    }
+    let rss1 = gw.rss_kb();
+    let grew_mib = rss1.saturating_sub(rss0) as f64 / 1024.0;
+    eprintln!(
+        "logins: {} accepted, {} refused in {:.1}s; RSS {rss0} KiB -> {rss1} KiB (+{grew_mib:.1} MiB)",
+        ok.load(Ordering::Relaxed),
+        refused.load(Ordering::Relaxed),
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(ok.load(Ordering::Relaxed), 200);
+    assert_eq!(refused.load(Ordering::Relaxed), 50);
+    assert!(grew_mib <= 64.0, "RSS grew by {grew_mib:.1} MiB over 250 logins (bound: 64 MiB)");
+    gw.stop().await;
+}
+
+// =============================================================================================
+// Tunnels end with their session
+// =============================================================================================
+
+/// Opens a WebSocket to the echo app with `c`'s cookies and reads the greeting (the identity the app saw).
+async fn open_tunnel(
+    gw: &Gateway,
+    c: &Client,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>> {
+    let tcp = within("connect", TcpStream::connect(gw.addr)).await.unwrap();
+    let mut req = format!("ws://{}/ws", c.host).into_client_request().unwrap();
+    req.headers_mut().insert("cookie", c.cookie_header().parse().unwrap());
+    let stream = tokio_tungstenite::MaybeTlsStream::Plain(tcp);
+    let (mut ws, resp) = within("ws handshake", tokio_tungstenite::client_async(req, stream)).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 101);
+    let hello = within("ws greeting", ws.next()).await.expect("ws closed").expect("ws error");
+    assert!(!hello.to_text().unwrap().is_empty());
+    ws
+}
+
+/// Whether the tunnel still echoes.
+async fn echoes(ws: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>) -> bool {
+    if within("ws send", ws.send(Message::text("ping"))).await.is_err() {
+        return false;
+    }
+    matches!(within("ws echo", ws.next()).await, Some(Ok(m)) if m.to_text().ok() == Some("ping"))
+}
+
+/// Waits (at most 10 s) for the tunnel to be closed by the gateway; returns how long it took.
+async fn closed_within(
+    ws: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>,
+    what: &str,
+) -> Duration {
+    let t = Instant::now();
+    let deadline = Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout(deadline.saturating_sub(t.elapsed()), ws.next()).await {
+            Err(_) => panic!("{what}: the tunnel is still open after {deadline:?}"),
+            Ok(None | Some(Err(_))) => return t.elapsed(),
+            Ok(Some(Ok(m))) if m.is_close() => return t.elapsed(),
+            Ok(Some(Ok(_))) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_closes_on_logout_lock_delete_2fa_reset_and_expiry_while_others_stay_open() {
+    let up = start_upstream().await;
+    let env =
+        Env::password_only(&format!("[session]\nidle_timeout = \"10m\"\n\n{}", app(APP, &up.url(), "one_factor")));
+    for name in ["alice", "bob", "carol", "dave", "erin", "zed"] {
+        env.add_user(name, &format!("{name}@example.com"), name, &[], PW).await;
+    }
+    let gw = env.start().await;
+    let mut clients = std::collections::BTreeMap::new();
+    for name in ["alice", "bob", "carol", "dave", "erin", "zed"] {
+        let mut c = gw.client(APP);
+        c.login_ok(name, PW).await;
+        clients.insert(name, c);
+    }
+    // dave turns on two-factor (his session is then a two-factor one).
+    {
+        let c = clients.get_mut("dave").unwrap();
+        let page = signed_in_setup_page(c, PW).await;
+        let clock = gw.clock.clone();
+        confirm_setup_page(c, &page, "/", || portcullis::clock::Clock::now(&*clock)).await;
+    }
+    let mut tunnels = std::collections::BTreeMap::new();
+    for (name, c) in &clients {
+        tunnels.insert(*name, open_tunnel(&gw, c).await);
+    }
+    for ws in tunnels.values_mut() {
+        assert!(echoes(ws).await);
+    }
+
+    let mut took = Vec::new();
+    logout(clients.get_mut("alice").unwrap()).await;
+    took.push(("logout", closed_within(tunnels.get_mut("alice").unwrap(), "after logout").await));
+    for (cmd, name) in [("lock", "bob"), ("delete", "carol"), ("reset-2fa", "dave")] {
+        let o = env.cli(&["user", cmd, name], None).await;
+        assert!(o.status.success(), "user {cmd} {name}: {}", out_text(&o));
+        took.push((cmd, closed_within(tunnels.get_mut(name).unwrap(), &format!("after user {cmd}")).await));
+    }
+    // Another user's tunnels stayed open through all of it.
+    assert!(echoes(tunnels.get_mut("zed").unwrap()).await, "zed's tunnel was closed by other users' revocations");
+    assert!(echoes(tunnels.get_mut("erin").unwrap()).await);
+
+    // Expiry: past the idle timeout, with no request in between.
+    gw.clock.advance(11 * 60);
+    took.push(("expiry", closed_within(tunnels.get_mut("erin").unwrap(), "after the idle timeout").await));
+    eprintln!("tunnels closed after: {took:?}");
+}
+
+// =============================================================================================
+// GET and HEAD bodies
+// =============================================================================================
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_or_head_with_a_body_is_refused_unless_the_app_opts_in() {
+    let up = start_upstream().await;
+    let cfg = format!(
+        "{}[[app.rule]]\npath = \"/public\"\npolicy = \"bypass\"\n\n{}allow_get_body = true\n\n",
+        app(APP, &up.url(), "one_factor"),
+        app("search.test", &up.url(), "bypass")
+    );
+    let env = Env::password_only(&cfg);
+    let gw = env.start().await;
+    let smuggled = "GET /secret HTTP/1.1\r\nHost: app.test\r\nRemote-User: admin\r\n\r\n";
+    let chunked = format!("{:x}\r\n{smuggled}\r\n0\r\n\r\n", smuggled.len());
+    for method in ["GET", "HEAD"] {
+        for framing in [
+            format!("Content-Length: {}\r\n\r\n{smuggled}", smuggled.len()),
+            format!("Transfer-Encoding: chunked\r\n\r\n{chunked}"),
+        ] {
+            let req = format!("{method} /public/x HTTP/1.1\r\nHost: {APP}\r\n{framing}");
+            let r = raw_send(gw.addr, req.as_bytes()).await;
+            assert_eq!(r.status, 400, "{method} with {framing:?}: {}", r.head);
+        }
+    }
+    assert_eq!(up.hit_count(), 0, "a GET/HEAD body reached the app: {:?}", up.hits());
+    // A zero length is no body.
+    let r = raw_send(gw.addr, format!("GET /public/y HTTP/1.1\r\nHost: {APP}\r\nContent-Length: 0\r\n\r\n").as_bytes())
+        .await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert_eq!(up.hit_count(), 1);
+    // An app that opted in gets the body.
+    let req = "GET /upload HTTP/1.1\r\nHost: search.test\r\nContent-Length: 5\r\nConnection: close\r\n\r\nquery";
+    let r = raw_send(gw.addr, req.as_bytes()).await;
+    assert_eq!((r.status, String::from_utf8_lossy(&r.body).to_string()), (200, "5".to_string()), "{}", r.head);
+}
+
+// =============================================================================================
+// Upstream connections never cross identities
+// =============================================================================================
+
+/// An app that sends bytes past the end of its answers, each time naming the user it answers (`remote-user`):
+/// - `HEAD /head-body`: a body on a HEAD answer;
+/// - `/no-content`: a 204 followed by a whole second answer;
+/// - `/not-modified`: a 304 with a body;
+/// - `/extra`: a normal answer, then a second one;
+/// - `/late`: a normal answer, then a second one 20 ms later;
+/// - anything else: a normal `page-for-USER`.
+async fn misbehaving_app() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else { continue };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut tmp = [0u8; 8192];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match s.read(&mut tmp).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    buf.drain(..end + 4);
+                    let mut words = head.split_whitespace();
+                    let (method, path) =
+                        (words.next().unwrap_or("").to_string(), words.next().unwrap_or("").to_string());
+                    let user = head
+                        .lines()
+                        .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("remote-user")))
+                        .map_or("-".to_string(), |(_, v)| v.trim().to_string());
+                    let page = |text: &str| format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}", text.len());
+                    let forged = page(&format!("forged-by-{user}"));
+                    let normal = page(&format!("page-for-{user}"));
+                    let (first, later) = match (method.as_str(), path.as_str()) {
+                        ("HEAD", "/head-body") => {
+                            (format!("HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\nforged-by-{user:<10}"), None)
+                        }
+                        (_, "/no-content") => (format!("HTTP/1.1 204 No Content\r\n\r\n{forged}"), None),
+                        (_, "/not-modified") => (format!("HTTP/1.1 304 Not Modified\r\n\r\n{forged}"), None),
+                        (_, "/extra") => (format!("{normal}{forged}"), None),
+                        (_, "/late") => (normal.clone(), Some(forged)),
+                        _ => (normal, None),
+                    };
+                    if s.write_all(first.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    if let Some(late) = later {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        if s.write_all(late.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_byte_an_app_sends_for_one_user_reaches_another_through_the_upstream_pool() {
+    let (addr, task) = misbehaving_app().await;
+    let (maddr, metrics) = metrics_section();
+    let env = Env::password_only(&format!("{metrics}{}", app(APP, &format!("http://{addr}"), "one_factor")));
+    env.add_user("alice", "alice@example.com", "Alice", &[], PW).await;
+    env.add_user("bob", "bob@example.com", "Bob", &[], PW).await;
+    let gw = env.start().await;
+    let mut alice = gw.client(APP);
+    alice.login_ok("alice", PW).await;
+    let mut bob = gw.client(APP);
+    bob.login_ok("bob", PW).await;
+    let before = counts(maddr).await;
+    let mut seen = 0;
+    for round in 0..12 {
+        for misbehaviour in ["/head-body", "/no-content", "/not-modified", "/extra", "/late"] {
+            // Both proxy paths: a bodyless GET (the relay) and the same with `Content-Length: 0` (hyper).
+            for extra in [&[][..], &[("content-length", "0")][..]] {
+                let (first, second, first_name, second_name) = if round % 2 == 0 {
+                    (&mut alice, &mut bob, "alice", "bob")
+                } else {
+                    (&mut bob, &mut alice, "bob", "alice")
+                };
+                let method = if misbehaviour == "/head-body" { "HEAD" } else { "GET" };
+                let r = first.send(method, misbehaviour, extra, None).await;
+                assert!(!r.text().contains(second_name), "{first_name} got {second_name}'s bytes: {}", r.text());
+                for path in ["/page", "/page2"] {
+                    let r = second.send("GET", path, extra, None).await;
+                    seen += 1;
+                    assert!(
+                        !r.text().contains(first_name),
+                        "round {round}, {misbehaviour} {extra:?}: {second_name} received bytes the app sent for \
+                         {first_name}: {:?}",
+                        r.text()
+                    );
+                    assert!(r.status == 200 || r.status == 502, "{}: {}", r.status, r.text());
+                }
+            }
+        }
+    }
+    let moved = counts(maddr).await - before;
+    eprintln!("{seen} answers checked; relay counters moved by {moved:?}");
+    assert!(moved.relayed >= 100 && moved.handovers >= 100, "both paths must have been exercised: {moved:?}");
+    task.abort();
+}
