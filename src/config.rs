@@ -292,6 +292,9 @@ pub struct Server {
     /// Most simultaneous password hashes (each takes ~19 MiB). Default: half the cores (1 to 4), so logins can't
     /// take every core from proxying.
     pub max_concurrent_hashes: Option<usize>,
+    /// Most client connections served at once; at the limit, idle kept-alive connections are closed first.
+    /// Default: three quarters of the open-files limit (raised to its hard limit at start).
+    pub max_connections: Option<usize>,
 }
 
 impl Default for Server {
@@ -305,6 +308,7 @@ impl Default for Server {
             header_read_timeout: Dur(Duration::from_secs(10)),
             shutdown_grace: Dur(Duration::from_secs(30)),
             max_concurrent_hashes: None,
+            max_connections: None,
         }
     }
 }
@@ -826,6 +830,16 @@ impl Config {
         }
         if self.mail.transport == MailTransport::Smtp && self.mail.smtp_host.is_none() {
             return Err("[mail] transport = \"smtp\" needs smtp_host".into());
+        }
+        if self.session.idle_timeout.secs() < 10 {
+            return Err(format!(
+                "[session] idle_timeout must be at least 10s (got {}s): last-seen is refreshed every tenth of it, \
+                 and shared instances write it in 5-second batches",
+                self.session.idle_timeout.secs()
+            ));
+        }
+        if s.max_connections.is_some_and(|n| n < 2) {
+            return Err("[server] max_connections must be at least 2".into());
         }
         if s.max_concurrent_hashes == Some(0) {
             return Err("[server] max_concurrent_hashes must be at least 1".into());

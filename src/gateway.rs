@@ -242,7 +242,7 @@ impl Gateway {
     }
 
     /// The verified session of a request, if any. Expired or orphaned sessions count as none.
-    /// Refreshes last-seen at most once per [`session::TOUCH_INTERVAL`], off the request path.
+    /// Refreshes last-seen at most once per [`session::touch_interval`], off the request path.
     pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Option<Authenticated>, Reject> {
         match session::session_id(&self.keys, headers, &self.config.session.cookie_name.0) {
             Some(id) => self.load_session(id).await,
@@ -260,7 +260,7 @@ impl Gateway {
         if !self.still_valid(&auth, now) {
             return Ok(None);
         }
-        if now >= auth.record.last_seen + session::TOUCH_INTERVAL {
+        if now >= auth.record.last_seen + self.touch_every() {
             self.touch(id, now);
         }
         Ok(Some(auth))
@@ -300,7 +300,7 @@ impl Gateway {
         let revision = self.store.revision()?;
         let now = self.clock.now();
         for raw in raws {
-            if let session::Lookup::Hit(auth, touch_due) = self.cache.get(raw, revision, now) {
+            if let session::Lookup::Hit(auth, touch_due) = self.cache.get(raw, revision, now, self.touch_every()) {
                 if !self.still_valid(&auth, now) {
                     self.cache.remove(raw);
                     return Ok(CacheAnswer::NoSession);
@@ -351,6 +351,11 @@ impl Gateway {
             return false;
         }
         true
+    }
+
+    /// How often a session's last-seen is refreshed (from the idle limit).
+    fn touch_every(&self) -> u64 {
+        session::touch_interval(self.config.session.idle_timeout.secs())
     }
 
     /// Refreshes last-seen in the background.

@@ -128,10 +128,21 @@ const SPOOFABLE_NAMES: &[&str] = &[
     "x-email",
 ];
 
+/// A header-name byte as PHP, CGI and WSGI backends read it: case folded, `_` and `.` as `-` (they turn
+/// `Remote.User`, `Remote_User` and `Remote-User` alike into `HTTP_REMOTE_USER`).
+fn fold(b: u8) -> u8 {
+    if b == b'_' || b == b'.' { b'-' } else { b.to_ascii_lowercase() }
+}
+
+/// Whether `name` reads as `canonical` (lower case, `-`) once folded ([`fold`]).
+fn folds_to(name: &[u8], canonical: &str) -> bool {
+    name.len() == canonical.len() && name.iter().zip(canonical.bytes()).all(|(&a, b)| fold(a) == b)
+}
+
 /// Whether a client-sent header could claim an identity: the configured identity names and the usual families,
-/// in any case, with `_` read as `-` (oauth2-proxy CVE-2025-64484). Such headers never reach an app.
+/// in any case, with `_` and `.` read as `-` (oauth2-proxy CVE-2025-64484, Traefik CVE-2026-88011). Such
+/// headers never reach an app.
 pub fn is_identity_header(config: &Config, name: &[u8]) -> bool {
-    let fold = |b: u8| if b == b'_' { b'-' } else { b.to_ascii_lowercase() };
     let same = |a: &[u8], b: &[u8]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| fold(*x) == fold(*y));
     let h = &config.headers;
     let configured = [&h.user.0, &h.email.0, &h.name.0, &h.groups.0];
@@ -146,19 +157,26 @@ pub fn is_identity_header(config: &Config, name: &[u8]) -> bool {
         || configured.iter().any(|c| same(name, c.as_str().as_bytes()))
 }
 
-/// Forwarding headers the gateway sets itself; a client's copy never passes (X-Forwarded-For is extended).
-const SET_BY_US: &[&str] = &["cookie", "host", "x-forwarded-for", "x-forwarded-proto", "x-real-ip"];
-/// Forwarding headers believed only from a trusted proxy.
-const TRUSTED_ONLY: &[&str] = &["x-forwarded-host", "forwarded"];
+/// Headers the gateway sets itself; a client's copy never passes (X-Forwarded-For is extended). Content-Length
+/// is written from the body's framing, in its canonical form.
+const SET_BY_US: &[&str] = &["cookie", "host", "x-forwarded-for", "x-forwarded-proto", "x-real-ip", "content-length"];
+/// Forwarding headers believed only from a trusted proxy (with every other `X-Forwarded-*`).
+const TRUSTED_ONLY: &[&str] = &["forwarded"];
 
 /// Whether a client request header goes upstream as it came. The rest are connection-scoped, could claim an
-/// identity, or are rebuilt by [`ForwardedHeaders`] and the identity headers.
+/// identity, are rebuilt by [`ForwardedHeaders`] and the identity headers, or are believed from trusted proxies
+/// only (RFC 7239 `Forwarded`, `X-Forwarded-Host`, `X-Forwarded-Prefix`…). A name that reads as one of those
+/// once `_` and `.` are folded to `-` (`X_Forwarded_For`, `Content_Length`, `X.Real.IP`) never passes: a backend
+/// that folds names would take it for the real one.
 pub fn passes_upstream(config: &Config, listed: &Listed<'_>, name: &[u8], trusted: bool) -> bool {
-    let named = |list: &[&str]| list.iter().any(|h| name.eq_ignore_ascii_case(h.as_bytes()));
+    let named = |list: &[&str]| list.iter().any(|h| folds_to(name, h));
+    let forwarding = name.len() > 12 && name[..12].iter().zip(b"x-forwarded-").all(|(&a, &b)| fold(a) == b);
+    let variant = name.iter().any(|&b| b == b'_' || b == b'.');
+    let guarded = HOP_BY_HOP.iter().any(|h| folds_to(name, h)) || named(TRUSTED_ONLY) || forwarding;
     !(is_hop_by_hop(listed, name)
         || is_identity_header(config, name)
         || named(SET_BY_US)
-        || (!trusted && named(TRUSTED_ONLY)))
+        || (guarded && (variant || !trusted)))
 }
 
 /// Whether an upstream response header goes back to the client: not connection-scoped, and no Set-Cookie that
@@ -205,6 +223,28 @@ pub fn split_cookies<'a, H: Headers + ?Sized>(
 /// The value of a `name=value` cookie pair, trimmed (`None` without `=`).
 pub fn cookie_value(pair: &str) -> Option<&str> {
     pair.split_once('=').map(|(_, v)| v.trim())
+}
+
+/// The Content-Length of a message (RFC 9110 §8.6): `Ok(None)` when there is none; one number however it was
+/// written (`056`, `3, 3`, repeated headers that agree); an error for anything else (a sign, a non-digit, values
+/// that disagree), which no side may guess at.
+pub fn content_length<H: Headers + ?Sized>(headers: &H) -> Result<Option<u64>, &'static str> {
+    let mut length = None;
+    for t in tokens(headers, "content-length") {
+        let n = std::str::from_utf8(t)
+            .ok()
+            .filter(|s| s.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or("malformed Content-Length")?;
+        if length.is_some_and(|l| l != n) {
+            return Err("conflicting Content-Length values");
+        }
+        length = Some(n);
+    }
+    if length.is_none() && headers.values("content-length").next().is_some() {
+        return Err("empty Content-Length");
+    }
+    Ok(length)
 }
 
 /// Whether a GET or HEAD request carries a body: a non-zero Content-Length, any Transfer-Encoding, or (HTTP/2)

@@ -79,7 +79,7 @@ impl Keys {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(dir).map_err(io)?;
+                    crate::files::private_dir(dir).map_err(io)?;
                 }
                 let fresh = random_bytes::<MASTER_LEN>()?;
                 write_new_secret(path, &fresh).map_err(io)?;

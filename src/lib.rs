@@ -13,6 +13,7 @@ pub mod clock;
 pub mod config;
 pub mod credentials;
 pub mod demo;
+pub mod files;
 pub mod gateway;
 pub mod headers;
 pub mod keys;

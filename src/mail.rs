@@ -191,7 +191,7 @@ fn smtp(config: &MailConfig) -> Result<AsyncSmtpTransport<Tokio1Executor>, MailE
 fn write_outbox(dir: &Path, bytes: &[u8]) -> Result<(), MailError> {
     use std::os::unix::fs::OpenOptionsExt;
     let io = |e: std::io::Error| MailError::Outbox(format!("{}: {e}", dir.display()));
-    std::fs::create_dir_all(dir).map_err(io)?;
+    crate::files::private_dir(dir).map_err(io)?;
     let id = hex::encode(crate::keys::random_bytes::<8>().map_err(|e| MailError::Outbox(e.to_string()))?);
     let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
     let tmp = dir.join(format!(".tmp-{stamp}-{id}"));

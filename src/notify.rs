@@ -49,11 +49,13 @@ impl Notice {
         }
     }
 
-    /// Dedup key: the same notice within the throttle window is sent once. Counts and actions are part of it.
-    fn dedup(&self) -> String {
+    /// Dedup key: the same notice within the throttle window is sent once. Counts and actions are part of it, and
+    /// so is the account's stamp for a change of state (on after off is news; the same "on" twice is not).
+    fn dedup(&self, user: &User) -> String {
         match self {
             Notice::RecoveryCodeUsed(left) => format!("recovery_code_used:{left}"),
             Notice::AdminAction(what) => format!("admin_action:{what}"),
+            Notice::TwoFactorEnabled | Notice::TwoFactorDisabled => format!("{}:{}", self.kind(), user.stamp),
             other => other.kind().to_string(),
         }
     }
@@ -127,7 +129,7 @@ pub async fn notify(gw: &Gateway, user: &User, notice: Notice) {
         return;
     }
     let now = gw.clock.now();
-    let key = format!("notice:{}:{}", notice.dedup(), user.username);
+    let key = format!("notice:{}:{}", notice.dedup(user), user.username);
     match gw.store.claim_interval(key, now, THROTTLE).await {
         Ok(true) => {}
         Ok(false) => return,

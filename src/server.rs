@@ -11,7 +11,6 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -60,6 +59,80 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
 /// Time a client has to finish the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Raises the soft limit on open files to the hard limit (systemd's default soft limit is 1,024: a thousand idle
+/// clients would leave no descriptor for `accept`), and returns the limit now in force.
+pub fn raise_nofile_limit() -> u64 {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the open-files limit");
+            rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft)
+        }
+    }
+}
+
+/// The most client connections served at once: `[server] max_connections`, or three quarters of the open-files
+/// limit (the rest is for upstream connections, the store and the listeners).
+pub fn connection_cap(configured: Option<usize>, nofile: u64) -> usize {
+    configured.unwrap_or_else(|| usize::try_from(nofile / 4 * 3).unwrap_or(usize::MAX).max(16))
+}
+
+/// The live client connections, so that at the cap the idle ones can be asked to make room.
+#[derive(Default)]
+struct Connections {
+    live: std::sync::Mutex<std::collections::BTreeMap<u64, Slot>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+/// One live connection.
+struct Slot {
+    /// Closes it: at once when idle, after its answer otherwise.
+    shed: CancellationToken,
+    /// Waiting for its next request (a kept-alive connection on the relay).
+    idle: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A connection's place in [`Connections`], freed when it ends.
+struct Registered {
+    id: u64,
+    all: Arc<Connections>,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.all.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
+    }
+}
+
+impl Connections {
+    fn register(self: &Arc<Self>, shed: CancellationToken, idle: Arc<std::sync::atomic::AtomicBool>) -> Registered {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Slot { shed, idle });
+        Registered { id, all: self.clone() }
+    }
+
+    fn count(&self) -> usize {
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Asks one connection to close: the oldest idle one, else the oldest. False when none is left to ask.
+    fn shed_one(&self) -> bool {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let pick = live
+            .iter()
+            .find(|(_, s)| s.idle.load(std::sync::atomic::Ordering::Relaxed))
+            .or_else(|| live.iter().find(|(_, s)| !s.shed.is_cancelled()))
+            .map(|(id, _)| *id);
+        match pick.and_then(|id| live.remove(&id)) {
+            Some(slot) => {
+                slot.shed.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 /// Accepts and serves connections until `shutdown` resolves, then drains.
 pub async fn serve(
     current: Arc<arc_swap::ArcSwap<Gateway>>,
@@ -74,10 +147,12 @@ pub async fn serve(
         .header_read_timeout(gw.config.server.header_read_timeout.0)
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new());
-    let graceful = GracefulShutdown::new();
-    // Tells connections idling on the relay to close when shutdown begins (hyper's are told by `graceful`).
+    let cap = connection_cap(gw.config.server.max_connections, raise_nofile_limit());
+    // Tells every connection to close when shutdown begins: idle ones at once, busy ones after their answer.
     let stop = CancellationToken::new();
-    let connections = tokio_util::task::TaskTracker::new();
+    let tasks = tokio_util::task::TaskTracker::new();
+    let live = Arc::new(Connections::default());
+    let mut warned: Option<std::time::Instant> = None;
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -92,40 +167,53 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        if live.count() >= cap {
+            // A flood degrades service instead of starving accept: idle kept-alive connections make room first.
+            if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                tracing::warn!(max_connections = cap, "connection limit reached; closing idle connections first");
+                warned = Some(std::time::Instant::now());
+            }
+            if !live.shed_one() {
+                drop(stream);
+                continue;
+            }
+        }
         let _ = stream.set_nodelay(true);
         // Each connection uses the TLS set-up current when it arrives; each request, the current config.
         let tls = current.load().tls_acceptor.clone();
         let current = current.clone();
         let builder = builder.clone();
-        let watcher = graceful.watcher();
-        let stop = stop.clone();
+        let shed = stop.child_token();
+        let idle = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let registered = live.register(shed.clone(), idle.clone());
         let task = async move {
+            let _registered = registered;
             let Some(acceptor) = tls else {
-                return relay_then_hyper(current, stream, peer, &stop, &builder, watcher).await;
+                return relay_then_hyper(current, stream, peer, &shed, &idle, &builder).await;
             };
             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 // HTTP/2 (chosen by ALPN) is hyper's; HTTP/1.1 starts on the relay.
                 Ok(Ok(s)) if s.get_ref().1.alpn_protocol() == Some(b"h2") => {
-                    Box::pin(serve_hyper(current, s, peer, &builder, watcher)).await;
+                    Box::pin(serve_hyper(current, s, peer, &builder, &shed)).await;
                 }
-                Ok(Ok(s)) => Box::pin(relay_then_hyper(current, s, peer, &stop, &builder, watcher)).await,
+                Ok(Ok(s)) => Box::pin(relay_then_hyper(current, s, peer, &shed, &idle, &builder)).await,
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => {}
             }
         };
-        connections.spawn(task);
+        tasks.spawn(task);
     }
     stop.cancel();
     drop(listener);
     tracing::info!("shutting down: waiting for in-flight requests");
     let gw = current.load_full();
     let grace = gw.config.server.shutdown_grace.0;
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    tasks.close();
+    if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
         tracing::warn!("grace period over; closing remaining connections");
     }
     gw.tunnels.close();
     let _ = tokio::time::timeout(grace, gw.tunnels.wait()).await;
-    connections.close();
 }
 
 /// Serves a connection on the relay first ([`relay::serve`]); hyper takes over when a request needs it.
@@ -133,28 +221,28 @@ async fn relay_then_hyper<IO>(
     current: Arc<arc_swap::ArcSwap<Gateway>>,
     io: IO,
     peer: SocketAddr,
-    stop: &CancellationToken,
+    shed: &CancellationToken,
+    idle: &std::sync::atomic::AtomicBool,
     builder: &auto::Builder<TokioExecutor>,
-    watcher: Watcher,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    // The watcher is held while the relay serves, so a graceful shutdown waits for its request too.
     // Boxed, so the relay's state is freed before hyper's connection (long-lived, often idle) starts.
-    match Box::pin(relay::serve(&current, io, peer, stop)).await {
-        Outcome::Closed => drop(watcher),
+    match Box::pin(relay::serve(&current, io, peer, shed, idle)).await {
+        Outcome::Closed => {}
         // Boxed too: inline, the two states would make every connection's task as large as both.
-        Outcome::Handover(io) => Box::pin(serve_hyper(current, io, peer, builder, watcher)).await,
+        Outcome::Handover(io) => Box::pin(serve_hyper(current, io, peer, builder, shed)).await,
     }
 }
 
-/// Serves a connection with hyper: HTTP/1.1 with upgrades, or HTTP/2.
+/// Serves a connection with hyper: HTTP/1.1 with upgrades, or HTTP/2. When `shed` fires (shutdown, or the
+/// connection cap) it closes gracefully: at once when idle, after the requests in flight otherwise.
 async fn serve_hyper<IO>(
     current: Arc<arc_swap::ArcSwap<Gateway>>,
     io: IO,
     peer: SocketAddr,
     builder: &auto::Builder<TokioExecutor>,
-    watcher: Watcher,
+    shed: &CancellationToken,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -162,8 +250,16 @@ async fn serve_hyper<IO>(
         let gw = current.load_full();
         async move { Ok::<_, Infallible>(handle(gw, peer, req).await) }
     });
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc).into_owned();
-    if let Err(e) = watcher.watch(conn).await {
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let ended = tokio::select! {
+        ended = conn.as_mut() => ended,
+        () = shed.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = ended {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
 }

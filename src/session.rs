@@ -18,8 +18,12 @@ use crate::store::{SessionRecord, User};
 const SESSION_TAG: &str = "sess1.";
 /// Purpose tag of the anonymous CSRF cookie value.
 const CSRF_TAG: &str = "csrf1.";
-/// Refresh last-seen at most this often, so a request with a valid session normally writes nothing.
-pub const TOUCH_INTERVAL: u64 = 60;
+/// How often last-seen is refreshed for a session with an idle limit of `idle` seconds: a tenth of it, between
+/// 1 s and a minute, so a request with a valid session normally writes nothing and a busy session never looks
+/// idle.
+pub fn touch_interval(idle: u64) -> u64 {
+    (idle / 10).clamp(1, 60)
+}
 
 /// A 256-bit session identifier.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -84,7 +88,8 @@ pub enum Lookup {
 
 impl SessionCache {
     /// Looks up a raw cookie value, first dropping everything if the store's `revision` moved since it was filled.
-    pub fn get(&self, raw: &str, revision: u64, now: u64) -> Lookup {
+    /// Last-seen is due a refresh every `touch_every` seconds.
+    pub fn get(&self, raw: &str, revision: u64, now: u64, touch_every: u64) -> Lookup {
         if self.revision.load(Ordering::Acquire) != revision {
             let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
             map.clear();
@@ -96,7 +101,7 @@ impl SessionCache {
             return Lookup::Miss;
         };
         let seen = c.last_seen.load(Ordering::Relaxed);
-        let due = now >= seen + TOUCH_INTERVAL
+        let due = now >= seen + touch_every
             && c.last_seen.compare_exchange(seen, now, Ordering::Relaxed, Ordering::Relaxed).is_ok();
         let mut record = c.record.clone();
         if seen > record.last_seen {
@@ -274,19 +279,19 @@ mod tests {
         .unwrap();
         let auth = Authenticated { id, record: Arc::new(record), user: Arc::new(user) };
         let raw = "signed-value";
-        assert!(matches!(cache.get(raw, 7, 1000), Lookup::Miss));
+        assert!(matches!(cache.get(raw, 7, 1000, 60), Lookup::Miss));
         cache.put(raw, &auth, 7);
-        assert!(matches!(cache.get(raw, 7, 1010), Lookup::Hit(_, false)));
-        assert!(matches!(cache.get("signed-valuf", 7, 1010), Lookup::Miss));
+        assert!(matches!(cache.get(raw, 7, 1010, 60), Lookup::Hit(_, false)));
+        assert!(matches!(cache.get("signed-valuf", 7, 1010, 60), Lookup::Miss));
         // Last-seen refresh is due once per interval, and only to one caller.
-        assert!(matches!(cache.get(raw, 7, 1000 + TOUCH_INTERVAL), Lookup::Hit(_, true)));
-        assert!(matches!(cache.get(raw, 7, 1000 + TOUCH_INTERVAL), Lookup::Hit(_, false)));
+        assert!(matches!(cache.get(raw, 7, 1000 + 60, 60), Lookup::Hit(_, true)));
+        assert!(matches!(cache.get(raw, 7, 1000 + 60, 60), Lookup::Hit(_, false)));
         // A revocation anywhere (revision 8) empties the cache.
-        assert!(matches!(cache.get(raw, 8, 1100), Lookup::Miss));
-        assert!(matches!(cache.get(raw, 8, 1100), Lookup::Miss));
+        assert!(matches!(cache.get(raw, 8, 1100, 60), Lookup::Miss));
+        assert!(matches!(cache.get(raw, 8, 1100, 60), Lookup::Miss));
         // A value read under an old revision is not cached.
         cache.put(raw, &auth, 7);
-        assert!(matches!(cache.get(raw, 8, 1100), Lookup::Miss));
+        assert!(matches!(cache.get(raw, 8, 1100, 60), Lookup::Miss));
     }
 
     #[test]

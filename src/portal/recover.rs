@@ -174,7 +174,8 @@ pub async fn show_reset(gw: &Gateway, client: &Client, req: &Request<Incoming>) 
     Ok(with_cookie(page, cookie))
 }
 
-/// POST reset: second factor first (if enrolled), then the new password, then every session ends.
+/// POST reset: the new passwords are checked, then the second factor (if enrolled) is spent, the password set and
+/// every session ended.
 pub async fn submit_reset(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Result<Response<Body>, Reject> {
     let (parts, form) = form::read(req).await?;
     let binding = session::csrf_binding(&gw.keys, &parts.headers, &gw.config.csrf_cookie_name());
@@ -186,13 +187,22 @@ pub async fn submit_reset(gw: &Gateway, client: &Client, req: Request<Incoming>)
     };
     let now = gw.clock.now();
     let again = |status, msg| Ok(reset_page(gw, status, csrf.clone(), token, &user, Some(msg)));
+    // Everything that needs no secret is checked first: a second factor is spent only for a password that will
+    // be set.
+    let pw = form.get("password");
+    if pw != form.get("password2") {
+        return again(StatusCode::UNPROCESSABLE_ENTITY, "The two passwords differ.");
+    }
+    if password::check_new(pw).is_err() {
+        return again(StatusCode::UNPROCESSABLE_ENTITY, "A password must be 8 to 1024 characters long.");
+    }
     if user.two_factor.is_some() {
         if let Some(secs) =
             gw.lockout.retry_after(&gw.store, Step::SecondFactor, &user.username, client.addr, now).await?
         {
             return Err(Reject::TooManyAttempts(secs));
         }
-        if !second_factor_ok(gw, &user, form.get("code"), form.get("recovery_code"), now).await? {
+        if !second_factor_ok(gw, client, &user, form.get("code"), form.get("recovery_code"), now).await? {
             let event = AuditEvent::new(now, EventKind::SecondFactorFailed, &user.username).from_addr(client.addr);
             gw.audit(event.detail("password reset")).await;
             if let Some(secs) = gw.lockout.fail(&gw.store, Step::SecondFactor, &user.username, client.addr, now).await?
@@ -204,13 +214,6 @@ pub async fn submit_reset(gw: &Gateway, client: &Client, req: Request<Incoming>)
                 "The code is not valid. Enter a current code from your app or an unused recovery code.",
             );
         }
-    }
-    let pw = form.get("password");
-    if pw != form.get("password2") {
-        return again(StatusCode::UNPROCESSABLE_ENTITY, "The two passwords differ.");
-    }
-    if password::check_new(pw).is_err() {
-        return again(StatusCode::UNPROCESSABLE_ENTITY, "A password must be 8 to 1024 characters long.");
     }
     let hash = gw.hasher.hash(pw.to_string()).await?;
     match gw.store.reset_password(tokens::hash(&gw.keys, token), hash, now).await? {
@@ -232,6 +235,7 @@ pub async fn submit_reset(gw: &Gateway, client: &Client, req: Request<Incoming>)
 /// A TOTP code (its step recorded, so it can't be replayed) or a recovery code (spent).
 async fn second_factor_ok(
     gw: &Gateway,
+    client: &Client,
     user: &User,
     code: &str,
     recovery_code: &str,
@@ -247,6 +251,8 @@ async fn second_factor_ok(
         let hash = recovery::hash(&gw.keys, &user.username, &c);
         let used = gw.store.consume_recovery_code(&user.username, hash, None).await?;
         if let Consumed::Ok(left) = used {
+            let event = AuditEvent::new(now, EventKind::RecoveryCodeUsed, &user.username).from_addr(client.addr);
+            gw.audit(event.detail(format!("{left} left; password reset"))).await;
             notify(gw, user, Notice::RecoveryCodeUsed(left)).await;
             return Ok(true);
         }

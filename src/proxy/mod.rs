@@ -208,9 +208,8 @@ pub async fn forward(
         Some(q) => format!("{}?{}", decision.path, q),
         None => decision.path,
     };
+    // Origin form (RFC 9112 §3.2.1): the connection already goes to the app.
     let uri = Uri::builder()
-        .scheme(app.upstream.scheme.clone())
-        .authority(app.upstream.authority.clone())
         .path_and_query(path_and_query)
         .build()
         .map_err(|_| Reject::BadRequest("The address could not be understood."))?;

@@ -153,12 +153,13 @@ pub async fn serve<IO>(
     mut io: IO,
     peer: SocketAddr,
     stop: &CancellationToken,
+    idle_flag: &std::sync::atomic::AtomicBool,
 ) -> Outcome<IO>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
-    // A token of the connection's own: checking and awaiting it locks its node, not the one all connections share.
-    let stop = stop.child_token();
+    // `stop` is the connection's own token (shutdown, or shed at the connection cap): checking and awaiting it
+    // locks its node, not the one all connections share.
     let mut stopped = std::pin::pin!(stop.cancelled());
     let far = tokio::time::Instant::now() + Duration::from_secs(86_400);
     let mut timers = Timers {
@@ -179,6 +180,7 @@ where
                     Planned::Partial if c.input.len() < MAX_REQUEST_HEAD => {}
                     Planned::Partial | Planned::Handover => {
                         gw.metrics.handovers.inc();
+                        idle_flag.store(false, std::sync::atomic::Ordering::Relaxed);
                         // A copy of just the unread bytes: the read buffer itself shouldn't outlive the relay.
                         return Outcome::Handover(Prefixed { prefix: Bytes::copy_from_slice(&c.input), io });
                     }
@@ -186,6 +188,7 @@ where
             }
             c.input.reserve(4096);
             let idle = c.input.is_empty();
+            idle_flag.store(idle, std::sync::atomic::Ordering::Relaxed);
             tokio::select! {
                 biased;
                 read = io.read_buf(&mut c.input) => match read {
@@ -195,6 +198,7 @@ where
                 () = timers.head.as_mut() => return Outcome::Closed,
                 () = stopped.as_mut(), if idle => return Outcome::Closed,
             }
+            idle_flag.store(false, std::sync::atomic::Ordering::Relaxed);
         };
         match forward_one(gw, &mut io, &mut c, &forward, timers.upstream.as_mut()).await {
             Ok(true) if !stop.is_cancelled() => {}
@@ -488,12 +492,24 @@ fn response_head(
         out.extend_from_slice(resp.reason.unwrap_or_default().as_bytes());
         out.extend_from_slice(b"\r\n");
         for h in hs {
-            if headers::passes_downstream(&listed, h.name.as_bytes(), h.value, own) {
+            // The length is written below from the framing: as the app sent it, a Connection header naming it
+            // would drop it, and the answer would go out unframed on a kept-alive connection.
+            if !h.name.eq_ignore_ascii_case("content-length")
+                && headers::passes_downstream(&listed, h.name.as_bytes(), h.value, own)
+            {
                 put_header(out, h.name.as_bytes(), h.value);
             }
         }
-        if framing == Framing::Chunked {
-            put_header(out, b"transfer-encoding", b"chunked");
+        match framing {
+            Framing::Length(n) => put_header(out, b"content-length", n.to_string().as_bytes()),
+            Framing::Chunked => put_header(out, b"transfer-encoding", b"chunked"),
+            // A HEAD or 304 answer may state the length of the body it doesn't carry (RFC 9110 §8.6).
+            Framing::Empty if status != 204 => {
+                if let Ok(Some(n)) = headers::content_length(hs) {
+                    put_header(out, b"content-length", n.to_string().as_bytes());
+                }
+            }
+            Framing::Empty | Framing::UntilClose => {}
         }
         if close {
             put_header(out, b"connection", b"close");
@@ -535,19 +551,11 @@ fn framing(hs: &[httparse::Header<'_>], status: u16, head_request: bool) -> io::
     if !has_length {
         return Ok(Framing::UntilClose);
     }
-    let mut length = None;
-    for t in headers::tokens(hs, "content-length") {
-        let n = std::str::from_utf8(t)
-            .ok()
-            .filter(|s| s.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|s| s.parse::<u64>().ok())
-            .ok_or_else(|| bad("malformed Content-Length"))?;
-        if length.is_some_and(|l| l != n) {
-            return Err(bad("conflicting Content-Length values"));
-        }
-        length = Some(n);
+    match headers::content_length(hs) {
+        Ok(Some(n)) => Ok(Framing::Length(n)),
+        Ok(None) => Err(bad("empty Content-Length")),
+        Err(why) => Err(bad(why)),
     }
-    length.map(Framing::Length).ok_or_else(|| bad("empty Content-Length"))
 }
 
 /// Relays the body after the head in `c.out`. `Ok(false)`: the app ended it early (or sent something invalid);

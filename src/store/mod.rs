@@ -384,6 +384,10 @@ impl Store {
         let _ = std::fs::remove_file(&path);
         match std::os::unix::net::UnixDatagram::bind(&path).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
             Ok(sock) => {
+                // Only the gateway's user (its CLI) may wake it.
+                if let Err(e) = crate::files::tighten(&path) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot restrict the wake-up socket");
+                }
                 let _ = self.wakeups.set(sock);
             }
             Err(e) => tracing::warn!(path = %path.display(), error = %e,

@@ -89,9 +89,8 @@ fn open_file(path: &Path) -> Result<Database, StoreError> {
 impl RedbStore {
     /// Opens or creates the file, creates every table, and runs migrations.
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| StoreError::Db(format!("{}: {e}", dir.display())))?;
-        }
+        // Password hashes, emails and the audit log: readable by the gateway's user only.
+        crate::files::private_file(path).map_err(|e| StoreError::Db(format!("{}: {e}", path.display())))?;
         let db = open_file(path)?;
         let store = RedbStore {
             db: std::sync::RwLock::new(Some(std::sync::Arc::new(db))),
