@@ -274,9 +274,17 @@ pub async fn forward(
     let mut headers = HeaderMap::with_capacity(parts.headers.len());
     let listed = Listed::of(&parts.headers);
     for (name, value) in &parts.headers {
-        if passes_downstream(&listed, name.as_str().as_bytes(), value.as_bytes(), &own) {
+        if name != header::CONTENT_LENGTH
+            && passes_downstream(&listed, name.as_str().as_bytes(), value.as_bytes(), &own)
+        {
             headers.append(name.clone(), value.clone());
         }
+    }
+    // One canonical length (hyper accepted `056` or `5, 5`); a HEAD or 304 answer keeps the length it states.
+    if parts.status != StatusCode::NO_CONTENT
+        && let Ok(Some(n)) = crate::headers::content_length(&parts.headers)
+    {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
     }
     parts.headers = headers;
     let body = client::Returning::new(body, checkin);

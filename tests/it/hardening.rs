@@ -323,3 +323,335 @@ async fn no_byte_an_app_sends_for_one_user_reaches_another_through_the_upstream_
     assert!(moved.relayed >= 100 && moved.handovers >= 100, "both paths must have been exercised: {moved:?}");
     task.abort();
 }
+
+// =============================================================================================
+// Framing: the relay writes the length it frames by; lengths are canonical on both paths
+// =============================================================================================
+
+/// An app whose every answer is `head` followed by `body`.
+async fn fixed_app(head: &'static str, body: &'static str) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else { continue };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut tmp = [0u8; 8192];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head_request = buf.starts_with(b"HEAD");
+                        buf.drain(..end + 4);
+                        let answer = if head_request { head.to_string() } else { format!("{head}{body}") };
+                        if s.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    match s.read(&mut tmp).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// Sends `req` on `s` and reads one answer framed by Content-Length: (head, body).
+async fn exchange(s: &mut TcpStream, req: &str) -> (String, String) {
+    within("write", s.write_all(req.as_bytes())).await.unwrap();
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 8192];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse::<usize>().unwrap_or_else(|_| panic!("odd length in {head}")));
+            let Some(len) = len else { panic!("an answer without Content-Length on a kept-alive connection: {head}") };
+            let body_len = if req.starts_with("HEAD") { 0 } else { len };
+            if buf.len() >= end + 4 + body_len {
+                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + body_len]).to_string();
+                assert_eq!(
+                    buf.len(),
+                    end + 4 + body_len,
+                    "bytes after the answer: {:?}",
+                    String::from_utf8_lossy(&buf)
+                );
+                return (head, body);
+            }
+        }
+        let n = within("read", s.read(&mut tmp)).await.unwrap();
+        assert!(n > 0, "closed mid-answer after {:?}", String::from_utf8_lossy(&buf));
+        buf.extend_from_slice(&tmp[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_length_the_app_lists_in_connection_or_writes_oddly_still_frames_the_answer_on_both_paths() {
+    const BODY: &str = "thirty-seven bytes of an app's answer";
+    for (head, what) in [
+        ("HTTP/1.1 200 OK\r\nConnection: Content-Length\r\nContent-Length: 37\r\n\r\n", "listed in Connection"),
+        ("HTTP/1.1 200 OK\r\nContent-Length: 37, 37\r\n\r\n", "a list of equal values"),
+        ("HTTP/1.1 200 OK\r\nContent-Length: 37\r\nContent-Length: 37\r\n\r\n", "repeated"),
+        ("HTTP/1.1 200 OK\r\nContent-Length: 037\r\n\r\n", "a leading zero"),
+    ] {
+        let (addr, task) = fixed_app(head, BODY).await;
+        let env = Env::password_only(&app(APP, &format!("http://{addr}"), "bypass"));
+        let gw = env.start().await;
+        let mut s = within("connect", TcpStream::connect(gw.addr)).await.unwrap();
+        for (i, extra) in ["", "Content-Length: 0\r\n", "", "Content-Length: 0\r\n"].iter().enumerate() {
+            for method in ["GET", "HEAD"] {
+                let req = format!("{method} /{i} HTTP/1.1\r\nHost: {APP}\r\n{extra}\r\n");
+                let (head, body) = exchange(&mut s, &req).await;
+                let lengths: Vec<_> = head.lines().filter(|l| l.starts_with("content-length:")).collect();
+                assert_eq!(lengths, ["content-length: 37"], "{what}, {method} {extra:?}: {head}");
+                if method == "GET" {
+                    assert_eq!(body, BODY, "{what}");
+                }
+            }
+        }
+        task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_apps_sees_one_canonical_content_length_for_a_request_body() {
+    let up = start_upstream().await;
+    let env = Env::password_only(&app(APP, &up.url(), "bypass"));
+    let gw = env.start().await;
+    let body = "x".repeat(56);
+    // hyper reads a length with leading zeros as the number, and refuses the list form (400, nothing forwarded).
+    for (length, forwarded) in [("056", true), ("56", true), ("56, 56", false)] {
+        let hits = up.hit_count();
+        let req = format!(
+            "POST /upload HTTP/1.1\r\nHost: {APP}\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n{body}"
+        );
+        let r = raw_send(gw.addr, req.as_bytes()).await;
+        if forwarded {
+            assert_eq!((r.status, String::from_utf8_lossy(&r.body).to_string()), (200, "56".to_string()), "{length:?}");
+            assert_eq!(up.last_hit().header("content-length"), Some(vec!["56".to_string()]), "{length:?}");
+        } else {
+            assert_eq!((r.status, up.hit_count()), (400, hits), "{length:?}: {}", r.head);
+        }
+    }
+}
+
+// =============================================================================================
+// Header-name variants
+// =============================================================================================
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_framing_and_identity_header_variants_never_reach_the_app_on_either_path() {
+    let up = start_upstream().await;
+    let spoofs = [
+        "X_Forwarded_For: 6.6.6.6",
+        "X.Forwarded.For: 6.6.6.6",
+        "X_Forwarded_Host: evil.test",
+        "X_Forwarded_Proto: https",
+        "X_Real_IP: 6.6.6.6",
+        "X.Real.Ip: 6.6.6.6",
+        "Transfer_Encoding: chunked",
+        "Content_Length: 5",
+        "Remote.User: admin",
+        "Remote_User: admin",
+        "X.Forwarded.User: admin",
+        "Forwarded: for=6.6.6.6;host=evil.test;proto=https",
+        "X-Forwarded-Prefix: /evil",
+        "X-Forwarded-Port: 8443",
+        "X-Forwarded-Host: evil.test",
+    ];
+    let (maddr, metrics) = metrics_section();
+    let env = Env::password_only(&format!("{metrics}{}", app(APP, &up.url(), "bypass")));
+    let gw = env.start().await;
+    for extra in ["", "Content-Length: 0\r\n"] {
+        let before = counts(maddr).await;
+        let lines: String = spoofs.iter().map(|l| format!("{l}\r\n")).collect();
+        let r = raw_get(gw.addr, APP, "/variants", &format!("{extra}{lines}")).await;
+        assert_eq!(r.status, 200, "{extra:?}: {}", r.head);
+        let moved = counts(maddr).await - before;
+        let on_relay = extra.is_empty();
+        assert_eq!((moved.relayed, moved.handovers), if on_relay { (1, 0) } else { (0, 1) }, "path pinned: {moved:?}");
+        let hit = up.last_hit();
+        for name in hit.headers.keys() {
+            let folded = name.replace(['_', '.'], "-");
+            assert!(
+                !(folded.starts_with("x-forwarded-") || folded.starts_with("remote-") || folded == "forwarded")
+                    || ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"].contains(&name.as_str()),
+                "{extra:?}: {name} reached the app: {:?}",
+                hit.headers
+            );
+            assert!(
+                !["transfer-encoding", "content-length", "x-real-ip"].contains(&folded.as_str())
+                    || !name.contains(['_', '.']),
+                "{extra:?}: {name} reached the app"
+            );
+        }
+        assert_eq!(hit.header("x-forwarded-for"), Some(vec!["127.0.0.1".to_string()]), "{extra:?}");
+        assert_eq!(hit.header("x-forwarded-host"), Some(vec![APP.to_string()]), "{extra:?}");
+        assert_eq!(hit.header("x-forwarded-proto"), Some(vec!["http".to_string()]), "{extra:?}");
+        assert_eq!(hit.header("x-real-ip"), Some(vec!["127.0.0.1".to_string()]), "{extra:?}");
+    }
+}
+
+// =============================================================================================
+// Descriptors: the open-files limit is raised and a connection flood sheds idle connections
+// =============================================================================================
+
+/// `portcullis serve` under `prlimit --nofile=SOFT:HARD`, healthy.
+async fn spawn_limited(env: &Env, soft: u64, hard: u64) -> ChildGateway {
+    let log_path = env.path().join("limited.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let child = tokio::process::Command::new("prlimit")
+        .arg(format!("--nofile={soft}:{hard}"))
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["serve", "-c"])
+        .arg(&env.config_path)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run prlimit (util-linux)");
+    let pid = child.id().unwrap();
+    let mut gw = ChildGateway { child, addr: env.listen, pid, log_path };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        gw.assert_running();
+        let probe = tokio::time::timeout(
+            Duration::from_secs(5),
+            gw.client(APP).try_send("GET", "/_portcullis/health", &[], None),
+        )
+        .await;
+        if matches!(probe, Ok(Ok(ref r)) if r.status == 200) {
+            return gw;
+        }
+        assert!(Instant::now() < deadline, "not healthy: {}", gw.log());
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn soft_nofile(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    s.lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eleven_hundred_idle_connections_under_a_1024_descriptor_limit_do_not_lock_a_user_out() {
+    let up = start_upstream().await;
+    let env = Env::password_only(&format!(
+        "[server]\nlisten = \"{{LISTEN}}\"\nheader_read_timeout = \"120s\"\n\n[log]\nlevel = \"warn\"\n\n{}",
+        app(APP, &up.url(), "one_factor")
+    ));
+    env.add_user("alice", "alice@example.com", "Alice", &[], PW).await;
+    // The soft limit is raised to the hard one at start.
+    let gw = spawn_limited(&env, 256, 1024).await;
+    assert_eq!(soft_nofile(gw.pid), 1024, "the soft open-files limit was not raised to the hard limit");
+    let addr = gw.addr;
+    let mut idle = Vec::new();
+    let req = format!("GET {PREFIX}/health HTTP/1.1\r\nHost: {APP}\r\n\r\n");
+    for _ in 0..1100 {
+        let Ok(Ok(mut s)) = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await else {
+            break;
+        };
+        // A kept-alive connection that made one request and then idles.
+        if s.write_all(req.as_bytes()).await.is_err() {
+            continue;
+        }
+        let mut tmp = [0u8; 512];
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read(&mut tmp)).await;
+        idle.push(s);
+    }
+    let t = Instant::now();
+    let mut c = Client::new(addr, APP);
+    within_for(Duration::from_secs(20), "login with 1,100 idle connections open", c.login_ok("alice", PW)).await;
+    let r = within_for(Duration::from_secs(20), "a proxied request", c.get("/after-the-flood")).await;
+    assert_eq!(r.status, 200);
+    eprintln!("login + request with {} idle connections opened: {:.2}s", idle.len(), t.elapsed().as_secs_f64());
+    let mut gw = gw;
+    gw.assert_running();
+    assert!(gw.log().contains("connection limit reached"), "no log line about the limit: {}", gw.log());
+    drop(idle);
+    gw.stop().await;
+}
+
+// =============================================================================================
+// Short idle timeouts, state-file modes
+// =============================================================================================
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_used_every_second_outlives_a_20_second_idle_timeout_on_both_paths() {
+    let up = start_upstream().await;
+    let env =
+        Env::password_only(&format!("[session]\nidle_timeout = \"20s\"\n\n{}", app(APP, &up.url(), "one_factor")));
+    env.add_user("alice", "alice@example.com", "Alice", &[], PW).await;
+    let gw = env.start().await;
+    let mut c = gw.client(APP);
+    c.login_ok("alice", PW).await;
+    for i in 0..50 {
+        gw.clock.advance(1);
+        let extra: &[(&str, &str)] = if i % 2 == 0 { &[] } else { &[("content-length", "0")] };
+        let r = c.send("GET", &format!("/busy/{i}"), extra, None).await;
+        assert_eq!(r.status, 200, "request {i}, {}s after login: {}", i + 1, r.text());
+    }
+    gw.clock.advance(21);
+    assert!(is_no_session(&c.get("/after-a-pause").await), "the session outlived its idle timeout");
+    // What the design can't honour is refused with a reason.
+    let bad = Env::password_only(&format!("[session]\nidle_timeout = \"5s\"\n\n{}", app(APP, &up.url(), "one_factor")));
+    let o = bad.cli(&["check-config"], None).await;
+    assert!(!o.status.success() && out_text(&o).contains("idle_timeout"), "{}", out_text(&o));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_files_are_private_to_the_gateways_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let up = start_upstream().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("var/lib/portcullis");
+    let listen = free_addr();
+    let config = tmp.path().join("portcullis.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"{listen}\"\n\n[storage]\nbackend = \"redb\"\npath = \"{0}/portcullis.redb\"\n\
+             secret_key_file = \"{0}/secret.key\"\n\n{1}",
+            data.display(),
+            app(APP, &up.url(), "one_factor")
+        ),
+    )
+    .unwrap();
+    let o = run_cli(&["user", "add", "alice", "--email", "a@example.com", "--password-stdin"], &config, Some(PW)).await;
+    assert!(o.status.success(), "{}", out_text(&o));
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700, "data directory");
+    assert_eq!(mode(&tmp.path().join("var/lib")), 0o700, "a parent the gateway created");
+    assert_eq!(mode(&data.join("portcullis.redb")), 0o600, "the state file");
+    // A file an older version left readable is tightened at start; so is the wake-up socket.
+    std::fs::set_permissions(data.join("portcullis.redb"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["serve", "-c"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Client::new(listen, APP).try_send("GET", "/_portcullis/health", &[], None).await.map(|r| r.status).ok()
+        != Some(200)
+    {
+        assert!(Instant::now() < deadline, "serve did not become healthy");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(mode(&data.join("portcullis.redb")), 0o600, "an old state file was not tightened");
+    assert_eq!(mode(&data.join("portcullis.redb.wakeup")) & 0o077, 0, "the wake-up socket is open to others");
+    assert_eq!(mode(&data.join("secret.key")), 0o600, "the key file");
+    let _ = child.kill().await;
+}

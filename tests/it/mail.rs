@@ -625,7 +625,14 @@ async fn reset_journey_with_2fa_asks_for_a_code_first() {
     assert_eq!(st, 303, "the old password stopped working after a refused reset");
     assert!(loc.starts_with(&format!("{PREFIX}/challenge")), "{loc}");
 
-    // With a recovery code (the same token: refusals don't spend it).
+    // A valid recovery code with passwords that can't be set: refused before the code is spent.
+    for (pw, pw2) in [(NEW_PW, "a-different-password"), ("short", "short")] {
+        let r = post_reset(&mut c, &page, &token, pw, pw2, &[("recovery_code", &en.codes[0])]).await;
+        assert_eq!(r.status, 422, "reset with passwords {pw:?}/{pw2:?}: {}", r.text());
+    }
+    assert_eq!(show_user(&env, USER).await["two_factor"]["recovery_codes_left"], 10, "a refused reset spent a code");
+
+    // With a recovery code (the same token and code: refusals don't spend them).
     let r = post_reset(&mut c, &page, &token, NEW_PW, NEW_PW, &[("recovery_code", &en.codes[0])]).await;
     assert_password_changed_page(&r, "reset with a recovery code");
     let (st, _) = login_result(&gw, USER, PW).await;
