@@ -287,6 +287,21 @@ pub async fn forward(
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
     }
     parts.headers = headers;
-    let body = client::Returning::new(body, checkin);
+    // Trailers pass under the rules headers do: nothing connection-scoped, no Set-Cookie for our cookies.
+    let own_names: Vec<String> = own.iter().map(|s| s.to_string()).collect();
+    let body = client::Returning::new(body, checkin).map_frame(move |frame| match frame.into_trailers() {
+        Ok(trailers) => {
+            let own: Vec<&str> = own_names.iter().map(String::as_str).collect();
+            let listed = Listed::of(&trailers);
+            let mut kept = HeaderMap::with_capacity(trailers.len());
+            for (name, value) in &trailers {
+                if passes_downstream(&listed, name.as_str().as_bytes(), value.as_bytes(), &own) {
+                    kept.append(name.clone(), value.clone());
+                }
+            }
+            http_body::Frame::trailers(kept)
+        }
+        Err(data) => data,
+    });
     Ok(Response::from_parts(parts, body.map_err(Into::into).boxed()))
 }

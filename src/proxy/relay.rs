@@ -394,7 +394,7 @@ where
     };
     gw.app_metrics[f.app].request(head.status);
     finish_head(&mut c.out, &head, answered);
-    let complete = relay_body(&mut up, client, &mut c.out, head.framing).await?;
+    let complete = relay_body(&mut up, client, &mut c.out, head.framing, &own).await?;
     client.flush().await?;
     if !complete {
         // The app broke off mid-body: the client sees the answer cut short, as with hyper.
@@ -560,7 +560,13 @@ fn framing(hs: &[httparse::Header<'_>], status: u16, head_request: bool) -> io::
 
 /// Relays the body after the head in `c.out`. `Ok(false)`: the app ended it early (or sent something invalid);
 /// the client has what came before.
-async fn relay_body<IO>(up: &mut Upstream, client: &mut IO, out: &mut Vec<u8>, framing: Framing) -> io::Result<bool>
+async fn relay_body<IO>(
+    up: &mut Upstream,
+    client: &mut IO,
+    out: &mut Vec<u8>,
+    framing: Framing,
+    own: &[&str],
+) -> io::Result<bool>
 where
     IO: AsyncWrite + Unpin,
 {
@@ -590,10 +596,20 @@ where
             Ok(true)
         }
         Framing::Chunked => {
+            // The body goes through as it came; its trailer section (RFC 9112 §7.1.2) is gathered and filtered
+            // under the rules for headers (no Set-Cookie for our cookies, nothing connection-scoped).
             let mut chunks = Chunked::default();
             let used = chunks.feed(upstream);
             let k = *used.as_ref().unwrap_or(&0);
-            out.extend_from_slice(&upstream[..k]);
+            let mut section: Option<Vec<u8>> = None;
+            let cut = chunks.trailers_at.unwrap_or(k).min(k);
+            out.extend_from_slice(&upstream[..cut]);
+            if chunks.trailers_at.is_some() {
+                section = Some(upstream[cut..k].to_vec());
+            }
+            if chunks.done() {
+                filter_trailers(section.as_deref().unwrap_or_default(), own, out);
+            }
             upstream.advance(k);
             client.write_all(out).await?;
             if used.is_err() {
@@ -606,7 +622,24 @@ where
                 let Ok(k) = chunks.feed(upstream) else {
                     return Ok(false);
                 };
-                client.write_all(&upstream[..k]).await?;
+                match &mut section {
+                    Some(t) => t.extend_from_slice(&upstream[..k]),
+                    None => {
+                        let cut = chunks.trailers_at.unwrap_or(k).min(k);
+                        client.write_all(&upstream[..cut]).await?;
+                        if chunks.trailers_at.is_some() {
+                            section = Some(upstream[cut..k].to_vec());
+                        }
+                    }
+                }
+                if section.as_ref().is_some_and(|t| t.len() > MAX_TRAILERS) {
+                    return Ok(false);
+                }
+                if chunks.done() {
+                    let mut tail = Vec::new();
+                    filter_trailers(section.as_deref().unwrap_or_default(), own, &mut tail);
+                    client.write_all(&tail).await?;
+                }
                 upstream.advance(k);
             }
             Ok(true)
@@ -621,6 +654,24 @@ where
             Ok(true)
         }
     }
+}
+
+/// The longest trailer section relayed; a longer one ends the answer early.
+const MAX_TRAILERS: usize = 16 * 1024;
+
+/// Writes the trailer fields of `section` (the bytes after the last chunk, ending with the empty line) that pass
+/// the rules for response headers, then the empty line.
+fn filter_trailers(section: &[u8], own: &[&str], out: &mut Vec<u8>) {
+    let none: [httparse::Header<'_>; 0] = [];
+    let listed = headers::Listed::of(&none[..]);
+    for line in section.split(|&b| b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l)) {
+        let Some(colon) = line.iter().position(|&b| b == b':') else { continue };
+        let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
+        if !name.is_empty() && headers::passes_downstream(&listed, name, value, own) {
+            put_header(out, name, value);
+        }
+    }
+    out.extend_from_slice(b"\r\n");
 }
 
 /// How many of the buffered bytes belong to a body with `left` bytes to go.
@@ -695,6 +746,8 @@ struct Chunked {
     state: ChunkState,
     size: u64,
     digits: u8,
+    /// Where, in the input of the last `feed`, the trailer section began (after the last chunk's `0\r\n`).
+    trailers_at: Option<usize>,
 }
 
 #[derive(Default, Clone, Copy, PartialEq, Eq, Debug)]
@@ -725,6 +778,7 @@ impl Chunked {
     /// Takes bytes of the body; returns how many belong to it (all, unless it ends within `input`).
     fn feed(&mut self, input: &[u8]) -> Result<usize, ChunkError> {
         use ChunkState::*;
+        self.trailers_at = None;
         let mut i = 0;
         while i < input.len() && self.state != Done {
             if self.state == Data {
@@ -749,7 +803,10 @@ impl Chunked {
                 (Size, b'\r') if self.digits > 0 => SizeLf,
                 (Extension, b'\r') => SizeLf,
                 (Extension, b) if b != b'\n' => Extension,
-                (SizeLf, b'\n') if self.size == 0 => TrailerStart,
+                (SizeLf, b'\n') if self.size == 0 => {
+                    self.trailers_at = Some(i);
+                    TrailerStart
+                }
                 (SizeLf, b'\n') => Data,
                 (DataCr, b'\r') => DataLf,
                 (DataLf, b'\n') => {

@@ -655,3 +655,36 @@ async fn state_files_are_private_to_the_gateways_user() {
     assert_eq!(mode(&data.join("secret.key")), 0o600, "the key file");
     let _ = child.kill().await;
 }
+
+// =============================================================================================
+// Trailers
+// =============================================================================================
+
+/// Sends `req` (with `Connection: close`) and reads everything until the gateway closes.
+async fn read_to_close(addr: std::net::SocketAddr, req: &str) -> String {
+    let mut s = within("connect", TcpStream::connect(addr)).await.unwrap();
+    within("write", s.write_all(req.as_bytes())).await.unwrap();
+    let mut all = Vec::new();
+    within("read to close", s.read_to_end(&mut all)).await.unwrap();
+    String::from_utf8_lossy(&all).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_trailers_never_set_the_gateways_cookie_on_either_path() {
+    let (addr, task) = fixed_app(
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: Set-Cookie, X-Checksum\r\n\r\n",
+        "5\r\nhello\r\n0\r\nSet-Cookie: portcullis_session=planted; Path=/\r\nX-Checksum: 42\r\n\r\n",
+    )
+    .await;
+    let env = Env::password_only(&app(APP, &format!("http://{addr}"), "bypass"));
+    let gw = env.start().await;
+    for extra in ["", "Content-Length: 0\r\n"] {
+        let req = format!("GET /t HTTP/1.1\r\nHost: {APP}\r\nTE: trailers\r\n{extra}Connection: close\r\n\r\n");
+        let all = read_to_close(gw.addr, &req).await;
+        assert!(all.starts_with("HTTP/1.1 200"), "{extra:?}: {all}");
+        assert!(all.contains("hello"), "{extra:?}: {all}");
+        assert!(!all.contains("planted"), "{extra:?}: a trailer set the gateway's cookie: {all}");
+        assert!(all.ends_with("\r\n\r\n"), "{extra:?}: the chunked body was not closed: {all:?}");
+    }
+    task.abort();
+}
