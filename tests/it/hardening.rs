@@ -224,11 +224,42 @@ async fn a_get_or_head_with_a_body_is_refused_unless_the_app_opts_in() {
 /// - `/late`: a normal answer, then a second one 20 ms later;
 /// - anything else: a normal `page-for-USER`.
 async fn misbehaving_app() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    scripted_app(|head| {
+        let mut words = head.split_whitespace();
+        let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+        let user = head
+            .lines()
+            .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("remote-user")))
+            .map_or("-".to_string(), |(_, v)| v.trim().to_string());
+        let page = |text: &str| format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}", text.len());
+        let forged = page(&format!("forged-by-{user}"));
+        let normal = page(&format!("page-for-{user}"));
+        match (method, path) {
+            ("HEAD", "/head-body") => {
+                (format!("HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\nforged-by-{user:<10}"), None)
+            }
+            (_, "/no-content") => (format!("HTTP/1.1 204 No Content\r\n\r\n{forged}"), None),
+            (_, "/not-modified") => (format!("HTTP/1.1 304 Not Modified\r\n\r\n{forged}"), None),
+            (_, "/extra") => (format!("{normal}{forged}"), None),
+            (_, "/late") => (normal, Some(forged)),
+            _ => (normal, None),
+        }
+    })
+    .await
+}
+
+/// An app on 127.0.0.1:0 that answers each request head (keep-alive, in order) with `answer(head)`: bytes to
+/// write at once and, optionally, bytes to write 20 ms later.
+async fn scripted_app(
+    answer: impl Fn(&str) -> (String, Option<String>) + Send + Sync + 'static,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let answer = Arc::new(answer);
     let task = tokio::spawn(async move {
         loop {
             let Ok((mut s, _)) = listener.accept().await else { continue };
+            let answer = answer.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut tmp = [0u8; 8192];
@@ -242,26 +273,7 @@ async fn misbehaving_app() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>
                     };
                     let head = String::from_utf8_lossy(&buf[..end]).to_string();
                     buf.drain(..end + 4);
-                    let mut words = head.split_whitespace();
-                    let (method, path) =
-                        (words.next().unwrap_or("").to_string(), words.next().unwrap_or("").to_string());
-                    let user = head
-                        .lines()
-                        .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("remote-user")))
-                        .map_or("-".to_string(), |(_, v)| v.trim().to_string());
-                    let page = |text: &str| format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}", text.len());
-                    let forged = page(&format!("forged-by-{user}"));
-                    let normal = page(&format!("page-for-{user}"));
-                    let (first, later) = match (method.as_str(), path.as_str()) {
-                        ("HEAD", "/head-body") => {
-                            (format!("HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\nforged-by-{user:<10}"), None)
-                        }
-                        (_, "/no-content") => (format!("HTTP/1.1 204 No Content\r\n\r\n{forged}"), None),
-                        (_, "/not-modified") => (format!("HTTP/1.1 304 Not Modified\r\n\r\n{forged}"), None),
-                        (_, "/extra") => (format!("{normal}{forged}"), None),
-                        (_, "/late") => (normal.clone(), Some(forged)),
-                        _ => (normal, None),
-                    };
+                    let (first, later) = answer(&head);
                     if s.write_all(first.as_bytes()).await.is_err() {
                         return;
                     }
@@ -330,32 +342,11 @@ async fn no_byte_an_app_sends_for_one_user_reaches_another_through_the_upstream_
 
 /// An app whose every answer is `head` followed by `body`.
 async fn fixed_app(head: &'static str, body: &'static str) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else { continue };
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut tmp = [0u8; 8192];
-                loop {
-                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head_request = buf.starts_with(b"HEAD");
-                        buf.drain(..end + 4);
-                        let answer = if head_request { head.to_string() } else { format!("{head}{body}") };
-                        if s.write_all(answer.as_bytes()).await.is_err() {
-                            return;
-                        }
-                    }
-                    match s.read(&mut tmp).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&tmp[..n]),
-                    }
-                }
-            });
-        }
-    });
-    (addr, task)
+    scripted_app(move |request| {
+        let answer = if request.starts_with("HEAD") { head.to_string() } else { format!("{head}{body}") };
+        (answer, None)
+    })
+    .await
 }
 
 /// Sends `req` on `s` and reads one answer framed by Content-Length: (head, body).
