@@ -1213,3 +1213,47 @@ async fn no_token_or_code_in_the_logs() {
         assert!(!cli_logs.contains(value.as_str()), "the CLI output contains the {what} ({value}):\n{cli_logs}");
     }
 }
+
+/// The notice throttle is per kind per change of state: "on" after "off" is news even within the window, while
+/// the same failed sign-in twice in the window is sent once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_factor_on_after_off_is_notified_again_within_the_throttle_window() {
+    let up = start_upstream().await;
+    let env = env_with_alice(&config(&up, false, &outbox_mail(), "")).await;
+    let gw = env.start().await;
+    let mut outbox = Outbox::new(&env);
+    let mut c = gw.client(SECURE);
+    c.login_ok(USER, PW).await;
+
+    let s = settings_setup(&mut c, PW).await;
+    let en = finish_enroll(&mut c, s, gw.clock.now(), "/").await;
+    outbox.notice("Two-factor authentication turned on").await;
+
+    // Two wrong codes in the window: one notice.
+    let ua = "Throttle-Test/1.0";
+    for _ in 0..2 {
+        let mut other = gw.client(SECURE);
+        let csrf = login_to_challenge(&mut other, USER, PW).await;
+        let wrong = wrong_code(&en.secret, gw.clock.now());
+        let fields = [("csrf", csrf.as_str()), ("rd", "/"), ("method", "totp"), ("code", wrong.as_str())];
+        let r = post_challenge(&mut other, &fields, ua).await;
+        assert_eq!(r.status, 401, "wrong code: {}", r.text());
+    }
+    outbox.notice("Failed sign-in attempt").await;
+
+    gw.clock.advance(30);
+    let r = confirm_password(&mut c, "/settings/disable", PW).await;
+    assert_eq!(r.status, 303, "disable: {}", r.text());
+    outbox.notice("Two-factor authentication turned off").await;
+
+    gw.clock.advance(30);
+    let s = settings_setup(&mut c, PW).await;
+    finish_enroll(&mut c, s, gw.clock.now(), "/").await;
+    outbox.notice("Two-factor authentication turned on").await;
+
+    let subjects: Vec<String> = outbox.all().iter().map(|m| m.subject()).collect();
+    let count = |s: &str| subjects.iter().filter(|x| x.ends_with(s)).count();
+    assert_eq!(count("turned on"), 2, "{subjects:?}");
+    assert_eq!(count("turned off"), 1, "{subjects:?}");
+    assert_eq!(count("Failed sign-in attempt"), 1, "the throttle let a repeat through: {subjects:?}");
+}
