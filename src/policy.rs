@@ -262,10 +262,73 @@ mod tests {
         }
     }
 
+    /// An app with overlapping rules: a deny, a bypass, and a longer rule inside each.
+    fn ruled() -> Config {
+        Config::parse(
+            r#"
+[storage]
+path = "data/p.redb"
+secret_key_file = "data/secret.key"
+
+[[app]]
+host = "*"
+upstream = "http://127.0.0.1:9000"
+policy = "one_factor"
+
+[[app.rule]]
+path = "/admin/"
+policy = "deny"
+
+[[app.rule]]
+path = "/admin/status/"
+policy = "bypass"
+
+[[app.rule]]
+path = "/public/"
+policy = "bypass"
+
+[[app.rule]]
+path = "/public/private/"
+policy = "two_factor"
+"#,
+            std::path::Path::new("p.toml"),
+        )
+        .unwrap()
+    }
+
+    fn policy_of(config: &Config, raw: &str) -> Policy {
+        decide_for(config, Some(0), raw).unwrap().policy
+    }
+
     #[test]
     fn path_parameters_cannot_dodge_a_rule() {
-        assert_eq!(strip_params("/admin;x=1/a;b/c"), "/admin/a/c");
-        assert_eq!(strip_params("/plain/"), "/plain/");
+        let c = ruled();
+        assert_eq!(policy_of(&c, "/admin/"), Policy::Deny, "control");
+        assert_eq!(policy_of(&c, "/admin;x=1/"), Policy::Deny);
+        assert_eq!(policy_of(&c, "/admin;x=1/users"), Policy::Deny);
+        // Stripping parameters never loosens: a bypass path with a parameter in a segment is still a bypass only
+        // if both forms say so.
+        assert_eq!(policy_of(&c, "/public;x=1/private/a"), Policy::TwoFactor);
+        assert_eq!(policy_of(&c, "/elsewhere;x=/"), Policy::OneFactor);
+    }
+
+    #[test]
+    fn letter_case_cannot_dodge_a_rule_nor_inherit_a_bypass() {
+        let c = ruled();
+        assert_eq!(policy_of(&c, "/ADMIN/"), Policy::Deny);
+        assert_eq!(policy_of(&c, "/Admin/users"), Policy::Deny);
+        assert_eq!(policy_of(&c, "/public/x"), Policy::Bypass, "control");
+        assert_eq!(policy_of(&c, "/PUBLIC/x"), Policy::OneFactor, "a case-folded bypass must not be inherited");
+    }
+
+    #[test]
+    fn the_longest_matching_rule_wins() {
+        let c = ruled();
+        assert_eq!(policy_of(&c, "/admin/status/"), Policy::Bypass, "longer bypass inside a deny");
+        assert_eq!(policy_of(&c, "/admin/statusx"), Policy::Deny);
+        assert_eq!(policy_of(&c, "/public/private/doc"), Policy::TwoFactor, "longer two_factor inside a bypass");
+        assert_eq!(policy_of(&c, "/public/privatex"), Policy::Bypass);
+        assert_eq!(policy_of(&c, "/"), Policy::OneFactor, "no rule: the app's policy");
     }
 
     #[test]

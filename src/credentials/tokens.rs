@@ -29,4 +29,19 @@ mod tests {
         assert_eq!(hash(&keys, &a), ha);
         assert_ne!(ha, a);
     }
+
+    #[test]
+    fn the_hash_is_keyed_and_ignores_surrounding_whitespace() {
+        let keys = Keys::from_master(&[5; 64]);
+        let other = Keys::from_master(&[6; 64]);
+        let (token, stored) = new_token(&keys).unwrap();
+        // Another gateway's key (or the database without the key) can't recompute the stored hash.
+        assert_ne!(hash(&other, &token), stored);
+        // Mail clients and copy-paste add spaces and line breaks around a link's token.
+        assert_eq!(hash(&keys, &format!("  {token}\r\n")), stored);
+        assert_eq!(hash(&keys, &format!("\t{token} ")), stored);
+        // ... but inner changes are another token.
+        assert_ne!(hash(&keys, &token[1..]), stored);
+        assert_ne!(hash(&keys, &format!("{token}0")), stored);
+    }
 }

@@ -712,6 +712,24 @@ mod tests {
     }
 
     #[test]
+    fn failures_outside_the_window_stop_counting_without_any_lockout() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(&dir.path().join("db")).unwrap();
+        let rule = FailureRule { max: 3, window: 60, lockout: 100 };
+        // t, t+1, t+61: the window (from the first failure) has passed before the third, so it starts a new count
+        // and nothing locks; no lockout ever began, so only the window's expiry can explain the reset.
+        assert_eq!(s.register_failure("k", 1000, rule).unwrap().count, 1);
+        assert_eq!(s.register_failure("k", 1001, rule).unwrap().count, 2);
+        let third = s.register_failure("k", 1061, rule).unwrap();
+        assert_eq!((third.count, third.locked_until), (1, 0));
+        assert_eq!(s.locked_until(&["k".into()], 1061).unwrap(), None);
+        // control: the same three inside the window lock
+        assert_eq!(s.register_failure("j", 1000, rule).unwrap().count, 1);
+        assert_eq!(s.register_failure("j", 1001, rule).unwrap().count, 2);
+        assert_eq!(s.register_failure("j", 1059, rule).unwrap().locked_until, 1159);
+    }
+
+    #[test]
     fn revoking_and_deleting_end_sessions() {
         let dir = tempfile::tempdir().unwrap();
         let s = RedbStore::open(&dir.path().join("db")).unwrap();

@@ -531,6 +531,54 @@ async fn identity_header_spoofing_every_variant_on_every_route() {
     assert!(failures.is_empty(), "{} spoofing failure(s):\n{}", failures.len(), failures.join("\n"));
 }
 
+/// Every spoof name in the letter case written in [`SPOOF_NAMES`], twice, as raw header lines: a client library
+/// would lower-case them on the wire, and the case-folding is what is under test.
+fn raw_spoof_block() -> String {
+    spoof_headers().iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_header_spoofing_in_any_letter_case_sent_raw_on_both_paths() {
+    let (maddr, metrics) = metrics_section();
+    let w = world(&metrics).await;
+    let mut alice = w.gw.client(APP);
+    alice.login_ok("alice", PW).await;
+    // a first proxied request puts the session in the cache, so the relay can serve the next ones
+    assert_eq!(alice.get("/warm").await.status, 200);
+    let cookie = format!("Cookie: {SESSION}={}\r\n", alice.session_cookie().unwrap());
+    let block = raw_spoof_block();
+    let mut failures = Vec::new();
+    // the relay takes a bodyless GET; `Content-Length: 0` sends the same request through hyper's path
+    for (lane, framing, relayed, handovers) in [("relay", "", 1, 0), ("hyper", "Content-Length: 0\r\n", 0, 1)] {
+        for (route, host, path, ck) in [
+            ("authenticated", APP, "/auth", cookie.as_str()),
+            ("bypass rule", APP, "/public/p", ""),
+            ("bypass app", OPEN, "/o", ""),
+        ] {
+            let what = format!("{lane}, {route}");
+            let (app_before, open_before) = (w.up.hit_count(), w.open.hit_count());
+            let before = counts(maddr).await;
+            let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{ck}{framing}{block}Connection: close\r\n\r\n");
+            let r = raw_send(w.gw.addr, req.as_bytes()).await;
+            assert_eq!(r.status, 200, "{what}: {}", r.head);
+            let delta = counts(maddr).await - before;
+            assert_eq!(delta, Counts { relayed, handovers }, "{what}: served by the wrong path ({delta:?})");
+            let hits: Vec<Hit> =
+                w.up.hits()[app_before..].iter().chain(w.open.hits()[open_before..].iter()).cloned().collect();
+            assert_eq!(hits.len(), 1, "{what}: want exactly one upstream request, got {}", hits.len());
+            for s in spoofed_in(&hits[0].headers) {
+                failures.push(format!("{what}: upstream got {s}"));
+            }
+            let ru = hits[0].header("remote-user");
+            let want = (route == "authenticated").then(|| vec!["alice".to_string()]);
+            if ru != want {
+                failures.push(format!("{what}: Remote-User {ru:?}, want {want:?}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} spoofing failure(s):\n{}", failures.len(), failures.join("\n"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identity_header_spoofing_on_verify_responses() {
     let w = world("[server]\ntrusted_proxies = [\"127.0.0.1/32\"]\n").await;
@@ -671,6 +719,7 @@ async fn hostile_redirect_targets_on_challenge_and_settings() {
         assert_eq!(page.status, 200, "challenge page rd {rd:?}: {}", page.text());
         check_field(&mut v, "GET /challenge", rd, &page);
         let page2 = c.browse(&format!("{PREFIX}/challenge?method=recovery&rd={}", enc(rd))).await;
+        assert_eq!(page2.status, 200, "recovery challenge page rd {rd:?}: {}", page2.text());
         check_field(&mut v, "GET /challenge?method=recovery", rd, &page2);
         // POST with the hostile rd in the hidden field (tampered) and in the query
         let code = totp_code(&e.secret, w.gw.clock.now());
@@ -707,6 +756,10 @@ async fn hostile_redirect_targets_on_challenge_and_settings() {
                 &[("csrf", &csrf_of(&page)), ("rd", rd), ("password", PW)],
             )
             .await;
+        // the scan below means something only on the codes page itself
+        assert_eq!(page.status, 200, "GET /settings/recovery: {}", page.text());
+        assert_eq!(r.status, 200, "POST /settings/recovery rd {rd:?}: {}", r.text());
+        assert_eq!(shown_codes(&r.text()).len(), 10, "POST /settings/recovery shows the codes: {}", r.text());
         check_loc(&mut v, "POST /settings/recovery", rd, &r);
         for href in r.text().split("href=\"").skip(1).filter_map(|s| s.split('"').next()).map(unescape) {
             if href.contains("evil") || href.to_ascii_lowercase().starts_with("javascript") {
@@ -1302,6 +1355,15 @@ async fn csrf_forgeries_on_login_logout_settings_and_admin_are_refused() {
     if t["two_factor"]["enabled"] != true || t["two_factor"]["recovery_codes_left"] != e.codes.len() {
         failures.push(format!("forged settings posts changed tina's 2FA: {}", t["two_factor"]));
     }
+    // A regenerate also leaves as many codes as before, so the count alone can't tell: one of the original codes
+    // must still sign tina in.
+    let mut c = w.gw.client(APP);
+    let (_, csrf) = to_challenge(&mut c, "tina", "/").await;
+    let r = submit_recovery(&mut c, &csrf, &e.codes[0], "/").await;
+    if r.status != 303 {
+        failures
+            .push(format!("an original recovery code no longer works ({}): a forged regenerate took effect", r.status));
+    }
     let b = show_user(&w.env, "bob").await;
     if b["locked"] != false {
         failures.push("forged admin lock locked bob".into());
@@ -1350,14 +1412,24 @@ async fn session_fixation_planted_cookies_never_become_the_victims_session() {
     let planted_now = whoami(&mut mallory.with_session(&planted)).await;
     assert_ne!(planted_now.as_deref(), Some("alice"), "the planted cookie became alice's session");
 
-    // 2. a made-up cookie value planted before login is not adopted
+    // 2. a genuinely signed cookie whose session the attacker ended (logged out): it verifies, so only the
+    //    gateway's choice of a fresh id keeps it from becoming the victim's session
+    let mut mallory = w.gw.client(APP);
+    mallory.login_ok("bob", PW).await;
+    let dead = mallory.session_cookie().unwrap();
+    logout(&mut mallory).await;
+    assert!(whoami(&mut mallory.with_session(&dead)).await.is_none(), "control: the logged-out cookie is dead");
     let mut victim = w.gw.client(APP);
     let csrf = victim.login_csrf("/").await;
-    let made_up = "A".repeat(planted.len());
-    victim.jar.insert(SESSION.into(), made_up.clone());
-    victim.post_login(&csrf, "alice", PW, "/").await;
-    assert_ne!(victim.session_cookie().unwrap(), made_up);
-    assert!(whoami(&mut victim.with_session(&made_up)).await.is_none());
+    victim.jar.insert(SESSION.into(), dead.clone());
+    let r = victim.post_login(&csrf, "alice", PW, "/").await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    assert_ne!(victim.session_cookie().unwrap(), dead, "login adopted the planted (logged-out) session id");
+    assert_eq!(
+        whoami(&mut mallory.with_session(&dead)).await,
+        None,
+        "the attacker's logged-out cookie became alice's session"
+    );
 
     // 3. the attacker's Pending session (attacker knows tina's password, not her second factor): the victim
     //    finishes the challenge; the cookie the attacker holds must not become Full.
@@ -1714,6 +1786,67 @@ async fn lockout_evasion_by_name_variants_fresh_clients_and_forwarded_headers() 
     // after the lockout period, the right password works again (so the 429 was the lockout)
     gw.clock.advance(16 * 60);
     assert_eq!(gw.client(APP).login("carol", PW, "/").await.status, 303);
+}
+
+/// A wrong-password login for `name` from this peer, claiming `ip` in every forwarded-address header.
+async fn failed_login_claiming(gw: &Gateway, name: &str, ip: &str) -> u16 {
+    let mut c = gw.client(APP);
+    let csrf = c.login_csrf("/").await;
+    let body =
+        serde_urlencoded::to_string([("csrf", csrf.as_str()), ("rd", "/"), ("username", name), ("password", WRONG_PW)])
+            .unwrap();
+    let headers = [
+        ("accept", "text/html"),
+        ("x-forwarded-for", ip),
+        ("x-real-ip", ip),
+        ("forwarded", &format!("for={ip}")),
+        ("true-client-ip", ip),
+    ];
+    c.send("POST", &format!("{PREFIX}/login"), &headers, Some(("application/x-www-form-urlencoded", body.into_bytes())))
+        .await
+        .status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_address_limit_is_not_dodged_by_forwarded_headers_from_an_untrusted_peer() {
+    // The account limit is out of reach (a new account name each time); only the per-address limit (3) can
+    // answer 429 (from the failure that reaches it on). From an untrusted peer every claimed address is ignored, so the peer's own address is limited;
+    // behind a trusted proxy the claimed addresses are the clients' and each has its own count (the control that
+    // shows the headers are read at all).
+    let up = start_upstream().await;
+    for trusted in [false, true] {
+        let server = if trusted { "[server]\ntrusted_proxies = [\"127.0.0.1/32\"]\n\n" } else { "" };
+        let env = Env::new(&format!(
+            "{server}[two_factor]\nrequired = false\n\n[limits]\nmax_failures = 1000\nmax_failures_per_address = 3\nfailure_window = \"10m\"\nlockout = \"15m\"\n\n{}",
+            apps(&up.url(), &up.url())
+        ));
+        let gw = env.start().await;
+        let mut statuses = Vec::new();
+        for i in 0..5 {
+            statuses.push(failed_login_claiming(&gw, &format!("nobody{i}"), &format!("198.51.100.{}", i + 1)).await);
+        }
+        if trusted {
+            assert_eq!(
+                statuses, [401; 5],
+                "behind a trusted proxy, five clients with one failure each are not limited"
+            );
+            // ... and one forwarded client is limited on its own address
+            let same: Vec<u16> = {
+                let mut v = Vec::new();
+                for i in 0..4 {
+                    v.push(failed_login_claiming(&gw, &format!("other{i}"), "203.0.113.9").await);
+                }
+                v
+            };
+            assert_eq!(same, [401, 401, 429, 429], "the forwarded client address must be limited");
+        } else {
+            assert_eq!(
+                statuses,
+                [401, 401, 429, 429, 429],
+                "spoofed forwarded addresses from an untrusted peer must not spread the per-address count"
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2413,6 +2546,13 @@ fn windows_normalise(path: &str) -> String {
     s
 }
 
+/// A path segment ending in a dot or a space is ambiguous (Windows drops them): refused with 400, never forwarded.
+fn refused_unforwarded(failures: &mut Vec<String>, target: &str, status: u16, hits: usize) {
+    if status != 400 || hits != 0 {
+        failures.push(format!("{target:?}: answered {status} with {hits} upstream hit(s); want 400 and none"));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deny_and_bypass_rules_dodged_by_trailing_dots_and_spaces_on_windows_upstreams() {
     let w = world("").await;
@@ -2420,6 +2560,7 @@ async fn deny_and_bypass_rules_dodged_by_trailing_dots_and_spaces_on_windows_ups
     for t in ["/admin./", "/admin%20/", "/admin.%20/x", "/admin../", "/admin%20%20/", "/ADMIN./"] {
         let before = w.open.hit_count();
         let r = raw_get(w.gw.addr, OPEN, t, "").await;
+        refused_unforwarded(&mut failures, t, r.status, w.open.hit_count() - before);
         for h in &w.open.hits()[before..] {
             let n = windows_normalise(&h.path);
             eprintln!("windows deny {t:<16} -> {} upstream {:?} (Windows reads {n:?})", r.status, h.path);
@@ -2434,6 +2575,7 @@ async fn deny_and_bypass_rules_dodged_by_trailing_dots_and_spaces_on_windows_ups
     for t in ["/public/..%20/secret", "/public/..%20%20/secret", "/public/...%20/secret", "/public/..%2e%20/secret"] {
         let before = w.up.hit_count();
         let r = raw_get(w.gw.addr, APP, t, "").await;
+        refused_unforwarded(&mut failures, t, r.status, w.up.hit_count() - before);
         for h in &w.up.hits()[before..] {
             let n = windows_normalise(&h.path);
             eprintln!("windows bypass {t:<24} -> {} upstream {:?} (Windows reads {n:?})", r.status, h.path);

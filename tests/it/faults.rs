@@ -722,6 +722,14 @@ impl Drop for SmallFs {
     }
 }
 
+/// Bytes in a file, or in every file under a directory.
+fn dir_size(path: &Path) -> u64 {
+    match std::fs::read_dir(path) {
+        Ok(entries) => entries.flatten().map(|e| dir_size(&e.path())).sum(),
+        Err(_) => std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
+    }
+}
+
 /// Writes `path` until the filesystem says ENOSPC; returns the bytes written.
 fn fill(path: &Path) -> u64 {
     use std::io::Write;
@@ -741,14 +749,6 @@ fn fill(path: &Path) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_full_storage_gives_a_clear_error_page_keeps_serving_reads_and_recovers() {
-    if pg_backend() {
-        eprintln!(
-            "SKIPPED on the PostgreSQL backend: this test fills a small tmpfs under the redb file; the shared \
-             PostgreSQL server's data directory is elsewhere (database outages are covered by \
-             pg::postgres_restart_mid_test_both_instances_recover_and_revocation_still_propagates)"
-        );
-        return;
-    }
     let up = start_upstream().await;
     let base = tempfile::tempdir().unwrap();
     let store_dir = base.path().join("store");
@@ -758,14 +758,31 @@ async fn disk_full_storage_gives_a_clear_error_page_keeps_serving_reads_and_reco
         Ok(fs) => fs,
         Err(e) => panic!("cannot create a small filesystem for the disk-full test (needs root + mount): {e}"),
     };
-    let env = Env::password_only(&format!(
+    let mut env = Env::password_only(&format!(
         "[server]\nlisten = \"{{LISTEN}}\"\n\n[limits]\nmax_failures = 100000\nmax_failures_per_address = 100000\n\n{}",
         app(APP, &up.url(), "one_factor")
     ));
-    // point the store at the small filesystem
     let cfg = std::fs::read_to_string(&env.config_path).unwrap();
-    let db = store_dir.join("portcullis.redb");
-    let cfg = cfg.replace(&env.path().join("portcullis.redb").display().to_string(), &db.display().to_string());
+    // On PostgreSQL the store's tables live in a tablespace on the small filesystem, on a private server (a
+    // tablespace outlives the test's mount, so not on the shared one); WAL stays in the server's data directory,
+    // as a full data volume under a busy database would leave it. Dropped after the gateway, before the mount.
+    let mut _pg = None;
+    let (db, cfg) = if let Some(shared_url) = env.db_url.clone() {
+        let server = PgServer::start();
+        let o = std::process::Command::new("chown").arg("postgres:postgres").arg(&store_dir).output().unwrap();
+        assert!(o.status.success() || !is_root(), "chown the tablespace dir: {}", out_text(&o));
+        server.psql("postgres", &format!("CREATE TABLESPACE small LOCATION '{}'", store_dir.display()));
+        server.psql("postgres", "CREATE DATABASE full_disk TABLESPACE small");
+        let url = server.url("full_disk");
+        env.db_url = Some(url.clone());
+        _pg = Some(server);
+        (store_dir.clone(), cfg.replace(&shared_url, &url))
+    } else {
+        // point the store at the small filesystem
+        let db = store_dir.join("portcullis.redb");
+        let cfg = cfg.replace(&env.path().join("portcullis.redb").display().to_string(), &db.display().to_string());
+        (db, cfg)
+    };
     std::fs::write(&env.config_path, cfg).unwrap();
     env.add_user("alice", "alice@example.com", "Alice", &[], PW).await;
     env.add_user("bob", "bob@example.com", "Bob", &[], PW).await;
@@ -773,11 +790,11 @@ async fn disk_full_storage_gives_a_clear_error_page_keeps_serving_reads_and_reco
     let mut alice = Client::new(gw.addr, APP);
     alice.login_ok("alice", PW).await;
     assert_eq!(alice.get("/before").await.status, 200);
-    let db_size = std::fs::metadata(&db).unwrap().len();
+    let db_size = dir_size(&db);
 
     let filler = store_dir.join("filler");
     let filled = fill(&filler);
-    eprintln!("disk full: redb {db_size} bytes; filled {filled} more bytes of the 3 MiB tmpfs");
+    eprintln!("disk full ({}): store {db_size} bytes; filled {filled} more bytes of the 3 MiB tmpfs", backend_name());
 
     // writes: logins until the store runs out of room (redb may have free pages left at first)
     let mut statuses = Vec::new();
@@ -793,7 +810,7 @@ async fn disk_full_storage_gives_a_clear_error_page_keeps_serving_reads_and_reco
                 text.contains("temporarily unavailable") || text.contains("Temporarily unavailable"),
                 "503 page: {text}"
             );
-            for bad in ["panicked", "redb", "os error", "No space", "/tmp/", ".rs:"] {
+            for bad in ["panicked", "redb", "os error", "No space", "/tmp/", ".rs:", "postgres", "could not extend"] {
                 assert!(!text.contains(bad), "503 page leaks {bad:?}: {text}");
             }
             assert!(c.session_cookie().is_none(), "a failed login still handed out a session cookie");

@@ -76,8 +76,9 @@ async fn spoofing_case(custom_user_header: Option<&str>) {
         Some(h) => format!("[headers]\nuser = \"{h}\"\n\n"),
         None => String::new(),
     };
+    let (maddr, metrics) = metrics_section();
     let cfg = format!(
-        "{headers_section}{}{}",
+        "{metrics}{headers_section}{}{}",
         app("app.test", &up.url(), "one_factor"),
         app("open.test", &up.url(), "bypass")
     );
@@ -91,37 +92,52 @@ async fn spoofing_case(custom_user_header: Option<&str>) {
 
     let mut c = gw.client("app.test");
     c.login_ok("alice", PW).await;
-    let r = c.send("GET", "/auth", &spoof_refs, None).await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    let h = r.upstream_headers();
-    assert_no_spoofed(&h, "authenticated route");
-    assert_eq!(h.get(&user_header.to_ascii_lowercase()), Some(&vec!["alice".to_string()]), "{user_header}: {h:?}");
-    assert_eq!(h.get("remote-email"), Some(&vec!["alice@example.com".to_string()]));
-    assert_eq!(h.get("remote-groups"), Some(&vec!["staff".to_string()]));
-    for k in h.keys() {
-        if identity_like(k, &custom) {
-            let allowed =
-                [user_header.to_ascii_lowercase(), "remote-email".into(), "remote-name".into(), "remote-groups".into()];
-            assert!(allowed.contains(k), "authenticated route: unexpected identity header {k} reached upstream: {h:?}");
-        }
-    }
-    if custom_user_header.is_some() {
-        assert!(!h.contains_key("remote-user"), "custom user header configured, but remote-user reached upstream");
-    }
-
-    // bypass route, with and without a session
-    for with_session in [false, true] {
-        let mut b = gw.client("open.test");
-        if with_session {
-            b.jar = c.jar.clone();
-        }
-        let r = b.send("GET", "/open", &spoof_refs, None).await;
-        assert_eq!(r.status, 200);
+    assert_eq!(c.get("/warm").await.status, 200, "a first request caches the session");
+    for lane in Lane::BOTH {
+        let before = counts(maddr).await;
+        let r = c.send("GET", "/auth", &lane.with(&spoof_refs), None).await;
+        assert_eq!(r.status, 200, "{lane:?}: {}", r.text());
+        lane.assert_served(maddr, before, 1, "authenticated route").await;
         let h = r.upstream_headers();
-        let ctx = format!("bypass route (session: {with_session})");
+        let ctx = format!("authenticated route ({lane:?})");
         assert_no_spoofed(&h, &ctx);
+        assert_eq!(h.get(&user_header.to_ascii_lowercase()), Some(&vec!["alice".to_string()]), "{ctx}: {h:?}");
+        assert_eq!(h.get("remote-email"), Some(&vec!["alice@example.com".to_string()]), "{ctx}");
+        assert_eq!(h.get("remote-groups"), Some(&vec!["staff".to_string()]), "{ctx}");
         for k in h.keys() {
-            assert!(!identity_like(k, &custom), "{ctx}: identity header {k} reached upstream: {h:?}");
+            if identity_like(k, &custom) {
+                let allowed = [
+                    user_header.to_ascii_lowercase(),
+                    "remote-email".into(),
+                    "remote-name".into(),
+                    "remote-groups".into(),
+                ];
+                assert!(allowed.contains(k), "{ctx}: unexpected identity header {k} reached upstream: {h:?}");
+            }
+        }
+        if custom_user_header.is_some() {
+            assert!(
+                !h.contains_key("remote-user"),
+                "{ctx}: custom user header configured, but remote-user reached upstream"
+            );
+        }
+
+        // bypass route, with and without a session
+        for with_session in [false, true] {
+            let mut b = gw.client("open.test");
+            if with_session {
+                b.jar = c.jar.clone();
+            }
+            let before = counts(maddr).await;
+            let r = b.send("GET", "/open", &lane.with(&spoof_refs), None).await;
+            assert_eq!(r.status, 200);
+            let ctx = format!("bypass route (session: {with_session}, {lane:?})");
+            lane.assert_served(maddr, before, 1, &ctx).await;
+            let h = r.upstream_headers();
+            assert_no_spoofed(&h, &ctx);
+            for k in h.keys() {
+                assert!(!identity_like(k, &custom), "{ctx}: identity header {k} reached upstream: {h:?}");
+            }
         }
     }
 }
@@ -153,19 +169,24 @@ fn cookie_pairs(h: &BTreeMap<String, Vec<String>>) -> Vec<(String, String)> {
 async fn gateway_cookies_are_not_forwarded_upstream_others_are() {
     let up = start_upstream().await;
     let cfg = format!("{}{}", app("app.test", &up.url(), "one_factor"), app("open.test", &up.url(), "bypass"));
-    let env = Env::password_only(&cfg);
+    let (maddr, metrics) = metrics_section();
+    let env = Env::password_only(&format!("{metrics}{cfg}"));
     env.add_user("alice", "alice@example.com", "Alice", &[], PW).await;
     let gw = env.start().await;
     let mut c = gw.client("app.test");
     c.login_ok("alice", PW).await;
+    assert_eq!(c.get("/warm").await.status, 200, "a first request caches the session");
     let sess = c.jar.get(SESSION).unwrap().clone();
     let csrf = c.jar.get(CSRF).unwrap().clone();
     let cookie = format!("theme=dark; {SESSION}={sess}; {CSRF}={csrf}; other=1; {SESSION}_x=keep");
 
-    for host in ["app.test", "open.test"] {
+    for (host, lane) in ["app.test", "open.test"].into_iter().flat_map(|h| Lane::BOTH.map(|l| (h, l))) {
         let mut cc = gw.client(host);
-        let r = cc.send("GET", "/cookies", &[("cookie", &cookie)], None).await;
+        let before = counts(maddr).await;
+        let r = cc.send("GET", "/cookies", &lane.with(&[("cookie", &cookie)]), None).await;
         assert_eq!(r.status, 200, "{host}");
+        lane.assert_served(maddr, before, 1, host).await;
+        let host = format!("{host} ({lane:?})");
         let h = r.upstream_headers();
         let pairs = cookie_pairs(&h);
         let names: Vec<&str> = pairs.iter().map(|(k, _)| k.as_str()).collect();
@@ -179,14 +200,18 @@ async fn gateway_cookies_are_not_forwarded_upstream_others_are() {
             pairs.contains(&(format!("{SESSION}_x"), "keep".into())),
             "{host}: similar-named cookie dropped: {pairs:?}"
         );
-        if host == "app.test" {
+        if host.starts_with("app.test") {
             assert_eq!(h.get("remote-user"), Some(&vec!["alice".to_string()]));
         }
     }
     // only gateway cookies: the upstream sees no (or an empty) Cookie header
-    let r = c.get("/only-ours").await;
-    assert_eq!(r.status, 200);
-    assert!(cookie_pairs(&r.upstream_headers()).is_empty(), "{:?}", r.upstream_header("cookie"));
+    for lane in Lane::BOTH {
+        let before = counts(maddr).await;
+        let r = c.send("GET", "/only-ours", lane.headers(), None).await;
+        assert_eq!(r.status, 200);
+        lane.assert_served(maddr, before, 1, "only our cookies").await;
+        assert!(cookie_pairs(&r.upstream_headers()).is_empty(), "{lane:?}: {:?}", r.upstream_header("cookie"));
+    }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -605,10 +630,13 @@ async fn large_upload_and_download_stream_with_bounded_memory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_down_is_502_and_slow_upstream_is_504() {
+    // The relay has its own 502/504 pages (relay::upstream_down_is_502_and_slow_upstream_is_504_on_the_relay);
+    // both lanes must give them.
     let up = start_upstream().await;
     let closed = free_addr();
+    let (maddr, metrics) = metrics_section();
     let cfg = format!(
-        "{}[[app]]\nhost = \"slow.test\"\nupstream = \"{}\"\npolicy = \"bypass\"\nupstream_timeout = \"1s\"\n\n{}",
+        "{metrics}{}[[app]]\nhost = \"slow.test\"\nupstream = \"{}\"\npolicy = \"bypass\"\nupstream_timeout = \"1s\"\n\n{}",
         app("down.test", &format!("http://{closed}"), "bypass"),
         up.url(),
         app("app.test", &up.url(), "bypass"),
@@ -616,19 +644,24 @@ async fn upstream_down_is_502_and_slow_upstream_is_504() {
     let env = Env::password_only(&cfg);
     let gw = env.start().await;
 
-    let r = gw.client("down.test").get("/x").await;
-    assert_eq!(r.status, 502, "refused upstream");
-    let r = gw.client("down.test").browse("/x").await;
-    assert_eq!(r.status, 502, "refused upstream (browser)");
+    for lane in Lane::BOTH {
+        let before = counts(maddr).await;
+        let r = gw.client("down.test").send("GET", "/x", lane.headers(), None).await;
+        assert_eq!(r.status, 502, "refused upstream ({lane:?})");
+        let r = gw.client("down.test").send("GET", "/x", &lane.with(&[("accept", "text/html")]), None).await;
+        assert_eq!(r.status, 502, "refused upstream (browser, {lane:?})");
+        assert!(r.text().contains("Application unavailable"), "the 502 page ({lane:?}): {}", r.text());
 
-    let t = Instant::now();
-    let r = gw.client("slow.test").get("/hang").await;
-    let el = t.elapsed();
-    assert_eq!(r.status, 504, "hanging upstream with upstream_timeout = 1s");
-    assert!(el >= Duration::from_millis(900), "504 came too early: {el:?}");
-    assert!(el < Duration::from_secs(20), "504 came too late: {el:?}");
-    // a fast request on the same app is fine
-    assert_eq!(gw.client("slow.test").get("/fast").await.status, 200);
+        let t = Instant::now();
+        let r = gw.client("slow.test").send("GET", "/hang", lane.headers(), None).await;
+        let el = t.elapsed();
+        assert_eq!(r.status, 504, "hanging upstream with upstream_timeout = 1s ({lane:?})");
+        assert!(el >= Duration::from_millis(900), "504 came too early: {el:?} ({lane:?})");
+        assert!(el < Duration::from_secs(20), "504 came too late: {el:?} ({lane:?})");
+        // a fast request on the same app is fine
+        assert_eq!(gw.client("slow.test").send("GET", "/fast", lane.headers(), None).await.status, 200);
+        lane.assert_served(maddr, before, 4, "502, 502, 504, 200").await;
+    }
 
     assert_eq!(gw.client("app.test").get("/_portcullis/health").await.text(), "ok");
     assert_eq!(gw.client("app.test").get("/still-ok").await.status, 200);

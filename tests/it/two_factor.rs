@@ -319,6 +319,8 @@ async fn login_with_totp_after_enrolment() {
     assert_eq!(r.status, 303, "settings from a pending session: {}", r.text());
     assert!(r.location().starts_with(&format!("{PREFIX}/challenge")), "settings sent pending to {}", r.location());
     let r = c.browse(&format!("{PREFIX}/settings/disable")).await;
+    assert_eq!(r.status, 303, "disable page from a pending session: {}", r.text());
+    assert!(r.location().starts_with(&format!("{PREFIX}/challenge")), "disable sent pending to {}", r.location());
     assert!(!r.text().contains("name=\"password\""), "pending session got the disable form");
     assert_eq!(up.hit_count(), hits, "pending session reached the upstream: {:?}", up.hits());
 
@@ -588,6 +590,18 @@ async fn download_returns_codes_as_attachment() {
         gw.client(TF).post_form(&format!("{PREFIX}/recovery/download"), &[("csrf", &csrf), ("grant", &grant)]).await;
     assert!(!e.codes.iter().any(|code| r.text().contains(code.as_str())), "download without the session leaked codes");
     assert_ne!(r.status, 200, "download without the session");
+    // A valid grant from another session of the same user, with that session's own csrf: the grant is bound to
+    // the session that was shown the codes.
+    gw.clock.advance(30);
+    let mut other = gw.client(TF);
+    let (_, ccsrf) = login_to_challenge_page(&mut other, "alice", PW, "/").await;
+    let r = submit_totp(&mut other, &ccsrf, &totp_code(&e.secret, gw.clock.now()), "/").await;
+    assert_eq!(r.status, 303, "second session of alice: {}", r.text());
+    assert_ne!(other.session_cookie(), c.session_cookie());
+    let other_csrf = csrf_of(&other.browse(&format!("{PREFIX}/logout")).await);
+    let r = other.post_form(&format!("{PREFIX}/recovery/download"), &[("csrf", &other_csrf), ("grant", &grant)]).await;
+    assert_eq!(r.status, 403, "another session's grant: {}", r.text());
+    assert!(!e.codes.iter().any(|code| r.text().contains(code.as_str())), "another session's grant leaked codes");
     gw.stop().await;
 }
 

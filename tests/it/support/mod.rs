@@ -549,6 +549,42 @@ pub async fn counts(maddr: SocketAddr) -> Counts {
     Counts { relayed: value("portcullis_relayed_requests_total"), handovers: value("portcullis_relay_handovers_total") }
 }
 
+/// Which proxy path serves a request: the relay takes a bodyless GET or HEAD (of a cached session, or for a bypass
+/// path); the same request with `Content-Length: 0` is handed to hyper's. Tests of proxy behaviour run on both and
+/// pin the path with [`Lane::assert_served`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    Relay,
+    Hyper,
+}
+
+impl Lane {
+    pub const BOTH: [Lane; 2] = [Lane::Relay, Lane::Hyper];
+
+    /// The header lines that steer a request to this lane.
+    pub fn headers(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Lane::Relay => &[],
+            Lane::Hyper => &[("content-length", "0")],
+        }
+    }
+
+    /// `headers` plus this lane's steering headers.
+    pub fn with<'a>(self, headers: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+        headers.iter().copied().chain(self.headers().iter().copied()).collect()
+    }
+
+    /// Asserts the relay counters moved from `before` by exactly `n` requests served on this lane.
+    pub async fn assert_served(self, maddr: SocketAddr, before: Counts, n: u64, what: &str) {
+        let want = match self {
+            Lane::Relay => Counts { relayed: n, handovers: 0 },
+            Lane::Hyper => Counts { relayed: 0, handovers: n },
+        };
+        let delta = counts(maddr).await - before;
+        assert_eq!(delta, want, "{what} on the {self:?} lane: relay counters moved by {delta:?}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // HTTP client with a cookie jar (never follows redirects)
 // ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
 //! the test binary be killed, by a detached watchdog that waits for this process to end. Tests that restart the
 //! server get a private one ([`PgServer::start`]), stopped when dropped (also on panic).
 
+use super::flows::out_text;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -85,18 +86,10 @@ fn pg_bin_dir() -> PathBuf {
     })
 }
 
-fn is_root() -> bool {
+/// Whether the tests run as root (then the server runs as the postgres user).
+pub fn is_root() -> bool {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
-}
-
-fn out_text(o: &std::process::Output) -> String {
-    format!(
-        "{:?}\nstdout: {}\nstderr: {}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 impl PgServer {
