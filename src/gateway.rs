@@ -330,23 +330,24 @@ impl Gateway {
 
     /// When a session reaches its idle or absolute limit, as its record stands (unix seconds).
     pub fn session_due(&self, record: &crate::store::SessionRecord) -> u64 {
+        let (idle, max_lifetime) = self.session_limits(record.level);
+        record.created.saturating_add(max_lifetime).min(record.last_seen.saturating_add(idle))
+    }
+
+    /// The idle and absolute limits of a session at `level` (seconds). A password-only (pending) session exists
+    /// just to finish the login: it ends [`PENDING_LIFETIME`] after the password, however it is used.
+    fn session_limits(&self, level: Level) -> (u64, u64) {
         let s = &self.config.session;
-        let idle = match record.level {
-            Level::Pending => s.idle_timeout.secs().min(PENDING_LIFETIME),
-            _ => s.idle_timeout.secs(),
-        };
-        record.created.saturating_add(s.max_lifetime.secs()).min(record.last_seen.saturating_add(idle))
+        match level {
+            Level::Pending => (s.idle_timeout.secs().min(PENDING_LIFETIME), s.max_lifetime.secs().min(PENDING_LIFETIME)),
+            _ => (s.idle_timeout.secs(), s.max_lifetime.secs()),
+        }
     }
 
     /// Checks idle and absolute expiry and the lock flag; an invalid session is deleted.
     fn still_valid(&self, auth: &Authenticated, now: u64) -> bool {
-        let s = &self.config.session;
-        let idle = match auth.record.level {
-            // A password-only session exists just to finish the login.
-            Level::Pending => s.idle_timeout.secs().min(PENDING_LIFETIME),
-            _ => s.idle_timeout.secs(),
-        };
-        if session::expired(&auth.record, now, idle, s.max_lifetime.secs()) || auth.user.locked {
+        let (idle, max_lifetime) = self.session_limits(auth.record.level);
+        if session::expired(&auth.record, now, idle, max_lifetime) || auth.user.locked {
             self.forget_session(auth.id);
             return false;
         }
@@ -398,7 +399,7 @@ struct Shared {
     cache: Arc<session::SessionCache>,
 }
 
-/// Lifetime of a password-only session, in seconds.
+/// Lifetime of a password-only session from the password, in seconds (idle or not).
 pub const PENDING_LIFETIME: u64 = 300;
 
 /// Removes every client-sent identity header ([`crate::headers::is_identity_header`]).

@@ -13,6 +13,7 @@ mod mail;
 mod ops;
 mod pages;
 mod pg;
+mod promises;
 mod proxy;
 mod relay;
 mod reload;

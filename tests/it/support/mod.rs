@@ -195,6 +195,15 @@ async fn upstream_handle(req: Request<Incoming>, hits: Arc<Mutex<Vec<Hit>>>) -> 
             unreachable!()
         }
         "/ws" => ws_upgrade(req),
+        // An app that tries to set the gateway's cookies (and one of its own).
+        "/set-cookie" => Response::builder()
+            .status(200)
+            .header("content-type", "text/plain")
+            .header("set-cookie", format!("{SESSION}=from-the-app; Path=/"))
+            .header("set-cookie", format!("{CSRF}=from-the-app; Path=/"))
+            .header("set-cookie", "app_pref=1; Path=/")
+            .body(full_body("cookies set"))
+            .unwrap(),
         _ => {
             let j = serde_json::json!({ "method": method, "path": path, "headers": headers });
             up_resp(200, "application/json", j.to_string())
