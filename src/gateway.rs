@@ -339,7 +339,9 @@ impl Gateway {
     fn session_limits(&self, level: Level) -> (u64, u64) {
         let s = &self.config.session;
         match level {
-            Level::Pending => (s.idle_timeout.secs().min(PENDING_LIFETIME), s.max_lifetime.secs().min(PENDING_LIFETIME)),
+            Level::Pending => {
+                (s.idle_timeout.secs().min(PENDING_LIFETIME), s.max_lifetime.secs().min(PENDING_LIFETIME))
+            }
             _ => (s.idle_timeout.secs(), s.max_lifetime.secs()),
         }
     }

@@ -818,6 +818,46 @@ async fn forgot_answers_identically_for_known_and_unknown_accounts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forgot_is_limited_per_recipient_and_per_address() {
+    // Limits (src/portal/recover.rs): 3 per account name and 3 per recipient address, 10 per client address, in
+    // 15 minutes. The answer never changes for the first two; the client-address limit answers 429.
+    let up = start_upstream().await;
+    let env = env_with_alice(&config(&up, false, &outbox_mail(), "")).await;
+    env.add_user("carol", "carol@example.com", "Carol", &[], PW).await;
+    let gw = env.start().await;
+    let mut outbox = Outbox::new(&env);
+    let mut c = gw.client(WIKI);
+    let csrf = forgot_csrf(&mut c).await;
+    let first = post_forgot(&mut c, &csrf, USER).await;
+    assert_eq!(first.status, 200);
+    // three more by name and one by email: the email spelling is a new account key, but alice is the same
+    // recipient, so 3 emails in all
+    for who in [USER, USER, USER, EMAIL] {
+        let r = post_forgot(&mut c, &csrf, who).await;
+        assert_eq!((r.status, r.text()), (200, first.text()), "forgot {who}: the answer must not change");
+    }
+    // markers: carol's emails, asked for after all of alice's, arrive after alice's tasks ran
+    for _ in 0..2 {
+        assert_eq!(post_forgot(&mut c, &csrf, "carol").await.status, 200);
+        outbox.wait_new("carol's reset email", |m| m.is_to("carol@example.com")).await;
+    }
+    let to_alice = outbox.all().iter().filter(|m| m.is_to(EMAIL)).count();
+    assert_eq!(to_alice, 3, "reset emails to alice after 5 requests:\n{}", outbox.summary());
+    // 7 requests from this address so far: 3 more pass, the 11th is refused
+    for i in 0..3 {
+        assert_eq!(post_forgot(&mut c, &csrf, &format!("nobody{i}")).await.status, 200, "request {}", 8 + i);
+    }
+    let r = post_forgot(&mut c, &csrf, "nobody-else").await;
+    assert_eq!(r.status, 429, "the 11th request from one address in 15 minutes: {}", r.text());
+    // the window passes: allowed again, and alice gets an email again
+    gw.clock.advance(901);
+    let seen: Vec<String> = outbox.all().into_iter().map(|m| m.file).collect();
+    outbox.taken.extend(seen);
+    assert_eq!(post_forgot(&mut c, &csrf, USER).await.status, 200);
+    outbox.wait_new("alice's reset email after the window", |m| m.is_to(EMAIL) && m.subject().contains("reset")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_header_poisoning_does_not_change_the_emailed_link() {
     let up = start_upstream().await;
     // Trust the test client as a proxy too, so X-Forwarded-Host would be honoured if anything used it.

@@ -1,5 +1,7 @@
 //! Behaviours the README and SECURITY.md promise, one test each (issue 14's "promised, untested" list).
 
+use portcullis::clock::Clock;
+
 use crate::support::*;
 
 const APP: &str = "app.test";
@@ -28,7 +30,8 @@ async fn user_passwd_ends_live_sessions() {
 async fn secure_true_sets_secure_on_cookies_without_tls_and_auto_does_not() {
     let up = start_upstream().await;
     for (secure, want) in [("true", true), ("\"auto\"", false)] {
-        let env = env_with_alice(&format!("[session]\nsecure = {secure}\n\n{}", app(APP, &up.url(), "one_factor"))).await;
+        let env =
+            env_with_alice(&format!("[session]\nsecure = {secure}\n\n{}", app(APP, &up.url(), "one_factor"))).await;
         let gw = env.start().await;
         let mut c = gw.client(APP);
         let r = c.login("alice", PW, "/").await;
@@ -99,4 +102,118 @@ async fn an_upstream_set_cookie_for_our_cookie_names_is_dropped_on_both_lanes() 
         assert_eq!(c.session_cookie().as_deref(), Some(ours.as_str()), "{lane:?}: our session cookie was replaced");
         assert_eq!(c.get("/still").await.status, 200);
     }
+}
+
+/// The value of one exact series (`name{labels}`) on the metrics endpoint; 0 when it has not appeared yet.
+async fn series(maddr: std::net::SocketAddr, series: &str) -> u64 {
+    let r = Client::new(maddr, &maddr.to_string()).get("/metrics").await;
+    assert_eq!(r.status, 200, "metrics: {}", r.text());
+    r.text()
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .map(|v| v.trim().parse::<f64>().unwrap_or_else(|e| panic!("{series}: {v:?}: {e}")) as u64)
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_factor_outcomes_and_lockouts_are_counted_in_metrics() {
+    let up = start_upstream().await;
+    let (maddr, metrics) = metrics_section();
+    let env = env_with_alice(&format!(
+        "{metrics}[limits]\nmax_failures = 3\nmax_failures_per_address = 1000\nfailure_window = \"10m\"\nlockout = \"15m\"\n\n{}",
+        app(APP, &up.url(), "two_factor")
+    ))
+    .await;
+    env.add_user("bob", "bob@example.com", "Bob", &[], PW).await;
+    let gw = env.start().await;
+    let mut a = gw.client(APP);
+    a.login_ok("alice", PW).await;
+    let page = signed_in_setup_page(&mut a, PW).await;
+    let e = confirm_setup_page(&mut a, &page, "/", || gw.clock.now()).await;
+    gw.clock.advance(30);
+    let challenge = |gw: &Gateway| {
+        let mut c = gw.client(APP);
+        async move {
+            let (_, csrf) = login_to_challenge_page(&mut c, "alice", PW, "/").await;
+            (c, csrf)
+        }
+    };
+    let code = totp_code(&e.secret, gw.clock.now());
+    let (mut c, csrf) = challenge(&gw).await;
+    assert_eq!(submit_totp(&mut c, &csrf, &code, "/").await.status, 303, "right code");
+    let (mut c, csrf) = challenge(&gw).await;
+    assert_eq!(submit_totp(&mut c, &csrf, &code, "/").await.status, 401, "the same code again (replay)");
+    assert_eq!(submit_totp(&mut c, &csrf, "000000", "/").await.status, 401, "wrong code");
+    let (mut c, csrf) = challenge(&gw).await;
+    assert_eq!(submit_recovery(&mut c, &csrf, &e.codes[0], "/").await.status, 303, "recovery code");
+    // a success clears the count: three wrong codes now lock, and the next attempt meets the lock
+    let (mut c, csrf) = challenge(&gw).await;
+    let statuses: Vec<u16> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            v.push(submit_totp(&mut c, &csrf, "000000", "/").await.status);
+        }
+        v
+    };
+    assert_eq!(statuses, [401, 401, 429], "three wrong codes");
+    let s = submit_totp(&mut c, &csrf, &totp_code(&e.secret, gw.clock.now() + 30), "/").await.status;
+    assert_eq!(s, 429, "a code while locked");
+    // three wrong passwords lock bob
+    for _ in 0..3 {
+        gw.client(APP).login("bob", "not-the-password", "/").await;
+    }
+    const F: &str = "portcullis_second_factor_checks_total";
+    let got = [
+        series(maddr, &format!("{F}{{method=\"totp\",outcome=\"success\"}}")).await,
+        series(maddr, &format!("{F}{{method=\"totp\",outcome=\"replay\"}}")).await,
+        series(maddr, &format!("{F}{{method=\"totp\",outcome=\"failure\"}}")).await,
+        series(maddr, &format!("{F}{{method=\"totp\",outcome=\"locked\"}}")).await,
+        series(maddr, &format!("{F}{{method=\"recovery_code\",outcome=\"success\"}}")).await,
+        series(maddr, "portcullis_lockouts_total{step=\"second_factor\"}").await,
+        series(maddr, "portcullis_lockouts_total{step=\"password\"}").await,
+    ];
+    assert_eq!(
+        got,
+        [1, 1, 4, 1, 1, 1, 1],
+        "totp success, replay, failure, locked; recovery success; lockouts second_factor, password"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_shows_neither_the_recovery_codes_nor_a_new_secret() {
+    let up = start_upstream().await;
+    let env = env_with_alice(&app(APP, &up.url(), "one_factor")).await;
+    env.add_user("bob", "bob@example.com", "Bob", &[], PW).await;
+    let gw = env.start().await;
+    // alice has 2FA: "show codes" with a wrong password
+    let mut a = gw.client(APP);
+    a.login_ok("alice", PW).await;
+    let page = signed_in_setup_page(&mut a, PW).await;
+    let e = confirm_setup_page(&mut a, &page, "/", || gw.clock.now()).await;
+    let form = a.browse(&format!("{PREFIX}/settings/recovery")).await;
+    assert_eq!(form.status, 200, "{}", form.text());
+    let r = a
+        .post_form(
+            &format!("{PREFIX}/settings/recovery"),
+            &[("csrf", &csrf_of(&form)), ("rd", "/"), ("password", "wrong")],
+        )
+        .await;
+    assert_eq!(r.status, 401, "show codes with a wrong password: {}", r.text());
+    assert!(shown_codes(&r.text()).is_empty() && !e.codes.iter().any(|c| r.text().contains(c.as_str())), "codes shown");
+    // control: the right password shows them
+    let r = a
+        .post_form(&format!("{PREFIX}/settings/recovery"), &[("csrf", &csrf_of(&form)), ("rd", "/"), ("password", PW)])
+        .await;
+    assert_eq!(shown_codes(&r.text()).len(), 10, "control: {}", r.text());
+    // bob has none: "enable" with a wrong password
+    let mut b = gw.client(APP);
+    b.login_ok("bob", PW).await;
+    let form = b.browse(&format!("{PREFIX}/enroll?rd=%2F")).await;
+    assert_eq!(form.status, 200, "{}", form.text());
+    let r = b
+        .post_form(&format!("{PREFIX}/enroll"), &[("csrf", &csrf_of(&form)), ("rd", "/"), ("password", "wrong")])
+        .await;
+    assert_eq!(r.status, 401, "enable with a wrong password: {}", r.text());
+    assert!(shown_secret(&r.text()).is_none(), "a secret was shown after a wrong password: {}", r.text());
+    assert!(signed_in_setup_page(&mut b, PW).await.status == 200, "control: the right password opens the setup page");
 }

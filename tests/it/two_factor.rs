@@ -898,7 +898,10 @@ async fn a_pending_session_ends_five_minutes_after_the_password_however_it_is_us
             assert_eq!(r.status, 303, "a right code {wait} s after the password: {}", r.text());
             assert_eq!(after.status, 200, "signed in {wait} s after the password");
         } else {
-            assert!(is_no_session(&after), "a pending session used every 50 s still signed in {wait} s after the password");
+            assert!(
+                is_no_session(&after),
+                "a pending session used every 50 s still signed in {wait} s after the password"
+            );
         }
     }
 }
