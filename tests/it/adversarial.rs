@@ -1705,6 +1705,18 @@ async fn request_smuggling_shapes_never_reach_the_protected_upstream() {
         if st.len() > 1 && st[1..].contains(&200) {
             failures.push(format!("{name}: a second (smuggled) request got 200: {st:?}"));
         }
+        // The unambiguous line-ending cases have a documented answer (SECURITY.md: a bare LF ends a line, as
+        // RFC 9112 §2.2 lets a recipient choose, and the app gets a head re-written with CRLF).
+        let documented = match *name {
+            "bare LF request" | "mixed LF CRLF" | "HTTP/1.1 with LF-LF inside header" => Some(200),
+            "bare LF protected" => Some(401),
+            _ => None,
+        };
+        if let Some(want) = documented
+            && st.first() != Some(&want)
+        {
+            failures.push(format!("{name}: answered {st:?}, documented {want}"));
+        }
         if *ambiguous && !(st.first() == Some(&400) || (closed && st.len() <= 1)) {
             failures.push(format!(
                 "{name}: ambiguous framing answered {st:?} without closing the connection (closed={closed})"

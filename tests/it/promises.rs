@@ -217,3 +217,48 @@ async fn a_wrong_password_shows_neither_the_recovery_codes_nor_a_new_secret() {
     assert!(shown_secret(&r.text()).is_none(), "a secret was shown after a wrong password: {}", r.text());
     assert!(signed_in_setup_page(&mut b, PW).await.status == 200, "control: the right password opens the setup page");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_characters_are_dropped_from_identity_values_on_both_lanes() {
+    let up = start_upstream().await;
+    let (maddr, metrics) = metrics_section();
+    let env = Env::password_only(&format!("{metrics}{}", app(APP, &up.url(), "one_factor")));
+    env.add_user("dora", "dora@example.com", "Dora\tthe\u{7}Explorer\u{1b}[31m", &["ops", "dev"], PW).await;
+    let gw = env.start().await;
+    let mut c = gw.client(APP);
+    c.login_ok("dora", PW).await;
+    assert_eq!(c.get("/warm").await.status, 200);
+    for lane in Lane::BOTH {
+        let before = counts(maddr).await;
+        let r = c.send("GET", "/who", lane.headers(), None).await;
+        assert_eq!(r.status, 200, "{lane:?}: {}", r.text());
+        lane.assert_served(maddr, before, 1, "an identity with control characters").await;
+        assert_eq!(r.upstream_header("remote-name"), Some(vec!["DoratheExplorer[31m".to_string()]), "{lane:?}");
+        assert_eq!(r.upstream_header("remote-user"), Some(vec!["dora".to_string()]), "{lane:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn line_breaks_in_a_typed_username_cannot_forge_log_lines() {
+    let up = start_upstream().await;
+    let env =
+        env_with_alice(&format!("[server]\nlisten = \"{{LISTEN}}\"\n\n{}", app(APP, &up.url(), "one_factor"))).await;
+    let mut gw = env.spawn_child().await;
+    // (names are folded to lower case before they are logged)
+    let forged = "forged-line event=login_succeeded user=admin";
+    for typed in [format!("mallory\n{forged}"), format!("mallory\r\n{forged}"), format!("mallory\r{forged}")] {
+        let r = Client::new(gw.addr, APP).login(&typed, "wrong-password", "/").await;
+        assert_eq!(r.status, 401, "{typed:?}: {}", r.text());
+    }
+    // a successful login afterwards is logged, so the log has been written up to here
+    Client::new(gw.addr, APP).login_ok("alice", PW).await;
+    let _ = gw.child.kill().await;
+    let log = gw.log();
+    assert!(log.contains("forged-line"), "the typed name was not logged at all, so this proves nothing:\n{log}");
+    for line in log.split(['\n', '\r']) {
+        assert!(
+            !line.trim_start().starts_with("forged-line"),
+            "a typed username started a log line of its own:\n{log}"
+        );
+    }
+}
