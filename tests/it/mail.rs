@@ -752,6 +752,38 @@ async fn reset_token_is_void_after_a_password_change() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_tokens_are_void_after_two_factor_is_turned_on_or_off() {
+    let up = start_upstream().await;
+    let env = env_with_alice(&config(&up, false, &outbox_mail(), "")).await;
+    let gw = env.start().await;
+    let mut outbox = Outbox::new(&env);
+    // A link issued while 2FA is off asks for no code: once 2FA is on it must not work (it would bypass it).
+    forgot(&gw, USER).await;
+    let (link, token) = link_in(&outbox.reset_mail(EMAIL).await, "reset");
+    let (mut c, page) = open_link(&gw, &link).await;
+    assert_eq!(page.status, 200, "fresh link: {}", page.text());
+    let mut s = gw.client(WIKI);
+    s.login_ok(USER, PW).await;
+    let setup = settings_setup(&mut s, PW).await;
+    finish_enroll(&mut s, setup, gw.clock.now(), "/").await;
+    let (_, r) = open_link(&gw, &link).await;
+    assert_gone(&r, "GET of a link issued before 2FA was turned on");
+    let r = post_reset(&mut c, &page, &token, NEW_PW, NEW_PW, &[]).await;
+    assert_gone(&r, "POST with a token issued before 2FA was turned on");
+    // ... and a link issued while it is on is void once it is turned off
+    forgot(&gw, USER).await;
+    let (link, _) = link_in(&outbox.reset_mail(EMAIL).await, "reset");
+    let (_, page) = open_link(&gw, &link).await;
+    assert_eq!(page.status, 200, "fresh link with 2FA on: {}", page.text());
+    let r = confirm_password(&mut s, "/settings/disable", PW).await;
+    assert_eq!(r.status, 303, "disable 2FA: {}", r.text());
+    let (_, r) = open_link(&gw, &link).await;
+    assert_gone(&r, "GET of a link issued before 2FA was turned off");
+    let (st, _) = login_result(&gw, USER, PW).await;
+    assert_eq!(st, 303, "the password is unchanged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forgot_answers_identically_for_known_and_unknown_accounts() {
     let up = start_upstream().await;
     let env = env_with_alice(&config(&up, false, &outbox_mail(), "")).await;
