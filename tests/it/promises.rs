@@ -262,3 +262,66 @@ async fn line_breaks_in_a_typed_username_cannot_forge_log_lines() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_events_older_than_the_retention_are_deleted() {
+    let up = start_upstream().await;
+    let env = env_with_alice(&format!("[audit]\nretention = \"1d\"\n\n{}", app(APP, &up.url(), "one_factor"))).await;
+    let gw = env.start().await;
+    assert_eq!(gw.client(APP).login("alice", "not-the-password", "/").await.status, 401);
+    gw.stop().await;
+    let kinds = |v: &serde_json::Value| -> Vec<String> {
+        v["recent_events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["kind"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    let before = kinds(&show_user(&env, "alice").await);
+    assert!(before.iter().any(|k| k == "login_failed"), "control: the failure was recorded: {before:?}");
+    // two days later a gateway starts (its sweep runs at start and then every 5 minutes); a new event is kept
+    env.clock.advance(2 * 86400);
+    let gw = env.start().await;
+    assert_eq!(gw.client(APP).login("alice", "not-the-password-either", "/").await.status, 401);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let now = kinds(&show_user(&env, "alice").await);
+        if now == ["login_failed"] {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "events older than the 1-day retention are still there: {now:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_in_flight_requests_finish_within_the_grace_and_no_longer() {
+    let up = start_upstream().await;
+    let env = Env::password_only(&format!(
+        "[server]\nlisten = \"{{LISTEN}}\"\nshutdown_grace = \"3s\"\n\n{}",
+        app(APP, &up.url(), "bypass")
+    ));
+    let mut gw = env.spawn_child().await;
+    let addr = gw.addr;
+    // one request that finishes inside the grace, one that never would
+    let slow = tokio::spawn(async move { Client::new(addr, APP).get("/sleep?ms=1000").await.status });
+    let hang = tokio::spawn(async move { Client::new(addr, APP).try_send("GET", "/hang", &[], None).await.is_ok() });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !(up.hits().iter().any(|h| h.path.starts_with("/sleep")) && up.hits().iter().any(|h| h.path == "/hang")) {
+        assert!(std::time::Instant::now() < deadline, "the requests never reached the app");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let t = std::time::Instant::now();
+    kill(gw.pid, "-TERM");
+    assert_eq!(slow.await.unwrap(), 200, "an in-flight request was cut by SIGTERM");
+    let status = within("the gateway to exit after SIGTERM", gw.child.wait()).await.unwrap();
+    let took = t.elapsed();
+    assert!(status.success(), "exit status after SIGTERM: {status}\n{}", gw.log());
+    assert!(!hang.await.unwrap(), "the hanging request got an answer");
+    // it waited for the slow request (1 s) and gave up on the hanging one at the 3 s grace, not later
+    assert!(took >= std::time::Duration::from_millis(900), "exited after {took:?}, before the slow request ended");
+    assert!(took < std::time::Duration::from_secs(10), "exited after {took:?}: the 3 s grace was not applied");
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "still accepting connections after shutdown");
+}

@@ -190,6 +190,14 @@ async fn upstream_handle(req: Request<Incoming>, hits: Arc<Mutex<Vec<Hit>>>) -> 
                 .body(StreamBody::new(stream).boxed_unsync())
                 .unwrap()
         }
+        // Answers after `ms` milliseconds (a slow request that does finish).
+        "/sleep" => {
+            let q = req.uri().query().unwrap_or("");
+            let pairs: Vec<(String, String)> = serde_urlencoded::from_str(q).unwrap_or_default();
+            let ms: u64 = pairs.iter().find(|(k, _)| k == "ms").and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            up_resp(200, "text/plain", format!("slept {ms} ms"))
+        }
         "/hang" => {
             futures_util::future::pending::<()>().await;
             unreachable!()
