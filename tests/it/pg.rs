@@ -885,3 +885,26 @@ async fn harness_env_uses_the_backend_it_was_asked_for() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Fail closed
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_database_down_an_uncached_session_is_refused_never_forwarded() {
+    let server = PgServer::start();
+    let cl = Cluster::start(&server, Opts { required: false, ..Opts::default() }).await;
+    cl.add_user("alice", &[]).await;
+    let mut a = cl.client_a(OF);
+    a.login_ok("alice", PW).await;
+    let cookie = a.session_cookie().unwrap();
+    assert_eq!(a.get("/on-a").await.status, 200, "control: the session works on A");
+    // B has never seen the session, so it can only learn of it from the database, which now goes away
+    server.stop();
+    let hits = cl._up.hit_count();
+    let r = get_with(cl.gb.addr, OF, &cookie, "/uncached-on-b").await;
+    assert_eq!(r.status, 503, "an uncached session with the database down: {}", r.text());
+    assert_eq!(cl._up.hit_count(), hits, "a request whose session could not be checked reached the app");
+    let r = Client::new(cl.gb.addr, OF).login("alice", PW, "/").await;
+    assert_eq!(r.status, 503, "a login with the database down: {}", r.text());
+}
