@@ -325,3 +325,47 @@ async fn sigterm_lets_in_flight_requests_finish_within_the_grace_and_no_longer()
     assert!(took < std::time::Duration::from_secs(10), "exited after {took:?}: the 3 s grace was not applied");
     assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "still accepting connections after shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxying_stays_alive_during_a_login_storm() {
+    // One hash at a time and 24 logins at once: the logins queue behind the hashing, while a signed-in user's
+    // proxied requests (no hashing) must not. They are all answered while logins are still waiting.
+    let up = start_upstream().await;
+    let env = env_with_alice(&format!(
+        "[server]\nmax_concurrent_hashes = 1\n\n[limits]\nmax_failures = 1000\nmax_failures_per_address = 100000\n\n{}",
+        app(APP, &up.url(), "one_factor")
+    ))
+    .await;
+    let gw = env.start().await;
+    let mut c = gw.client(APP);
+    c.login_ok("alice", PW).await;
+    assert_eq!(c.get("/warm").await.status, 200);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut storm = tokio::task::JoinSet::new();
+    for i in 0..24 {
+        let mut l = gw.client(APP);
+        let done = done.clone();
+        storm.spawn(async move {
+            let pw = if i % 2 == 0 { PW } else { "not-the-password" };
+            let s = l.login("alice", pw, "/").await.status;
+            done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            s
+        });
+    }
+    // wait until the storm is under way (the first answers come back), then proxy
+    while done.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+        tokio::task::yield_now().await;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    for i in 0..20 {
+        assert_eq!(c.get(&format!("/during/{i}")).await.status, 200, "proxied request {i} during the login storm");
+    }
+    let finished = done.load(std::sync::atomic::Ordering::SeqCst);
+    let mut statuses = Vec::new();
+    while let Some(s) = storm.join_next().await {
+        statuses.push(s.unwrap());
+    }
+    assert!(statuses.iter().all(|s| *s == 303 || *s == 401), "login statuses: {statuses:?}");
+    assert!(finished < 24, "the 20 proxied requests waited until all 24 logins ({finished}) had been hashed");
+    eprintln!("login storm: {finished} of 24 logins answered when 20 proxied requests were done");
+}
