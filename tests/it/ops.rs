@@ -214,6 +214,9 @@ async fn start_nginx(base: &Path, gateway: SocketAddr, upstream: SocketAddr) -> 
         ]);
         v
     };
+    if let Some(why) = missing_tool(NGINX, "-v", "nginx") {
+        panic!("{why}");
+    }
     let t = std::process::Command::new(NGINX).args(args(&["-t"])).output().expect("run nginx -t");
     assert!(
         t.status.success(),

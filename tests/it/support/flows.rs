@@ -22,13 +22,25 @@ pub async fn show_user(env: &Env, name: &str) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("user show --json is not JSON ({e}): {}", out_text(&o)))
 }
 
+/// `Some(why)` when `program` can't be run (`program probe` is tried), naming the Debian package to install;
+/// `None` when it runs. Tests that need an outside tool panic with this, not with a bare "No such file".
+pub fn missing_tool(program: &str, probe: &str, package: &str) -> Option<String> {
+    match std::process::Command::new(program).arg(probe).output() {
+        Ok(_) => None,
+        Err(e) => Some(format!(
+            "{program} cannot be run ({e}): install Debian's {package} package (`apt-get install -y {package}`), \
+             as .ci/run does"
+        )),
+    }
+}
+
 /// The TOTP code `oathtool` (Debian package oathtool) computes for `secret` (base32) at unix time `at`;
 /// asserts it is 6 digits.
 pub fn totp_code(secret: &str, at: u64) -> String {
     let out = std::process::Command::new("oathtool")
         .args(["--totp", "-b", "-N", &format!("@{at}"), secret])
         .output()
-        .expect("run oathtool (Debian package oathtool)");
+        .unwrap_or_else(|_| panic!("{}", missing_tool("oathtool", "--version", "oathtool").unwrap_or_default()));
     assert!(out.status.success(), "oathtool failed: {}", out_text(&out));
     let code = String::from_utf8(out.stdout).unwrap().trim().to_string();
     assert!(code.len() == 6 && code.bytes().all(|b| b.is_ascii_digit()), "oathtool printed {code:?}");
@@ -273,4 +285,13 @@ pub fn session_set_cookie(r: &Resp) -> Option<String> {
     r.set_cookies()
         .into_iter()
         .find(|s| s.starts_with(&format!("{SESSION}=")) && !s.starts_with(&format!("{SESSION}=;")))
+}
+
+#[test]
+fn a_missing_tool_says_which_package_to_install() {
+    let why = missing_tool("/nonexistent/bin/nginx", "-v", "nginx").expect("a missing program is reported");
+    assert!(why.contains("apt-get install -y nginx") && why.contains("/nonexistent/bin/nginx"), "{why}");
+    // control: the tools CI installs are found
+    assert_eq!(missing_tool("/usr/sbin/nginx", "-v", "nginx"), None);
+    assert_eq!(missing_tool("oathtool", "--version", "oathtool"), None);
 }
