@@ -247,6 +247,46 @@ pub fn content_length<H: Headers + ?Sized>(headers: &H) -> Result<Option<u64>, &
     Ok(length)
 }
 
+/// How a response body ends (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body: HEAD, 204, 304.
+    Empty,
+    /// Content-Length.
+    Length(u64),
+    /// Transfer-Encoding: chunked.
+    Chunked,
+    /// Neither: the body ends when the app closes the connection.
+    UntilClose,
+}
+
+/// The body's framing from a response head (RFC 9112 §6.3), the one rule both proxy paths apply. Ambiguous
+/// framing — Content-Length beside Transfer-Encoding, lengths that disagree, a transfer coding other than chunked
+/// last — is an error: it is how response splitting starts, and the client would have to guess (§6.3 allows
+/// treating it as one; hyper's client would accept the first and the third).
+pub fn response_framing<H: Headers + ?Sized>(hs: &H, status: u16, head_request: bool) -> Result<Framing, &'static str> {
+    if head_request || status == 204 || status == 304 {
+        return Ok(Framing::Empty);
+    }
+    let has_length = hs.values("content-length").next().is_some();
+    if hs.values("transfer-encoding").next().is_some() {
+        if has_length {
+            return Err("both Transfer-Encoding and Content-Length");
+        }
+        return match tokens(hs, "transfer-encoding").last() {
+            Some(t) if t.eq_ignore_ascii_case(b"chunked") => Ok(Framing::Chunked),
+            _ => Err("a transfer coding other than chunked"),
+        };
+    }
+    if !has_length {
+        return Ok(Framing::UntilClose);
+    }
+    match content_length(hs)? {
+        Some(n) => Ok(Framing::Length(n)),
+        None => Err("empty Content-Length"),
+    }
+}
+
 /// Whether a GET or HEAD request carries a body: a non-zero Content-Length, any Transfer-Encoding, or (HTTP/2)
 /// data after the head. Such a body means nothing (RFC 9110 §9.3.1), and an app that never reads it would parse it
 /// as the next request on the connection, with whatever identity headers it claims.

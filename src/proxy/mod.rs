@@ -218,6 +218,7 @@ pub async fn forward(
     let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
 
     let (mut parts, body) = req.into_parts();
+    let head_request = parts.method == hyper::Method::HEAD;
     let own = gw.own_cookies();
     let identity = session.as_ref().map(|s| &*s.user);
     parts.headers = upstream_headers(gw, client, host.as_deref(), identity, &own, &parts.headers);
@@ -270,6 +271,12 @@ pub async fn forward(
         return Ok(Response::from_parts(parts, crate::portal::pages::full(bytes::Bytes::new())));
     }
 
+    // The relay's framing rule, so both paths refuse the same answers: hyper's client would take a
+    // Content-Length beside chunked, or a body until close after `Transfer-Encoding: gzip`.
+    if let Err(why) = crate::headers::response_framing(resp.headers(), resp.status().as_u16(), head_request) {
+        tracing::warn!(upstream = %app.upstream.authority, why, "ambiguous response framing");
+        return Err(Reject::BadGateway);
+    }
     let (mut parts, body) = resp.into_parts();
     let mut headers = HeaderMap::with_capacity(parts.headers.len());
     let listed = Listed::of(&parts.headers);

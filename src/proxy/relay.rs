@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Policy;
 use crate::gateway::{Admission, CacheAnswer, Gateway, admission};
-use crate::headers::{self, ForwardedHeaders, Headers};
+use crate::headers::{self, ForwardedHeaders, Framing, Headers};
 use crate::proxy::pool::{Affinity, IdlePool};
 use crate::respond::Reject;
 
@@ -331,19 +331,6 @@ fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// How an app's response body ends (RFC 9112 §6.3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
-    /// No body: HEAD, 204, 304.
-    Empty,
-    /// Content-Length.
-    Length(u64),
-    /// Transfer-Encoding: chunked.
-    Chunked,
-    /// Neither: the body ends when the app closes the connection.
-    UntilClose,
-}
-
 /// A parsed response head; its rewritten form is in `Conn::out`.
 struct ResponseHead {
     status: u16,
@@ -530,32 +517,9 @@ fn finish_head(out: &mut Vec<u8>, head: &ResponseHead, now: Instant) {
     }
 }
 
-/// The body's framing from the response head (RFC 9112 §6.3). Ambiguous framing — Content-Length beside
-/// Transfer-Encoding, lengths that disagree, a transfer coding other than chunked last — is refused (502): it is
-/// how response splitting starts, and the client would have to guess.
+/// The body's framing from the response head ([`headers::response_framing`]); ambiguous framing is an error (502).
 fn framing(hs: &[httparse::Header<'_>], status: u16, head_request: bool) -> io::Result<Framing> {
-    if head_request || status == 204 || status == 304 {
-        return Ok(Framing::Empty);
-    }
-    let has_length = hs.values("content-length").next().is_some();
-    if hs.values("transfer-encoding").next().is_some() {
-        if has_length {
-            return Err(bad("both Transfer-Encoding and Content-Length"));
-        }
-        let last = headers::tokens(hs, "transfer-encoding").last();
-        return match last {
-            Some(t) if t.eq_ignore_ascii_case(b"chunked") => Ok(Framing::Chunked),
-            _ => Err(bad("a transfer coding other than chunked")),
-        };
-    }
-    if !has_length {
-        return Ok(Framing::UntilClose);
-    }
-    match headers::content_length(hs) {
-        Ok(Some(n)) => Ok(Framing::Length(n)),
-        Ok(None) => Err(bad("empty Content-Length")),
-        Err(why) => Err(bad(why)),
-    }
+    headers::response_framing(hs, status, head_request).map_err(bad)
 }
 
 /// Relays the body after the head in `c.out`. `Ok(false)`: the app ended it early (or sent something invalid);

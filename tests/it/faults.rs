@@ -408,33 +408,36 @@ async fn dying_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
 async fn upstream_dying_mid_response_aborts_the_client_response_and_the_gateway_stays_healthy() {
     let (addr, task) = dying_upstream().await;
     let good = start_upstream().await;
+    let (maddr, metrics) = metrics_section();
     let env = Env::password_only(&format!(
-        "{}{}",
+        "{metrics}{}{}",
         app("die.test", &format!("http://{addr}"), "bypass"),
         app(APP, &good.url(), "bypass")
     ));
     let gw = env.start().await;
     let t = Instant::now();
-    for round in 0..20 {
+    for (round, lane) in (0..20).flat_map(|r| Lane::BOTH.map(|l| (r, l))) {
+        let before = counts(maddr).await;
+        let steer: String = lane.headers().iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
         for (path, full) in [("/cl", 100_000usize), ("/chunked", 1024), ("/rst", 50_000)] {
             // hyper client: the body must fail (never a clean, complete body)
             let mut c = gw.client("die.test");
-            let res = within("truncated response", c.try_send("GET", path, &[], None)).await;
+            let res = within("truncated response", c.try_send("GET", path, lane.headers(), None)).await;
             match res {
                 Ok(r) => {
                     assert!(
                         r.status >= 500 || r.body.len() < full,
-                        "{path}: a complete {}-byte body from a dead upstream ({})",
+                        "{path} ({lane:?}): a complete {}-byte body from a dead upstream ({})",
                         r.body.len(),
                         r.status
                     );
-                    assert!(r.status != 200 || r.body.len() < full, "{path}: looks complete");
+                    assert!(r.status != 200 || r.body.len() < full, "{path} ({lane:?}): looks complete");
                 }
-                Err(e) => assert!(e.contains("body") || e.contains("send"), "{path}: {e}"),
+                Err(e) => assert!(e.contains("body") || e.contains("send"), "{path} ({lane:?}): {e}"),
             }
             // raw: fewer bytes than announced, and the connection is closed (not left hanging)
             if round == 0 {
-                let req = format!("GET {path} HTTP/1.1\r\nHost: die.test\r\n\r\n");
+                let req = format!("GET {path} HTTP/1.1\r\nHost: die.test\r\n{steer}\r\n");
                 let (buf, closed) = {
                     let mut s = TcpStream::connect(gw.addr).await.unwrap();
                     s.write_all(req.as_bytes()).await.unwrap();
@@ -454,32 +457,40 @@ async fn upstream_dying_mid_response_aborts_the_client_response_and_the_gateway_
                 };
                 let text = String::from_utf8_lossy(&buf);
                 eprintln!(
-                    "dying upstream {path}: client got {} bytes, closed={closed}, head {:?}",
+                    "dying upstream {path} ({lane:?}): client got {} bytes, closed={closed}, head {:?}",
                     buf.len(),
                     text.lines().next()
                 );
-                assert!(closed, "{path}: the gateway left the client connection open after the upstream died");
+                assert!(
+                    closed,
+                    "{path} ({lane:?}): the gateway left the client connection open after the upstream died"
+                );
                 if text.starts_with("HTTP/1.1 200") && path != "/chunked" {
                     let body = &buf[buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..];
-                    assert!(body.len() < full, "{path}: full body relayed");
+                    assert!(body.len() < full, "{path} ({lane:?}): full body relayed");
                 }
                 if path == "/chunked" && text.starts_with("HTTP/1.1 200") {
                     assert!(
                         !text.ends_with("0\r\n\r\n"),
-                        "{path}: a terminating chunk was invented for a truncated body"
+                        "{path} ({lane:?}): a terminating chunk was invented for a truncated body"
                     );
                 }
             }
         }
         for (path, want) in [("/half-head", 502), ("/nothing", 502)] {
-            let r = gw.client("die.test").get(path).await;
-            assert_eq!(r.status, want, "{path}");
+            let r = gw.client("die.test").send("GET", path, lane.headers(), None).await;
+            assert_eq!(r.status, want, "{path} ({lane:?})");
         }
+        let n = if round == 0 { 8 } else { 5 };
+        lane.assert_served(maddr, before, n, &format!("round {round}: five failure modes")).await;
         assert_eq!(gw.client(APP).get("/fine").await.status, 200, "round {round}: other app");
         assert_eq!(gw.client(APP).get(&format!("{PREFIX}/health")).await.text(), "ok");
     }
     assert!(gw.is_running());
-    eprintln!("dying upstream: 20 rounds x 5 failure modes in {:.1}s, gateway healthy", t.elapsed().as_secs_f64());
+    eprintln!(
+        "dying upstream: 20 rounds x 5 failure modes x 2 lanes in {:.1}s, gateway healthy",
+        t.elapsed().as_secs_f64()
+    );
     task.abort();
 }
 

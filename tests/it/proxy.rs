@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -268,32 +269,54 @@ fn lenient_normalise(path: &str) -> String {
 async fn path_tricks_cannot_reach_protected_paths_or_dodge_deny_rules() {
     let up_app = start_upstream().await;
     let up_open = start_upstream().await;
+    let (maddr, metrics) = metrics_section();
     let cfg = format!(
-        "[[app]]\nhost = \"app.test\"\nupstream = \"{}\"\npolicy = \"one_factor\"\n  [[app.rule]]\n  path = \"/public/\"\n  policy = \"bypass\"\n\n\
+        "{metrics}[[app]]\nhost = \"app.test\"\nupstream = \"{}\"\npolicy = \"one_factor\"\n  [[app.rule]]\n  path = \"/public/\"\n  policy = \"bypass\"\n\n\
          [[app]]\nhost = \"open.test\"\nupstream = \"{}\"\npolicy = \"bypass\"\n  [[app.rule]]\n  path = \"/admin/\"\n  policy = \"deny\"\n",
         up_app.url(),
         up_open.url()
     );
     let env = Env::password_only(&cfg);
     let gw = env.start().await;
+    for lane in Lane::BOTH {
+        path_tricks_on(&gw, lane, maddr, &up_app, &up_open).await;
+    }
+}
+
+/// The path tricks of [`path_tricks_cannot_reach_protected_paths_or_dodge_deny_rules`] on one lane; every answer
+/// that reached an app was served on that lane.
+async fn path_tricks_on(gw: &Gateway, lane: Lane, maddr: SocketAddr, up_app: &Upstream, up_open: &Upstream) {
+    let steer: String = lane.headers().iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+    let get = |host: &'static str, target: String| {
+        let steer = steer.clone();
+        async move {
+            let before = counts(maddr).await;
+            let r = raw_get(gw.addr, host, &target, &steer).await;
+            if r.status == 200 {
+                lane.assert_served(maddr, before, 1, &format!("{host} {target}")).await;
+            }
+            r
+        }
+    };
+    let open_before = up_open.hit_count();
 
     // controls
-    let r = raw_get(gw.addr, "app.test", "/public/ok", "").await;
-    assert_eq!(r.status, 200, "control /public/ok: {r:?}");
+    let r = get("app.test", "/public/ok".to_string()).await;
+    assert_eq!(r.status, 200, "control /public/ok ({lane:?}): {r:?}");
     assert_eq!(up_app.last_hit().path, "/public/ok");
-    let r = raw_get(gw.addr, "app.test", "/secret", "").await;
+    let r = get("app.test", "/secret".to_string()).await;
     assert_eq!(r.status, 401, "control /secret");
-    let r = raw_get(gw.addr, "app.test", "/public/%7Euser/%41", "").await;
+    let r = get("app.test", "/public/%7Euser/%41".to_string()).await;
     assert_eq!(r.status, 200, "unreserved percent-encoding: {r:?}");
-    assert_eq!(up_app.last_hit().path, "/public/~user/A", "unreserved chars must be decoded");
-    let r = raw_get(gw.addr, "app.test", "/public//a//b", "").await;
+    assert_eq!(up_app.last_hit().path, "/public/~user/A", "unreserved chars must be decoded ({lane:?})");
+    let r = get("app.test", "/public//a//b".to_string()).await;
     assert_eq!(r.status, 200);
-    assert_eq!(up_app.last_hit().path, "/public/a/b", "duplicate slashes must be merged");
-    let r = raw_get(gw.addr, "open.test", "/admin/", "").await;
+    assert_eq!(up_app.last_hit().path, "/public/a/b", "duplicate slashes must be merged ({lane:?})");
+    let r = get("open.test", "/admin/".to_string()).await;
     assert_eq!(r.status, 403, "control /admin/ deny");
-    let r = raw_get(gw.addr, "open.test", "/other", "").await;
+    let r = get("open.test", "/other".to_string()).await;
     assert_eq!(r.status, 200, "control /other on bypass app");
-    assert_eq!(up_open.hit_count(), 1);
+    assert_eq!(up_open.hit_count(), open_before + 1, "{lane:?}");
 
     let app_tricks = [
         "/public/../secret",
@@ -331,10 +354,14 @@ async fn path_tricks_cannot_reach_protected_paths_or_dodge_deny_rules() {
     ];
     for t in app_tricks {
         let before = up_app.hit_count();
-        let r = raw_get(gw.addr, "app.test", t, "").await;
+        let r = get("app.test", t.to_string()).await;
         assert!(r.status < 500, "{t}: gateway error {}: {}", r.status, r.head);
         let new: Vec<Hit> = up_app.hits()[before..].to_vec();
-        eprintln!("app.test  {t:<40} -> {} {:?}", r.status, new.iter().map(|h| h.path.clone()).collect::<Vec<_>>());
+        eprintln!(
+            "{lane:?} app.test  {t:<40} -> {} {:?}",
+            r.status,
+            new.iter().map(|h| h.path.clone()).collect::<Vec<_>>()
+        );
         for h in &new {
             assert!(
                 clean_public(&h.path),
@@ -379,10 +406,14 @@ async fn path_tricks_cannot_reach_protected_paths_or_dodge_deny_rules() {
     ];
     for t in deny_tricks {
         let before = up_open.hit_count();
-        let r = raw_get(gw.addr, "open.test", t, "").await;
+        let r = get("open.test", t.to_string()).await;
         assert!(r.status < 500, "{t}: gateway error {}: {}", r.status, r.head);
         let new: Vec<Hit> = up_open.hits()[before..].to_vec();
-        eprintln!("open.test {t:<40} -> {} {:?}", r.status, new.iter().map(|h| h.path.clone()).collect::<Vec<_>>());
+        eprintln!(
+            "{lane:?} open.test {t:<40} -> {} {:?}",
+            r.status,
+            new.iter().map(|h| h.path.clone()).collect::<Vec<_>>()
+        );
         for h in &new {
             let got = h.path.split('?').next().unwrap();
             assert!(
@@ -402,7 +433,7 @@ async fn path_tricks_cannot_reach_protected_paths_or_dodge_deny_rules() {
     }
     // the one that must be denied outright, whatever the spelling that normalises to it
     for t in ["//admin/", "/%61dmin/", "/x/../admin/", "/./admin/", "/admin/x"] {
-        let r = raw_get(gw.addr, "open.test", t, "").await;
+        let r = get("open.test", t.to_string()).await;
         assert!(r.status == 403 || r.status == 400, "{t}: expected 403 (or 400), got {}", r.status);
     }
 }

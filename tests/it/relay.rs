@@ -888,26 +888,33 @@ async fn relayed_response_framing_chunked_close_delimited_interim_and_date() {
     gw.stop().await;
 }
 
-/// Ambiguous or impossible answers from an app become the relay's 502 page, never a guess: Content-Length beside
+/// Ambiguous or impossible answers from an app become a 502 page, never a guess: Content-Length beside
 /// Transfer-Encoding, two different Content-Lengths, a transfer coding other than chunked, a 101 to a plain GET.
-/// The client connection stays usable and in step after each.
+/// The client connection stays usable and in step after each. On both paths: the relay's own checks, and hyper's
+/// (the same requests with `Content-Length: 0`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ambiguous_response_framing_from_the_app_is_a_502_on_the_relay() {
+async fn ambiguous_response_framing_from_the_app_is_a_502_on_both_paths() {
     let s = script().await;
     let (_env, gw, maddr) = gateway(&app(RAW, &s.url(), "bypass")).await;
-    let before = counts(maddr).await;
-    let mut raw = Raw::connect(gw.addr).await;
-    for path in ["/cl-te", "/two-cl", "/gzip-te", "/switch"] {
-        raw.send(req("GET", path, RAW, "").as_bytes()).await;
-        let r = raw.response(false).await;
-        assert_eq!(r.status, 502, "{path}: {r:?}");
-        assert!(!r.text().contains("hello"), "{path}: the app's body reached the client: {}", r.text());
-        assert!(r.header("date").is_some(), "{path}: 502 page without Date");
-        raw.send(req("GET", &format!("/after{path}"), RAW, "").as_bytes()).await;
-        let r = raw.response(false).await;
-        assert_eq!((r.status, r.text()), (200, format!("GET /after{path}")), "{path}: connection out of step");
+    for (lane, steer, moved) in [(Lane::Relay, "", (8, 0)), (Lane::Hyper, "Content-Length: 0\r\n", (0, 1))] {
+        let before = counts(maddr).await;
+        let mut raw = Raw::connect(gw.addr).await;
+        for path in ["/cl-te", "/two-cl", "/gzip-te", "/switch"] {
+            raw.send(req("GET", path, RAW, steer).as_bytes()).await;
+            let r = raw.response(false).await;
+            assert_eq!(r.status, 502, "{path} ({lane:?}): {r:?}");
+            assert!(!r.text().contains("hello"), "{path} ({lane:?}): the app's body reached the client: {}", r.text());
+            assert!(r.header("date").is_some(), "{path} ({lane:?}): 502 page without Date");
+            raw.send(req("GET", &format!("/after{path}"), RAW, steer).as_bytes()).await;
+            let r = raw.response(false).await;
+            assert_eq!(
+                (r.status, r.text()),
+                (200, format!("GET /after{path}")),
+                "{path} ({lane:?}): connection out of step"
+            );
+        }
+        assert_moved(maddr, before, moved.0, moved.1, &format!("four bad answers and four good ones ({lane:?})")).await;
     }
-    assert_moved(maddr, before, 8, 0, "four bad answers and four good ones").await;
     gw.stop().await;
 }
 
