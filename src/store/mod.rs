@@ -1,7 +1,8 @@
 //! Storage: users, sessions and counters, behind a narrow set of atomic domain operations.
 //!
-//! Each operation is one transaction (redb today; a PostgreSQL backend later maps each to one conditional
-//! statement), so callers never read-modify-write records themselves and races can't split a check from its update.
+//! Each operation is one transaction (a redb write transaction, or one PostgreSQL transaction, mostly a single
+//! conditional statement), so callers never read-modify-write records themselves and races can't split a check
+//! from its update. [`Store`] dispatches to the backend chosen by `[storage] backend`.
 
 mod postgres;
 mod redb_store;

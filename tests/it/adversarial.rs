@@ -1,4 +1,4 @@
-//! Adversarial suite (issue 6, part 2): every test is named for the attack it mounts, and fails when the
+//! Adversarial suite: every test is named for the attack it mounts, and fails when the
 //! attack works. Extends auth.rs / proxy.rs / ops.rs instead of repeating them.
 //! TOTP codes come from the independent `oathtool` binary at the gateway's ManualClock time.
 

@@ -1,4 +1,4 @@
-//! Fault injection (issue 6, part 3): kill -9 loops, an upstream dying mid-response, slow-loris, 10 000 idle
+//! Fault injection: kill -9 loops, an upstream dying mid-response, slow-loris, 10 000 idle
 //! keep-alive connections, a full disk. Loopback only, bounded in count and time; each stops by itself and prints
 //! its figures (run with `-- --nocapture`).
 

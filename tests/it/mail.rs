@@ -1,4 +1,4 @@
-//! Issue 5: mail (outbox and SMTP), forgot password, invitations, security notifications, password change.
+//! Mail (outbox and SMTP), forgot password, invitations, security notifications, password change.
 //! Links are parsed from the `.eml` files the gateway writes into `[mail] outbox_dir`; TOTP codes come from the
 //! independent `oathtool` binary, computed for the gateway's ManualClock time (system time for a child process).
 

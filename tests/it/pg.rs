@@ -1,4 +1,4 @@
-//! Scale-out (issue 8): two `portcullis serve` processes (A and B) on one throwaway PostgreSQL database with one
+//! Scale-out: two `portcullis serve` processes (A and B) on one throwaway PostgreSQL database with one
 //! shared secret key. These tests always use PostgreSQL, whatever PORTCULLIS_TEST_BACKEND says.
 //!
 //! Revocation bound: the README states a worst-case staleness of 1 second (src/store/postgres.rs `POLL`: the

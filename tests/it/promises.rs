@@ -1,4 +1,4 @@
-//! Behaviours the README and SECURITY.md promise, one test each (issue 14's "promised, untested" list).
+//! Behaviours the README and SECURITY.md promise, one test each.
 
 use portcullis::clock::Clock;
 
