@@ -8,8 +8,9 @@ use serde::Serialize;
 
 use crate::Body;
 use crate::audit::{AuditEvent, EventKind};
+use crate::client::Client;
 use crate::clock::rfc3339;
-use crate::gateway::{Client, Gateway};
+use crate::gateway::Gateway;
 use crate::portal::form::{self, check_csrf};
 use crate::portal::pages::redirect;
 use crate::portal::{encode, query_param};
@@ -65,7 +66,7 @@ impl From<&User> for UserRow {
 
 /// The request's admin, or 403.
 async fn require_admin(gw: &Gateway, req_headers: &http::HeaderMap) -> Result<Authenticated, Reject> {
-    let auth = gw.authenticate(req_headers).await?.ok_or(Reject::AdminOnly)?;
+    let auth = gw.sessions.authenticate(req_headers).await?.ok_or(Reject::AdminOnly)?;
     let admin = auth.record.level == Level::Full && auth.user.groups.contains(&gw.config.admin.group);
     if admin { Ok(auth) } else { Err(Reject::AdminOnly) }
 }

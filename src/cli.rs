@@ -180,7 +180,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let config = Config::load(&cli.config)?;
             let store = Store::from_config(&config.storage)
                 .await
-                .with_context(|| format!("opening {}", crate::gateway::storage_name(&config.storage)))?;
+                .with_context(|| format!("opening {}", config.storage.display_name()))?;
             let result = user(&store, &config, cmd).await;
             store.announce(&config.storage);
             result

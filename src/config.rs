@@ -331,6 +331,16 @@ pub struct Storage {
     pub max_connections: usize,
 }
 
+impl Storage {
+    /// How to name the storage in messages (never the database URL: it may hold a password).
+    pub fn display_name(&self) -> String {
+        match self.backend {
+            StorageBackend::Redb => self.path.display().to_string(),
+            StorageBackend::Postgres => "PostgreSQL".to_string(),
+        }
+    }
+}
+
 impl Default for Storage {
     fn default() -> Self {
         Storage {

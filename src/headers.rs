@@ -4,7 +4,7 @@
 
 use std::borrow::Cow;
 
-use http::{HeaderMap, HeaderName};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::Config;
 use crate::store::User;
@@ -317,7 +317,7 @@ impl<'a> ForwardedHeaders<'a> {
     /// The forwarding headers for a request from `client`, whose peer address reads `peer_ip`.
     pub fn new<H: Headers + ?Sized>(
         request: &'a H,
-        client: &crate::gateway::Client,
+        client: &crate::client::Client,
         peer_ip: &'a str,
         host: Option<&'a str>,
     ) -> ForwardedHeaders<'a> {
@@ -362,6 +362,39 @@ pub fn identity<'u>(config: &'u Config, user: &'u User) -> [(&'u HeaderName, Cow
         (&h.name.0, clean(Cow::Borrowed(&user.display_name))),
         (&h.groups.0, clean(Cow::Owned(user.groups.join(",")))),
     ]
+}
+
+/// Removes every client-sent identity header ([`is_identity_header`]).
+pub fn strip_identity_headers(config: &Config, headers: &mut HeaderMap) {
+    let spoofable = |name: &HeaderName| is_identity_header(config, name.as_str().as_bytes());
+    if !headers.keys().any(spoofable) {
+        return;
+    }
+    let doomed: Vec<HeaderName> = headers.keys().filter(|n| spoofable(n)).cloned().collect();
+    for name in doomed {
+        headers.remove(&name);
+    }
+}
+
+/// Adds the identity headers from the session's user.
+pub fn set_identity(headers: &mut HeaderMap, config: &Config, user: &User) {
+    for (name, value) in identity(config, user) {
+        if let Ok(v) = HeaderValue::from_str(&value).or_else(|_| HeaderValue::from_bytes(value.as_bytes())) {
+            headers.insert(name.clone(), v);
+        }
+    }
+}
+
+/// The request's host: the URI authority (HTTP/2) or the Host header.
+pub fn request_host<B>(req: &http::Request<B>) -> Option<String> {
+    host_of(req.uri(), req.headers())
+}
+
+/// The host from a URI authority or, failing that, a Host header.
+pub fn host_of(uri: &http::Uri, headers: &HeaderMap) -> Option<String> {
+    uri.authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| headers.get(http::header::HOST).and_then(|v| v.to_str().ok()).map(str::to_string))
 }
 
 #[cfg(test)]

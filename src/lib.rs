@@ -8,7 +8,9 @@
 
 pub mod admin;
 pub mod audit;
+pub mod body;
 pub mod cli;
+pub mod client;
 pub mod clock;
 pub mod config;
 pub mod credentials;
@@ -24,6 +26,7 @@ pub mod policy;
 pub mod portal;
 pub mod proxy;
 pub mod respond;
+pub mod router;
 pub mod server;
 pub mod session;
 pub mod store;
@@ -31,18 +34,13 @@ pub mod store;
 use std::future::Future;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
 use tokio::net::TcpListener;
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::gateway::Gateway;
 
-/// Any error a body can carry.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// The response body type: our own pages and streamed upstream bodies alike.
-pub type Body = BoxBody<Bytes, BoxError>;
+pub use body::{Body, BoxError};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -163,7 +161,7 @@ async fn watch_tunnels(gw: Arc<arc_swap::ArcSwap<Gateway>>) {
         seen = revision;
         let now = gw.clock.now();
         for due in gw.tunnels.due(now, all) {
-            match gw.tunnel_session(due.session, now).await {
+            match gw.sessions.recheck(due.session, now).await {
                 Some(next) => gw.tunnels.extend(due.tunnel, next),
                 None => gw.tunnels.end(due.tunnel),
             }

@@ -3,6 +3,7 @@
 //! Decided on the same normalised path the upstream will receive, so what we check is what the app serves.
 
 use crate::config::{App, Config, HostPattern, Policy};
+use crate::store::Level;
 
 /// Why a request cannot be matched to a decision.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -24,6 +25,35 @@ pub struct Decision {
     pub policy: Policy,
     /// The normalised path (percent-encoded) to send upstream.
     pub path: String,
+}
+
+/// What a signed-in session may do with an app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// It may use the app.
+    Pass,
+    /// It owes its second factor (or enrolment): nothing but the portal.
+    Pending,
+    /// Signed in with the password alone, and the app needs two factors: enrolment first.
+    NeedsSecondFactor,
+    /// The user's groups don't include one the app requires.
+    NotInGroup,
+}
+
+/// Whether a session at `level` of a user in `groups` may use `app`, whose path needs `needed` (an
+/// authenticating policy, not deny or bypass). The one admission rule of both proxy paths.
+pub fn admission(app: &App, needed: Policy, level: Level, groups: &[String]) -> Admission {
+    match (level, needed) {
+        (Level::Pending, _) => Admission::Pending,
+        (Level::Password, Policy::TwoFactor) => Admission::NeedsSecondFactor,
+        _ if !app.groups.is_empty() && !app.groups.iter().any(|g| groups.contains(g)) => Admission::NotInGroup,
+        _ => Admission::Pass,
+    }
+}
+
+/// Whether a path belongs to the portal (under `prefix`, e.g. `/_portcullis`).
+pub fn owns(prefix: &str, path: &str) -> bool {
+    path.strip_prefix(prefix).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 /// Picks the app and policy for a host and raw path.

@@ -119,6 +119,15 @@ impl From<crate::credentials::password::PasswordError> for Reject {
     }
 }
 
+impl From<crate::session::SessionError> for Reject {
+    fn from(e: crate::session::SessionError) -> Self {
+        match e {
+            crate::session::SessionError::Store(e) => e.into(),
+            crate::session::SessionError::Key(e) => e.into(),
+        }
+    }
+}
+
 impl From<crate::keys::KeyError> for Reject {
     fn from(e: crate::keys::KeyError) -> Self {
         tracing::error!(error = %e, "key operation failed; refusing the request");

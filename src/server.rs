@@ -18,8 +18,9 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use crate::gateway::{Gateway, handle};
+use crate::gateway::Gateway;
 use crate::proxy::relay::{self, Outcome};
+use crate::router::handle;
 
 /// TLS set-up failures.
 #[derive(Debug, thiserror::Error)]

@@ -7,17 +7,18 @@ use minijinja::{Value, context};
 
 use crate::Body;
 use crate::audit::{AuditEvent, EventKind};
+use crate::client::Client;
 use crate::clock::rfc3339;
 use crate::credentials::lockout::Step;
 use crate::credentials::{recovery, totp};
-use crate::gateway::{Client, Gateway};
+use crate::gateway::Gateway;
 use crate::portal::form::{self, Form, check_csrf};
 use crate::portal::pages::{full, redirect, secure_headers};
 use crate::portal::redirect::target_or_root;
 use crate::portal::two_factor::TOTP_PURPOSE;
 use crate::portal::{Gate, query_param, require_session, rotate, with_cookie};
 use crate::respond::Reject;
-use crate::session::{Authenticated, clear_cookie};
+use crate::session::Authenticated;
 use crate::store::{ENROLMENT_TTL, LastLogin, Level, PendingEnrolment, Revoke, SecondFactor, TwoFactorState};
 
 /// Purpose of the grant that lets a recovery codes page offer its download.
@@ -360,8 +361,8 @@ pub async fn cancel_enrolment(gw: &Gateway, client: &Client, req: Request<Incomi
     check_csrf(gw, &parts, &form, Some(&auth.id.0))?;
     gw.store.delete_pending_enrolment(auth.id.0).await?;
     if auth.record.level == Level::Pending {
-        gw.store.delete_session(auth.id.0).await?;
-        let clear = clear_cookie(&gw.config.session.cookie_name.0, gw.secure_cookies(client));
+        gw.sessions.end(auth.id).await?;
+        let clear = gw.sessions.clear_cookie(client.https);
         let login = format!("{}/login", gw.prefix());
         return Ok(with_cookie(redirect(StatusCode::SEE_OTHER, &login), Some(clear)));
     }

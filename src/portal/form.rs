@@ -7,7 +7,8 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use subtle::ConstantTimeEq;
 
-use crate::gateway::{Gateway, host_of};
+use crate::gateway::Gateway;
+use crate::headers::host_of;
 use crate::respond::Reject;
 
 /// Largest accepted form body.

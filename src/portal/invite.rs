@@ -8,9 +8,10 @@ use minijinja::context;
 
 use crate::Body;
 use crate::audit::{AuditEvent, EventKind};
+use crate::client::Client;
 use crate::config::Config;
 use crate::credentials::{password, tokens};
-use crate::gateway::{Client, Gateway};
+use crate::gateway::Gateway;
 use crate::keys::Keys;
 use crate::mail::Email;
 use crate::portal::form::{self, check_csrf};
@@ -18,8 +19,8 @@ use crate::portal::login::anonymous_binding;
 use crate::portal::pages::redirect;
 use crate::portal::{query_param, with_cookie};
 use crate::respond::Reject;
-use crate::session::{self, SessionId};
-use crate::store::{Level, SessionRecord, Store, StoreError, TokenKind, TokenRecord, TokenUse, User};
+use crate::session::{self};
+use crate::store::{Level, Store, StoreError, TokenKind, TokenRecord, TokenUse, User};
 
 /// Creates an invitation for `email` with `groups` and returns the email to send (its link holds the token).
 pub async fn issue(
@@ -167,16 +168,7 @@ pub async fn accept(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Re
     gw.audit(event.by(&rec.issued_by)).await;
     // The new account starts like a fresh login: with two-factor required, only enrolment is open to it.
     let level = if gw.config.two_factor.required { Level::Pending } else { Level::Password };
-    let id = SessionId::random()?;
-    let record = SessionRecord {
-        username: username.clone(),
-        level,
-        created: now,
-        last_seen: now,
-        address: client.addr.to_string(),
-    };
-    gw.store.insert_session(id.0, record, None).await?;
-    let cookie = session::session_cookie(&gw.keys, &gw.config.session.cookie_name.0, &id, gw.secure_cookies(client));
+    let (_, cookie) = gw.sessions.start(&username, level, client.addr, None, client.https).await?;
     let next = if level == Level::Pending { crate::portal::enroll_url(gw, "/") } else { "/".to_string() };
     Ok(with_cookie(redirect(StatusCode::SEE_OTHER, &next), Some(cookie)))
 }

@@ -6,16 +6,17 @@ use minijinja::context;
 
 use crate::Body;
 use crate::audit::{AuditEvent, EventKind};
+use crate::client::Client;
 use crate::credentials::lockout::Step;
-use crate::gateway::{Client, Gateway};
+use crate::gateway::Gateway;
 use crate::keys::random_bytes;
 use crate::portal::form::{self, check_csrf};
 use crate::portal::pages::redirect;
 use crate::portal::redirect::target_or_root;
 use crate::portal::{next_step_url, query_param, with_cookie};
 use crate::respond::Reject;
-use crate::session::{self, SessionId};
-use crate::store::{LastLogin, Level, SessionRecord, User, normalize_login};
+use crate::session::{self};
+use crate::store::{LastLogin, Level, User, normalize_login};
 
 /// The `rd` query parameter, made safe.
 fn rd_param(req: &Request<Incoming>) -> String {
@@ -56,7 +57,7 @@ fn login_page(
 /// GET login: already signed in → straight on; otherwise the form.
 pub async fn show(gw: &Gateway, client: &Client, req: &Request<Incoming>) -> Result<Response<Body>, Reject> {
     let rd = rd_param(req);
-    if let Some(auth) = gw.authenticate(req.headers()).await? {
+    if let Some(auth) = gw.sessions.authenticate(req.headers()).await? {
         let next = match auth.record.level {
             Level::Pending => next_step_url(gw, &auth.user, &rd),
             _ => rd,
@@ -107,17 +108,9 @@ pub async fn submit(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Re
     } else {
         (Level::Password, rd)
     };
-    let id = SessionId::random()?;
-    let record = SessionRecord {
-        username: user.username.clone(),
-        level,
-        created: now,
-        last_seen: now,
-        address: client.addr.to_string(),
-    };
     // A new id at every level change (session fixation); the old session goes in the same transaction.
-    let old = session::session_id(&gw.keys, &parts.headers, &gw.config.session.cookie_name.0);
-    gw.store.insert_session(id.0, record, old.map(|o| o.0)).await?;
+    let old = gw.sessions.presented_id(&parts.headers);
+    let (_, cookie) = gw.sessions.start(&user.username, level, client.addr, old, client.https).await?;
     if level == Level::Password {
         let login = LastLogin { at: now, address: client.addr.to_string(), second_factor: None };
         gw.store.record_login(&user.username, login).await?;
@@ -126,7 +119,6 @@ pub async fn submit(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Re
     let detail = if level == Level::Pending { "second factor due" } else { "password only" };
     gw.audit(AuditEvent::new(now, EventKind::LoginSucceeded, &user.username).from_addr(client.addr).detail(detail))
         .await;
-    let cookie = session::session_cookie(&gw.keys, &gw.config.session.cookie_name.0, &id, gw.secure_cookies(client));
     Ok(with_cookie(redirect(StatusCode::SEE_OTHER, &next), Some(cookie)))
 }
 
@@ -158,7 +150,7 @@ async fn failed_login(
 
 /// GET logout: a confirmation form (logout is a POST, so a link or image can't sign anyone out).
 pub async fn show_logout(gw: &Gateway, req: &Request<Incoming>) -> Result<Response<Body>, Reject> {
-    let Some(auth) = gw.authenticate(req.headers()).await? else {
+    let Some(auth) = gw.sessions.authenticate(req.headers()).await? else {
         return Ok(redirect(StatusCode::SEE_OTHER, &format!("{}/login", gw.prefix())));
     };
     let ctx = context! { csrf => gw.keys.csrf_token(&auth.id.0), username => &auth.user.username };
@@ -169,15 +161,14 @@ pub async fn show_logout(gw: &Gateway, req: &Request<Incoming>) -> Result<Respon
 pub async fn logout(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Result<Response<Body>, Reject> {
     let (parts, form) = form::read(req).await?;
     let login = format!("{}/login", gw.prefix());
-    let Some(id) = session::session_id(&gw.keys, &parts.headers, &gw.config.session.cookie_name.0) else {
+    let Some(id) = gw.sessions.presented_id(&parts.headers) else {
         return Ok(redirect(StatusCode::SEE_OTHER, &login));
     };
     check_csrf(gw, &parts, &form, Some(&id.0))?;
     let who = gw.store.session_with_user(id.0).await?.map(|(rec, _)| rec.username);
-    gw.store.delete_session(id.0).await?;
+    gw.sessions.end(id).await?;
     if let Some(user) = who {
         gw.audit(AuditEvent::new(gw.clock.now(), EventKind::Logout, &user).from_addr(client.addr)).await;
     }
-    let clear = session::clear_cookie(&gw.config.session.cookie_name.0, gw.secure_cookies(client));
-    Ok(with_cookie(redirect(StatusCode::SEE_OTHER, &login), Some(clear)))
+    Ok(with_cookie(redirect(StatusCode::SEE_OTHER, &login), Some(gw.sessions.clear_cookie(client.https))))
 }

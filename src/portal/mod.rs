@@ -15,17 +15,13 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, h
 use hyper::body::Incoming;
 
 use crate::Body;
-use crate::gateway::{Client, Gateway};
+use crate::client::Client;
+use crate::gateway::Gateway;
 use crate::respond::Reject;
-use crate::session::{self, Authenticated, SessionId};
-use crate::store::{LastLogin, Level, SecondFactor, SessionRecord, User};
+use crate::session::{Authenticated, SessionId};
+use crate::store::{LastLogin, Level, SecondFactor, User};
 use account::Sensitive;
 use pages::redirect;
-
-/// Whether a path belongs to the portal.
-pub fn owns(prefix: &str, path: &str) -> bool {
-    path.strip_prefix(prefix).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
-}
 
 /// Routes a portal request. Paths match exactly, so no rule or header can reach a page by accident.
 pub async fn handle(
@@ -158,7 +154,7 @@ pub async fn require_session(
     rd: &str,
     gate: Gate,
 ) -> Result<Result<Authenticated, Response<Body>>, Reject> {
-    let Some(auth) = gw.authenticate(headers).await? else {
+    let Some(auth) = gw.sessions.authenticate(headers).await? else {
         return Ok(Err(redirect(StatusCode::SEE_OTHER, &login_url(gw, rd))));
     };
     if gate == Gate::SignedIn && auth.record.level == Level::Pending {
@@ -182,18 +178,7 @@ pub async fn rotate(
     auth: &Authenticated,
     level: Level,
 ) -> Result<(SessionId, String), Reject> {
-    let id = SessionId::random()?;
-    let record = SessionRecord {
-        username: auth.user.username.clone(),
-        level,
-        // The absolute lifetime still counts from the password step.
-        created: auth.record.created,
-        last_seen: gw.clock.now(),
-        address: client.addr.to_string(),
-    };
-    gw.store.insert_session(id.0, record, Some(auth.id.0)).await?;
-    let cookie = session::session_cookie(&gw.keys, &gw.config.session.cookie_name.0, &id, gw.secure_cookies(client));
-    Ok((id, cookie))
+    Ok(gw.sessions.rotate(auth, level, client.addr, client.https).await?)
 }
 
 /// Completes a sign-in: rotate to `level`, record the login, go to `rd`.

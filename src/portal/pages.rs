@@ -5,7 +5,6 @@ use std::path::PathBuf;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full};
 use minijinja::{Environment, Value, context};
 
 use crate::Body;
@@ -113,10 +112,7 @@ fn html_formatter(
     }
 }
 
-/// Wraps owned bytes as a response body.
-pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
-}
+pub use crate::body::full;
 
 /// Adds the headers every portal response carries.
 pub fn secure_headers(h: &mut HeaderMap) {

@@ -10,9 +10,10 @@ use minijinja::context;
 
 use crate::Body;
 use crate::audit::{AuditEvent, EventKind};
+use crate::client::Client;
 use crate::credentials::lockout::Step;
 use crate::credentials::{password, recovery, tokens, totp};
-use crate::gateway::{Client, Gateway};
+use crate::gateway::Gateway;
 use crate::mail::Email;
 use crate::notify::{Notice, notify};
 use crate::portal::form::{self, check_csrf};

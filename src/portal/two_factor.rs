@@ -6,9 +6,10 @@ use minijinja::context;
 
 use crate::Body;
 use crate::audit::{AuditEvent, EventKind};
+use crate::client::Client;
 use crate::credentials::lockout::Step;
 use crate::credentials::{recovery, totp};
-use crate::gateway::{Client, Gateway};
+use crate::gateway::Gateway;
 use crate::notify::{Notice, notify};
 use crate::portal::form::{self, check_csrf};
 use crate::portal::pages::redirect;

@@ -9,8 +9,9 @@ use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, header};
 use hyper::body::Incoming;
 
 use crate::Body;
+use crate::client::Client;
 use crate::config::Policy;
-use crate::gateway::{Client, Gateway};
+use crate::gateway::Gateway;
 use crate::portal::pages::{full, redirect};
 use crate::respond::Reject;
 use crate::store::Level;
@@ -101,7 +102,7 @@ pub async fn verify(gw: &Gateway, client: &Client, req: &Request<Incoming>) -> R
         p => p,
     };
     let rd = crate::portal::redirect::target_or_root(&orig.path_and_query);
-    let Some(auth) = gw.authenticate_cached(req.headers()).await? else {
+    let Some(auth) = gw.sessions.authenticate_cached(req.headers()).await? else {
         return Ok(sign_in(&orig, crate::portal::login_url(gw, &rd)));
     };
     match (auth.record.level, needed) {
@@ -113,6 +114,6 @@ pub async fn verify(gw: &Gateway, client: &Client, req: &Request<Incoming>) -> R
         return Ok(status(StatusCode::FORBIDDEN));
     }
     let mut resp = status(StatusCode::OK);
-    crate::proxy::set_identity(resp.headers_mut(), &gw.config, &auth.user);
+    crate::headers::set_identity(resp.headers_mut(), &gw.config, &auth.user);
     Ok(resp)
 }

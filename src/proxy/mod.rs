@@ -14,8 +14,10 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
 use crate::Body;
+use crate::client::Client;
 use crate::config::{App, Config};
-use crate::gateway::{Client, Gateway, request_host};
+use crate::gateway::Gateway;
+use crate::headers::request_host;
 use crate::headers::{ForwardedHeaders, Listed, foreign_cookies, has_token, passes_downstream, passes_upstream};
 use crate::policy::Decision;
 use crate::respond::Reject;
@@ -150,15 +152,6 @@ fn is_websocket(headers: &HeaderMap) -> bool {
     has_token(headers, "connection", "upgrade") && has_token(headers, "upgrade", "websocket")
 }
 
-/// Adds the identity headers from the session's user.
-pub fn set_identity(headers: &mut HeaderMap, config: &Config, user: &User) {
-    for (name, value) in crate::headers::identity(config, user) {
-        if let Ok(v) = HeaderValue::from_str(&value).or_else(|_| HeaderValue::from_bytes(value.as_bytes())) {
-            headers.insert(name.clone(), v);
-        }
-    }
-}
-
 /// The request headers for the app: what passes as sent ([`passes_upstream`]), then our own cookies removed,
 /// the forwarding headers and the identity from the session.
 fn upstream_headers(
@@ -186,7 +179,7 @@ fn upstream_headers(
         }
     }
     if let Some(user) = identity {
-        set_identity(&mut to, &gw.config, user);
+        crate::headers::set_identity(&mut to, &gw.config, user);
     }
     // HTTP/2 clients send :authority, not Host; the upstream speaks HTTP/1.1 and needs Host.
     if let Some(v) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
@@ -256,7 +249,7 @@ pub async fn forward(
         drop(checkin);
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
         // The tunnel lives while its session does (bypass tunnels belong to nobody).
-        let owner = session.as_ref().map(|s| (s.id, gw.session_due(&s.record)));
+        let owner = session.as_ref().map(|s| (s.id, gw.sessions.due(&s.record)));
         gw.tunnels.open(owner, async move {
             match tokio::try_join!(client_upgrade, upstream_upgrade) {
                 Ok((down, up)) => {
@@ -268,7 +261,7 @@ pub async fn forward(
             }
         });
         let (parts, _) = resp.into_parts();
-        return Ok(Response::from_parts(parts, crate::portal::pages::full(bytes::Bytes::new())));
+        return Ok(Response::from_parts(parts, crate::body::full(bytes::Bytes::new())));
     }
 
     // The relay's framing rule, so both paths refuse the same answers: hyper's client would take a

@@ -23,10 +23,12 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Policy;
-use crate::gateway::{Admission, CacheAnswer, Gateway, admission};
+use crate::gateway::Gateway;
 use crate::headers::{self, ForwardedHeaders, Framing, Headers};
+use crate::policy::{Admission, admission};
 use crate::proxy::pool::{Affinity, IdlePool};
 use crate::respond::Reject;
+use crate::session::CacheAnswer;
 
 /// Header lines the relay parses per request; more go to hyper.
 const MAX_HEADERS: usize = 64;
@@ -257,7 +259,7 @@ fn plan(gw: &Gateway, c: &mut Conn) -> Planned {
         return Planned::Handover;
     };
     let (path, query) = target.split_once('?').map_or((target, None), |(p, q)| (p, Some(q)));
-    if crate::portal::owns(gw.prefix(), path) {
+    if crate::policy::owns(gw.prefix(), path) {
         return Planned::Handover;
     }
     let app_index = crate::policy::find_app(&gw.config.apps, Some(host));
@@ -286,8 +288,12 @@ fn plan(gw: &Gateway, c: &mut Conn) -> Planned {
     let user = match decision.policy {
         Policy::Deny => return Planned::Handover,
         Policy::Bypass => None,
-        needed => match gw.cached_session_of(sessions[..found].iter().copied()) {
-            Ok(CacheAnswer::Hit(auth)) if admission(app, needed, &auth) == Admission::Pass => Some(auth.user),
+        needed => match gw.sessions.cached_of(sessions[..found].iter().copied()) {
+            Ok(CacheAnswer::Hit(auth))
+                if admission(app, needed, auth.record.level, &auth.user.groups) == Admission::Pass =>
+            {
+                Some(auth.user)
+            }
             _ => return Planned::Handover,
         },
     };

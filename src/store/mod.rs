@@ -243,6 +243,13 @@ pub struct SessionRecord {
     pub address: String,
 }
 
+impl SessionRecord {
+    /// Whether the record has passed its idle or absolute limit at `now`.
+    pub fn expired(&self, now: u64, idle: u64, max_lifetime: u64) -> bool {
+        now >= self.created.saturating_add(max_lifetime) || now >= self.last_seen.saturating_add(idle)
+    }
+}
+
 /// A failure counter's state after an update.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Failures {
@@ -706,5 +713,24 @@ impl Store {
     /// True at most once per `interval` seconds for `key` (throttles notifications).
     pub async fn claim_interval(&self, key: String, now: u64, interval: u64) -> Result<bool, StoreError> {
         dispatch!(self, |s| s.claim_interval(&key, now, interval), |p| p.claim_interval(&key, now, interval).await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_is_idle_or_absolute() {
+        let rec = SessionRecord {
+            username: "a".into(),
+            level: Level::Full,
+            created: 1000,
+            last_seen: 1500,
+            address: String::new(),
+        };
+        assert!(!rec.expired(1599, 100, 1000));
+        assert!(rec.expired(1600, 100, 1000));
+        assert!(rec.expired(2000, 10_000, 1000));
     }
 }

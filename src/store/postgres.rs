@@ -416,7 +416,7 @@ impl PgStore {
         for r in &rows {
             let mut rec: SessionRecord = decode(r.get::<_, &[u8]>(1))?;
             rec.last_seen = rec.last_seen.max(u(r.get(2)));
-            if crate::session::expired(&rec, now, idle, max_lifetime) {
+            if rec.expired(now, idle, max_lifetime) {
                 expired.push(r.get::<_, Vec<u8>>(0));
             }
         }

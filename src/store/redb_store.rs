@@ -585,7 +585,7 @@ impl RedbStore {
                 for row in sessions.iter()? {
                     let (k, v) = row?;
                     let rec: SessionRecord = decode(v.value())?;
-                    if crate::session::expired(&rec, now, idle, max_lifetime) {
+                    if rec.expired(now, idle, max_lifetime) {
                         ids.push(k.value().to_vec());
                     }
                 }

@@ -1,0 +1,99 @@
+//! The request flow: request → policy → session → portal or proxy. [`handle`] is the one entry point for every
+//! request hyper's server reads (the HTTP/1.1 relay decides its own requests with the same policy and session
+//! calls, see [`crate::proxy::relay`]).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::Body;
+use crate::client::Client;
+use crate::config::Policy;
+use crate::gateway::Gateway;
+use crate::policy::{Admission, admission};
+use crate::portal::pages::redirect;
+use crate::respond::{Reject, reject};
+
+/// Whether a request is from a browser that can follow a redirect to the login page.
+fn wants_html(req: &Request<Incoming>) -> bool {
+    let get = req.method() == http::Method::GET || req.method() == http::Method::HEAD;
+    let html = req
+        .headers()
+        .get_all(http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("text/html"));
+    get && html
+}
+
+/// Handles one request from start to finish. Never fails: every error becomes a page.
+pub async fn handle(gw: Arc<Gateway>, peer: SocketAddr, mut req: Request<Incoming>) -> Response<Body> {
+    crate::headers::strip_identity_headers(&gw.config, req.headers_mut());
+    let client = gw.client(peer, req.headers());
+    let portal = crate::policy::owns(gw.prefix(), req.uri().path());
+    let app = if portal {
+        None
+    } else {
+        crate::policy::find_app(&gw.config.apps, crate::headers::request_host(&req).as_deref())
+    };
+    let result =
+        if portal { crate::portal::handle(&gw, &client, req).await } else { protected(&gw, &client, app, req).await };
+    let resp = result.unwrap_or_else(|r| reject(&gw, &r));
+    let n = gw.config.apps.len();
+    let slot = match app {
+        Some(i) => i,
+        None if portal => n,
+        None => n + 1,
+    };
+    gw.app_metrics[slot].request(resp.status().as_u16());
+    resp
+}
+
+/// A request for an application: decide, authenticate, then proxy or send to the login page.
+async fn protected(
+    gw: &Arc<Gateway>,
+    client: &Client,
+    app: Option<usize>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Reject> {
+    let decision = crate::policy::decide_for(&gw.config, app, req.uri().path()).map_err(|e| match e {
+        crate::policy::PolicyError::UnknownHost => Reject::UnknownHost,
+        crate::policy::PolicyError::BadPath(why) => Reject::BadRequest(why),
+    })?;
+    let app = &gw.config.apps[decision.app];
+    if !app.allow_get_body && crate::headers::bodyless_method_with_body(&req) {
+        return Err(Reject::BadRequest("A GET or HEAD request can't carry a body."));
+    }
+    let identity = match decision.policy {
+        Policy::Deny => return Err(Reject::Denied),
+        Policy::Bypass => None,
+        needed => {
+            let Some(auth) = gw.sessions.authenticate_cached(req.headers()).await? else {
+                return Ok(send_to(gw, &req, |rd| crate::portal::login_url(gw, rd)));
+            };
+            match admission(app, needed, auth.record.level, &auth.user.groups) {
+                Admission::Pending => {
+                    return Ok(send_to(gw, &req, |rd| crate::portal::next_step_url(gw, &auth.user, rd)));
+                }
+                Admission::NeedsSecondFactor => {
+                    return Ok(send_to(gw, &req, |rd| crate::portal::enroll_url(gw, rd)));
+                }
+                Admission::NotInGroup => return Err(Reject::NotInGroup),
+                Admission::Pass => {}
+            }
+            Some(auth)
+        }
+    };
+    crate::proxy::forward(gw, client, decision, identity, req).await
+}
+
+/// Browsers go to the portal page `url(where they were going)`; everything else gets 401.
+fn send_to(gw: &Gateway, req: &Request<Incoming>, url: impl FnOnce(&str) -> String) -> Response<Body> {
+    if !wants_html(req) {
+        return reject(gw, &Reject::Unauthorized);
+    }
+    let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    redirect(StatusCode::FOUND, &url(target))
+}
