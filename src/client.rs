@@ -18,6 +18,11 @@ pub struct Client {
 }
 
 impl Client {
+    /// The forwarding facts of this client ([`crate::headers::ForwardedHeaders`]).
+    pub fn via(&self) -> crate::headers::Via {
+        crate::headers::Via { client: self.addr, peer: self.peer.ip(), trusted: self.trusted, https: self.https }
+    }
+
     /// Works out the client from the peer and, only when the peer is in `trusted_proxies`, X-Forwarded-For and
     /// X-Forwarded-Proto. `tls`: whether our listener terminates TLS.
     pub fn of<H: Headers + ?Sized>(

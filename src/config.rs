@@ -666,7 +666,7 @@ impl<'de> Deserialize<'de> for HostPattern {
         if s == "*" {
             return Ok(HostPattern::Any);
         }
-        match crate::policy::normalize_host(&s) {
+        match crate::normalize::normalize_host(&s) {
             Some(h) if !s.contains(':') || h.starts_with('[') => Ok(HostPattern::Exact(h)),
             _ => Err(serde::de::Error::custom(format!(
                 "{s:?} is not a host name (write the name without scheme, port or path, or \"*\")"
@@ -711,7 +711,7 @@ pub struct RulePath(pub String);
 impl<'de> Deserialize<'de> for RulePath {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        match crate::policy::normalize_path(&s) {
+        match crate::normalize::normalize_path(&s) {
             Ok(n) if n == s => Ok(RulePath(s)),
             _ => Err(serde::de::Error::custom(format!(
                 "rule path {s:?} must start with / and be in normal form (no //, . or .. segments, no %-escapes)"

@@ -301,6 +301,19 @@ pub fn bodyless_method_with_body<B: http_body::Body>(req: &http::Request<B>) -> 
         || !req.body().is_end_stream()
 }
 
+/// How a request reached us: what the forwarding headers are made from.
+#[derive(Debug, Clone, Copy)]
+pub struct Via {
+    /// The client's address (the peer, or what a trusted proxy says).
+    pub client: std::net::IpAddr,
+    /// The TCP peer's address.
+    pub peer: std::net::IpAddr,
+    /// Whether the peer is a trusted proxy.
+    pub trusted: bool,
+    /// Whether the client used https.
+    pub https: bool,
+}
+
 /// The forwarding headers sent upstream, worked out once for both proxy paths.
 pub struct ForwardedHeaders<'a> {
     /// X-Forwarded-For: a trusted proxy's chain extended with the peer, or just the peer.
@@ -314,23 +327,23 @@ pub struct ForwardedHeaders<'a> {
 }
 
 impl<'a> ForwardedHeaders<'a> {
-    /// The forwarding headers for a request from `client`, whose peer address reads `peer_ip`.
+    /// The forwarding headers for a request from the client at `client_addr` (over https or not) through the
+    /// peer whose address reads `peer_ip`; `trusted`: the peer is one of our trusted proxies.
     pub fn new<H: Headers + ?Sized>(
         request: &'a H,
-        client: &crate::client::Client,
+        via: Via,
         peer_ip: &'a str,
         host: Option<&'a str>,
     ) -> ForwardedHeaders<'a> {
         let forwarded_for = match request.first_text("x-forwarded-for") {
-            Some(prior) if client.trusted => Cow::Owned(format!("{prior}, {peer_ip}")),
+            Some(prior) if via.trusted => Cow::Owned(format!("{prior}, {peer_ip}")),
             _ => Cow::Borrowed(peer_ip),
         };
-        let keeps_host = client.trusted && request.values("x-forwarded-host").next().is_some();
-        let real_ip =
-            if client.addr == client.peer.ip() { Cow::Borrowed(peer_ip) } else { Cow::Owned(client.addr.to_string()) };
+        let keeps_host = via.trusted && request.values("x-forwarded-host").next().is_some();
+        let real_ip = if via.client == via.peer { Cow::Borrowed(peer_ip) } else { Cow::Owned(via.client.to_string()) };
         ForwardedHeaders {
             forwarded_for,
-            proto: if client.https { "https" } else { "http" },
+            proto: if via.https { "https" } else { "http" },
             host: if keeps_host { None } else { host },
             real_ip,
         }

@@ -21,6 +21,7 @@ pub mod headers;
 pub mod keys;
 pub mod mail;
 pub mod metrics;
+pub mod normalize;
 pub mod notify;
 pub mod policy;
 pub mod portal;

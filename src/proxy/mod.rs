@@ -173,7 +173,7 @@ fn upstream_headers(
         to.insert(header::COOKIE, v);
     }
     let peer_ip = client.peer.ip().to_string();
-    for (name, value) in ForwardedHeaders::new(from, client, &peer_ip, host).pairs() {
+    for (name, value) in ForwardedHeaders::new(from, client.via(), &peer_ip, host).pairs() {
         if let Ok(v) = HeaderValue::from_str(value) {
             to.insert(HeaderName::from_static(name), v);
         }

@@ -317,7 +317,7 @@ fn plan(gw: &Gateway, c: &mut Conn) -> Planned {
     if !foreign.is_empty() {
         put_header(out, b"cookie", foreign.as_bytes());
     }
-    for (name, value) in ForwardedHeaders::new(hs, &client, peer_ip, Some(host)).pairs() {
+    for (name, value) in ForwardedHeaders::new(hs, client.via(), peer_ip, Some(host)).pairs() {
         put_header(out, name.as_bytes(), value.as_bytes());
     }
     if let Some(user) = &user {

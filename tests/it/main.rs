@@ -9,6 +9,7 @@ mod cli;
 mod faults;
 mod fuzz_corpus;
 mod hardening;
+mod layout;
 mod mail;
 mod ops;
 mod pages;

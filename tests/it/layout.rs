@@ -1,0 +1,103 @@
+//! The module layers point only down: the lower modules (storage, credentials, policy, headers, config, keys,
+//! clock, mail, sessions…) refer to nothing above them, and none of them speaks hyper. Read from the sources'
+//! own `crate::` paths, so a new upward import fails here, not in a later refactoring.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Each lower module and its layer; a module may use only modules of a lower layer (and itself). Everything not
+/// listed (gateway, router, portal, proxy, admin, cli, server, respond, notify, metrics, demo) is above them all.
+const LAYERS: &[(&str, u8)] = &[
+    ("files", 0),
+    ("clock", 0),
+    ("audit", 0),
+    ("body", 0),
+    ("normalize", 0),
+    ("keys", 1),
+    ("config", 1),
+    ("store", 2),
+    ("mail", 2),
+    ("credentials", 3),
+    ("policy", 3),
+    ("headers", 3),
+    ("client", 4),
+    ("session", 4),
+];
+
+fn layer(module: &str) -> Option<u8> {
+    LAYERS.iter().find(|(m, _)| *m == module).map(|(_, l)| *l)
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            rust_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+/// The top-level module a source file belongs to (`src/store/postgres.rs` → `store`).
+fn top_module(src: &Path, file: &Path) -> String {
+    let rel = file.strip_prefix(src).unwrap();
+    let first = rel.components().next().unwrap().as_os_str().to_string_lossy().to_string();
+    first.trim_end_matches(".rs").to_string()
+}
+
+/// The crate modules a file's code names (`crate::x`, `use crate::{x, y}`), comments and unit tests left out.
+fn references(code: &str) -> Vec<String> {
+    let code = code.split("#[cfg(test)]").next().unwrap_or(code);
+    let code: String = code.lines().map(|l| l.split("//").next().unwrap_or("")).collect::<Vec<_>>().join("\n");
+    let mut refs = Vec::new();
+    let ident = |s: &str| s.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect::<String>();
+    for (i, _) in code.match_indices("crate::") {
+        let rest = &code[i + "crate::".len()..];
+        if let Some(list) = rest.strip_prefix('{') {
+            let list = &list[..list.find('}').unwrap_or(list.len())];
+            refs.extend(list.split(',').map(|p| ident(p.trim())).filter(|s| !s.is_empty()));
+        } else {
+            refs.push(ident(rest));
+        }
+    }
+    refs
+}
+
+#[test]
+fn lower_layers_import_nothing_above_them_and_no_hyper() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut wrong: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut checked = 0;
+    for f in &files {
+        let me = top_module(&src, f);
+        let Some(mine) = layer(&me) else { continue };
+        checked += 1;
+        let code = std::fs::read_to_string(f).unwrap();
+        let name = f.strip_prefix(&src).unwrap().display().to_string();
+        for r in references(&code) {
+            if r == me || r == "Body" || r == "BoxError" {
+                continue;
+            }
+            match layer(&r) {
+                Some(l) if l < mine => {}
+                _ => wrong.entry(name.clone()).or_default().push(format!("crate::{r}")),
+            }
+        }
+        let body = code.split("#[cfg(test)]").next().unwrap_or(&code);
+        if body.contains("hyper::") {
+            wrong.entry(name).or_default().push("hyper::".into());
+        }
+    }
+    assert!(checked >= 20, "only {checked} lower-layer files found under {}", src.display());
+    assert!(wrong.is_empty(), "imports that point up (or sideways) from a lower layer: {wrong:#?}");
+}
+
+#[test]
+fn the_reference_reader_sees_every_form_of_crate_path() {
+    let code = "use crate::config::Config;\nuse crate::{gateway::Gateway, store};\nlet x = crate::portal::owns(a);\n\
+                // crate::router in a comment\n#[cfg(test)]\nmod tests { use crate::cli; }";
+    assert_eq!(references(code), ["config", "gateway", "store", "portal"]);
+}
