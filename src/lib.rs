@@ -2,6 +2,23 @@
 //!
 //! A request flows request → [`policy`] → [`session`] → [`portal`] (the gateway's own pages) or [`proxy`]
 //! (the application). [`run`] serves on an already-bound listener so tests can start a real gateway on port 0.
+//!
+//! # Layout
+//!
+//! Layers, lowest first; a module uses only modules of lower layers (checked by the `layout` integration test):
+//!
+//! | layer | modules | what |
+//! |---|---|---|
+//! | 0 | [`files`], [`clock`], [`audit`], [`body`], [`normalize`] | private files, injected time, audit events, the body type, path/host normal forms |
+//! | 1 | [`keys`], [`config`] | derived keys; the TOML configuration |
+//! | 2 | [`store`], [`mail`] | users, sessions, tokens, counters (redb or PostgreSQL); the outgoing mail queue |
+//! | 3 | [`credentials`], [`policy`], [`headers`] | passwords, TOTP, recovery codes, lockout; the access decision; header rules |
+//! | 4 | [`client`], [`session`] | who sent a request; the [`session::Sessions`] service |
+//! | 5 | [`gateway`] with [`notify`], [`metrics`], [`respond`] | the shared state; notices, metrics, error pages |
+//! | 6 | [`router`], [`portal`], [`proxy`], [`admin`], [`server`], [`cli`], [`demo`] | the request flow, pages, proxy paths, admin pages, listeners, commands |
+//!
+//! Layer 5 and 6 still refer to each other (the gateway state builds the upstream clients, templates and TLS
+//! acceptor those modules define; `notify`, `metrics`, `respond` and the proxy take `&Gateway`).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
