@@ -133,11 +133,12 @@ async fn valid_token(gw: &Gateway, token: &str) -> Result<Option<(TokenRecord, U
     let Some(rec) = gw.store.token(tokens::hash(&gw.keys, token)).await? else {
         return Ok(None);
     };
-    if rec.kind != TokenKind::PasswordReset || gw.clock.now() >= rec.expires {
+    let now = gw.clock.now();
+    if !rec.usable(TokenKind::PasswordReset, now, None) {
         return Ok(None);
     }
     let user = gw.store.user(&rec.username).await?;
-    Ok(user.filter(|u| u.stamp == rec.stamp).map(|u| (rec, u)))
+    Ok(user.filter(|u| rec.usable(TokenKind::PasswordReset, now, Some(u.stamp))).map(|u| (rec, u)))
 }
 
 fn invalid_link(gw: &Gateway) -> Response<Body> {

@@ -217,6 +217,15 @@ pub struct TokenRecord {
     pub issued_by: String,
 }
 
+impl TokenRecord {
+    /// Whether this token may be spent for `kind` at `now` by an account whose stamp is `stamp` (`None`: an
+    /// invitation, which has no account yet). The one token rule: both backends decide with it before they spend
+    /// anything, so a refused token is left as it was.
+    pub fn usable(&self, kind: TokenKind, now: u64, stamp: Option<u64>) -> bool {
+        self.kind == kind && now < self.expires && stamp.is_none_or(|s| s == self.stamp)
+    }
+}
+
 /// Outcome of using a token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenUse {

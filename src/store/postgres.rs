@@ -531,21 +531,22 @@ impl PgStore {
 
     pub(super) async fn reset_password(&self, hash: &str, new_hash: String, now: u64) -> Result<TokenUse, StoreError> {
         pg_tx!(self, |tx| {
-            // Spending the token is the conditional statement: only one request can delete it.
-            let row = tx.query_opt("DELETE FROM tokens WHERE hash = $1 RETURNING data", &[&hash]).await.map_err(db)?;
+            // The row lock makes the check and the spend one step: a second request waits, then finds it gone.
+            let row = tx.query_opt("SELECT data FROM tokens WHERE hash = $1 FOR UPDATE", &[&hash]).await.map_err(db)?;
             let Some(row) = row else {
                 return Ok(TokenUse::Invalid);
             };
             let rec: TokenRecord = decode(row.get::<_, &[u8]>(0))?;
-            if rec.kind != TokenKind::PasswordReset || now >= rec.expires {
+            if !rec.usable(TokenKind::PasswordReset, now, None) {
                 return Ok(TokenUse::Invalid);
             }
             let Some(mut user) = lock_user(tx, &rec.username).await? else {
                 return Ok(TokenUse::Invalid);
             };
-            if user.stamp != rec.stamp {
+            if !rec.usable(TokenKind::PasswordReset, now, Some(user.stamp)) {
                 return Ok(TokenUse::Invalid);
             }
+            tx.execute("DELETE FROM tokens WHERE hash = $1", &[&hash]).await.map_err(db)?;
             user.password_hash = new_hash;
             user.stamp += 1;
             save_user(tx, &user).await?;
@@ -561,7 +562,7 @@ impl PgStore {
                 return Ok(TokenUse::Invalid);
             };
             let rec: TokenRecord = decode(row.get::<_, &[u8]>(0))?;
-            if rec.kind != TokenKind::Invitation || now >= rec.expires {
+            if !rec.usable(TokenKind::Invitation, now, None) {
                 return Ok(TokenUse::Invalid);
             }
             user.email = rec.email.clone();

@@ -364,7 +364,7 @@ impl RedbStore {
             };
             let mut users = tx.open_table(USERS)?;
             let user = users.get(rec.username.as_str())?.map(|v| decode::<User>(v.value())).transpose()?;
-            let Some(mut user) = user.filter(|u| u.stamp == rec.stamp) else {
+            let Some(mut user) = user.filter(|u| rec.usable(TokenKind::PasswordReset, now, Some(u.stamp))) else {
                 return Ok(TokenUse::Invalid);
             };
             tokens.remove(hash)?;
@@ -609,7 +609,7 @@ fn live_token(
     now: u64,
 ) -> Result<Option<TokenRecord>, StoreError> {
     let rec = tokens.get(hash)?.map(|v| decode::<TokenRecord>(v.value())).transpose()?;
-    Ok(rec.filter(|r| r.kind == kind && now < r.expires))
+    Ok(rec.filter(|r| r.usable(kind, now, None)))
 }
 
 /// Bumps the revocation revision, so every process's session cache drops what it holds.

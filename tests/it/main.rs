@@ -19,4 +19,5 @@ mod proxy;
 mod relay;
 mod reload;
 mod selftest;
+mod store;
 mod two_factor;
