@@ -536,7 +536,7 @@ pub struct App {
     pub allow_get_body: bool,
     /// Re-use an upstream connection for anyone's requests. Off by default: a connection only ever carries
     /// requests of the identity that last used it, so bytes an app sends past the end of an answer can't reach
-    /// another user ([`crate::proxy::pool`]).
+    /// another user (see the proxy's pool module).
     #[serde(default)]
     pub shared_connections: bool,
     /// Most idle upstream connections kept for this app, whoever they belong to.

@@ -1,4 +1,4 @@
-//! Header rules shared by both proxy paths (hyper's and the HTTP/1.1 relay in [`crate::proxy::relay`]): reading
+//! Header rules shared by both proxy paths (hyper's and the HTTP/1.1 relay in the proxy's relay module): reading
 //! headers from either representation, which headers are connection-scoped, which client headers could claim an
 //! identity, and which cookies are the gateway's own. One set of rules, so the two paths can't drift apart.
 
