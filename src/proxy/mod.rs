@@ -17,8 +17,9 @@ use crate::Body;
 use crate::client::Client;
 use crate::config::{App, Config};
 use crate::gateway::Gateway;
-use crate::headers::request_host;
-use crate::headers::{ForwardedHeaders, Listed, foreign_cookies, has_token, passes_downstream, passes_upstream};
+use crate::headers::{
+    ForwardedHeaders, Framing, Listed, foreign_cookies, has_token, passes_downstream, passes_upstream, request_host,
+};
 use crate::policy::Decision;
 use crate::respond::Reject;
 use crate::store::User;
@@ -266,10 +267,13 @@ pub async fn forward(
 
     // The relay's framing rule, so both paths refuse the same answers: hyper's client would take a
     // Content-Length beside chunked, or a body until close after `Transfer-Encoding: gzip`.
-    if let Err(why) = crate::headers::response_framing(resp.headers(), resp.status().as_u16(), head_request) {
-        tracing::warn!(upstream = %app.upstream.authority, why, "ambiguous response framing");
-        return Err(Reject::BadGateway);
-    }
+    let framing = match crate::headers::response_framing(resp.headers(), resp.status().as_u16(), head_request) {
+        Ok(f) => f,
+        Err(why) => {
+            tracing::warn!(upstream = %app.upstream.authority, why, "ambiguous response framing");
+            return Err(Reject::BadGateway);
+        }
+    };
     let (mut parts, body) = resp.into_parts();
     let mut headers = HeaderMap::with_capacity(parts.headers.len());
     let listed = Listed::of(&parts.headers);
@@ -281,9 +285,14 @@ pub async fn forward(
         }
     }
     // One canonical length (hyper accepted `056` or `5, 5`); a HEAD or 304 answer keeps the length it states.
-    if parts.status != StatusCode::NO_CONTENT
-        && let Ok(Some(n)) = crate::headers::content_length(&parts.headers)
-    {
+    let length = match framing {
+        Framing::Length(n) => Some(n),
+        Framing::Empty if parts.status != StatusCode::NO_CONTENT => {
+            crate::headers::content_length(&parts.headers).ok().flatten()
+        }
+        _ => None,
+    };
+    if let Some(n) = length {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
     }
     parts.headers = headers;
