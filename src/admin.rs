@@ -7,7 +7,7 @@ use minijinja::{Value, context};
 use serde::Serialize;
 
 use crate::Body;
-use crate::audit::{AuditEvent, EventKind};
+use crate::accounts::{Actor, Keep};
 use crate::client::Client;
 use crate::clock::rfc3339;
 use crate::gateway::Gateway;
@@ -16,7 +16,7 @@ use crate::portal::pages::redirect;
 use crate::portal::{encode, query_param};
 use crate::respond::Reject;
 use crate::session::Authenticated;
-use crate::store::{Level, Revoke, SecondFactor, User, UserFilter, normalize_login};
+use crate::store::{Level, SecondFactor, User, UserFilter, normalize_login};
 
 /// Rows per page of the user list.
 const PAGE_SIZE: usize = 50;
@@ -195,36 +195,21 @@ async fn act(
 ) -> Result<Response<Body>, Reject> {
     let (parts, form) = form::read(req).await?;
     check_csrf(gw, &parts, &form, Some(&admin.id.0))?;
-    let user = gw.store.user(&normalize_login(name)).await?.ok_or(Reject::NotFound)?;
-    let u = &user.username;
-    match action {
-        Action::Lock => {
-            gw.store.set_locked(u, true).await?;
-        }
-        Action::Unlock => {
-            gw.store.set_locked(u, false).await?;
-        }
+    let actor = Actor::Admin { name: admin.user.username.clone(), address: client.addr };
+    let accounts = &gw.accounts;
+    let user = match action {
+        Action::Lock => accounts.lock(&actor, name).await?,
+        Action::Unlock => accounts.unlock(&actor, name).await?,
         Action::ResetTwoFactor => {
-            gw.store.disable_two_factor(u, Revoke::All).await?;
-            gw.store.revoke_sessions(u).await?;
+            accounts.reset_two_factor(&actor, name, Keep::Nothing).await?;
+            accounts.find(name).await?
         }
         Action::EndSessions => {
-            gw.store.revoke_sessions(u).await?;
+            accounts.end_sessions(&actor, name).await?;
+            accounts.find(name).await?
         }
-    }
-    let event = AuditEvent::new(gw.clock.now(), EventKind::AdminAction, u)
-        .from_addr(client.addr)
-        .by(&admin.user.username)
-        .detail(action.name());
-    gw.audit(event).await;
-    let what = match action {
-        Action::Lock => "your account was locked",
-        Action::Unlock => "your account was unlocked",
-        Action::ResetTwoFactor => "your two-factor authentication was removed",
-        Action::EndSessions => "all your sessions were signed out",
     };
-    crate::notify::notify(gw, &user, crate::notify::Notice::AdminAction(what.into())).await;
-    let back = format!("{}/admin/users/{}?done={}", gw.prefix(), encode(u), action.name());
+    let back = format!("{}/admin/users/{}?done={}", gw.prefix(), encode(&user.username), action.name());
     Ok(redirect(StatusCode::SEE_OTHER, &back))
 }
 
@@ -237,27 +222,9 @@ async fn invite(
 ) -> Result<Response<Body>, Reject> {
     let (parts, form) = form::read(req).await?;
     check_csrf(gw, &parts, &form, Some(&admin.id.0))?;
-    if !gw.config.invitations_enabled() {
-        return Err(Reject::BadRequest("Invitations are not available: mail or public_url is not configured."));
-    }
-    let email =
-        crate::cli::valid_email(form.get("email")).map_err(|_| Reject::BadRequest("That is not an email address."))?;
-    let groups: Vec<String> =
-        form.get("groups").split(',').map(str::trim).filter(|g| !g.is_empty()).map(str::to_string).collect();
-    if groups.iter().any(|g| !g.chars().all(|c| c.is_alphanumeric() || "._-".contains(c))) {
-        return Err(Reject::BadRequest("Group names may hold only letters, digits and . _ -"));
-    }
-    let mail = crate::portal::invite::issue(
-        &gw.store,
-        &gw.keys,
-        &gw.config,
-        &email,
-        groups,
-        &admin.user.username,
-        gw.clock.now(),
-    )
-    .await?;
-    gw.mailer.send(mail);
+    let actor = Actor::Admin { name: admin.user.username.clone(), address: client.addr };
+    let groups: Vec<&str> = form.get("groups").split(',').collect();
+    let email = gw.accounts.invite(&actor, form.get("email"), &groups).await?;
     tracing::info!(admin = %admin.user.username, addr = %client.addr, "invitation sent");
     Ok(redirect(StatusCode::SEE_OTHER, &format!("{}/admin/users?invited={}", gw.prefix(), encode(&email))))
 }

@@ -39,9 +39,19 @@ pub enum EventKind {
     InvitationSent,
     /// An invitation was accepted and the account created.
     InvitationAccepted,
-    /// An administrator acted on the account (detail says what).
+    /// An account was created by an operator (invitations record [`EventKind::InvitationAccepted`]).
+    AccountCreated,
+    /// An operator locked the account (its sessions ended).
+    AccountLocked,
+    /// An operator unlocked the account.
+    AccountUnlocked,
+    /// An operator deleted the account.
+    AccountDeleted,
+    /// Every session of the account was ended on purpose.
+    SessionsEnded,
+    /// Read from older stores only: an admin page action, before each operation had its own kind.
     AdminAction,
-    /// A `portcullis user …` command acted on the account (detail says what).
+    /// Read from older stores only: a `portcullis user …` action, before each operation had its own kind.
     CliAction,
 }
 
@@ -66,6 +76,11 @@ impl EventKind {
             PasswordResetRequested => "password_reset_requested",
             InvitationSent => "invitation_sent",
             InvitationAccepted => "invitation_accepted",
+            AccountCreated => "account_created",
+            AccountLocked => "account_locked",
+            AccountUnlocked => "account_unlocked",
+            AccountDeleted => "account_deleted",
+            SessionsEnded => "sessions_ended",
             AdminAction => "admin_action",
             CliAction => "cli_action",
         }

@@ -2,15 +2,18 @@
 
 use std::io::{BufRead, IsTerminal};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
-use crate::audit::{AuditEvent, EventKind};
-use crate::clock::{Clock, SystemClock, rfc3339};
+use crate::accounts::{Accounts, Actor, Keep, NewAccount, validate};
+use crate::clock::{SystemClock, rfc3339};
 use crate::config::Config;
 use crate::credentials::password;
-use crate::store::{Revoke, Store, User, normalize_login};
+use crate::mail::Outbox;
+use crate::notify::Notifier;
+use crate::store::{Store, User, normalize_login};
 
 /// Command-line interface.
 #[derive(Debug, Parser)]
@@ -43,6 +46,17 @@ pub enum Command {
     /// Manage storage.
     #[command(subcommand)]
     Storage(StorageCommand),
+    /// Show the audit events about an account (or an invited address), newest first.
+    Audit {
+        /// Username or address.
+        subject: String,
+        /// At most this many events.
+        #[arg(long, default_value_t = 200)]
+        limit: usize,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `storage` subcommands.
@@ -117,6 +131,11 @@ pub enum UserCommand {
         /// Username.
         name: String,
     },
+    /// End every session of a user (they sign in again; nothing else changes).
+    EndSessions {
+        /// Username.
+        name: String,
+    },
     /// Invite someone by email to create an account.
     Invite {
         /// Their email address; the account will have it.
@@ -185,6 +204,20 @@ pub async fn run(cli: Cli) -> Result<()> {
             store.announce(&config.storage);
             result
         }
+        Command::Audit { subject, limit, json } => {
+            init_logging(&quiet);
+            let config = Config::load(&cli.config)?;
+            let store = Store::from_config(&config.storage)
+                .await
+                .with_context(|| format!("opening {}", config.storage.display_name()))?;
+            let events = store.audit_for_user(&normalize_login(&subject), limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&events)?);
+            } else {
+                print_events(&events);
+            }
+            Ok(())
+        }
         Command::Storage(StorageCommand::MigrateFromRedb { from }) => {
             init_logging(&quiet);
             let config = Config::load(&cli.config)?;
@@ -236,38 +269,6 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Checks a username: 1..=64 of letters, digits and `._@+-` after normalisation.
-pub fn valid_username(name: &str) -> Result<String> {
-    let n = normalize_login(name);
-    let ok = (1..=64).contains(&n.chars().count()) && n.chars().all(|c| c.is_alphanumeric() || "._@+-".contains(c));
-    if !ok {
-        bail!("a username is 1 to 64 letters, digits or . _ @ + -");
-    }
-    Ok(n)
-}
-
-/// Checks an email address loosely (one `@`, no spaces) and normalises it.
-pub fn valid_email(email: &str) -> Result<String> {
-    let e = normalize_login(email);
-    let ok = e.len() <= 254
-        && e.split('@').count() == 2
-        && !e.starts_with('@')
-        && !e.ends_with('@')
-        && !e.chars().any(|c| c.is_whitespace() || c.is_control() || c == ',');
-    if !ok {
-        bail!("{email:?} is not an email address");
-    }
-    Ok(e)
-}
-
-fn valid_group(g: &str) -> Result<String> {
-    let g = g.trim();
-    if g.is_empty() || !g.chars().all(|c| c.is_alphanumeric() || "._-".contains(c)) {
-        bail!("group {g:?} may hold only letters, digits and . _ -");
-    }
-    Ok(g.to_string())
-}
-
 /// Reads a new password: one line from stdin, or a prompt twice on a terminal.
 fn read_password(from_stdin: bool) -> Result<String> {
     let pw = if from_stdin || !std::io::stdin().is_terminal() {
@@ -286,50 +287,29 @@ fn read_password(from_stdin: bool) -> Result<String> {
     Ok(pw)
 }
 
-/// Sends one email at once (the CLI has no background queue).
-async fn mail_now(config: &Config, email: crate::mail::Email) {
-    if !config.mail_ready() {
-        return;
-    }
-    let sent = match crate::mail::Sender::new(&config.mail) {
-        Ok(sender) => sender.deliver(&email).await,
-        Err(e) => Err(e),
-    };
-    if let Err(e) = sent {
-        eprintln!("warning: could not send the {} email to {}: {e}", email.kind, email.to);
-    }
-}
-
-/// Tells the user by email what an operator did.
-async fn notice(config: &Config, u: &User, notice: crate::notify::Notice) {
-    mail_now(config, crate::notify::compose(&config.portal.title, u, &notice, SystemClock.now())).await;
+/// The account operations the `user` commands call: the same as the web's, mail delivered before exiting.
+fn accounts(store: &Store, config: &Config) -> Result<Accounts> {
+    let keys = crate::keys::Keys::load_or_create(&config.storage.secret_key_file)?;
+    let outbox = Outbox::now(&config.mail).context("the [mail] settings")?;
+    let notifier = Notifier::new(store.clone(), outbox, &config.portal.title, config.mail_ready());
+    let hasher = password::Hasher::new(1)?;
+    Ok(Accounts::new(config, store.clone(), keys, Arc::new(SystemClock), hasher, notifier))
 }
 
 async fn user(store: &Store, config: &Config, cmd: UserCommand) -> Result<()> {
-    let now = SystemClock.now();
+    let accounts = accounts(store, config)?;
+    let cli = &Actor::Cli;
     match cmd {
         UserCommand::Add { name, email, name_display, groups, password_stdin } => {
-            let username = valid_username(&name)?;
-            let email = valid_email(&email)?;
-            let groups =
-                groups.iter().filter(|g| !g.trim().is_empty()).map(|g| valid_group(g)).collect::<Result<Vec<_>>>()?;
-            let pw = read_password(password_stdin)?;
-            let hash = tokio::task::spawn_blocking(move || password::hash_blocking(&pw)).await??;
-            let user = User {
-                display_name: name_display.unwrap_or_else(|| name.trim().to_string()),
-                username: username.clone(),
-                email,
-                groups,
-                password_hash: hash,
-                locked: false,
-                created: now,
-                last_login: None,
-                two_factor: None,
-                stamp: 0,
-            };
-            store.create_user(user).await?;
-            audit(store, &username, "add").await;
-            println!("user {username} added");
+            // Checked before the password is asked for, so a typo costs no typing.
+            validate::username(&name)?;
+            validate::email(&email)?;
+            validate::groups(&groups)?;
+            let password = read_password(password_stdin)?;
+            let new =
+                NewAccount { username: name, email, display_name: name_display.unwrap_or_default(), groups, password };
+            let user = accounts.create(cli, new).await?;
+            println!("user {} added", user.username);
         }
         UserCommand::List { json, two_factor } => {
             let mut users = store.list_users().await?;
@@ -353,106 +333,38 @@ async fn user(store: &Store, config: &Config, cmd: UserCommand) -> Result<()> {
                 }
             }
         }
-        UserCommand::Show { name, json } => {
-            let u = find(store, &name).await?;
-            if json {
-                let mut v = user_json(&u);
-                let events = store.audit_for_user(&u.username, 20).await?;
-                v["recent_events"] = serde_json::to_value(events)?;
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                println!("username:  {}", u.username);
-                println!("email:     {}", u.email);
-                println!("name:      {}", u.display_name);
-                println!("groups:    {}", u.groups.join(","));
-                println!("locked:    {}", if u.locked { "yes" } else { "no" });
-                println!("created:   {}", rfc3339(u.created));
-                match &u.two_factor {
-                    Some(t) => println!(
-                        "2FA:       on since {}, {} recovery codes left",
-                        rfc3339(t.enabled_at),
-                        t.recovery.len()
-                    ),
-                    None => println!("2FA:       off"),
-                }
-                match &u.last_login {
-                    Some(l) => println!(
-                        "last login: {} from {} ({})",
-                        rfc3339(l.at),
-                        l.address,
-                        match l.second_factor {
-                            Some(crate::store::SecondFactor::Totp) => "with TOTP",
-                            Some(crate::store::SecondFactor::RecoveryCode) => "with a recovery code",
-                            None => "password only",
-                        }
-                    ),
-                    None => println!("last login: never"),
-                }
-                let events = store.audit_for_user(&u.username, 20).await?;
-                if !events.is_empty() {
-                    println!("recent security events:");
-                    for e in events {
-                        println!(
-                            "  {}  {:<28} {:<16} {}{}",
-                            rfc3339(e.at),
-                            e.kind.as_str(),
-                            e.address.as_deref().unwrap_or("-"),
-                            e.actor.map(|a| format!("by {a} ")).unwrap_or_default(),
-                            e.detail.unwrap_or_default().escape_debug()
-                        );
-                    }
-                }
-            }
-        }
+        UserCommand::Show { name, json } => show(store, &accounts.find(&name).await?, json).await?,
         UserCommand::Passwd { name, password_stdin } => {
-            let u = find(store, &name).await?;
+            let user = accounts.find(&name).await?;
             let pw = read_password(password_stdin)?;
-            let hash = tokio::task::spawn_blocking(move || password::hash_blocking(&pw)).await??;
-            store.set_password(&u.username, hash).await?;
-            audit(store, &u.username, "passwd").await;
-            notice(config, &u, crate::notify::Notice::PasswordChanged).await;
-            println!("password of {} changed; their sessions ended", u.username);
+            accounts.set_password(cli, &user.username, &pw, Keep::Nothing).await?;
+            println!("password of {} changed; their sessions ended", user.username);
         }
         UserCommand::Lock { name } => {
-            let u = find(store, &name).await?;
-            store.set_locked(&u.username, true).await?;
-            audit(store, &u.username, "lock").await;
-            notice(config, &u, crate::notify::Notice::AdminAction("your account was locked".into())).await;
+            let u = accounts.lock(cli, &name).await?;
             println!("user {} locked; their sessions ended", u.username);
         }
         UserCommand::Unlock { name } => {
-            let u = find(store, &name).await?;
-            store.set_locked(&u.username, false).await?;
-            audit(store, &u.username, "unlock").await;
+            let u = accounts.unlock(cli, &name).await?;
             println!("user {} unlocked", u.username);
         }
         UserCommand::Delete { name } => {
-            let u = find(store, &name).await?;
-            store.delete_user(&u.username).await?;
-            audit(store, &u.username, "delete").await;
+            let u = accounts.delete(cli, &name).await?;
             println!("user {} deleted", u.username);
         }
+        UserCommand::EndSessions { name } => {
+            let n = accounts.end_sessions(cli, &name).await?;
+            println!("{n} session{} of {} ended", if n == 1 { "" } else { "s" }, normalize_login(&name));
+        }
         UserCommand::Invite { email, groups } => {
-            if !config.invitations_enabled() {
-                bail!("invitations need [mail] with a transport and public_url, and [accounts] invitations = true");
-            }
-            let email = valid_email(&email)?;
-            let groups =
-                groups.iter().filter(|g| !g.trim().is_empty()).map(|g| valid_group(g)).collect::<Result<Vec<_>>>()?;
-            let keys = crate::keys::Keys::load_or_create(&config.storage.secret_key_file)?;
-            let mail = crate::portal::invite::issue(store, &keys, config, &email, groups, "cli", now).await?;
-            mail_now(config, mail).await;
+            let email = accounts.invite(cli, &email, &groups).await?;
             println!("invitation sent to {email}");
         }
         UserCommand::Reset2fa { name } => {
-            let u = find(store, &name).await?;
-            audit(store, &u.username, "reset-2fa").await;
-            let what = "your two-factor authentication was removed".into();
-            notice(config, &u, crate::notify::Notice::AdminAction(what)).await;
-            if store.disable_two_factor(&u.username, Revoke::All).await? {
+            let u = accounts.find(&name).await?;
+            if accounts.reset_two_factor(cli, &name, Keep::Nothing).await? {
                 println!("two-factor authentication of {} removed; their sessions ended", u.username);
             } else {
-                store.revoke_sessions(&u.username).await?;
                 println!("{} had no two-factor authentication; their sessions ended", u.username);
             }
         }
@@ -460,19 +372,57 @@ async fn user(store: &Store, config: &Config, cmd: UserCommand) -> Result<()> {
     Ok(())
 }
 
-/// Records a CLI action in the audit log (and on stderr through tracing).
-async fn audit(store: &Store, user: &str, what: &str) {
-    let event = AuditEvent::new(SystemClock.now(), EventKind::CliAction, user).by("cli").detail(what);
-    event.emit();
-    if let Err(e) = store.append_audit(event).await {
-        eprintln!("warning: could not record the action in the audit log: {e}");
+async fn show(store: &Store, u: &User, json: bool) -> Result<()> {
+    if json {
+        let mut v = user_json(u);
+        let events = store.audit_for_user(&u.username, 20).await?;
+        v["recent_events"] = serde_json::to_value(events)?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
     }
+    println!("username:  {}", u.username);
+    println!("email:     {}", u.email);
+    println!("name:      {}", u.display_name);
+    println!("groups:    {}", u.groups.join(","));
+    println!("locked:    {}", if u.locked { "yes" } else { "no" });
+    println!("created:   {}", rfc3339(u.created));
+    match &u.two_factor {
+        Some(t) => {
+            println!("2FA:       on since {}, {} recovery codes left", rfc3339(t.enabled_at), t.recovery.len())
+        }
+        None => println!("2FA:       off"),
+    }
+    match &u.last_login {
+        Some(l) => println!(
+            "last login: {} from {} ({})",
+            rfc3339(l.at),
+            l.address,
+            match l.second_factor {
+                Some(crate::store::SecondFactor::Totp) => "with TOTP",
+                Some(crate::store::SecondFactor::RecoveryCode) => "with a recovery code",
+                None => "password only",
+            }
+        ),
+        None => println!("last login: never"),
+    }
+    let events = store.audit_for_user(&u.username, 20).await?;
+    if !events.is_empty() {
+        println!("recent security events:");
+        print_events(&events);
+    }
+    Ok(())
 }
 
-async fn find(store: &Store, name: &str) -> Result<User> {
-    match store.user(&normalize_login(name)).await? {
-        Some(u) => Ok(u),
-        None => bail!("no user {name:?}"),
+fn print_events(events: &[crate::audit::AuditEvent]) {
+    for e in events {
+        println!(
+            "  {}  {:<28} {:<16} {}{}",
+            rfc3339(e.at),
+            e.kind.as_str(),
+            e.address.as_deref().unwrap_or("-"),
+            e.actor.as_ref().map(|a| format!("by {a} ")).unwrap_or_default(),
+            e.detail.as_deref().unwrap_or_default().escape_debug()
+        );
     }
 }
 

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::accounts::Accounts;
 use crate::client::Client;
 use crate::clock::Clock;
 use crate::config::Config;
@@ -12,6 +13,8 @@ use crate::credentials::lockout::Lockout;
 use crate::credentials::password::Hasher;
 use crate::headers::Headers;
 use crate::keys::Keys;
+use crate::mail::Outbox;
+use crate::notify::Notifier;
 use crate::portal::pages::Pages;
 use crate::proxy::Upstreams;
 use crate::session::{SessionCache, Sessions};
@@ -45,8 +48,8 @@ pub struct Gateway {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Metric handles of each app (labelled by its host pattern), then of "portal" and "unknown".
     pub app_metrics: Vec<Arc<crate::metrics::LabelHandles>>,
-    /// Outgoing mail queue.
-    pub mailer: crate::mail::Mailer,
+    /// Account operations (with the mail queue their notices go through).
+    pub accounts: Accounts,
     /// Sessions: create, rotate, authenticate (the cache inside is shared across reloads), end.
     pub sessions: Sessions,
     /// The session cache, kept to hand to the next reload's [`Sessions`].
@@ -114,6 +117,16 @@ impl Gateway {
         app_metrics.push(shared.metrics.handles("portal"));
         app_metrics.push(shared.metrics.handles("unknown"));
         let mailer = crate::mail::Mailer::start(&config.mail).map_err(crate::Error::Mail)?;
+        let notifier =
+            Notifier::new(shared.store.clone(), Outbox::Queue(mailer), &config.portal.title, config.mail_ready());
+        let accounts = Accounts::new(
+            &config,
+            shared.store.clone(),
+            shared.keys.clone(),
+            shared.clock.clone(),
+            shared.hasher.clone(),
+            notifier,
+        );
         Ok(Gateway {
             sessions: Sessions::new(
                 shared.store.clone(),
@@ -122,7 +135,7 @@ impl Gateway {
                 shared.cache.clone(),
                 &config.session,
             ),
-            mailer,
+            accounts,
             lockout: Lockout::new(&config.limits),
             pages: Pages::new(config.portal.templates.clone()),
             upstreams: Upstreams::new(&config)?,
@@ -143,10 +156,7 @@ impl Gateway {
 
     /// Records a security event: tracing at once, then the store. A failed write is logged, not fatal.
     pub async fn audit(&self, event: crate::audit::AuditEvent) {
-        event.emit();
-        if let Err(e) = self.store.append_audit(event).await {
-            tracing::error!(error = %e, "could not store an audit event");
-        }
+        self.accounts.audit(event).await
     }
 
     /// The names of the gateway's own cookies (session and CSRF), which never reach an app.

@@ -96,6 +96,34 @@ impl Mailer {
     }
 }
 
+/// Where mail goes: the gateway's background queue, or (for a short-lived command) delivered before returning.
+#[derive(Clone)]
+pub enum Outbox {
+    /// Queued; never blocks (the server).
+    Queue(Mailer),
+    /// Delivered at once, one attempt (the CLI has no background task to outlive it).
+    Now(std::sync::Arc<Sender>),
+}
+
+impl Outbox {
+    /// An outbox that delivers at once through the configured transport.
+    pub fn now(config: &MailConfig) -> Result<Outbox, MailError> {
+        Ok(Outbox::Now(std::sync::Arc::new(Sender::new(config)?)))
+    }
+
+    /// Sends (or queues) one message. A failure is logged by recipient and kind, never with the body.
+    pub async fn send(&self, email: Email) {
+        match self {
+            Outbox::Queue(mailer) => mailer.send(email),
+            Outbox::Now(sender) => {
+                if let Err(e) = sender.deliver(&email).await {
+                    tracing::warn!(kind = email.kind, to = %email.to.escape_debug(), error = %e, "mail failed");
+                }
+            }
+        }
+    }
+}
+
 /// Builds and delivers messages; owned by the background task (and used directly by the CLI).
 pub struct Sender {
     from: Mailbox,

@@ -1,10 +1,10 @@
 //! Security notifications by email: what happened, when, from where, and what to do if it wasn't you.
-//! Throttled and deduplicated per user and kind, so an attack can't become a mail flood.
+//! Throttled and deduplicated per user and kind, so an attack can't become a mail flood — for the gateway and the
+//! CLI alike (the throttle lives in the store both share).
 
 use crate::clock::rfc3339;
-use crate::gateway::Gateway;
-use crate::mail::Email;
-use crate::store::User;
+use crate::mail::{Email, Outbox};
+use crate::store::{Store, User};
 
 /// At most one notice of a kind per user in this many seconds.
 const THROTTLE: u64 = 600;
@@ -31,8 +31,14 @@ pub enum Notice {
     AccountLocked,
     /// The password changed.
     PasswordChanged,
-    /// An administrator did something to the account.
-    AdminAction(String),
+    /// An operator locked the account.
+    AccountDisabled,
+    /// An operator unlocked the account.
+    AccountEnabled,
+    /// An operator deleted the account.
+    AccountDeleted,
+    /// An operator signed every session of the account out.
+    SessionsEnded,
 }
 
 impl Notice {
@@ -45,7 +51,10 @@ impl Notice {
             Notice::SecondFactorFailed { .. } => "second_factor_failed",
             Notice::AccountLocked => "account_locked",
             Notice::PasswordChanged => "password_changed",
-            Notice::AdminAction(_) => "admin_action",
+            Notice::AccountDisabled => "account_disabled",
+            Notice::AccountEnabled => "account_enabled",
+            Notice::AccountDeleted => "account_deleted",
+            Notice::SessionsEnded => "sessions_ended",
         }
     }
 
@@ -54,8 +63,9 @@ impl Notice {
     fn dedup(&self, user: &User) -> String {
         match self {
             Notice::RecoveryCodeUsed(left) => format!("recovery_code_used:{left}"),
-            Notice::AdminAction(what) => format!("admin_action:{what}"),
             Notice::TwoFactorEnabled | Notice::TwoFactorDisabled => format!("{}:{}", self.kind(), user.stamp),
+            // A lock after an unlock is news: the pair alternates, so each is keyed by the state it leaves.
+            Notice::AccountDisabled | Notice::AccountEnabled => format!("{}:{}", self.kind(), user.locked),
             other => other.kind().to_string(),
         }
     }
@@ -113,41 +123,96 @@ impl Notice {
                     "The password of your account was changed and your other sessions were signed out.\n\n{NOT_YOU}"
                 ),
             ),
-            Notice::AdminAction(what) => (
-                "An administrator changed your account".into(),
-                format!(
-                    "An administrator acted on your account: {what}.\n\nIf you didn't expect this, contact your administrator."
-                ),
+            Notice::AccountDisabled => (
+                "Your account was locked".into(),
+                "Your account was locked and every session of it was signed out. You can't sign in until it is \
+                 unlocked.\n\nIf you didn't expect this, contact your administrator."
+                    .into(),
+            ),
+            Notice::AccountEnabled => (
+                "Your account was unlocked".into(),
+                format!("Your account was unlocked: you can sign in again.\n\n{NOT_YOU}"),
+            ),
+            Notice::AccountDeleted => (
+                "Your account was deleted".into(),
+                "Your account was deleted and every session of it was signed out.\n\nIf you didn't expect this, \
+                 contact your administrator."
+                    .into(),
+            ),
+            Notice::SessionsEnded => (
+                "You were signed out everywhere".into(),
+                "Every session of your account was signed out. Sign in again to continue.\n\nIf you didn't expect \
+                 this, contact your administrator."
+                    .into(),
             ),
         }
     }
 }
 
-/// Sends a notice (queued; never blocks), unless the same one went out recently.
-pub async fn notify(gw: &Gateway, user: &User, notice: Notice) {
-    if !gw.config.mail_ready() {
-        return;
+/// Who changed the account, as the email says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum By {
+    /// The user (or an event on their own sign-in).
+    User,
+    /// An administrator, on the admin pages or the command line.
+    Operator,
+}
+
+/// Sends security notices: throttled through the store, delivered through the outbox.
+#[derive(Clone)]
+pub struct Notifier {
+    store: Store,
+    outbox: Outbox,
+    title: String,
+    enabled: bool,
+}
+
+impl Notifier {
+    /// A notifier sending through `outbox` as `title`; `enabled` is false when mail is not configured.
+    pub fn new(store: Store, outbox: Outbox, title: &str, enabled: bool) -> Notifier {
+        Notifier { store, outbox, title: title.to_string(), enabled }
     }
-    let now = gw.clock.now();
-    let key = format!("notice:{}:{}", notice.dedup(user), user.username);
-    match gw.store.claim_interval(key, now, THROTTLE).await {
-        Ok(true) => {}
-        Ok(false) => return,
-        Err(e) => {
-            tracing::warn!(error = %e, "notification throttle unavailable; not sending");
+
+    /// The outbox, for mail that is not a notice (reset links, invitations).
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    /// The portal title mails are signed with.
+    pub fn title(&self) -> &str {
+        &self.title
+    }
+
+    /// Sends a notice unless the same one went out recently. Never fails the caller's operation: a throttle that
+    /// can't be read sends nothing (a notice is a courtesy; a mail flood is an attack).
+    pub async fn notify(&self, user: &User, notice: Notice, by: By, now: u64) {
+        if !self.enabled {
             return;
         }
+        let key = format!("notice:{}:{}", notice.dedup(user), user.username);
+        match self.store.claim_interval(key, now, THROTTLE).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "notification throttle unavailable; not sending");
+                return;
+            }
+        }
+        self.outbox.send(compose(&self.title, user, &notice, by, now)).await;
     }
-    gw.mailer.send(compose(&gw.config.portal.title, user, &notice, now));
 }
 
 /// The email for a notice.
-pub fn compose(title: &str, user: &User, notice: &Notice, now: u64) -> Email {
+pub fn compose(title: &str, user: &User, notice: &Notice, by: By, now: u64) -> Email {
     let (subject, body) = notice.text();
+    let who = match by {
+        By::User => "",
+        By::Operator => "\n\nThis change was made by an administrator.",
+    };
     Email {
         to: user.email.clone(),
         subject: format!("{title}: {subject}"),
-        body: format!("Hello {},\n\n{body}\n\nTime: {}\n\n-- \n{title}\n", user.display_name, rfc3339(now)),
+        body: format!("Hello {},\n\n{body}{who}\n\nTime: {}\n\n-- \n{title}\n", user.display_name, rfc3339(now)),
         kind: notice.kind(),
     }
 }

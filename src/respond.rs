@@ -128,6 +128,32 @@ impl From<crate::session::SessionError> for Reject {
     }
 }
 
+impl From<crate::accounts::AccountError> for Reject {
+    fn from(e: crate::accounts::AccountError) -> Self {
+        use crate::accounts::AccountError;
+        use crate::accounts::validate::Invalid;
+        match e {
+            AccountError::Store(e) => e.into(),
+            AccountError::Key(e) => e.into(),
+            AccountError::Password(crate::credentials::password::PasswordError::Length) => {
+                Reject::BadRequest("A password must be 8 to 1024 characters long.")
+            }
+            AccountError::Password(e) => e.into(),
+            AccountError::Invalid(Invalid::Username) => {
+                Reject::BadRequest("A username is 1 to 64 letters, digits or . _ @ + -")
+            }
+            AccountError::Invalid(Invalid::Email) => Reject::BadRequest("That is not an email address."),
+            AccountError::Invalid(Invalid::Group) => {
+                Reject::BadRequest("Group names may hold only letters, digits and . _ -")
+            }
+            AccountError::NoSuchUser(_) => Reject::NotFound,
+            AccountError::InvitationsOff => {
+                Reject::BadRequest("Invitations are not available: mail or public_url is not configured.")
+            }
+        }
+    }
+}
+
 impl From<crate::keys::KeyError> for Reject {
     fn from(e: crate::keys::KeyError) -> Self {
         tracing::error!(error = %e, "key operation failed; refusing the request");

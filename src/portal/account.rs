@@ -6,6 +6,8 @@ use hyper::body::Incoming;
 use minijinja::{Value, context};
 
 use crate::Body;
+use crate::accounts::factors::Enrolment;
+use crate::accounts::{Actor, Keep};
 use crate::audit::{AuditEvent, EventKind};
 use crate::client::Client;
 use crate::clock::rfc3339;
@@ -15,11 +17,10 @@ use crate::gateway::Gateway;
 use crate::portal::form::{self, Form, check_csrf};
 use crate::portal::pages::{full, redirect, secure_headers};
 use crate::portal::redirect::target_or_root;
-use crate::portal::two_factor::TOTP_PURPOSE;
 use crate::portal::{Gate, query_param, require_session, rotate, with_cookie};
 use crate::respond::Reject;
 use crate::session::Authenticated;
-use crate::store::{ENROLMENT_TTL, LastLogin, Level, PendingEnrolment, Revoke, SecondFactor, TwoFactorState};
+use crate::store::{ENROLMENT_TTL, LastLogin, Level, SecondFactor};
 
 /// Purpose of the grant that lets a recovery codes page offer its download.
 const DOWNLOAD_GRANT: &str = "recovery-download";
@@ -188,9 +189,8 @@ pub async fn confirm(
     match what {
         Sensitive::Enable => setup_page(gw, client, &auth, &rd, None).await,
         Sensitive::Disable => {
-            gw.store.disable_two_factor(name, Revoke::AllExcept(auth.id.0)).await?;
-            gw.audit(AuditEvent::new(gw.clock.now(), EventKind::TwoFactorDisabled, name).from_addr(client.addr)).await;
-            crate::notify::notify(gw, &auth.user, crate::notify::Notice::TwoFactorDisabled).await;
+            let actor = Actor::User { address: client.addr };
+            gw.accounts.reset_two_factor(&actor, name, Keep::Session(auth.id.0)).await?;
             Ok(redirect(StatusCode::SEE_OTHER, &format!("{}/settings?done=disabled", gw.prefix())))
         }
         Sensitive::ShowCodes => {
@@ -199,11 +199,8 @@ pub async fn confirm(
             Ok(codes_page(gw, &auth.id.0, &shown, &rd, false, None, None))
         }
         Sensitive::Regenerate => {
-            let (shown, stored) = recovery::new_set(&gw.keys, name, gw.config.two_factor.recovery_codes)?;
-            gw.store.replace_recovery_codes(name, stored).await?;
-            let event = AuditEvent::new(gw.clock.now(), EventKind::RecoveryCodesRegenerated, name);
-            gw.audit(event.from_addr(client.addr)).await;
-            crate::notify::notify(gw, &auth.user, crate::notify::Notice::RecoveryCodesRegenerated).await;
+            let actor = Actor::User { address: client.addr };
+            let shown = gw.accounts.regenerate_recovery_codes(&actor, &auth.user).await?;
             let msg = "New recovery codes are ready. Your old codes no longer work.";
             Ok(codes_page(gw, &auth.id.0, &shown, &rd, false, Some(msg), None))
         }
@@ -258,15 +255,8 @@ async fn setup_page(
     rd: &str,
     error: Option<&str>,
 ) -> Result<Response<Body>, Reject> {
-    let name = &auth.user.username;
-    let secret = totp::new_secret()?;
-    let pending = PendingEnrolment {
-        username: name.clone(),
-        secret: gw.keys.seal(name, TOTP_PURPOSE, &secret)?,
-        created: gw.clock.now(),
-    };
-    gw.store.put_pending_enrolment(auth.id.0, pending).await?;
-    tracing::info!(user = %name, addr = %client.addr, "two-factor setup started");
+    let secret = gw.accounts.start_enrolment(&auth.user, auth.id.0).await?;
+    tracing::info!(user = %auth.user.username, addr = %client.addr, "two-factor setup started");
     render_setup(gw, auth, &secret, rd, error, StatusCode::OK)
 }
 
@@ -329,20 +319,16 @@ pub async fn confirm_enrolment(
         };
         return Ok(gw.pages.page(gw, "error.html", StatusCode::GONE, ctx));
     };
-    let secret = gw.keys.open(&name, TOTP_PURPOSE, &pending.secret)?;
-    let totp::Check::Accepted(step) = totp::check(&secret, form.get("code"), now, gw.config.two_factor.skew, None)
-    else {
-        tracing::info!(user = %name, addr = %client.addr, "two-factor setup: wrong code");
-        let msg = Some("That code is not valid. Check the app shows a code for this account and try again.");
-        return render_setup(gw, &auth, &secret, &rd, msg, StatusCode::UNPROCESSABLE_ENTITY);
+    let actor = Actor::User { address: client.addr };
+    let shown = match gw.accounts.confirm_enrolment(&actor, &auth.user, auth.id.0, pending, form.get("code")).await? {
+        Enrolment::Enabled(shown) => shown,
+        Enrolment::Stale => return Ok(settings_redirect(gw)),
+        Enrolment::WrongCode(secret) => {
+            tracing::info!(user = %name, addr = %client.addr, "two-factor setup: wrong code");
+            let msg = Some("That code is not valid. Check the app shows a code for this account and try again.");
+            return render_setup(gw, &auth, &secret, &rd, msg, StatusCode::UNPROCESSABLE_ENTITY);
+        }
     };
-    let (shown, stored) = recovery::new_set(&gw.keys, &name, gw.config.two_factor.recovery_codes)?;
-    let state = TwoFactorState { enabled_at: now, secret: pending.secret, last_step: step, recovery: stored };
-    if !gw.store.enable_two_factor(&name, state, auth.id.0).await? {
-        return Ok(settings_redirect(gw));
-    }
-    gw.audit(AuditEvent::new(now, EventKind::TwoFactorEnabled, &name).from_addr(client.addr)).await;
-    crate::notify::notify(gw, &auth.user, crate::notify::Notice::TwoFactorEnabled).await;
     // Enrolment proved the factor: the session rises to the full level, under a new id.
     let (id, cookie) = rotate(gw, client, &auth, Level::Full).await?;
     let login = LastLogin { at: now, address: client.addr.to_string(), second_factor: Some(SecondFactor::Totp) };
@@ -429,10 +415,7 @@ pub async fn change_password(gw: &Gateway, client: &Client, req: Request<Incomin
     if !password_ok(gw, client, &auth, &current).await? {
         return Ok(password_page(gw, StatusCode::UNAUTHORIZED, &auth, Some("The current password is not right.")));
     }
-    let hash = gw.hasher.hash(new.to_string()).await?;
-    let name = &auth.user.username;
-    gw.store.change_password(name, hash, Revoke::AllExcept(auth.id.0)).await?;
-    gw.audit(AuditEvent::new(gw.clock.now(), EventKind::PasswordChanged, name).from_addr(client.addr)).await;
-    crate::notify::notify(gw, &auth.user, crate::notify::Notice::PasswordChanged).await;
+    let actor = Actor::User { address: client.addr };
+    gw.accounts.set_password(&actor, &auth.user.username, new, Keep::Session(auth.id.0)).await?;
     Ok(settings_page(gw, &auth, Some("Your password was changed. Your other sessions were signed out.")))
 }

@@ -9,58 +9,15 @@ use minijinja::context;
 use crate::Body;
 use crate::audit::{AuditEvent, EventKind};
 use crate::client::Client;
-use crate::config::Config;
 use crate::credentials::{password, tokens};
 use crate::gateway::Gateway;
-use crate::keys::Keys;
-use crate::mail::Email;
 use crate::portal::form::{self, check_csrf};
 use crate::portal::login::anonymous_binding;
 use crate::portal::pages::redirect;
 use crate::portal::{query_param, with_cookie};
 use crate::respond::Reject;
 use crate::session::{self};
-use crate::store::{Level, Store, StoreError, TokenKind, TokenRecord, TokenUse, User};
-
-/// Creates an invitation for `email` with `groups` and returns the email to send (its link holds the token).
-pub async fn issue(
-    store: &Store,
-    keys: &Keys,
-    config: &Config,
-    email: &str,
-    groups: Vec<String>,
-    issued_by: &str,
-    now: u64,
-) -> Result<Email, StoreError> {
-    let (token, hash) = tokens::new_token(keys).map_err(|e| StoreError::Db(e.to_string()))?;
-    let ttl = config.accounts.invitation_ttl.secs();
-    let record = TokenRecord {
-        kind: TokenKind::Invitation,
-        username: String::new(),
-        email: email.to_string(),
-        groups,
-        created: now,
-        expires: now + ttl,
-        stamp: 0,
-        issued_by: issued_by.to_string(),
-    };
-    store.put_token(hash, record).await?;
-    let base = config.mail.public_url.as_deref().unwrap_or_default();
-    let link = format!("{base}{}/invite?token={token}", config.server.portal_prefix.0);
-    let title = &config.portal.title;
-    let body = format!(
-        "Hello,\n\nYou are invited to create an account on {title}.\n\nOpen this link to choose your username and \
-         password (it works once and expires in {} days):\n\n{link}\n\nIf you weren't expecting this, ignore this \
-         email.\n\n-- \n{title}\n",
-        (ttl / 86400).max(1)
-    );
-    let event = AuditEvent::new(now, EventKind::InvitationSent, email).by(issued_by);
-    event.emit();
-    if let Err(e) = store.append_audit(event).await {
-        tracing::error!(error = %e, "could not store an audit event");
-    }
-    Ok(Email { to: email.to_string(), subject: format!("{title}: your invitation"), body, kind: "invitation" })
-}
+use crate::store::{Level, TokenKind, TokenRecord, TokenUse, User};
 
 /// A valid invitation's record, or None.
 async fn valid(gw: &Gateway, token: &str) -> Result<Option<TokenRecord>, Reject> {
@@ -136,7 +93,7 @@ pub async fn accept(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Re
     let (typed, name) = (form.get("username"), form.get("name").trim());
     let view = View { csrf, token, email: &rec.email, username: typed, name };
     let again = |status, msg: &str| Ok(page(gw, status, &view, Some(msg)));
-    let Ok(username) = crate::cli::valid_username(typed) else {
+    let Ok(username) = crate::accounts::validate::username(typed) else {
         return again(StatusCode::UNPROCESSABLE_ENTITY, "A username is 1 to 64 letters, digits or . _ @ + -");
     };
     let pw = form.get("password");

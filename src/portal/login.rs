@@ -140,7 +140,7 @@ async fn failed_login(
         gw.metrics.lockout("password");
         gw.audit(AuditEvent::new(now, EventKind::Lockout, account).from_addr(client.addr).detail("password")).await;
         if let Some(u) = known {
-            crate::notify::notify(gw, u, crate::notify::Notice::AccountLocked).await;
+            gw.accounts.notifier().notify(u, crate::notify::Notice::AccountLocked, crate::notify::By::User, now).await;
         }
         return Err(Reject::TooManyAttempts(secs));
     }

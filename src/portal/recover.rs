@@ -9,20 +9,17 @@ use hyper::body::Incoming;
 use minijinja::context;
 
 use crate::Body;
-use crate::audit::{AuditEvent, EventKind};
+use crate::accounts::Actor;
+use crate::accounts::factors::{Factor, Outcome, Purpose};
 use crate::client::Client;
-use crate::credentials::lockout::Step;
-use crate::credentials::{password, recovery, tokens, totp};
+use crate::credentials::{password, tokens};
 use crate::gateway::Gateway;
-use crate::mail::Email;
-use crate::notify::{Notice, notify};
 use crate::portal::form::{self, check_csrf};
 use crate::portal::login::anonymous_binding;
-use crate::portal::two_factor::TOTP_PURPOSE;
 use crate::portal::{query_param, with_cookie};
 use crate::respond::Reject;
 use crate::session;
-use crate::store::{Consumed, FailureRule, TokenKind, TokenRecord, TokenUse, User, normalize_login};
+use crate::store::{FailureRule, TokenKind, TokenRecord, User, normalize_login};
 
 /// Reset requests allowed per account, per recipient and per address in a window.
 const PER_ACCOUNT: u32 = 3;
@@ -79,7 +76,7 @@ pub async fn submit_forgot(
         tokio::spawn(async move {
             let sent = async {
                 if allowed(&gw, format!("reset:rcpt:{}", user.email), PER_ACCOUNT, now).await? {
-                    send_reset(&gw, &client, &user, now).await?;
+                    gw.accounts.send_reset_link(&Actor::User { address: client.addr }, &user).await?;
                 }
                 Ok::<(), Reject>(())
             };
@@ -89,43 +86,6 @@ pub async fn submit_forgot(
         });
     }
     Ok(forgot_page(gw, csrf, true))
-}
-
-async fn send_reset(gw: &Gateway, client: &Client, user: &User, now: u64) -> Result<(), Reject> {
-    let (token, hash) = tokens::new_token(&gw.keys)?;
-    let ttl = gw.config.accounts.reset_token_ttl.secs();
-    let record = TokenRecord {
-        kind: TokenKind::PasswordReset,
-        username: user.username.clone(),
-        email: user.email.clone(),
-        groups: Vec::new(),
-        created: now,
-        expires: now + ttl,
-        stamp: user.stamp,
-        issued_by: "self-service".into(),
-    };
-    gw.store.put_token(hash, record).await?;
-    // Links come from public_url, never from the Host header (which an attacker controls).
-    let base = gw.config.mail.public_url.as_deref().unwrap_or_default();
-    let link = format!("{base}{}/reset?token={token}", gw.prefix());
-    let body = format!(
-        "Hello {},\n\nSomeone (hopefully you) asked to reset the password of your account from {}.\n\n\
-         Choose a new password here (the link works once and expires in {} minutes):\n\n{link}\n\n\
-         If you didn't ask for this, ignore this email: your password stays as it is.\n\n-- \n{}\n",
-        user.display_name,
-        client.addr,
-        ttl / 60,
-        gw.config.portal.title
-    );
-    gw.mailer.send(Email {
-        to: user.email.clone(),
-        subject: format!("{}: reset your password", gw.config.portal.title),
-        body,
-        kind: "password_reset",
-    });
-    let event = AuditEvent::new(now, EventKind::PasswordResetRequested, &user.username).from_addr(client.addr);
-    gw.audit(event).await;
-    Ok(())
 }
 
 /// A valid reset token's record and user, or None.
@@ -187,7 +147,6 @@ pub async fn submit_reset(gw: &Gateway, client: &Client, req: Request<Incoming>)
     let Some((_, user)) = valid_token(gw, token).await? else {
         return Ok(invalid_link(gw));
     };
-    let now = gw.clock.now();
     let again = |status, msg| Ok(reset_page(gw, status, csrf.clone(), token, &user, Some(msg)));
     // Everything that needs no secret is checked first: a second factor is spent only for a password that will
     // be set.
@@ -198,33 +157,28 @@ pub async fn submit_reset(gw: &Gateway, client: &Client, req: Request<Incoming>)
     if password::check_new(pw).is_err() {
         return again(StatusCode::UNPROCESSABLE_ENTITY, "A password must be 8 to 1024 characters long.");
     }
+    let actor = Actor::User { address: client.addr };
     if user.two_factor.is_some() {
-        if let Some(secs) =
-            gw.lockout.retry_after(&gw.store, Step::SecondFactor, &user.username, client.addr, now).await?
-        {
-            return Err(Reject::TooManyAttempts(secs));
-        }
-        if !second_factor_ok(gw, client, &user, form.get("code"), form.get("recovery_code"), now).await? {
-            let event = AuditEvent::new(now, EventKind::SecondFactorFailed, &user.username).from_addr(client.addr);
-            gw.audit(event.detail("password reset")).await;
-            if let Some(secs) = gw.lockout.fail(&gw.store, Step::SecondFactor, &user.username, client.addr, now).await?
-            {
-                return Err(Reject::TooManyAttempts(secs));
+        // A typed recovery code wins; otherwise the TOTP field is the factor.
+        let factor = match form.get("recovery_code") {
+            r if !r.trim().is_empty() => Factor::RecoveryCode(r),
+            _ => Factor::Totp(form.get("code")),
+        };
+        let browser = parts.headers.get(http::header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or("unknown");
+        match gw.accounts.second_factor(&actor, &user, factor, browser, Purpose::PasswordReset).await? {
+            Outcome::Accepted(_) => {}
+            Outcome::Locked { retry_after, .. } => return Err(Reject::TooManyAttempts(retry_after)),
+            Outcome::Refused(_) => {
+                return again(
+                    StatusCode::UNAUTHORIZED,
+                    "The code is not valid. Enter a current code from your app or an unused recovery code.",
+                );
             }
-            return again(
-                StatusCode::UNAUTHORIZED,
-                "The code is not valid. Enter a current code from your app or an unused recovery code.",
-            );
         }
     }
-    let hash = gw.hasher.hash(pw.to_string()).await?;
-    match gw.store.reset_password(tokens::hash(&gw.keys, token), hash, now).await? {
-        TokenUse::Done(_) => {}
-        _ => return Ok(invalid_link(gw)),
+    if !gw.accounts.reset_password(&actor, &user, token, pw).await? {
+        return Ok(invalid_link(gw));
     }
-    gw.audit(AuditEvent::new(now, EventKind::PasswordChanged, &user.username).from_addr(client.addr).detail("reset"))
-        .await;
-    notify(gw, &user, Notice::PasswordChanged).await;
     let ctx = context! {
         heading => "Password changed",
         detail => "Your password was changed and every session of your account was signed out. Sign in with the new password.",
@@ -232,37 +186,4 @@ pub async fn submit_reset(gw: &Gateway, client: &Client, req: Request<Incoming>)
         action_label => "Sign in",
     };
     Ok(gw.pages.page(gw, "error.html", StatusCode::OK, ctx))
-}
-
-/// A TOTP code (its step recorded, so it can't be replayed) or a recovery code (spent).
-async fn second_factor_ok(
-    gw: &Gateway,
-    client: &Client,
-    user: &User,
-    code: &str,
-    recovery_code: &str,
-    now: u64,
-) -> Result<bool, Reject> {
-    let Some(tf) = &user.two_factor else {
-        return Ok(true);
-    };
-    if !recovery_code.trim().is_empty() {
-        let Some(c) = recovery::normalize(recovery_code) else {
-            return Ok(false);
-        };
-        let hash = recovery::hash(&gw.keys, &user.username, &c);
-        let used = gw.store.consume_recovery_code(&user.username, hash, None).await?;
-        if let Consumed::Ok(left) = used {
-            let event = AuditEvent::new(now, EventKind::RecoveryCodeUsed, &user.username).from_addr(client.addr);
-            gw.audit(event.detail(format!("{left} left; password reset"))).await;
-            notify(gw, user, Notice::RecoveryCodeUsed(left)).await;
-            return Ok(true);
-        }
-        return Ok(false);
-    }
-    let secret = gw.keys.open(&user.username, TOTP_PURPOSE, &tf.secret)?;
-    match totp::check(&secret, code, now, gw.config.two_factor.skew, Some(tf.last_step)) {
-        totp::Check::Accepted(step) => Ok(gw.store.accept_totp_step(&user.username, step).await?),
-        _ => Ok(false),
-    }
 }

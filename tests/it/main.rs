@@ -1,6 +1,7 @@
 //! Portcullis black-box integration tests: each module drives real gateways over real sockets.
 mod support;
 
+mod accounts;
 mod admin;
 mod adversarial;
 mod auth;

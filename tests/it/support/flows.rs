@@ -295,3 +295,58 @@ fn a_missing_tool_says_which_package_to_install() {
     assert_eq!(missing_tool("/usr/sbin/nginx", "-v", "nginx"), None);
     assert_eq!(missing_tool("oathtool", "--version", "oathtool"), None);
 }
+
+/// Text of an HTML fragment without its tags.
+pub fn strip_tags(html: &str) -> String {
+    let mut out = String::new();
+    let mut in_tag = false;
+    for ch in html.chars() {
+        match ch {
+            '<' => in_tag = true,
+            '>' => {
+                in_tag = false;
+                out.push(' ');
+            }
+            c if !in_tag => out.push(c),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// First login with `[two_factor] required` (default): password -> forced enrolment -> confirm with the code for
+/// the gateway's clock. Leaves `c` with a Full session.
+pub async fn enrol(gw: &Gateway, c: &mut Client, user: &str, pw: &str) -> Enrolled {
+    let e = enrol_forced(c, user, pw, || gw.clock.now()).await;
+    assert!(c.session_cookie().is_some(), "no session after enrolment");
+    e
+}
+
+/// Password + TOTP login of an enrolled user to a Full session. Moves the clock two steps on first, so the code is
+/// never one already used.
+pub async fn login_full(gw: &Gateway, c: &mut Client, user: &str, pw: &str, secret: &str) {
+    gw.clock.advance(60);
+    let (_, csrf) = login_to_challenge_page(c, user, pw, "/").await;
+    let r = submit_totp(c, &csrf, &totp_code(secret, gw.clock.now()), "/").await;
+    assert_eq!(r.status, 303, "challenge of {user} with the right code: {}", r.text());
+}
+
+/// GET an admin page as the admin; must be 200.
+pub async fn admin_get(c: &mut Client, path: &str) -> Resp {
+    let r = c.browse(path).await;
+    assert_eq!(r.status, 200, "admin GET {path}: {}", r.text());
+    r
+}
+
+/// POST an action from the detail page of `user`: csrf from the page, 303 back with ?done=ACTION.
+pub async fn admin_act(c: &mut Client, user: &str, action: &str) {
+    let page = admin_get(c, &format!("{PREFIX}/admin/users/{user}")).await;
+    let csrf = csrf_of(&page);
+    let r = c.post_form(&format!("{PREFIX}/admin/users/{user}/{action}"), &[("csrf", &csrf)]).await;
+    assert_eq!(r.status, 303, "POST {action} on {user}: {}", r.text());
+    let loc = r.location();
+    assert!(
+        loc.starts_with(&format!("{PREFIX}/admin/users/{user}")) && loc.contains(&format!("done={action}")),
+        "POST {action} redirected to {loc}"
+    );
+}

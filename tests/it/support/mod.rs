@@ -25,8 +25,10 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::Role;
 
 mod flows;
+mod outbox;
 mod pg_server;
 pub use flows::*;
+pub use outbox::*;
 pub use pg_server::*;
 
 pub const PREFIX: &str = "/_portcullis";
