@@ -12,6 +12,7 @@ use crate::Body;
 use crate::accounts::Actor;
 use crate::accounts::factors::{Factor, Outcome, Purpose};
 use crate::client::Client;
+use crate::credentials::lockout::FailureRule;
 use crate::credentials::{password, tokens};
 use crate::gateway::Gateway;
 use crate::portal::form::{self, check_csrf};
@@ -19,7 +20,7 @@ use crate::portal::login::anonymous_binding;
 use crate::portal::{query_param, with_cookie};
 use crate::respond::Reject;
 use crate::session;
-use crate::store::{FailureRule, TokenKind, TokenRecord, User, normalize_login};
+use crate::store::{TokenKind, TokenRecord, User, normalize_login};
 
 /// Reset requests allowed per account, per recipient and per address in a window.
 const PER_ACCOUNT: u32 = 3;
@@ -44,7 +45,7 @@ pub async fn show_forgot(gw: &Gateway, client: &Client, req: &Request<Incoming>)
 /// Whether a counter still allows an action (counts this attempt).
 async fn allowed(gw: &Gateway, key: String, max: u32, now: u64) -> Result<bool, Reject> {
     let rule = FailureRule { max: max + 1, window: RATE_WINDOW, lockout: RATE_WINDOW };
-    let f = gw.store.register_failure(key, now, rule).await?;
+    let f = rule.count(&gw.store, key, now).await?;
     Ok(f.count <= max && f.locked_until <= now)
 }
 

@@ -270,17 +270,6 @@ pub struct Failures {
     pub locked_until: u64,
 }
 
-/// Parameters of a failure counter.
-#[derive(Debug, Clone, Copy)]
-pub struct FailureRule {
-    /// Failures that trigger a lockout.
-    pub max: u32,
-    /// Counting window in seconds.
-    pub window: u64,
-    /// Lockout length in seconds.
-    pub lockout: u64,
-}
-
 /// Which users an admin listing shows.
 #[derive(Debug, Clone, Default)]
 pub struct UserFilter {
@@ -506,9 +495,14 @@ impl Store {
         self.modify(&u, Revoke::None, move |user| user.last_login = Some(login)).await.map(|_| ())
     }
 
-    /// Counts one failure under `key` and returns the counter, locking it when it reaches `rule.max`.
-    pub async fn register_failure(&self, key: String, now: u64, rule: FailureRule) -> Result<Failures, StoreError> {
-        dispatch!(self, |s| s.register_failure(&key, now, rule), |p| p.register_failure(&key, now, rule).await)
+    /// Replaces the counter under `key` by `next(current)` in one transaction (the row locked meanwhile), and
+    /// returns the new counter. The rule lives with its caller; the store only keeps the state.
+    pub async fn update_failures(
+        &self,
+        key: String,
+        next: impl FnOnce(Option<Failures>) -> Failures + Send + 'static,
+    ) -> Result<Failures, StoreError> {
+        dispatch!(self, |s| s.update_failures(&key, next), |p| p.update_failures(&key, next).await)
     }
 
     /// The latest lockout end among `keys` still in force at `now`.

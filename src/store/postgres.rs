@@ -16,8 +16,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::{Client, Transaction};
 
 use super::{
-    FailureRule, Failures, PendingEnrolment, Revoke, SessionRecord, StoreError, TokenKind, TokenRecord, TokenUse,
-    TwoFactorState, User, UserFilter, decode, encode,
+    Failures, PendingEnrolment, Revoke, SessionRecord, StoreError, TokenKind, TokenRecord, TokenUse, TwoFactorState,
+    User, UserFilter, decode, encode,
 };
 use crate::audit::AuditEvent;
 
@@ -285,38 +285,41 @@ impl PgStore {
         })
     }
 
-    pub(super) async fn register_failure(
+    pub(super) async fn update_failures(
         &self,
         key: &str,
-        now: u64,
-        rule: FailureRule,
+        next: impl FnOnce(Option<Failures>) -> Failures + Send,
     ) -> Result<Failures, StoreError> {
-        // One upsert: count, window reset and lockout decided in the same statement (same rules as redb).
-        let c = self.client().await?;
-        let row = c
-            .query_one(
-                "INSERT INTO failures AS f (key, count, window_start, locked_until)
-                 VALUES ($1::text, 1, $2::bigint, CASE WHEN 1 >= $3::int4 THEN $2::bigint + $5::bigint ELSE 0 END)
-                 ON CONFLICT (key) DO UPDATE SET
-                   count = CASE WHEN $2 < f.window_start + $4 OR f.locked_until > $2 THEN f.count + 1 ELSE 1 END,
-                   window_start = CASE WHEN $2 < f.window_start + $4 OR f.locked_until > $2
-                                       THEN f.window_start ELSE $2 END,
-                   locked_until = CASE
-                     WHEN (CASE WHEN $2 < f.window_start + $4 OR f.locked_until > $2 THEN f.count + 1 ELSE 1 END) >= $3
-                      AND (CASE WHEN $2 < f.window_start + $4 OR f.locked_until > $2 THEN f.locked_until ELSE 0 END) <= $2
-                     THEN $2 + $5
-                     ELSE (CASE WHEN $2 < f.window_start + $4 OR f.locked_until > $2 THEN f.locked_until ELSE 0 END)
-                   END
-                 RETURNING count, window_start, locked_until",
-                &[&key, &i(now), &i32::try_from(rule.max).unwrap_or(i32::MAX), &i(rule.window), &i(rule.lockout)],
+        // The row is created if missing, then locked, so concurrent failures on one key queue up and none is lost.
+        // A counter is no revocation: no revision bump and no cache flush (unlike pg_tx).
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db)?;
+        let created = tx
+            .execute(
+                "INSERT INTO failures (key, count, window_start, locked_until) VALUES ($1, 0, 0, 0)
+                 ON CONFLICT (key) DO NOTHING",
+                &[&key],
             )
             .await
             .map_err(db)?;
-        Ok(Failures {
+        let row = tx
+            .query_one("SELECT count, window_start, locked_until FROM failures WHERE key = $1 FOR UPDATE", &[&key])
+            .await
+            .map_err(db)?;
+        let old = (created == 0).then(|| Failures {
             count: u32::try_from(row.get::<_, i32>(0)).unwrap_or(0),
             window_start: u(row.get(1)),
             locked_until: u(row.get(2)),
-        })
+        });
+        let f = next(old);
+        tx.execute(
+            "UPDATE failures SET count = $2, window_start = $3, locked_until = $4 WHERE key = $1",
+            &[&key, &i32::try_from(f.count).unwrap_or(i32::MAX), &i(f.window_start), &i(f.locked_until)],
+        )
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(f)
     }
 
     pub(super) async fn locked_until(&self, keys: &[String], now: u64) -> Result<Option<u64>, StoreError> {

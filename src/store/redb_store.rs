@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use super::{
-    Dump, FailureRule, Failures, PendingEnrolment, Revoke, SessionRecord, StoreError, TokenKind, TokenRecord, TokenUse,
+    Dump, Failures, PendingEnrolment, Revoke, SessionRecord, StoreError, TokenKind, TokenRecord, TokenUse,
     TwoFactorState, User, UserFilter, decode, encode,
 };
 use crate::audit::AuditEvent;
@@ -489,18 +489,15 @@ impl RedbStore {
         })
     }
 
-    pub(super) fn register_failure(&self, key: &str, now: u64, rule: FailureRule) -> Result<Failures, StoreError> {
+    pub(super) fn update_failures(
+        &self,
+        key: &str,
+        next: impl FnOnce(Option<Failures>) -> Failures,
+    ) -> Result<Failures, StoreError> {
         self.write(|tx| {
             let mut table = tx.open_table(FAILURES)?;
             let old = table.get(key)?.map(|v| decode::<Failures>(v.value())).transpose()?;
-            let mut f = match old {
-                Some(f) if now < f.window_start.saturating_add(rule.window) || f.locked_until > now => f,
-                _ => Failures { count: 0, window_start: now, locked_until: 0 },
-            };
-            f.count = f.count.saturating_add(1);
-            if f.count >= rule.max && f.locked_until <= now {
-                f.locked_until = now.saturating_add(rule.lockout);
-            }
+            let f = next(old);
             table.insert(key, encode(&f)?.as_slice())?;
             Ok(f)
         })
@@ -698,35 +695,30 @@ mod tests {
     }
 
     #[test]
-    fn failures_lock_at_max_and_reset_after_window() {
+    fn failure_counters_keep_what_the_rule_returns_and_report_lockouts() {
         let dir = tempfile::tempdir().unwrap();
         let s = RedbStore::open(&dir.path().join("db")).unwrap();
-        let rule = FailureRule { max: 3, window: 60, lockout: 100 };
-        assert_eq!(s.register_failure("k", 1000, rule).unwrap().locked_until, 0);
-        assert_eq!(s.register_failure("k", 1001, rule).unwrap().locked_until, 0);
-        assert_eq!(s.register_failure("k", 1002, rule).unwrap().locked_until, 1102);
-        assert_eq!(s.locked_until(&["k".into()], 1050).unwrap(), Some(1102));
+        let seen = std::cell::Cell::new(None);
+        let f = Failures { count: 2, window_start: 1000, locked_until: 1102 };
+        assert_eq!(
+            s.update_failures("k", |old| {
+                seen.set(Some(old));
+                f
+            })
+            .unwrap(),
+            f
+        );
+        assert_eq!(seen.get(), Some(None), "a new key starts from nothing");
+        s.update_failures("k", |old| {
+            seen.set(Some(old));
+            f
+        })
+        .unwrap();
+        assert_eq!(seen.get(), Some(Some(f)), "the rule sees the stored counter");
+        assert_eq!(s.locked_until(&["k".into(), "j".into()], 1050).unwrap(), Some(1102));
         assert_eq!(s.locked_until(&["k".into()], 1102).unwrap(), None);
-        // After the lockout and window, counting starts again.
-        assert_eq!(s.register_failure("k", 1200, rule).unwrap().count, 1);
-    }
-
-    #[test]
-    fn failures_outside_the_window_stop_counting_without_any_lockout() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = RedbStore::open(&dir.path().join("db")).unwrap();
-        let rule = FailureRule { max: 3, window: 60, lockout: 100 };
-        // t, t+1, t+61: the window (from the first failure) has passed before the third, so it starts a new count
-        // and nothing locks; no lockout ever began, so only the window's expiry can explain the reset.
-        assert_eq!(s.register_failure("k", 1000, rule).unwrap().count, 1);
-        assert_eq!(s.register_failure("k", 1001, rule).unwrap().count, 2);
-        let third = s.register_failure("k", 1061, rule).unwrap();
-        assert_eq!((third.count, third.locked_until), (1, 0));
-        assert_eq!(s.locked_until(&["k".into()], 1061).unwrap(), None);
-        // control: the same three inside the window lock
-        assert_eq!(s.register_failure("j", 1000, rule).unwrap().count, 1);
-        assert_eq!(s.register_failure("j", 1001, rule).unwrap().count, 2);
-        assert_eq!(s.register_failure("j", 1059, rule).unwrap().locked_until, 1159);
+        s.clear_failures("k").unwrap();
+        assert_eq!(s.locked_until(&["k".into()], 1050).unwrap(), None);
     }
 
     #[test]
