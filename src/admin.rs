@@ -11,8 +11,8 @@ use crate::accounts::{Actor, Keep};
 use crate::client::Client;
 use crate::clock::rfc3339;
 use crate::gateway::Gateway;
+use crate::pages::redirect;
 use crate::portal::form::{self, check_csrf};
-use crate::portal::pages::redirect;
 use crate::portal::{encode, query_param};
 use crate::respond::Reject;
 use crate::session::Authenticated;
@@ -154,7 +154,7 @@ async fn list(gw: &Gateway, admin: &Authenticated, req: &Request<Incoming>) -> R
     let ctx = context! { rows => Value::from(minijinja::value::Serde(&rows)), next, q, two_factor => tf, first_page => after.is_empty(),
                          message, csrf => gw.keys.csrf_token(&admin.id.0), invitations => gw.config.invitations_enabled(),
     admin => &admin.user.username };
-    Ok(gw.pages.page(gw, "admin_users.html", StatusCode::OK, ctx))
+    Ok(gw.pages.page("admin_users.html", StatusCode::OK, ctx))
 }
 
 async fn detail(gw: &Gateway, admin: &Authenticated, name: &str, done: &str) -> Result<Response<Body>, Reject> {
@@ -182,7 +182,7 @@ async fn detail(gw: &Gateway, admin: &Authenticated, name: &str, done: &str) -> 
         csrf => gw.keys.csrf_token(&admin.id.0),
         base => format!("{}/admin/users/{}", gw.prefix(), encode(&user.username)),
     };
-    Ok(gw.pages.page(gw, "admin_user.html", StatusCode::OK, ctx))
+    Ok(gw.pages.page("admin_user.html", StatusCode::OK, ctx))
 }
 
 async fn act(

@@ -249,24 +249,8 @@ async fn serve(path: &Path) -> Result<()> {
         .await
         .with_context(|| format!("binding {}", config.server.listen))?;
     tracing::info!(listen = %config.server.listen, "portcullis serving");
-    crate::run(listener, config, shutdown_signal()).await?;
+    crate::run(listener, config, crate::server::shutdown_signal()).await?;
     Ok(())
-}
-
-/// Resolves on SIGTERM or Ctrl-C.
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = ctrl_c.await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term.recv() => {}
-    }
 }
 
 /// Reads a new password: one line from stdin, or a prompt twice on a terminal.

@@ -150,6 +150,6 @@ pub async fn run(listen: SocketAddr) -> Result<()> {
     println!("  Password  {pw}");
     println!("  State     ./demo-data   (emails in ./demo-data/outbox; Ctrl-C to stop)");
     println!();
-    crate::run(listener, config, crate::cli::shutdown_signal()).await?;
+    crate::run(listener, config, crate::server::shutdown_signal()).await?;
     Ok(())
 }

@@ -15,7 +15,7 @@ use crate::headers::Headers;
 use crate::keys::Keys;
 use crate::mail::Outbox;
 use crate::notify::Notifier;
-use crate::portal::pages::Pages;
+use crate::pages::Pages;
 use crate::proxy::Upstreams;
 use crate::session::{SessionCache, Sessions};
 use crate::store::Store;
@@ -103,7 +103,7 @@ impl Gateway {
 
     fn assemble(config: Config, shared: Shared) -> Result<Gateway, crate::Error> {
         let tls_acceptor = match (&config.server.tls_cert, &config.server.tls_key) {
-            (Some(cert), Some(key)) => Some(crate::server::tls_acceptor(cert, key)?),
+            (Some(cert), Some(key)) => Some(crate::tls::tls_acceptor(cert, key)?),
             _ => None,
         };
         let mut app_metrics: Vec<_> = config
@@ -137,7 +137,7 @@ impl Gateway {
             ),
             accounts,
             lockout: Lockout::new(&config.limits),
-            pages: Pages::new(config.portal.templates.clone()),
+            pages: Pages::new(config.portal.templates.clone(), &config.portal.title, &config.server.portal_prefix.0),
             upstreams: Upstreams::new(&config)?,
             tls: tls_acceptor.is_some(),
             tls_acceptor,
@@ -177,6 +177,39 @@ impl Gateway {
     /// The client of a request from `peer` ([`Client::of`] under this config's trusted proxies).
     pub fn client<H: Headers + ?Sized>(&self, peer: SocketAddr, headers: &H) -> Client {
         Client::of(&self.config.server.trusted_proxies, self.tls, peer, headers)
+    }
+}
+
+impl crate::proxy::State for Gateway {
+    fn config(&self) -> &Config {
+        &self.config
+    }
+    fn own_cookies(&self) -> [&str; 2] {
+        Gateway::own_cookies(self)
+    }
+    fn prefix(&self) -> &str {
+        Gateway::prefix(self)
+    }
+    fn upstreams(&self) -> &Upstreams {
+        &self.upstreams
+    }
+    fn sessions(&self) -> &Sessions {
+        &self.sessions
+    }
+    fn tunnels(&self) -> &Arc<crate::proxy::tunnels::Tunnels> {
+        &self.tunnels
+    }
+    fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
+    }
+    fn app_metrics(&self, slot: usize) -> &crate::metrics::LabelHandles {
+        &self.app_metrics[slot]
+    }
+    fn pages(&self) -> &Pages {
+        &self.pages
+    }
+    fn client<H: Headers + ?Sized>(&self, peer: SocketAddr, headers: &H) -> Client {
+        Gateway::client(self, peer, headers)
     }
 }
 

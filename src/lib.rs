@@ -10,15 +10,15 @@
 //! | layer | modules | what |
 //! |---|---|---|
 //! | 0 | [`files`], [`clock`], [`audit`], [`body`], [`normalize`] | private files, injected time, audit events, the body type, path/host normal forms |
-//! | 1 | [`keys`], [`config`] | derived keys; the TOML configuration |
-//! | 2 | [`store`], [`mail`] | users, sessions, tokens, counters (redb or PostgreSQL); the outgoing mail queue |
-//! | 3 | [`credentials`], [`policy`], [`headers`] | passwords, TOTP, recovery codes, lockout; the access decision; header rules |
-//! | 4 | [`client`], [`session`] | who sent a request; the [`session::Sessions`] service |
-//! | 5 | [`gateway`] with [`notify`], [`metrics`], [`respond`] | the shared state; notices, metrics, error pages |
-//! | 6 | [`router`], [`portal`], [`proxy`], [`admin`], [`server`], [`cli`], [`demo`] | the request flow, pages, proxy paths, admin pages, listeners, commands |
+//! | 1 | [`keys`], [`config`], [`pages`], [`tls`] | derived keys; the TOML configuration; templates; TLS settings |
+//! | 2 | [`store`], [`mail`] | users, sessions, tokens, counters (redb or PostgreSQL); outgoing mail |
+//! | 3 | [`credentials`], [`policy`], [`headers`], [`notify`], [`metrics`] | passwords, TOTP, recovery codes, the lockout rule; the access decision; header rules; security notices; metrics |
+//! | 4 | [`client`], [`session`], [`accounts`] | who sent a request; the [`session::Sessions`] service; every account operation, for web, admin and CLI |
+//! | 5 | [`respond`] | refusals as HTTP responses, in one place |
+//! | 6 | [`gateway`], [`router`], [`portal`], [`proxy`], [`admin`], [`server`], [`cli`], [`demo`] | the shared state, the request flow, pages, proxy paths, admin pages, listeners, commands |
 //!
-//! Layer 5 and 6 still refer to each other (the gateway state builds the upstream clients, templates and TLS
-//! acceptor those modules define; `notify`, `metrics`, `respond` and the proxy take `&Gateway`).
+//! Within layer 6, [`proxy`] (the forwarder and the HTTP/1.1 relay lane) still takes `&Gateway` while the gateway
+//! state builds its upstream clients: the two request engines are to become one, and their state with them.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -41,6 +41,7 @@ pub mod mail;
 pub mod metrics;
 pub mod normalize;
 pub mod notify;
+pub mod pages;
 pub mod policy;
 pub mod portal;
 pub mod proxy;
@@ -49,6 +50,7 @@ pub mod router;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -77,7 +79,7 @@ pub enum Error {
     Key(#[from] keys::KeyError),
     /// TLS can't be set up.
     #[error(transparent)]
-    Tls(#[from] server::TlsError),
+    Tls(#[from] tls::TlsError),
     /// An upstream client can't be built.
     #[error(transparent)]
     Upstream(#[from] proxy::UpstreamError),
@@ -124,7 +126,16 @@ pub async fn run_with_clock(
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| Error::Bind { addr: addr.to_string(), source })?;
-        background.push(tokio::spawn(metrics::serve(listener, gw.clone())));
+        let current = gw.clone();
+        let scrape = move || {
+            let gw = current.load();
+            metrics::Scrape {
+                token: gw.config.metrics.token.clone(),
+                metrics: gw.metrics.clone(),
+                store: gw.store.clone(),
+            }
+        };
+        background.push(tokio::spawn(server::serve_metrics(listener, scrape)));
     }
     server::serve(gw, listener, shutdown).await;
     for task in background {

@@ -186,52 +186,12 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on its own listener (Bearer token checked when `[metrics] token` is set).
-pub async fn serve(listener: tokio::net::TcpListener, gw: std::sync::Arc<arc_swap::ArcSwap<crate::gateway::Gateway>>) {
-    use http::{Response, StatusCode, header};
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    use subtle::ConstantTimeEq;
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let gw = gw.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let gw = gw.load_full();
-                async move {
-                    let authorized = match &gw.config.metrics.token {
-                        None => true,
-                        Some(token) => {
-                            let want = format!("Bearer {token}");
-                            let got =
-                                req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()).unwrap_or_default();
-                            got.len() == want.len() && bool::from(got.ct_eq(want.as_bytes()))
-                        }
-                    };
-                    let (status, body) = if req.uri().path() != "/metrics" {
-                        (StatusCode::NOT_FOUND, "not found\n".to_string())
-                    } else if !authorized {
-                        (StatusCode::UNAUTHORIZED, "unauthorized\n".to_string())
-                    } else {
-                        if let Ok(n) = gw.store.count_sessions().await {
-                            gw.metrics.active_sessions.set(i64::try_from(n).unwrap_or(i64::MAX));
-                        }
-                        (StatusCode::OK, gw.metrics.render())
-                    };
-                    let mut resp = Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
-                    *resp.status_mut() = status;
-                    resp.headers_mut().insert(
-                        header::CONTENT_TYPE,
-                        http::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-                    );
-                    Ok::<_, std::convert::Infallible>(resp)
-                }
-            });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
+/// What one scrape reads: the token in force, the registry, and the store (to count sessions).
+pub struct Scrape {
+    /// `[metrics] token`, if set.
+    pub token: Option<String>,
+    /// The registry.
+    pub metrics: std::sync::Arc<Metrics>,
+    /// The store.
+    pub store: crate::store::Store,
 }

@@ -4,7 +4,7 @@
 use http::{HeaderValue, Response, StatusCode, header};
 
 use crate::Body;
-use crate::gateway::Gateway;
+use crate::pages::Pages;
 
 /// Every way a request can be refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,18 +162,18 @@ impl From<crate::keys::KeyError> for Reject {
 }
 
 /// Renders a refusal as a page.
-pub fn reject(gw: &Gateway, r: &Reject) -> Response<Body> {
+pub fn reject(pages: &Pages, r: &Reject) -> Response<Body> {
     let (status, heading, detail) = r.parts();
     let (action_href, action_label) = match r {
         Reject::Csrf
         | Reject::AccountLocked
         | Reject::TooManyAttempts(_)
         | Reject::AdminOnly
-        | Reject::Unauthorized => (format!("{}/login", gw.prefix()), "Back to sign-in"),
+        | Reject::Unauthorized => (format!("{}/login", pages.prefix()), "Back to sign-in"),
         _ => (String::new(), ""),
     };
     let ctx = minijinja::context! { heading, detail, action_href, action_label };
-    let mut resp = gw.pages.page(gw, "error.html", status, ctx);
+    let mut resp = pages.page("error.html", status, ctx);
     if let Reject::TooManyAttempts(secs) = r {
         resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*secs));
     }

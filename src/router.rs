@@ -12,8 +12,8 @@ use crate::Body;
 use crate::client::Client;
 use crate::config::Policy;
 use crate::gateway::Gateway;
+use crate::pages::redirect;
 use crate::policy::{Admission, admission};
-use crate::portal::pages::redirect;
 use crate::respond::{Reject, reject};
 
 /// Whether a request is from a browser that can follow a redirect to the login page.
@@ -38,9 +38,14 @@ pub async fn handle(gw: Arc<Gateway>, peer: SocketAddr, mut req: Request<Incomin
     } else {
         crate::policy::find_app(&gw.config.apps, crate::headers::request_host(&req).as_deref())
     };
-    let result =
-        if portal { crate::portal::handle(&gw, &client, req).await } else { protected(&gw, &client, app, req).await };
-    let resp = result.unwrap_or_else(|r| reject(&gw, &r));
+    let result = if !portal {
+        protected(&gw, &client, app, req).await
+    } else if let Some(sub) = admin_path(&req.uri().path()[gw.prefix().len()..]) {
+        crate::admin::handle(&gw, &client, req, &sub).await
+    } else {
+        crate::portal::handle(&gw, &client, req).await
+    };
+    let resp = result.unwrap_or_else(|r| reject(&gw.pages, &r));
     let n = gw.config.apps.len();
     let slot = match app {
         Some(i) => i,
@@ -49,6 +54,11 @@ pub async fn handle(gw: Arc<Gateway>, peer: SocketAddr, mut req: Request<Incomin
     };
     gw.app_metrics[slot].request(resp.status().as_u16());
     resp
+}
+
+/// The part of a portal path after `/admin`, for the admin pages.
+fn admin_path(sub: &str) -> Option<String> {
+    (sub == "/admin" || sub.starts_with("/admin/")).then(|| sub["/admin".len()..].to_string())
 }
 
 /// A request for an application: decide, authenticate, then proxy or send to the login page.
@@ -86,13 +96,13 @@ async fn protected(
             Some(auth)
         }
     };
-    crate::proxy::forward(gw, client, decision, identity, req).await
+    crate::proxy::forward(&**gw, client, decision, identity, req).await
 }
 
 /// Browsers go to the portal page `url(where they were going)`; everything else gets 401.
 fn send_to(gw: &Gateway, req: &Request<Incoming>, url: impl FnOnce(&str) -> String) -> Response<Body> {
     if !wants_html(req) {
-        return reject(gw, &Reject::Unauthorized);
+        return reject(&gw.pages, &Reject::Unauthorized);
     }
     let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
     redirect(StatusCode::FOUND, &url(target))

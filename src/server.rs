@@ -4,58 +4,19 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::gateway::Gateway;
 use crate::proxy::relay::{self, Outcome};
 use crate::router::handle;
-
-/// TLS set-up failures.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    /// A PEM file can't be read or holds nothing usable.
-    #[error("{path}: {why}")]
-    Pem {
-        /// The file.
-        path: String,
-        /// Why.
-        why: String,
-    },
-    /// rustls refused the certificate or key.
-    #[error("TLS configuration: {0}")]
-    Rustls(#[from] rustls::Error),
-}
-
-/// Builds the TLS acceptor from PEM files.
-pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
-    let pem = |path: &Path, why: String| TlsError::Pem { path: path.display().to_string(), why };
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| pem(cert, e.to_string()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| pem(cert, e.to_string()))?;
-    if certs.is_empty() {
-        return Err(pem(cert, "no certificate found".into()));
-    }
-    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| pem(key, e.to_string()))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key_der)?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
-}
 
 /// Time a client has to finish the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -262,5 +223,75 @@ async fn serve_hyper<IO>(
     };
     if let Err(e) = ended {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// Serves `GET /metrics` on its own listener (Bearer token checked when `[metrics] token` is set). `current`
+/// gives what the running config says at each scrape, so a reload changes the token at once.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    current: impl Fn() -> crate::metrics::Scrape + Clone + Send + Sync + 'static,
+) {
+    use http::{Response, StatusCode, header};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use subtle::ConstantTimeEq;
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let current = current.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let gw = current();
+                async move {
+                    let authorized = match &gw.token {
+                        None => true,
+                        Some(token) => {
+                            let want = format!("Bearer {token}");
+                            let got =
+                                req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()).unwrap_or_default();
+                            got.len() == want.len() && bool::from(got.ct_eq(want.as_bytes()))
+                        }
+                    };
+                    let (status, body) = if req.uri().path() != "/metrics" {
+                        (StatusCode::NOT_FOUND, "not found\n".to_string())
+                    } else if !authorized {
+                        (StatusCode::UNAUTHORIZED, "unauthorized\n".to_string())
+                    } else {
+                        if let Ok(n) = gw.store.count_sessions().await {
+                            gw.metrics.active_sessions.set(i64::try_from(n).unwrap_or(i64::MAX));
+                        }
+                        (StatusCode::OK, gw.metrics.render())
+                    };
+                    let mut resp = Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+                    *resp.status_mut() = status;
+                    resp.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                    );
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = ctrl_c.await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
     }
 }

@@ -223,18 +223,8 @@ impl Accounts {
             "" => new.username.trim().to_string(),
             d => d.to_string(),
         };
-        let user = User {
-            display_name,
-            username,
-            email,
-            groups,
-            password_hash: self.hasher.hash(new.password).await?,
-            locked: false,
-            created: self.now(),
-            last_login: None,
-            two_factor: None,
-            stamp: 0,
-        };
+        let hash = self.hasher.hash(new.password).await?;
+        let user = User::new(&username, &email, &display_name, groups, hash, self.now());
         self.store.create_user(user.clone()).await?;
         let event = actor.event(self.now(), EventKind::AccountCreated, &user.username);
         self.audit(event).await;

@@ -14,8 +14,8 @@ use crate::clock::rfc3339;
 use crate::credentials::lockout::Step;
 use crate::credentials::{recovery, totp};
 use crate::gateway::Gateway;
+use crate::pages::{full, redirect, secure_headers};
 use crate::portal::form::{self, Form, check_csrf};
-use crate::portal::pages::{full, redirect, secure_headers};
 use crate::portal::redirect::target_or_root;
 use crate::portal::{Gate, query_param, require_session, rotate, with_cookie};
 use crate::respond::Reject;
@@ -94,7 +94,7 @@ fn confirm_page(
         csrf => gw.keys.csrf_token(&auth.id.0),
         username => &auth.user.username,
     };
-    gw.pages.page(gw, "confirm_password.html", status, ctx)
+    gw.pages.page("confirm_password.html", status, ctx)
 }
 
 fn settings_redirect(gw: &Gateway) -> Response<Body> {
@@ -127,7 +127,7 @@ fn settings_page(gw: &Gateway, auth: &Authenticated, message: Option<&str>) -> R
         required => gw.config.two_factor.required,
         message,
     };
-    gw.pages.page(gw, "settings.html", StatusCode::OK, ctx)
+    gw.pages.page("settings.html", StatusCode::OK, ctx)
 }
 
 /// GET of a sensitive action: the password confirmation page (or, for a just-signed-in pending session, the
@@ -244,7 +244,7 @@ fn codes_page(
         csrf => gw.keys.csrf_token(session),
         grant => gw.keys.grant(DOWNLOAD_GRANT, session, now + GRANT_TTL),
     };
-    with_cookie(gw.pages.page(gw, "recovery_codes.html", StatusCode::OK, ctx), cookie)
+    with_cookie(gw.pages.page("recovery_codes.html", StatusCode::OK, ctx), cookie)
 }
 
 /// A setup page with a fresh secret (each visit starts again), remembered for this session only.
@@ -287,7 +287,7 @@ fn render_setup(
         csrf => gw.keys.csrf_token(&auth.id.0),
         minutes => ENROLMENT_TTL / 60,
     };
-    Ok(gw.pages.page(gw, "enroll.html", status, ctx))
+    Ok(gw.pages.page("enroll.html", status, ctx))
 }
 
 /// POST enroll/confirm: a valid code activates two-factor (its step counts as used), then the recovery codes.
@@ -317,7 +317,7 @@ pub async fn confirm_enrolment(
             action_href => restart,
             action_label => "Start again",
         };
-        return Ok(gw.pages.page(gw, "error.html", StatusCode::GONE, ctx));
+        return Ok(gw.pages.page("error.html", StatusCode::GONE, ctx));
     };
     let actor = Actor::User { address: client.addr };
     let shown = match gw.accounts.confirm_enrolment(&actor, &auth.user, auth.id.0, pending, form.get("code")).await? {
@@ -379,7 +379,7 @@ pub async fn download(gw: &Gateway, req: Request<Incoming>) -> Result<Response<B
 
 fn password_page(gw: &Gateway, status: StatusCode, auth: &Authenticated, error: Option<&str>) -> Response<Body> {
     let ctx = context! { csrf => gw.keys.csrf_token(&auth.id.0), username => &auth.user.username, error };
-    gw.pages.page(gw, "password.html", status, ctx)
+    gw.pages.page("password.html", status, ctx)
 }
 
 /// GET settings/password.

@@ -11,9 +11,9 @@ use crate::audit::{AuditEvent, EventKind};
 use crate::client::Client;
 use crate::credentials::{password, tokens};
 use crate::gateway::Gateway;
+use crate::pages::redirect;
 use crate::portal::form::{self, check_csrf};
 use crate::portal::login::anonymous_binding;
-use crate::portal::pages::redirect;
 use crate::portal::{query_param, with_cookie};
 use crate::respond::Reject;
 use crate::session::{self};
@@ -44,7 +44,7 @@ fn invalid(gw: &Gateway) -> Response<Body> {
         action_href => format!("{}/login", gw.prefix()),
         action_label => "Back to sign-in",
     };
-    gw.pages.page(gw, "error.html", StatusCode::GONE, ctx)
+    gw.pages.page("error.html", StatusCode::GONE, ctx)
 }
 
 /// What the invitation form shows.
@@ -59,7 +59,7 @@ struct View<'a> {
 
 fn page(gw: &Gateway, status: StatusCode, view: &View<'_>, error: Option<&str>) -> Response<Body> {
     let ctx = context! { error, enabled => gw.config.invitations_enabled(), ..minijinja::Value::from(minijinja::value::Serde(view)) };
-    gw.pages.page(gw, "invite.html", status, ctx)
+    gw.pages.page("invite.html", status, ctx)
 }
 
 /// GET invite[?token=…].

@@ -10,8 +10,8 @@ use crate::client::Client;
 use crate::credentials::lockout::Step;
 use crate::gateway::Gateway;
 use crate::keys::random_bytes;
+use crate::pages::redirect;
 use crate::portal::form::{self, check_csrf};
-use crate::portal::pages::redirect;
 use crate::portal::redirect::target_or_root;
 use crate::portal::{next_step_url, query_param, with_cookie};
 use crate::respond::Reject;
@@ -51,7 +51,7 @@ fn login_page(
         reset_enabled => gw.config.password_reset_enabled(),
         invitations_enabled => gw.config.invitations_enabled(),
     };
-    gw.pages.page(gw, "login.html", status, ctx)
+    gw.pages.page("login.html", status, ctx)
 }
 
 /// GET login: already signed in → straight on; otherwise the form.
@@ -154,7 +154,7 @@ pub async fn show_logout(gw: &Gateway, req: &Request<Incoming>) -> Result<Respon
         return Ok(redirect(StatusCode::SEE_OTHER, &format!("{}/login", gw.prefix())));
     };
     let ctx = context! { csrf => gw.keys.csrf_token(&auth.id.0), username => &auth.user.username };
-    Ok(gw.pages.page(gw, "logout.html", StatusCode::OK, ctx))
+    Ok(gw.pages.page("logout.html", StatusCode::OK, ctx))
 }
 
 /// POST logout: deletes the session server-side, so a copied cookie dies too.

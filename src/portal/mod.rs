@@ -4,7 +4,6 @@ pub mod account;
 pub mod form;
 pub mod invite;
 pub mod login;
-pub mod pages;
 pub mod recover;
 pub mod redirect;
 pub mod two_factor;
@@ -17,11 +16,11 @@ use hyper::body::Incoming;
 use crate::Body;
 use crate::client::Client;
 use crate::gateway::Gateway;
+use crate::pages::{self, redirect};
 use crate::respond::Reject;
 use crate::session::{Authenticated, SessionId};
 use crate::store::{LastLogin, Level, SecondFactor, User};
 use account::Sensitive;
-use pages::redirect;
 
 /// Routes a portal request. Paths match exactly, so no rule or header can reach a page by accident.
 pub async fn handle(
@@ -52,9 +51,6 @@ pub async fn handle(
         "/invite" if post => invite::accept(gw, client, req).await,
         "/settings/password" if get => account::show_password(gw, &req).await,
         "/settings/password" if post => account::change_password(gw, client, req).await,
-        s if s == "/admin" || s.starts_with("/admin/") => {
-            crate::admin::handle(gw, client, req, &sub["/admin".len()..]).await
-        }
         "/enroll/confirm" if post => account::confirm_enrolment(gw, client, req).await,
         "/enroll/cancel" if post => account::cancel_enrolment(gw, client, req).await,
         "/recovery/download" if post => account::download(gw, req).await,

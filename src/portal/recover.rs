@@ -33,7 +33,7 @@ fn forgot_page(gw: &Gateway, csrf: String, sent: bool) -> Response<Body> {
         enabled => gw.config.password_reset_enabled(),
         ttl_minutes => gw.config.accounts.reset_token_ttl.secs() / 60,
     };
-    gw.pages.page(gw, "forgot.html", StatusCode::OK, ctx)
+    gw.pages.page("forgot.html", StatusCode::OK, ctx)
 }
 
 /// GET forgot.
@@ -109,7 +109,7 @@ fn invalid_link(gw: &Gateway) -> Response<Body> {
         action_href => format!("{}/forgot", gw.prefix()),
         action_label => "Ask for a new link",
     };
-    gw.pages.page(gw, "error.html", StatusCode::GONE, ctx)
+    gw.pages.page("error.html", StatusCode::GONE, ctx)
 }
 
 fn reset_page(
@@ -123,7 +123,7 @@ fn reset_page(
     let ctx = context! {
         csrf, token, error, username => &user.username, two_factor => user.two_factor.is_some(),
     };
-    gw.pages.page(gw, "reset.html", status, ctx)
+    gw.pages.page("reset.html", status, ctx)
 }
 
 /// GET reset?token=…: the form. Never spends the token.
@@ -186,5 +186,5 @@ pub async fn submit_reset(gw: &Gateway, client: &Client, req: Request<Incoming>)
         action_href => format!("{}/login", gw.prefix()),
         action_label => "Sign in",
     };
-    Ok(gw.pages.page(gw, "error.html", StatusCode::OK, ctx))
+    Ok(gw.pages.page("error.html", StatusCode::OK, ctx))
 }

@@ -9,8 +9,8 @@ use crate::accounts::Actor;
 use crate::accounts::factors::{Factor, Failure, Outcome, Purpose};
 use crate::client::Client;
 use crate::gateway::Gateway;
+use crate::pages::redirect;
 use crate::portal::form::{self, check_csrf};
-use crate::portal::pages::redirect;
 use crate::portal::redirect::target_or_root;
 use crate::portal::{Gate, elevate, query_param, require_session};
 use crate::respond::Reject;
@@ -26,7 +26,7 @@ fn page(
     error: Option<&str>,
 ) -> Response<Body> {
     let ctx = context! { csrf => gw.keys.csrf_token(&auth.id.0), rd, method, error };
-    gw.pages.page(gw, "challenge.html", status, ctx)
+    gw.pages.page("challenge.html", status, ctx)
 }
 
 /// Whom the challenge is for: a pending session whose user has two-factor on.

@@ -12,7 +12,7 @@ use crate::Body;
 use crate::client::Client;
 use crate::config::Policy;
 use crate::gateway::Gateway;
-use crate::portal::pages::{full, redirect};
+use crate::pages::{full, redirect};
 use crate::respond::Reject;
 use crate::store::Level;
 

@@ -16,7 +16,6 @@ use rustls::pki_types::pem::PemObject;
 use crate::Body;
 use crate::client::Client;
 use crate::config::{App, Config};
-use crate::gateway::Gateway;
 use crate::headers::{
     ForwardedHeaders, Framing, Listed, foreign_cookies, has_token, passes_downstream, passes_upstream, request_host,
 };
@@ -28,6 +27,31 @@ mod client;
 pub mod pool;
 pub mod relay;
 pub mod tunnels;
+
+/// What the proxy paths read from the running gateway state ([`crate::gateway::Gateway`] implements it). The
+/// proxy names no state type, so the state can own the proxy's parts (clients, pools, tunnels) without a cycle.
+pub trait State: Send + Sync + 'static {
+    /// The configuration in force.
+    fn config(&self) -> &Config;
+    /// The names of the gateway's own cookies, which never reach an app.
+    fn own_cookies(&self) -> [&str; 2];
+    /// The portal prefix.
+    fn prefix(&self) -> &str;
+    /// The upstream clients and relay pools.
+    fn upstreams(&self) -> &Upstreams;
+    /// The session service.
+    fn sessions(&self) -> &crate::session::Sessions;
+    /// Open upgraded tunnels.
+    fn tunnels(&self) -> &Arc<tunnels::Tunnels>;
+    /// The metrics registry.
+    fn metrics(&self) -> &crate::metrics::Metrics;
+    /// The metric handles of app `slot` (then "portal", then "unknown").
+    fn app_metrics(&self, slot: usize) -> &crate::metrics::LabelHandles;
+    /// The templates (for refusal pages).
+    fn pages(&self) -> &crate::pages::Pages;
+    /// The client of a request from `peer`.
+    fn client<H: crate::headers::Headers + ?Sized>(&self, peer: std::net::SocketAddr, headers: &H) -> Client;
+}
 
 /// Building an upstream client failed.
 #[derive(Debug, thiserror::Error)]
@@ -156,7 +180,7 @@ fn is_websocket(headers: &HeaderMap) -> bool {
 /// The request headers for the app: what passes as sent ([`passes_upstream`]), then our own cookies removed,
 /// the forwarding headers and the identity from the session.
 fn upstream_headers(
-    gw: &Gateway,
+    gw: &impl State,
     client: &Client,
     host: Option<&str>,
     identity: Option<&User>,
@@ -166,7 +190,7 @@ fn upstream_headers(
     let mut to = HeaderMap::with_capacity(from.len() + 8);
     let listed = Listed::of(from);
     for (name, value) in from {
-        if passes_upstream(&gw.config, &listed, name.as_str().as_bytes(), client.trusted) {
+        if passes_upstream(gw.config(), &listed, name.as_str().as_bytes(), client.trusted) {
             to.append(name.clone(), value.clone());
         }
     }
@@ -180,7 +204,7 @@ fn upstream_headers(
         }
     }
     if let Some(user) = identity {
-        crate::headers::set_identity(&mut to, &gw.config, user);
+        crate::headers::set_identity(&mut to, gw.config(), user);
     }
     // HTTP/2 clients send :authority, not Host; the upstream speaks HTTP/1.1 and needs Host.
     if let Some(v) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
@@ -191,13 +215,13 @@ fn upstream_headers(
 
 /// Forwards an allowed request to its app and streams the answer back.
 pub async fn forward(
-    gw: &Arc<Gateway>,
+    gw: &impl State,
     client: &Client,
     decision: Decision,
     session: Option<crate::session::Authenticated>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Reject> {
-    let app = &gw.config.apps[decision.app];
+    let app = &gw.config().apps[decision.app];
     let path_and_query = match req.uri().query() {
         Some(q) => format!("{}?{}", decision.path, q),
         None => decision.path,
@@ -226,10 +250,10 @@ pub async fn forward(
     let upstream_req = Request::from_parts(parts, Watched { inner: body, failed: failed.clone() });
 
     let who = pool::Affinity::of(app.shared_connections, session.as_ref().map(|s| &s.user));
-    let pending = gw.upstreams.clients[decision.app].request(who, upstream_req);
+    let pending = gw.upstreams().clients[decision.app].request(who, upstream_req);
     let started = std::time::Instant::now();
     let outcome = tokio::time::timeout(app.upstream_timeout.0, pending).await;
-    gw.app_metrics[decision.app].upstream(started.elapsed());
+    gw.app_metrics(decision.app).upstream(started.elapsed());
     let (mut resp, checkin) = match outcome {
         Err(_) => return Err(Reject::GatewayTimeout),
         Ok(Err(_)) if failed.load(std::sync::atomic::Ordering::Relaxed) => {
@@ -250,8 +274,8 @@ pub async fn forward(
         drop(checkin);
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
         // The tunnel lives while its session does (bypass tunnels belong to nobody).
-        let owner = session.as_ref().map(|s| (s.id, gw.sessions.due(&s.record)));
-        gw.tunnels.open(owner, async move {
+        let owner = session.as_ref().map(|s| (s.id, gw.sessions().due(&s.record)));
+        gw.tunnels().open(owner, async move {
             match tokio::try_join!(client_upgrade, upstream_upgrade) {
                 Ok((down, up)) => {
                     let mut down = TokioIo::new(down);

@@ -117,13 +117,7 @@ mod tests {
     use super::*;
 
     fn user(name: &str) -> Arc<User> {
-        Arc::new(
-            serde_json::from_value(serde_json::json!({
-                "username": name, "email": format!("{name}@x"), "display_name": name, "groups": [],
-                "password_hash": "", "locked": false, "created": 0, "last_login": null, "two_factor": null
-            }))
-            .unwrap(),
-        )
+        Arc::new(User::new(name, &format!("{name}@x"), name, Vec::new(), String::new(), 0))
     }
 
     #[test]

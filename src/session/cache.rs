@@ -102,11 +102,7 @@ mod tests {
             last_seen: 1000,
             address: String::new(),
         };
-        let user: User = serde_json::from_value(serde_json::json!({
-            "username": "a", "email": "a@x", "display_name": "A", "groups": [], "password_hash": "",
-            "locked": false, "created": 0, "last_login": null, "two_factor": null
-        }))
-        .unwrap();
+        let user = User::new("a", "a@x", "A", Vec::new(), String::new(), 0);
         let auth = Authenticated { id, record: Arc::new(record), user: Arc::new(user) };
         let raw = "signed-value";
         assert!(matches!(cache.get(raw, 7, 1000, 60), Lookup::Miss));

@@ -15,13 +15,19 @@ const LAYERS: &[(&str, u8)] = &[
     ("normalize", 0),
     ("keys", 1),
     ("config", 1),
+    ("pages", 1),
+    ("tls", 1),
     ("store", 2),
     ("mail", 2),
     ("credentials", 3),
     ("policy", 3),
     ("headers", 3),
+    ("notify", 3),
+    ("metrics", 3),
     ("client", 4),
     ("session", 4),
+    ("accounts", 4),
+    ("respond", 5),
 ];
 
 fn layer(module: &str) -> Option<u8> {

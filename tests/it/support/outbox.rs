@@ -34,7 +34,8 @@ impl Mail {
     }
 }
 
-fn qp_decode(s: &str) -> String {
+/// Decodes a quoted-printable body (soft line breaks and `=XX`).
+pub fn qp_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::new();
     let mut i = 0;

@@ -70,6 +70,11 @@ macro_rules! pg_tx {
     }};
 }
 
+mod counters;
+mod listen;
+mod tokens;
+use listen::*;
+
 fn db(e: impl std::fmt::Debug + std::fmt::Display) -> StoreError {
     // tokio-postgres's Display is just "db error"; the Debug form carries the server's message.
     let shown = e.to_string();
@@ -285,61 +290,6 @@ impl PgStore {
         })
     }
 
-    pub(super) async fn update_failures(
-        &self,
-        key: &str,
-        next: impl FnOnce(Option<Failures>) -> Failures + Send,
-    ) -> Result<Failures, StoreError> {
-        // The row is created if missing, then locked, so concurrent failures on one key queue up and none is lost.
-        // A counter is no revocation: no revision bump and no cache flush (unlike pg_tx).
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(db)?;
-        let created = tx
-            .execute(
-                "INSERT INTO failures (key, count, window_start, locked_until) VALUES ($1, 0, 0, 0)
-                 ON CONFLICT (key) DO NOTHING",
-                &[&key],
-            )
-            .await
-            .map_err(db)?;
-        let row = tx
-            .query_one("SELECT count, window_start, locked_until FROM failures WHERE key = $1 FOR UPDATE", &[&key])
-            .await
-            .map_err(db)?;
-        let old = (created == 0).then(|| Failures {
-            count: u32::try_from(row.get::<_, i32>(0)).unwrap_or(0),
-            window_start: u(row.get(1)),
-            locked_until: u(row.get(2)),
-        });
-        let f = next(old);
-        tx.execute(
-            "UPDATE failures SET count = $2, window_start = $3, locked_until = $4 WHERE key = $1",
-            &[&key, &i32::try_from(f.count).unwrap_or(i32::MAX), &i(f.window_start), &i(f.locked_until)],
-        )
-        .await
-        .map_err(db)?;
-        tx.commit().await.map_err(db)?;
-        Ok(f)
-    }
-
-    pub(super) async fn locked_until(&self, keys: &[String], now: u64) -> Result<Option<u64>, StoreError> {
-        let c = self.client().await?;
-        let row = c
-            .query_one(
-                "SELECT max(locked_until) FROM failures WHERE key = ANY($1) AND locked_until > $2",
-                &[&keys, &i(now)],
-            )
-            .await
-            .map_err(db)?;
-        Ok(row.get::<_, Option<i64>>(0).map(u))
-    }
-
-    pub(super) async fn clear_failures(&self, key: &str) -> Result<(), StoreError> {
-        let c = self.client().await?;
-        c.execute("DELETE FROM failures WHERE key = $1", &[&key]).await.map_err(db)?;
-        Ok(())
-    }
-
     pub(super) async fn insert_session(
         &self,
         id: &[u8; 32],
@@ -520,96 +470,6 @@ impl PgStore {
         Ok(u(row.get(0)))
     }
 
-    pub(super) async fn put_token(&self, hash: &str, record: &TokenRecord) -> Result<(), StoreError> {
-        let c = self.client().await?;
-        c.execute("INSERT INTO tokens (hash, data) VALUES ($1, $2)", &[&hash, &encode(record)?]).await.map_err(db)?;
-        Ok(())
-    }
-
-    pub(super) async fn token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
-        let c = self.client().await?;
-        let row = c.query_opt("SELECT data FROM tokens WHERE hash = $1", &[&hash]).await.map_err(db)?;
-        row.map(|r| decode(r.get::<_, &[u8]>(0))).transpose()
-    }
-
-    pub(super) async fn reset_password(&self, hash: &str, new_hash: String, now: u64) -> Result<TokenUse, StoreError> {
-        pg_tx!(self, |tx| {
-            // The row lock makes the check and the spend one step: a second request waits, then finds it gone.
-            let row = tx.query_opt("SELECT data FROM tokens WHERE hash = $1 FOR UPDATE", &[&hash]).await.map_err(db)?;
-            let Some(row) = row else {
-                return Ok(TokenUse::Invalid);
-            };
-            let rec: TokenRecord = decode(row.get::<_, &[u8]>(0))?;
-            if !rec.usable(TokenKind::PasswordReset, now, None) {
-                return Ok(TokenUse::Invalid);
-            }
-            let Some(mut user) = lock_user(tx, &rec.username).await? else {
-                return Ok(TokenUse::Invalid);
-            };
-            if !rec.usable(TokenKind::PasswordReset, now, Some(user.stamp)) {
-                return Ok(TokenUse::Invalid);
-            }
-            tx.execute("DELETE FROM tokens WHERE hash = $1", &[&hash]).await.map_err(db)?;
-            user.password_hash = new_hash;
-            user.stamp += 1;
-            save_user(tx, &user).await?;
-            revoke_in(tx, &rec.username, None).await?;
-            Ok(TokenUse::Done(rec.username))
-        })
-    }
-
-    pub(super) async fn accept_invitation(&self, hash: &str, mut user: User, now: u64) -> Result<TokenUse, StoreError> {
-        pg_tx!(self, |tx| {
-            let row = tx.query_opt("SELECT data FROM tokens WHERE hash = $1 FOR UPDATE", &[&hash]).await.map_err(db)?;
-            let Some(row) = row else {
-                return Ok(TokenUse::Invalid);
-            };
-            let rec: TokenRecord = decode(row.get::<_, &[u8]>(0))?;
-            if !rec.usable(TokenKind::Invitation, now, None) {
-                return Ok(TokenUse::Invalid);
-            }
-            user.email = rec.email.clone();
-            user.groups = rec.groups.clone();
-            let clash = tx
-                    .query_opt(
-                        "SELECT username = $1 OR email = $1 FROM users WHERE username = $1 OR email = $1 OR username = $2 OR email = $2 LIMIT 1",
-                        &[&user.username, &user.email],
-                    )
-                    .await
-                    .map_err(db)?;
-            if let Some(row) = clash {
-                let name_taken: bool = row.get(0);
-                return Ok(TokenUse::Conflict(if name_taken {
-                    format!("the username {:?} is taken", user.username)
-                } else {
-                    "an account with this email address already exists".into()
-                }));
-            }
-            tx.execute(
-                "INSERT INTO users (username, email, data) VALUES ($1, $2, $3)",
-                &[&user.username, &user.email, &encode(&user)?],
-            )
-            .await
-            .map_err(db)?;
-            tx.execute("DELETE FROM tokens WHERE hash = $1", &[&hash]).await.map_err(db)?;
-            Ok(TokenUse::Done(user.username.clone()))
-        })
-    }
-
-    pub(super) async fn claim_interval(&self, key: &str, now: u64, interval: u64) -> Result<bool, StoreError> {
-        let c = self.client().await?;
-        let row = c
-            .query_opt(
-                "INSERT INTO throttle AS t (key, last) VALUES ($1, $2)
-                 ON CONFLICT (key) DO UPDATE SET last = $2 WHERE t.last + $3 <= $2
-                 RETURNING last",
-                &[&key, &i(now), &i(interval)],
-            )
-            .await
-            .map_err(db)?;
-        Ok(row.is_some())
-    }
-
     /// Every row of every table, for `storage migrate-from-redb` (the reverse isn't needed).
     pub(super) async fn import(&self, dump: super::Dump) -> Result<(), StoreError> {
         pg_tx!(self, |tx| {
@@ -691,92 +551,4 @@ async fn revoke_count(tx: &Transaction<'_>, username: &str, keep: Option<&[u8; 3
         tx.execute("DELETE FROM sessions WHERE username = $1 AND id <> $2", &[&username, &keep]).await.map_err(db)?;
     bump(tx).await?;
     Ok(usize::try_from(n).unwrap_or(usize::MAX))
-}
-
-fn tls() -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_native_certs::load_native_certs().certs {
-        let _ = roots.add(cert);
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(db)?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
-}
-
-/// Keeps a dedicated LISTEN connection: each notification (and every [`POLL`]) re-reads the revision; each
-/// reconnect bumps the epoch so caches are flushed for whatever was missed meanwhile.
-async fn listen(
-    pg: tokio_postgres::Config,
-    tls: tokio_postgres_rustls::MakeRustlsConnect,
-    store: std::sync::Weak<PgStore>,
-) {
-    use futures_util::StreamExt;
-    loop {
-        let Some(s) = store.upgrade() else { return };
-        let connected = pg.connect(tls.clone()).await;
-        let (client, mut conn) = match connected {
-            Ok(pair) => pair,
-            Err(e) => {
-                tracing::warn!(error = %e, "revocation listener cannot connect; retrying");
-                drop(s);
-                tokio::time::sleep(POLL).await;
-                continue;
-            }
-        };
-        let (notify_tx, mut notify_rx) = tokio::sync::mpsc::channel::<()>(16);
-        let driver = tokio::spawn(async move {
-            let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
-            while let Some(m) = messages.next().await {
-                match m {
-                    Ok(tokio_postgres::AsyncMessage::Notification(_)) => {
-                        let _ = notify_tx.try_send(());
-                    }
-                    Ok(_) => {}
-                    Err(_) => break,
-                }
-            }
-        });
-        if client.batch_execute("LISTEN portcullis").await.is_err() {
-            driver.abort();
-            continue;
-        }
-        // Reconnected: whatever happened while we were away is unknown, so flush.
-        s.revision.fetch_add(EPOCH, Ordering::AcqRel);
-        drop(s);
-        loop {
-            let woke = tokio::time::timeout(POLL, notify_rx.recv()).await;
-            if matches!(woke, Ok(None)) || driver.is_finished() {
-                break;
-            }
-            let Some(s) = store.upgrade() else { return };
-            match read_revision_on(&client).await {
-                Ok(r) => {
-                    let epoch = s.revision.load(Ordering::Acquire) & !(EPOCH - 1);
-                    s.revision.store(epoch | (r & (EPOCH - 1)), Ordering::Release);
-                }
-                Err(_) => break,
-            }
-        }
-        driver.abort();
-        tracing::warn!("revocation listener lost its connection; reconnecting");
-    }
-}
-
-async fn read_revision_on(c: &Client) -> Result<u64, StoreError> {
-    let row = c.query_one("SELECT value FROM meta WHERE key = 'revision'", &[]).await.map_err(db)?;
-    Ok(u(row.get(0)))
-}
-
-/// Writes batched last-seen refreshes every few seconds.
-async fn flush_touches(store: std::sync::Weak<PgStore>) {
-    loop {
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        let Some(s) = store.upgrade() else { return };
-        if let Err(e) = s.flush().await {
-            tracing::warn!(error = %e, "could not write session last-seen batch");
-        }
-    }
 }

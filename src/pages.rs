@@ -8,45 +8,46 @@ use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 use minijinja::{Environment, Value, context};
 
 use crate::Body;
-use crate::gateway::Gateway;
 
 /// The embedded default templates; only these names can be loaded, so a template name can't walk the filesystem.
 const EMBEDDED: &[(&str, &str)] = &[
-    ("base.html", include_str!("../../templates/base.html")),
-    ("login.html", include_str!("../../templates/login.html")),
-    ("logout.html", include_str!("../../templates/logout.html")),
-    ("error.html", include_str!("../../templates/error.html")),
-    ("challenge.html", include_str!("../../templates/challenge.html")),
-    ("confirm_password.html", include_str!("../../templates/confirm_password.html")),
-    ("enroll.html", include_str!("../../templates/enroll.html")),
-    ("recovery_codes.html", include_str!("../../templates/recovery_codes.html")),
-    ("settings.html", include_str!("../../templates/settings.html")),
-    ("forgot.html", include_str!("../../templates/forgot.html")),
-    ("reset.html", include_str!("../../templates/reset.html")),
-    ("invite.html", include_str!("../../templates/invite.html")),
-    ("password.html", include_str!("../../templates/password.html")),
-    ("admin_users.html", include_str!("../../templates/admin_users.html")),
-    ("admin_user.html", include_str!("../../templates/admin_user.html")),
+    ("base.html", include_str!("../templates/base.html")),
+    ("login.html", include_str!("../templates/login.html")),
+    ("logout.html", include_str!("../templates/logout.html")),
+    ("error.html", include_str!("../templates/error.html")),
+    ("challenge.html", include_str!("../templates/challenge.html")),
+    ("confirm_password.html", include_str!("../templates/confirm_password.html")),
+    ("enroll.html", include_str!("../templates/enroll.html")),
+    ("recovery_codes.html", include_str!("../templates/recovery_codes.html")),
+    ("settings.html", include_str!("../templates/settings.html")),
+    ("forgot.html", include_str!("../templates/forgot.html")),
+    ("reset.html", include_str!("../templates/reset.html")),
+    ("invite.html", include_str!("../templates/invite.html")),
+    ("password.html", include_str!("../templates/password.html")),
+    ("admin_users.html", include_str!("../templates/admin_users.html")),
+    ("admin_user.html", include_str!("../templates/admin_user.html")),
 ];
 
 /// The script served at `{prefix}/static/portcullis.js` (copy and print on the recovery codes page).
-pub const SCRIPT: &str = include_str!("../../templates/portcullis.js");
+pub const SCRIPT: &str = include_str!("../templates/portcullis.js");
 
 /// The stylesheet served at `{prefix}/static/portcullis.css`.
-pub const STYLESHEET: &str = include_str!("../../templates/portcullis.css");
+pub const STYLESHEET: &str = include_str!("../templates/portcullis.css");
 
 /// `Content-Security-Policy` of every portal page: nothing from elsewhere, no framing, forms only to us.
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; form-action 'self'; \
                    frame-ancestors 'none'; base-uri 'none'";
 
-/// The template environment.
+/// The template environment, with the values every page shows.
 pub struct Pages {
     env: Environment<'static>,
+    title: String,
+    prefix: String,
 }
 
 impl Pages {
-    /// Templates from `dir` where present, embedded defaults otherwise.
-    pub fn new(dir: Option<PathBuf>) -> Pages {
+    /// Templates from `dir` where present, embedded defaults otherwise; pages titled `title`, links under `prefix`.
+    pub fn new(dir: Option<PathBuf>, title: &str, prefix: &str) -> Pages {
         let mut env = Environment::new();
         env.set_formatter(html_formatter);
         env.set_loader(move |name: &str| {
@@ -60,18 +61,23 @@ impl Pages {
             }
             Ok(Some((*default).to_string()))
         });
-        Pages { env }
+        Pages { env, title: title.to_string(), prefix: prefix.to_string() }
+    }
+
+    /// The portal prefix pages link under.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     /// Renders a template with the common context (`title`, `prefix`) merged in.
-    pub fn render(&self, gw: &Gateway, name: &str, ctx: Value) -> Result<String, minijinja::Error> {
-        let full = context! { title => &gw.config.portal.title, prefix => gw.prefix(), ..ctx };
+    pub fn render(&self, name: &str, ctx: Value) -> Result<String, minijinja::Error> {
+        let full = context! { title => &self.title, prefix => &self.prefix, ..ctx };
         self.env.get_template(name)?.render(full)
     }
 
     /// A full HTML response. A broken operator template degrades to a plain page rather than a crash.
-    pub fn page(&self, gw: &Gateway, name: &str, status: StatusCode, ctx: Value) -> Response<Body> {
-        match self.render(gw, name, ctx) {
+    pub fn page(&self, name: &str, status: StatusCode, ctx: Value) -> Response<Body> {
+        match self.render(name, ctx) {
             Ok(html) => html_response(status, html),
             Err(e) => {
                 tracing::error!(template = name, error = %e, "template failed to render");

@@ -23,12 +23,22 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Policy;
-use crate::gateway::Gateway;
 use crate::headers::{self, ForwardedHeaders, Framing, Headers};
 use crate::policy::{Admission, admission};
+use crate::proxy::State;
 use crate::proxy::pool::{Affinity, IdlePool};
 use crate::respond::Reject;
 use crate::session::CacheAnswer;
+
+mod body;
+mod pool;
+mod wire;
+
+use body::*;
+pub use pool::Pool;
+use pool::*;
+pub use wire::Prefixed;
+use wire::*;
 
 /// Header lines the relay parses per request; more go to hyper.
 const MAX_HEADERS: usize = 64;
@@ -49,54 +59,6 @@ pub enum Outcome<IO> {
     Closed,
     /// hyper takes over: the connection with the bytes read but not yet handled.
     Handover(Prefixed<IO>),
-}
-
-/// Idle keep-alive connections to one plain-HTTP app, private to the identity that used them last.
-pub struct Pool {
-    authority: String,
-    idle: IdlePool<Upstream>,
-}
-
-/// A connection to an app, with its read buffer (kept with the connection, so idle clients hold none).
-struct Upstream {
-    stream: TcpStream,
-    buf: BytesMut,
-}
-
-impl Pool {
-    /// A pool for an upstream `host[:port]` (port 80 when none is given) of at most `max_idle` connections.
-    pub fn new(authority: &http::uri::Authority, max_idle: usize) -> Pool {
-        let authority = format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(80));
-        Pool { authority, idle: IdlePool::new(max_idle) }
-    }
-
-    /// The most recently used idle connection of `who` that is not too old and still quiet.
-    fn checkout(&self, who: &Affinity, now: Instant) -> Option<Upstream> {
-        self.idle.checkout(who, now, |up| {
-            // An idle connection must have nothing to read. End of stream means the app closed it; bytes mean it
-            // spoke unasked (a 408 before closing, say), and they must not be taken as the next answer.
-            let mut probe = [0u8; 1];
-            match up.stream.try_read(&mut probe) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
-                _ => {
-                    tracing::debug!("dropping a pooled upstream connection the app closed or spoke on");
-                    false
-                }
-            }
-        })
-    }
-
-    fn checkin(&self, who: Affinity, stream: Upstream) {
-        self.idle.checkin(who, stream);
-    }
-
-    async fn connect(&self) -> io::Result<Upstream> {
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.authority.as_str()))
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connecting to the app timed out"))??;
-        stream.set_nodelay(true)?;
-        Ok(Upstream { stream, buf: BytesMut::new() })
-    }
 }
 
 /// The buffers of one client connection, reused for every request on it.
@@ -150,8 +112,8 @@ async fn within<F: Future>(mut timer: Pin<&mut tokio::time::Sleep>, deadline: In
 }
 
 /// Serves a client connection until it closes, or until a request needs hyper.
-pub async fn serve<IO>(
-    current: &arc_swap::ArcSwap<Gateway>,
+pub async fn serve<IO, S: State>(
+    current: &arc_swap::ArcSwap<S>,
     mut io: IO,
     peer: SocketAddr,
     stop: &CancellationToken,
@@ -173,15 +135,15 @@ where
     // bump the reference count that every connection shares (a reload still takes effect at the next request).
     let mut current = arc_swap::Cache::new(current);
     loop {
-        let gw: &Gateway = current.load();
-        timers.head.as_mut().reset((Instant::now() + gw.config.server.header_read_timeout.0).into());
+        let gw: &S = current.load();
+        timers.head.as_mut().reset((Instant::now() + gw.config().server.header_read_timeout.0).into());
         let forward = loop {
             if !c.input.is_empty() {
                 match plan(gw, &mut c) {
                     Planned::Forward(f) => break f,
                     Planned::Partial if c.input.len() < MAX_REQUEST_HEAD => {}
                     Planned::Partial | Planned::Handover => {
-                        gw.metrics.handovers.inc();
+                        gw.metrics().handovers.inc();
                         idle_flag.store(false, std::sync::atomic::Ordering::Relaxed);
                         // A copy of just the unread bytes: the read buffer itself shouldn't outlive the relay.
                         return Outcome::Handover(Prefixed { prefix: Bytes::copy_from_slice(&c.input), io });
@@ -224,7 +186,7 @@ fn plain_target_byte(b: u8) -> bool {
 
 /// Parses a request head from `c.input` and, when the relay can take it, writes the upstream head into `c.out`.
 /// Nothing here has effects that matter if hyper then handles the request instead.
-fn plan(gw: &Gateway, c: &mut Conn) -> Planned {
+fn plan(gw: &impl State, c: &mut Conn) -> Planned {
     let Conn { input, out, peer, peer_ip, .. } = c;
     // Uninitialised slots: zeroing them would cost more than parsing a short head.
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
@@ -262,14 +224,14 @@ fn plan(gw: &Gateway, c: &mut Conn) -> Planned {
     if crate::policy::owns(gw.prefix(), path) {
         return Planned::Handover;
     }
-    let app_index = crate::policy::find_app(&gw.config.apps, Some(host));
-    let Ok(decision) = crate::policy::decide_for(&gw.config, app_index, path) else {
+    let app_index = crate::policy::find_app(&gw.config().apps, Some(host));
+    let Ok(decision) = crate::policy::decide_for(gw.config(), app_index, path) else {
         return Planned::Handover;
     };
-    if gw.upstreams.relay(decision.app).is_none() {
+    if gw.upstreams().relay(decision.app).is_none() {
         return Planned::Handover;
     }
-    let app = &gw.config.apps[decision.app];
+    let app = &gw.config().apps[decision.app];
     // One pass over the cookies: the session's values for the cache, the app's for the upstream.
     let own = gw.own_cookies();
     let mut sessions = [""; 4];
@@ -288,7 +250,7 @@ fn plan(gw: &Gateway, c: &mut Conn) -> Planned {
     let user = match decision.policy {
         Policy::Deny => return Planned::Handover,
         Policy::Bypass => None,
-        needed => match gw.sessions.cached_of(sessions[..found].iter().copied()) {
+        needed => match gw.sessions().cached_of(sessions[..found].iter().copied()) {
             Ok(CacheAnswer::Hit(auth))
                 if admission(app, needed, auth.record.level, &auth.user.groups) == Admission::Pass =>
             {
@@ -310,7 +272,7 @@ fn plan(gw: &Gateway, c: &mut Conn) -> Planned {
     out.extend_from_slice(b" HTTP/1.1\r\n");
     put_header(out, b"host", host.as_bytes());
     for h in hs {
-        if headers::passes_upstream(&gw.config, &listed, h.name.as_bytes(), client.trusted) {
+        if headers::passes_upstream(gw.config(), &listed, h.name.as_bytes(), client.trusted) {
             put_header(out, h.name.as_bytes(), h.value);
         }
     }
@@ -321,7 +283,7 @@ fn plan(gw: &Gateway, c: &mut Conn) -> Planned {
         put_header(out, name.as_bytes(), value.as_bytes());
     }
     if let Some(user) = &user {
-        for (name, value) in headers::identity(&gw.config, user) {
+        for (name, value) in headers::identity(gw.config(), user) {
             put_header(out, name.as_str().as_bytes(), value.as_bytes());
         }
     }
@@ -330,32 +292,9 @@ fn plan(gw: &Gateway, c: &mut Conn) -> Planned {
     Planned::Forward(Forward { app: decision.app, len, head, close: listed.has("close"), who })
 }
 
-fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
-}
-
-/// A parsed response head; its rewritten form is in `Conn::out`.
-struct ResponseHead {
-    status: u16,
-    framing: Framing,
-    /// The upstream connection can carry another request afterwards.
-    reusable: bool,
-    /// The client connection closes after this answer.
-    close: bool,
-    /// The app sent no Date: the head in `Conn::out` still needs one (RFC 9110 §6.6.1).
-    needs_date: bool,
-}
-
-fn bad(why: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, why)
-}
-
 /// Sends one request and relays its answer. `Ok(true)`: the client connection can carry another request.
 async fn forward_one<IO>(
-    gw: &Gateway,
+    gw: &impl State,
     client: &mut IO,
     c: &mut Conn,
     f: &Forward,
@@ -365,9 +304,9 @@ where
     IO: AsyncWrite + Unpin,
 {
     c.input.advance(f.len);
-    gw.metrics.relayed.inc();
-    let app = &gw.config.apps[f.app];
-    let Some(pool) = gw.upstreams.relay(f.app) else {
+    gw.metrics().relayed.inc();
+    let app = &gw.config().apps[f.app];
+    let Some(pool) = gw.upstreams().relay(f.app) else {
         return answer(gw, client, c, f, &Reject::BadGateway).await;
     };
     let own = gw.own_cookies();
@@ -376,7 +315,7 @@ where
     let started = Instant::now();
     let exchanged = within(timer, started + app.upstream_timeout.0, exchange(pool, c, &own, f, started)).await;
     let answered = Instant::now();
-    gw.app_metrics[f.app].upstream(answered.saturating_duration_since(started));
+    gw.app_metrics(f.app).upstream(answered.saturating_duration_since(started));
     let (mut up, head) = match exchanged {
         Some(Ok(pair)) => pair,
         Some(Err(e)) => {
@@ -385,7 +324,7 @@ where
         }
         None => return answer(gw, client, c, f, &Reject::GatewayTimeout).await,
     };
-    gw.app_metrics[f.app].request(head.status);
+    gw.app_metrics(f.app).request(head.status);
     finish_head(&mut c.out, &head, answered);
     let complete = relay_body(&mut up, client, &mut c.out, head.framing, &own).await?;
     client.flush().await?;
@@ -440,229 +379,13 @@ async fn send(up: &mut Upstream, out: &mut Vec<u8>, own: &[&str], f: &Forward) -
     }
 }
 
-/// Parses the app's response head from `input` (skipping interim 1xx answers, which the hyper path doesn't
-/// pass on either) and writes the head for the client into `out`. `None`: more bytes are needed.
-fn response_head(
-    input: &mut BytesMut,
-    out: &mut Vec<u8>,
-    own: &[&str],
-    f: &Forward,
-) -> io::Result<Option<ResponseHead>> {
-    loop {
-        let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_RESPONSE_HEADERS];
-        let mut resp = httparse::Response::new(&mut []);
-        let len =
-            match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut resp, input, &mut slots) {
-                Ok(httparse::Status::Complete(n)) => n,
-                Ok(httparse::Status::Partial) if input.len() <= MAX_RESPONSE_HEAD => return Ok(None),
-                Ok(httparse::Status::Partial) => return Err(bad("the app's response head is too large")),
-                Err(e) => return Err(bad(format!("malformed response head: {e}"))),
-            };
-        let (Some(version), Some(status)) = (resp.version, resp.code) else {
-            return Err(bad("malformed response head"));
-        };
-        if status == 101 {
-            return Err(bad("101 Switching Protocols without an upgrade"));
-        }
-        if status < 200 {
-            input.advance(len);
-            continue;
-        }
-        let hs: &[httparse::Header<'_>] = resp.headers;
-        let framing = framing(hs, status, f.head)?;
-        let close = f.close || framing == Framing::UntilClose;
-        let listed = headers::Listed::of(hs);
-        let reusable = version == 1 && !listed.has("close") && framing != Framing::UntilClose;
-        out.clear();
-        out.extend_from_slice(b"HTTP/1.1 ");
-        // httparse gives a three-digit code.
-        out.extend_from_slice(&[
-            b'0' + (status / 100 % 10) as u8,
-            b'0' + (status / 10 % 10) as u8,
-            b'0' + (status % 10) as u8,
-        ]);
-        out.push(b' ');
-        out.extend_from_slice(resp.reason.unwrap_or_default().as_bytes());
-        out.extend_from_slice(b"\r\n");
-        for h in hs {
-            // The length is written below from the framing: as the app sent it, a Connection header naming it
-            // would drop it, and the answer would go out unframed on a kept-alive connection.
-            if !h.name.eq_ignore_ascii_case("content-length")
-                && headers::passes_downstream(&listed, h.name.as_bytes(), h.value, own)
-            {
-                put_header(out, h.name.as_bytes(), h.value);
-            }
-        }
-        match framing {
-            Framing::Length(n) => put_header(out, b"content-length", n.to_string().as_bytes()),
-            Framing::Chunked => put_header(out, b"transfer-encoding", b"chunked"),
-            // A HEAD or 304 answer may state the length of the body it doesn't carry (RFC 9110 §8.6).
-            Framing::Empty if status != 204 => {
-                if let Ok(Some(n)) = headers::content_length(hs) {
-                    put_header(out, b"content-length", n.to_string().as_bytes());
-                }
-            }
-            Framing::Empty | Framing::UntilClose => {}
-        }
-        if close {
-            put_header(out, b"connection", b"close");
-        }
-        out.extend_from_slice(b"\r\n");
-        let needs_date = hs.values("date").next().is_none();
-        input.advance(len);
-        return Ok(Some(ResponseHead { status, framing, reusable, close, needs_date }));
-    }
-}
-
-/// Adds the Date the app didn't send (RFC 9110 §6.6.1) before the blank line that ends the head in `out`.
-fn finish_head(out: &mut Vec<u8>, head: &ResponseHead, now: Instant) {
-    if head.needs_date && out.ends_with(b"\r\n\r\n") {
-        out.truncate(out.len() - 2);
-        put_date(out, now);
-        out.extend_from_slice(b"\r\n");
-    }
-}
-
-/// The body's framing from the response head ([`headers::response_framing`]); ambiguous framing is an error (502).
-fn framing(hs: &[httparse::Header<'_>], status: u16, head_request: bool) -> io::Result<Framing> {
-    headers::response_framing(hs, status, head_request).map_err(bad)
-}
-
-/// Relays the body after the head in `c.out`. `Ok(false)`: the app ended it early (or sent something invalid);
-/// the client has what came before.
-async fn relay_body<IO>(
-    up: &mut Upstream,
-    client: &mut IO,
-    out: &mut Vec<u8>,
-    framing: Framing,
-    own: &[&str],
-) -> io::Result<bool>
-where
-    IO: AsyncWrite + Unpin,
-{
-    let Upstream { stream: up, buf: upstream } = up;
-    // The head goes out with whatever body came with it, in one write; the rest is written as it arrives.
-    match framing {
-        Framing::Empty => {
-            client.write_all(out).await?;
-            Ok(true)
-        }
-        Framing::Length(n) => {
-            let mut left = n;
-            let k = body_part(upstream, left);
-            out.extend_from_slice(&upstream[..k]);
-            upstream.advance(k);
-            left -= k as u64;
-            client.write_all(out).await?;
-            while left > 0 {
-                if !refill(up, upstream).await {
-                    return Ok(false);
-                }
-                let k = body_part(upstream, left);
-                client.write_all(&upstream[..k]).await?;
-                upstream.advance(k);
-                left -= k as u64;
-            }
-            Ok(true)
-        }
-        Framing::Chunked => {
-            // The body goes through as it came; its trailer section (RFC 9112 §7.1.2) is gathered and filtered
-            // under the rules for headers (no Set-Cookie for our cookies, nothing connection-scoped).
-            let mut chunks = Chunked::default();
-            let used = chunks.feed(upstream);
-            let k = *used.as_ref().unwrap_or(&0);
-            let mut section: Option<Vec<u8>> = None;
-            let cut = chunks.trailers_at.unwrap_or(k).min(k);
-            out.extend_from_slice(&upstream[..cut]);
-            if chunks.trailers_at.is_some() {
-                section = Some(upstream[cut..k].to_vec());
-            }
-            if chunks.done() {
-                filter_trailers(section.as_deref().unwrap_or_default(), own, out);
-            }
-            upstream.advance(k);
-            client.write_all(out).await?;
-            if used.is_err() {
-                return Ok(false);
-            }
-            while !chunks.done() {
-                if !refill(up, upstream).await {
-                    return Ok(false);
-                }
-                let Ok(k) = chunks.feed(upstream) else {
-                    return Ok(false);
-                };
-                match &mut section {
-                    Some(t) => t.extend_from_slice(&upstream[..k]),
-                    None => {
-                        let cut = chunks.trailers_at.unwrap_or(k).min(k);
-                        client.write_all(&upstream[..cut]).await?;
-                        if chunks.trailers_at.is_some() {
-                            section = Some(upstream[cut..k].to_vec());
-                        }
-                    }
-                }
-                if section.as_ref().is_some_and(|t| t.len() > MAX_TRAILERS) {
-                    return Ok(false);
-                }
-                if chunks.done() {
-                    let mut tail = Vec::new();
-                    filter_trailers(section.as_deref().unwrap_or_default(), own, &mut tail);
-                    client.write_all(&tail).await?;
-                }
-                upstream.advance(k);
-            }
-            Ok(true)
-        }
-        Framing::UntilClose => {
-            out.extend_from_slice(upstream);
-            upstream.clear();
-            client.write_all(out).await?;
-            while refill(up, upstream).await {
-                client.write_all(upstream).await?;
-            }
-            Ok(true)
-        }
-    }
-}
-
-/// The longest trailer section relayed; a longer one ends the answer early.
-const MAX_TRAILERS: usize = 16 * 1024;
-
-/// Writes the trailer fields of `section` (the bytes after the last chunk, ending with the empty line) that pass
-/// the rules for response headers, then the empty line.
-fn filter_trailers(section: &[u8], own: &[&str], out: &mut Vec<u8>) {
-    let none: [httparse::Header<'_>; 0] = [];
-    let listed = headers::Listed::of(&none[..]);
-    for line in section.split(|&b| b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l)) {
-        let Some(colon) = line.iter().position(|&b| b == b':') else { continue };
-        let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
-        if !name.is_empty() && headers::passes_downstream(&listed, name, value, own) {
-            put_header(out, name, value);
-        }
-    }
-    out.extend_from_slice(b"\r\n");
-}
-
-/// How many of the buffered bytes belong to a body with `left` bytes to go.
-fn body_part(buf: &BytesMut, left: u64) -> usize {
-    buf.len().min(usize::try_from(left).unwrap_or(usize::MAX))
-}
-
-/// Reads more of the body into an emptied buffer; `false` at end of stream or on an error.
-async fn refill(up: &mut TcpStream, buf: &mut BytesMut) -> bool {
-    buf.clear();
-    buf.reserve(CHUNK);
-    matches!(up.read_buf(buf).await, Ok(n) if n > 0)
-}
-
 /// Writes one of our own pages (502, 504) to the client.
-async fn answer<IO>(gw: &Gateway, client: &mut IO, c: &mut Conn, f: &Forward, r: &Reject) -> io::Result<bool>
+async fn answer<IO>(gw: &impl State, client: &mut IO, c: &mut Conn, f: &Forward, r: &Reject) -> io::Result<bool>
 where
     IO: AsyncWrite + Unpin,
 {
-    let resp = crate::respond::reject(gw, r);
-    gw.app_metrics[f.app].request(resp.status().as_u16());
+    let resp = crate::respond::reject(gw.pages(), r);
+    gw.app_metrics(f.app).request(resp.status().as_u16());
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let out = &mut c.out;
@@ -689,110 +412,6 @@ where
     client.write_all(out).await?;
     client.flush().await?;
     Ok(!f.close)
-}
-
-/// Writes a Date header (RFC 9110 §6.6.1) for the moment `now`. Its value is formatted once a second per thread,
-/// and the wall clock is read only then: until the next second starts, `now` alone tells the text is current.
-fn put_date(out: &mut Vec<u8>, now: Instant) {
-    thread_local! {
-        static CACHED: std::cell::RefCell<(Option<Instant>, String)> =
-            const { std::cell::RefCell::new((None, String::new())) };
-    }
-    CACHED.with_borrow_mut(|(until, text)| {
-        if until.is_none_or(|u| now >= u) {
-            let wall = std::time::SystemTime::now();
-            let into_second = wall.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-            *until = Some(Instant::now() + Duration::from_nanos(u64::from(1_000_000_000 - into_second)));
-            *text = httpdate::fmt_http_date(wall);
-        }
-        put_header(out, b"date", text.as_bytes());
-    });
-}
-
-/// Follows chunked framing (RFC 9112 §7.1) over bytes relayed as they are, to find where the body ends.
-/// Strict: CRLF line ends, at most 16 hex digits of size, no bare LF.
-#[derive(Default)]
-struct Chunked {
-    state: ChunkState,
-    size: u64,
-    digits: u8,
-    /// Where, in the input of the last `feed`, the trailer section began (after the last chunk's `0\r\n`).
-    trailers_at: Option<usize>,
-}
-
-#[derive(Default, Clone, Copy, PartialEq, Eq, Debug)]
-enum ChunkState {
-    #[default]
-    Size,
-    Extension,
-    SizeLf,
-    Data,
-    DataCr,
-    DataLf,
-    TrailerStart,
-    Trailer,
-    TrailerLf,
-    EndLf,
-    Done,
-}
-
-/// The chunked framing is broken.
-#[derive(Debug)]
-struct ChunkError;
-
-impl Chunked {
-    fn done(&self) -> bool {
-        self.state == ChunkState::Done
-    }
-
-    /// Takes bytes of the body; returns how many belong to it (all, unless it ends within `input`).
-    fn feed(&mut self, input: &[u8]) -> Result<usize, ChunkError> {
-        use ChunkState::*;
-        self.trailers_at = None;
-        let mut i = 0;
-        while i < input.len() && self.state != Done {
-            if self.state == Data {
-                let k = (input.len() - i).min(usize::try_from(self.size).unwrap_or(usize::MAX));
-                self.size -= k as u64;
-                i += k;
-                if self.size == 0 {
-                    self.state = DataCr;
-                }
-                continue;
-            }
-            let b = input[i];
-            i += 1;
-            self.state = match (self.state, b) {
-                (Size, b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F') if self.digits < 16 => {
-                    let d = (b as char).to_digit(16).ok_or(ChunkError)?;
-                    self.size = self.size * 16 + u64::from(d);
-                    self.digits += 1;
-                    Size
-                }
-                (Size, b';' | b' ' | b'\t') if self.digits > 0 => Extension,
-                (Size, b'\r') if self.digits > 0 => SizeLf,
-                (Extension, b'\r') => SizeLf,
-                (Extension, b) if b != b'\n' => Extension,
-                (SizeLf, b'\n') if self.size == 0 => {
-                    self.trailers_at = Some(i);
-                    TrailerStart
-                }
-                (SizeLf, b'\n') => Data,
-                (DataCr, b'\r') => DataLf,
-                (DataLf, b'\n') => {
-                    self.digits = 0;
-                    Size
-                }
-                (TrailerStart, b'\r') => EndLf,
-                (TrailerStart | Trailer, b) if b != b'\r' && b != b'\n' => Trailer,
-                (Trailer, b'\r') => TrailerLf,
-                (TrailerLf, b'\n') => TrailerStart,
-                (EndLf, b'\n') => Done,
-                _ => return Err(ChunkError),
-            };
-        }
-        Ok(i)
-    }
 }
 
 /// Entry points for the fuzz targets (fuzz/) and their CI replay: the relay's parsing of what an app sends, without
@@ -833,51 +452,6 @@ pub mod fuzzing {
             };
             (out, framing)
         }))
-    }
-}
-
-/// A connection with bytes already read in front of it, so hyper sees the stream exactly as the client sent it.
-pub struct Prefixed<IO> {
-    prefix: Bytes,
-    io: IO,
-}
-
-impl<IO: AsyncRead + Unpin> AsyncRead for Prefixed<IO> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.prefix.is_empty() {
-            let n = this.prefix.len().min(buf.remaining());
-            buf.put_slice(&this.prefix[..n]);
-            this.prefix.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.io).poll_read(cx, buf)
-    }
-}
-
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Prefixed<IO> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
     }
 }
 

@@ -10,6 +10,7 @@ use super::{
     TwoFactorState, User, UserFilter, decode, encode,
 };
 use crate::audit::AuditEvent;
+
 use redb::{Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
 /// Schema version this build writes. Bump it and add a step to [`migrate`] when a stored shape changes.
@@ -36,6 +37,9 @@ macro_rules! db_errors {
         }
     )*};
 }
+
+mod counters;
+mod tokens;
 db_errors!(
     redb::Error,
     redb::DatabaseError,
@@ -343,78 +347,6 @@ impl RedbStore {
         Ok((out, false))
     }
 
-    pub(super) fn put_token(&self, hash: &str, record: &TokenRecord) -> Result<(), StoreError> {
-        self.write(|tx| {
-            tx.open_table(TOKENS)?.insert(hash, encode(record)?.as_slice())?;
-            Ok(())
-        })
-    }
-
-    pub(super) fn token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
-        let tx = self.db()?.begin_read()?;
-        let t = tx.open_table(TOKENS)?;
-        t.get(hash)?.map(|v| decode(v.value())).transpose()
-    }
-
-    pub(super) fn reset_password(&self, hash: &str, new_hash: String, now: u64) -> Result<TokenUse, StoreError> {
-        self.write(|tx| {
-            let mut tokens = tx.open_table(TOKENS)?;
-            let Some(rec) = live_token(&tokens, hash, TokenKind::PasswordReset, now)? else {
-                return Ok(TokenUse::Invalid);
-            };
-            let mut users = tx.open_table(USERS)?;
-            let user = users.get(rec.username.as_str())?.map(|v| decode::<User>(v.value())).transpose()?;
-            let Some(mut user) = user.filter(|u| rec.usable(TokenKind::PasswordReset, now, Some(u.stamp))) else {
-                return Ok(TokenUse::Invalid);
-            };
-            tokens.remove(hash)?;
-            user.password_hash = new_hash;
-            user.stamp += 1;
-            users.insert(user.username.as_str(), encode(&user)?.as_slice())?;
-            drop((tokens, users));
-            revoke_in(tx, &rec.username, None)?;
-            Ok(TokenUse::Done(rec.username))
-        })
-    }
-
-    pub(super) fn accept_invitation(&self, hash: &str, mut user: User, now: u64) -> Result<TokenUse, StoreError> {
-        self.write(|tx| {
-            let mut tokens = tx.open_table(TOKENS)?;
-            let Some(rec) = live_token(&tokens, hash, TokenKind::Invitation, now)? else {
-                return Ok(TokenUse::Invalid);
-            };
-            user.email = rec.email.clone();
-            user.groups = rec.groups.clone();
-            let mut users = tx.open_table(USERS)?;
-            let mut emails = tx.open_table(EMAILS)?;
-            let clash = users.get(user.username.as_str())?.is_some()
-                || emails.get(user.username.as_str())?.is_some()
-                || users.get(user.email.as_str())?.is_some();
-            if clash {
-                return Ok(TokenUse::Conflict(format!("the username {:?} is taken", user.username)));
-            }
-            if emails.get(user.email.as_str())?.is_some() {
-                return Ok(TokenUse::Conflict("an account with this email address already exists".into()));
-            }
-            users.insert(user.username.as_str(), encode(&user)?.as_slice())?;
-            emails.insert(user.email.as_str(), user.username.as_str())?;
-            tokens.remove(hash)?;
-            Ok(TokenUse::Done(user.username))
-        })
-    }
-
-    pub(super) fn claim_interval(&self, key: &str, now: u64, interval: u64) -> Result<bool, StoreError> {
-        self.write(|tx| {
-            let mut t = tx.open_table(THROTTLE)?;
-            let last = t.get(key)?.map(|v| v.value());
-            if last.is_some_and(|l| now < l.saturating_add(interval)) {
-                return Ok(false);
-            }
-            t.insert(key, now)?;
-            Ok(true)
-        })
-    }
-
     /// Everything in the store, for copying into another backend.
     pub(super) fn dump(&self) -> Result<Dump, StoreError> {
         let tx = self.db()?.begin_read()?;
@@ -486,42 +418,6 @@ impl RedbStore {
             tx.open_table(EMAILS)?.remove(user.email.as_str())?;
             revoke_in(tx, username, None)?;
             Ok(true)
-        })
-    }
-
-    pub(super) fn update_failures(
-        &self,
-        key: &str,
-        next: impl FnOnce(Option<Failures>) -> Failures,
-    ) -> Result<Failures, StoreError> {
-        self.write(|tx| {
-            let mut table = tx.open_table(FAILURES)?;
-            let old = table.get(key)?.map(|v| decode::<Failures>(v.value())).transpose()?;
-            let f = next(old);
-            table.insert(key, encode(&f)?.as_slice())?;
-            Ok(f)
-        })
-    }
-
-    pub(super) fn locked_until(&self, keys: &[String], now: u64) -> Result<Option<u64>, StoreError> {
-        let tx = self.db()?.begin_read()?;
-        let table = tx.open_table(FAILURES)?;
-        let mut until = None;
-        for key in keys {
-            if let Some(v) = table.get(key.as_str())? {
-                let f: Failures = decode(v.value())?;
-                if f.locked_until > now {
-                    until = until.max(Some(f.locked_until));
-                }
-            }
-        }
-        Ok(until)
-    }
-
-    pub(super) fn clear_failures(&self, key: &str) -> Result<(), StoreError> {
-        self.write(|tx| {
-            tx.open_table(FAILURES)?.remove(key)?;
-            Ok(())
         })
     }
 
@@ -650,97 +546,4 @@ fn revoke_in(tx: &WriteTransaction, username: &str, keep: Option<&[u8; 32]>) -> 
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::Level;
-
-    fn user(name: &str) -> User {
-        User {
-            username: name.into(),
-            email: format!("{name}@example.com"),
-            display_name: name.into(),
-            groups: vec![],
-            password_hash: "x".into(),
-            locked: false,
-            created: 0,
-            last_login: None,
-            two_factor: None,
-            stamp: 0,
-        }
-    }
-
-    fn session(name: &str) -> SessionRecord {
-        SessionRecord {
-            username: name.into(),
-            level: Level::Full,
-            created: 100,
-            last_seen: 100,
-            address: "127.0.0.1".into(),
-        }
-    }
-
-    #[test]
-    fn usernames_and_emails_are_unique_across_both() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = RedbStore::open(&dir.path().join("db")).unwrap();
-        s.create_user(&user("alice")).unwrap();
-        assert!(s.create_user(&user("alice")).is_err());
-        let mut u = user("bob");
-        u.email = "alice@example.com".into();
-        assert!(s.create_user(&u).is_err());
-        let mut u = user("alice@example.com");
-        u.email = "x@example.com".into();
-        assert!(s.create_user(&u).is_err());
-        assert_eq!(s.find_login("alice@example.com").unwrap().unwrap().username, "alice");
-    }
-
-    #[test]
-    fn failure_counters_keep_what_the_rule_returns_and_report_lockouts() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = RedbStore::open(&dir.path().join("db")).unwrap();
-        let seen = std::cell::Cell::new(None);
-        let f = Failures { count: 2, window_start: 1000, locked_until: 1102 };
-        assert_eq!(
-            s.update_failures("k", |old| {
-                seen.set(Some(old));
-                f
-            })
-            .unwrap(),
-            f
-        );
-        assert_eq!(seen.get(), Some(None), "a new key starts from nothing");
-        s.update_failures("k", |old| {
-            seen.set(Some(old));
-            f
-        })
-        .unwrap();
-        assert_eq!(seen.get(), Some(Some(f)), "the rule sees the stored counter");
-        assert_eq!(s.locked_until(&["k".into(), "j".into()], 1050).unwrap(), Some(1102));
-        assert_eq!(s.locked_until(&["k".into()], 1102).unwrap(), None);
-        s.clear_failures("k").unwrap();
-        assert_eq!(s.locked_until(&["k".into()], 1050).unwrap(), None);
-    }
-
-    #[test]
-    fn revoking_and_deleting_end_sessions() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = RedbStore::open(&dir.path().join("db")).unwrap();
-        s.create_user(&user("alice")).unwrap();
-        s.insert_session(&[1; 32], &session("alice"), None).unwrap();
-        s.insert_session(&[2; 32], &session("alice"), Some(&[1; 32])).unwrap();
-        assert!(s.session_with_user(&[1; 32]).unwrap().is_none());
-        assert!(s.session_with_user(&[2; 32]).unwrap().is_some());
-        assert_eq!(s.revoke_sessions("alice").unwrap(), 1);
-        assert!(s.session_with_user(&[2; 32]).unwrap().is_none());
-        s.insert_session(&[3; 32], &session("alice"), None).unwrap();
-        assert!(s.delete_user("alice").unwrap());
-        assert!(s.session_with_user(&[3; 32]).unwrap().is_none());
-    }
-
-    #[test]
-    fn schema_version_is_recorded() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = RedbStore::open(&dir.path().join("db")).unwrap();
-        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
-    }
-}
+mod tests;
