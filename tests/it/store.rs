@@ -67,3 +67,47 @@ async fn a_token_refused_by_a_reset_is_not_spent() {
     assert_eq!(store.token("good".into()).await.unwrap(), None, "a used reset token is gone");
     assert_eq!(store.reset_password("good".into(), "y".into(), now).await.unwrap(), TokenUse::Invalid);
 }
+
+/// Failures counted concurrently on one counter while successes clear it: no attempt errors (a refused store
+/// call would be a 503 at the login form), and with no clear in between every failure is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_failures_and_clears_on_one_counter_never_fail_or_lose_a_count() {
+    use portcullis::credentials::lockout::FailureRule;
+    let env = Env::password_only(&app("app.test", "http://127.0.0.1:9", "one_factor"));
+    let store = open(&env).await;
+    let rule = FailureRule { max: 1000, window: 3600, lockout: 60 };
+    let now = now_unix();
+    // Phase 1: 40 concurrent failures on a fresh key, nothing clears: all 40 counted.
+    let tasks: Vec<_> = (0..40)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { rule.count(&store, "race:count".into(), now).await })
+        })
+        .collect();
+    let mut counts = Vec::new();
+    for t in tasks {
+        counts.push(t.await.unwrap().expect("a counted failure failed").count);
+    }
+    counts.sort();
+    assert_eq!(counts, (1..=40).collect::<Vec<u32>>(), "failures lost or counted twice under concurrency");
+    // Phase 2: failures and clears interleaved on one key: every call succeeds.
+    let tasks: Vec<_> = (0..60)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                if i % 3 == 0 {
+                    store.clear_failures("race:clear".into()).await.map(|_| 0)
+                } else {
+                    rule.count(&store, "race:clear".into(), now).await.map(|f| f.count)
+                }
+            })
+        })
+        .collect();
+    let mut errors = Vec::new();
+    for t in tasks {
+        if let Err(e) = t.await.unwrap() {
+            errors.push(e.to_string());
+        }
+    }
+    assert!(errors.is_empty(), "store calls failed while a counter was cleared concurrently: {errors:?}");
+}

@@ -8,27 +8,23 @@ impl PgStore {
         key: &str,
         next: impl FnOnce(Option<Failures>) -> Failures + Send,
     ) -> Result<Failures, StoreError> {
-        // The row is created if missing, then locked, so concurrent failures on one key queue up and none is lost.
+        // One statement creates the row if missing and locks it either way (ON CONFLICT DO UPDATE takes the row
+        // lock), so concurrent failures on one key queue up, none is lost, and a concurrent clear waits for us.
+        // A fresh row holds count 0, which no stored counter has (the rule always counts at least 1).
         // A counter is no revocation: no revision bump and no cache flush (unlike pg_tx).
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db)?;
-        let created = tx
-            .execute(
-                "INSERT INTO failures (key, count, window_start, locked_until) VALUES ($1, 0, 0, 0)
-                 ON CONFLICT (key) DO NOTHING",
+        let row = tx
+            .query_one(
+                "INSERT INTO failures AS f (key, count, window_start, locked_until) VALUES ($1, 0, 0, 0)
+                 ON CONFLICT (key) DO UPDATE SET key = f.key
+                 RETURNING count, window_start, locked_until",
                 &[&key],
             )
             .await
             .map_err(db)?;
-        let row = tx
-            .query_one("SELECT count, window_start, locked_until FROM failures WHERE key = $1 FOR UPDATE", &[&key])
-            .await
-            .map_err(db)?;
-        let old = (created == 0).then(|| Failures {
-            count: u32::try_from(row.get::<_, i32>(0)).unwrap_or(0),
-            window_start: u(row.get(1)),
-            locked_until: u(row.get(2)),
-        });
+        let count = u32::try_from(row.get::<_, i32>(0)).unwrap_or(0);
+        let old = (count > 0).then(|| Failures { count, window_start: u(row.get(1)), locked_until: u(row.get(2)) });
         let f = next(old);
         tx.execute(
             "UPDATE failures SET count = $2, window_start = $3, locked_until = $4 WHERE key = $1",
