@@ -28,7 +28,7 @@ pub mod pool;
 pub mod relay;
 pub mod tunnels;
 
-/// What the proxy paths read from the running gateway state ([`crate::gateway::Gateway`] implements it). The
+/// What the proxy paths read from the running gateway state (the gateway's state type implements it). The
 /// proxy names no state type, so the state can own the proxy's parts (clients, pools, tunnels) without a cycle.
 pub trait State: Send + Sync + 'static {
     /// The configuration in force.
