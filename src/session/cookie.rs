@@ -58,6 +58,12 @@ pub fn session_id_raw<'h, H: Headers + ?Sized>(
     })
 }
 
+/// The session id in one raw session cookie value, if it verifies.
+pub fn verify_session_value(keys: &Keys, name: &str, raw: &str) -> Option<SessionId> {
+    let v = verify(keys, name, raw)?;
+    decode_tagged::<32>(&v, SESSION_TAG).map(SessionId)
+}
+
 /// The anonymous CSRF binding from the request's CSRF cookie, if one verifies.
 pub fn csrf_binding(keys: &Keys, headers: &HeaderMap, name: &str) -> Option<[u8; 32]> {
     cookie_values(headers, name)

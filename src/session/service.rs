@@ -197,6 +197,22 @@ impl Sessions {
         Ok(found)
     }
 
+    /// After a cache miss ([`CacheAnswer::Miss`] at `revision`), reads the session of the first of `raws` (session
+    /// cookie values as sent) that verifies and caches it: the store read the hyper path would make, so the relay
+    /// can answer the request itself instead of handing its connection away. True if a session was cached.
+    pub async fn warm(&self, raws: &[String], revision: u64) -> Result<bool, StoreError> {
+        for raw in raws {
+            let Some(id) = cookie::verify_session_value(&self.keys, &self.cookie_name, raw) else {
+                continue;
+            };
+            if let Some(auth) = self.load(id).await? {
+                self.cache.put(raw, &auth, revision);
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// The cache's part of [`Sessions::authenticate_cached`]: synchronous, so the relay can ask it in passing.
     pub fn cached<H: Headers + ?Sized>(&self, headers: &H) -> Result<CacheAnswer, StoreError> {
         self.cached_of(cookie::cookie_values(headers, &self.cookie_name))

@@ -1,4 +1,4 @@
-//! The HTTP/1.1 relay (src/proxy/relay.rs), the proxy's fast lane: which requests take it, what the app sees of
+//! The HTTP/1.1 relay (src/proxy/relay/), the proxy's fast lane: which requests take it, what the app sees of
 //! them, how the app's answers are framed back, the upstream pool's retry and the relay's own 502/504 pages.
 //! Every test reads the relay's counters on the metrics endpoint (`portcullis_relayed_requests_total`,
 //! `portcullis_relay_handovers_total`) and asserts they moved by exactly the expected amount, so a test can't pass
@@ -512,8 +512,8 @@ async fn gateway(apps: &str) -> (Env, Gateway, SocketAddr) {
     (env, gw, maddr)
 }
 
-/// Signs alice in and makes one proxied request, which puts the session into the cache (on hyper's path);
-/// returns the client, whose later requests the relay can take.
+/// Signs alice in and makes one proxied request, which puts the session into the cache (the relay reads it from
+/// the store); returns the client, whose later requests the relay takes from the cache.
 async fn warm_session(gw: &Gateway) -> Client {
     let mut c = gw.client(APP);
     c.login_ok("alice", PW).await;
@@ -1177,5 +1177,53 @@ async fn the_connections_timers_are_re_armed_for_every_request() {
     assert!(idle >= Duration::from_millis(1500), "closed {idle:?} after the last answer, header_read_timeout is 2s");
     assert!(idle < Duration::from_secs(15), "an idle connection stayed {idle:?} with header_read_timeout = 2s");
     assert_moved(maddr, before, 4, 0, "first, 504, two after idling").await;
+    gw.stop().await;
+}
+
+/// A logout anywhere empties the session cache. The other sessions' open connections read their sessions again
+/// on the relay and stay on it — no handover — while the logged-out session is refused (by hyper, after the relay
+/// found no session for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_logout_the_other_sessions_connections_stay_on_the_relay() {
+    let up = start_upstream().await;
+    let (env, gw, maddr) = gateway(&app(APP, &up.url(), "one_factor")).await;
+    let mut conns = Vec::new();
+    for name in ["bob", "carol", "dave"] {
+        env.add_user(name, &format!("{name}@example.com"), name, &[], PW).await;
+        let mut c = gw.client(APP);
+        c.login_ok(name, PW).await;
+        let mut raw = Raw::connect(gw.addr).await;
+        let cookie = format!("Cookie: {}\r\n", c.cookie_header());
+        // Not cached yet (a fresh login): the relay reads the session itself.
+        let before = counts(maddr).await;
+        raw.send(req("GET", "/first", APP, &cookie).as_bytes()).await;
+        let r = raw.response(false).await;
+        assert_eq!(r.status, 200, "{name}'s first request: {r:?}");
+        assert_moved(maddr, before, 1, 0, &format!("{name}'s first request, its session not yet cached")).await;
+        conns.push((name, cookie, raw));
+    }
+    let mut alice = warm_session(&gw).await;
+    let alice_cookie = format!("Cookie: {}\r\n", alice.cookie_header());
+    logout(&mut alice).await;
+
+    for round in 0..2 {
+        let before = counts(maddr).await;
+        for (name, cookie, raw) in &mut conns {
+            raw.send(req("GET", &format!("/after/{round}"), APP, cookie).as_bytes()).await;
+            let r = raw.response(false).await;
+            assert_eq!(r.status, 200, "{name} after another user's logout (round {round}): {r:?}");
+            assert_eq!(up.last_hit().header("remote-user"), Some(vec![name.to_string()]), "{name}");
+        }
+        assert_moved(maddr, before, 3, 0, &format!("round {round} after a logout: the three stay on the relay")).await;
+    }
+    // The logged-out session: no session on the relay, so hyper refuses it.
+    let before = counts(maddr).await;
+    let hits = up.hit_count();
+    let mut raw = Raw::connect(gw.addr).await;
+    raw.send(req("GET", "/ended", APP, &format!("{alice_cookie}Connection: close\r\n")).as_bytes()).await;
+    let r = raw.response(false).await;
+    assert_eq!(r.status, 401, "a logged-out session: {r:?}");
+    assert_eq!(up.hit_count(), hits, "a logged-out session reached the app");
+    assert_moved(maddr, before, 0, 1, "a logged-out session is handed over, then refused").await;
     gw.stop().await;
 }

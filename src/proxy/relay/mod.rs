@@ -1,12 +1,13 @@
 //! The HTTP/1.1 relay: the proxy's fast lane for the common request — a GET or HEAD without a body, for a
-//! plain-HTTP app, from a session already in the cache (or for a bypass path). It is parsed once with httparse,
+//! plain-HTTP app, from a signed-in session (or for a bypass path). It is parsed once with httparse,
 //! checked, rewritten into a reused buffer and written to a pooled upstream connection; the answer is relayed
 //! back the same way, with its framing (RFC 9112 §6.3) followed to know where it ends. No `http::Request` or
 //! `Response`, no header map, no task per upstream connection.
 //!
-//! Everything else — a body, an upgrade, HTTP/1.0 or HTTP/2, a portal page, a request that needs a login, a
-//! denial, a store read or an https upstream — is handed to hyper together with the bytes read so far, and the
-//! connection stays with hyper from then on. Both paths apply the same header rules ([`crate::headers`]), the
+//! A session not in the cache (a fresh login, or after any revocation emptied it) is read from the store here,
+//! once per request, and the request stays on the relay. Everything else — a body, an upgrade, HTTP/1.0 or
+//! HTTP/2, a portal page, a request that needs a login, a denial or an https upstream — is handed to hyper
+//! together with the bytes read so far, and the connection stays with hyper from then on. Both paths apply the same header rules ([`crate::headers`]), the
 //! same policy decision and the same session checks.
 
 use std::io;
@@ -90,6 +91,9 @@ enum Planned {
     Forward(Forward),
     Partial,
     Handover,
+    /// The session cookie values sent are not cached (at this revocation revision): read the session from the
+    /// store, then plan the same request again.
+    Lookup(Vec<String>, u64),
 }
 
 /// A connection's two timers, re-armed for each request rather than made anew: moving a tokio timer's deadline
@@ -137,12 +141,25 @@ where
     loop {
         let gw: &S = current.load();
         timers.head.as_mut().reset((Instant::now() + gw.config().server.header_read_timeout.0).into());
+        // At most one store read per request: a session that is still not cached after it (none, or the
+        // revision moved again meanwhile) is hyper's to answer.
+        let mut looked_up = false;
         let forward = loop {
             if !c.input.is_empty() {
-                match plan(gw, &mut c) {
+                let planned = match plan(gw, &mut c) {
+                    Planned::Lookup(raws, revision) if !looked_up => {
+                        looked_up = true;
+                        match gw.sessions().warm(&raws, revision).await {
+                            Ok(true) => continue,
+                            Ok(false) | Err(_) => Planned::Handover,
+                        }
+                    }
+                    planned => planned,
+                };
+                match planned {
                     Planned::Forward(f) => break f,
                     Planned::Partial if c.input.len() < MAX_REQUEST_HEAD => {}
-                    Planned::Partial | Planned::Handover => {
+                    Planned::Partial | Planned::Handover | Planned::Lookup(..) => {
                         gw.metrics().handovers.inc();
                         idle_flag.store(false, std::sync::atomic::Ordering::Relaxed);
                         // A copy of just the unread bytes: the read buffer itself shouldn't outlive the relay.
@@ -255,6 +272,9 @@ fn plan(gw: &impl State, c: &mut Conn) -> Planned {
                 if admission(app, needed, auth.record.level, &auth.user.groups) == Admission::Pass =>
             {
                 Some(auth.user)
+            }
+            Ok(CacheAnswer::Miss(revision)) => {
+                return Planned::Lookup(sessions[..found].iter().map(|s| s.to_string()).collect(), revision);
             }
             _ => return Planned::Handover,
         },
