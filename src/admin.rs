@@ -78,6 +78,7 @@ enum Action {
     Unlock,
     ResetTwoFactor,
     EndSessions,
+    Delete,
 }
 
 impl Action {
@@ -87,6 +88,7 @@ impl Action {
             "unlock" => Some(Action::Unlock),
             "reset-2fa" => Some(Action::ResetTwoFactor),
             "end-sessions" => Some(Action::EndSessions),
+            "delete" => Some(Action::Delete),
             _ => None,
         }
     }
@@ -97,6 +99,7 @@ impl Action {
             Action::Unlock => "unlock",
             Action::ResetTwoFactor => "reset-2fa",
             Action::EndSessions => "end-sessions",
+            Action::Delete => "delete",
         }
     }
 }
@@ -150,7 +153,12 @@ async fn list(gw: &Gateway, admin: &Authenticated, req: &Request<Incoming>) -> R
         format!("{}/admin/users?two_factor={}&q={}&after={}", gw.prefix(), encode(&tf), encode(&q), encode(last))
     });
     let invited = query_param(req.uri(), "invited");
-    let message = (!invited.is_empty()).then(|| format!("Invitation sent to {invited}."));
+    let deleted = query_param(req.uri(), "deleted");
+    let message = match (invited.is_empty(), deleted.is_empty()) {
+        (false, _) => Some(format!("Invitation sent to {invited}.")),
+        (_, false) => Some(format!("The account {deleted} was deleted.")),
+        _ => None,
+    };
     let ctx = context! { rows => Value::from(minijinja::value::Serde(&rows)), next, q, two_factor => tf, first_page => after.is_empty(),
                          message, csrf => gw.keys.csrf_token(&admin.id.0), invitations => gw.config.invitations_enabled(),
     admin => &admin.user.username };
@@ -176,6 +184,7 @@ async fn detail(gw: &Gateway, admin: &Authenticated, name: &str, done: &str) -> 
         Action::Unlock => "The account is unlocked.",
         Action::ResetTwoFactor => "Two-factor authentication was removed and the sessions ended.",
         Action::EndSessions => "All sessions of this account ended.",
+        Action::Delete => "The account was deleted.",
     });
     let ctx = context! {
         user => Value::from(minijinja::value::Serde(UserRow::from(&user))), events, message,
@@ -207,6 +216,15 @@ async fn act(
         Action::EndSessions => {
             accounts.end_sessions(&actor, name).await?;
             accounts.find(name).await?
+        }
+        Action::Delete => {
+            // An admin who deletes their own account locks themselves out mid-session; the CLI can still do it.
+            if normalize_login(name) == admin.user.username {
+                return Err(Reject::BadRequest("You can't delete your own account here."));
+            }
+            let user = accounts.delete(&actor, name).await?;
+            let back = format!("{}/admin/users?deleted={}", gw.prefix(), encode(&user.username));
+            return Ok(redirect(StatusCode::SEE_OTHER, &back));
         }
     };
     let back = format!("{}/admin/users/{}?done={}", gw.prefix(), encode(&user.username), action.name());

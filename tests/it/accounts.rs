@@ -307,3 +307,34 @@ async fn a_recovery_code_spent_at_sign_in_or_in_a_reset_leaves_one_trace() {
         assert_eq!(r.status, 401, "{how}: a spent recovery code worked again: {}", r.text());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_an_account_leaves_one_trace_from_the_admin_and_the_cli() {
+    let mut w = world().await;
+    for caller in [Caller::Admin, Caller::Cli] {
+        let name = format!("del{caller:?}").to_lowercase();
+        let m = member(&w, &name).await;
+        match caller {
+            Caller::Admin => {
+                let page = admin_get(&mut w.admin, &format!("{PREFIX}/admin/users/{name}")).await;
+                let csrf = csrf_of(&page);
+                let r = w.admin.post_form(&format!("{PREFIX}/admin/users/{name}/delete"), &[("csrf", &csrf)]).await;
+                assert_eq!(r.status, 303, "admin delete: {}", r.text());
+                assert_eq!(r.location(), format!("{PREFIX}/admin/users?deleted={name}"));
+            }
+            _ => cli(&w, &["user", "delete", &name], None).await,
+        }
+        // The events outlive the account (they are keyed by its name).
+        audited_once(&w, &name, "account_deleted", caller).await;
+        w.outbox.notice_to(&m.email, "Your account was deleted").await;
+        assert!(!alive(&w, &m.other).await, "{caller:?}: a deleted account's session survived");
+        let r = w.gw.client(APP).login(&name, PW, "/").await;
+        assert_eq!(r.status, 401, "{caller:?}: a deleted account signed in");
+    }
+    // An admin can't delete their own account from the admin pages (the CLI can).
+    let page = admin_get(&mut w.admin, &format!("{PREFIX}/admin/users/{ADMIN}")).await;
+    let csrf = csrf_of(&page);
+    let r = w.admin.post_form(&format!("{PREFIX}/admin/users/{ADMIN}/delete"), &[("csrf", &csrf)]).await;
+    assert_eq!(r.status, 400, "an admin deleting themselves: {}", r.text());
+    admin_get(&mut w.admin, &format!("{PREFIX}/admin/users")).await;
+}
