@@ -209,14 +209,8 @@ async fn act(
     let user = match action {
         Action::Lock => accounts.lock(&actor, name).await?,
         Action::Unlock => accounts.unlock(&actor, name).await?,
-        Action::ResetTwoFactor => {
-            accounts.reset_two_factor(&actor, name, Keep::Nothing).await?;
-            accounts.find(name).await?
-        }
-        Action::EndSessions => {
-            accounts.end_sessions(&actor, name).await?;
-            accounts.find(name).await?
-        }
+        Action::ResetTwoFactor => accounts.reset_two_factor(&actor, name, Keep::Nothing).await?.0,
+        Action::EndSessions => accounts.end_sessions(&actor, name).await?.0,
         Action::Delete => {
             // An admin who deletes their own account locks themselves out mid-session; the CLI can still do it.
             if normalize_login(name) == admin.user.username {

@@ -337,16 +337,16 @@ async fn user(store: &Store, config: &Config, cmd: UserCommand) -> Result<()> {
             println!("user {} deleted", u.username);
         }
         UserCommand::EndSessions { name } => {
-            let n = accounts.end_sessions(cli, &name).await?;
-            println!("{n} session{} of {} ended", if n == 1 { "" } else { "s" }, normalize_login(&name));
+            let (u, n) = accounts.end_sessions(cli, &name).await?;
+            println!("{n} session{} of {} ended", if n == 1 { "" } else { "s" }, u.username);
         }
         UserCommand::Invite { email, groups } => {
             let email = accounts.invite(cli, &email, &groups).await?;
             println!("invitation sent to {email}");
         }
         UserCommand::Reset2fa { name } => {
-            let u = accounts.find(&name).await?;
-            if accounts.reset_two_factor(cli, &name, Keep::Nothing).await? {
+            let (u, was_on) = accounts.reset_two_factor(cli, &name, Keep::Nothing).await?;
+            if was_on {
                 println!("two-factor authentication of {} removed; their sessions ended", u.username);
             } else {
                 println!("{} had no two-factor authentication; their sessions ended", u.username);

@@ -9,7 +9,6 @@ use crate::accounts::Accounts;
 use crate::client::Client;
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::credentials::lockout::Lockout;
 use crate::credentials::password::Hasher;
 use crate::headers::Headers;
 use crate::keys::Keys;
@@ -32,8 +31,6 @@ pub struct Gateway {
     pub clock: Arc<dyn Clock>,
     /// Bounded password hashing.
     pub hasher: Hasher,
-    /// Lockout rules.
-    pub lockout: Lockout,
     /// Templates.
     pub pages: Pages,
     /// One pooled client per app.
@@ -136,7 +133,6 @@ impl Gateway {
                 &config.session,
             ),
             accounts,
-            lockout: Lockout::new(&config.limits),
             pages: Pages::new(config.portal.templates.clone(), &config.portal.title, &config.server.portal_prefix.0),
             upstreams: Upstreams::new(&config)?,
             tls: tls_acceptor.is_some(),

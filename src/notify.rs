@@ -203,7 +203,7 @@ impl Notifier {
 }
 
 /// The email for a notice.
-pub fn compose(title: &str, user: &User, notice: &Notice, by: By, now: u64) -> Email {
+fn compose(title: &str, user: &User, notice: &Notice, by: By, now: u64) -> Email {
     let (subject, body) = notice.text();
     let who = match by {
         By::User => "",

@@ -202,7 +202,7 @@ impl Accounts {
     }
 
     /// Opens a pending enrolment's secret.
-    pub fn enrolment_secret(&self, pending: &PendingEnrolment) -> Result<Vec<u8>, AccountError> {
+    fn enrolment_secret(&self, pending: &PendingEnrolment) -> Result<Vec<u8>, AccountError> {
         Ok(self.keys.open(&pending.username, TOTP_PURPOSE, &pending.secret)?)
     }
 

@@ -255,24 +255,25 @@ impl Accounts {
         Ok(user)
     }
 
-    /// Ends every session of the account; returns how many there were.
-    pub async fn end_sessions(&self, actor: &Actor, name: &str) -> Result<usize, AccountError> {
+    /// Ends every session of the account; returns the account and how many sessions there were.
+    pub async fn end_sessions(&self, actor: &Actor, name: &str) -> Result<(User, usize), AccountError> {
         let user = self.find(name).await?;
         let ended = self.store.revoke_sessions(&user.username).await?;
         self.finish(actor, &user, EventKind::SessionsEnded, Some(format!("{ended} ended")), Notice::SessionsEnded)
             .await;
-        Ok(ended)
+        Ok((user, ended))
     }
 
     /// Removes two-factor (secret and codes) and ends the sessions `keep` doesn't keep — the user turning it off,
-    /// or an operator helping someone who lost a phone. True if it was on. Sessions end either way.
-    pub async fn reset_two_factor(&self, actor: &Actor, name: &str, keep: Keep) -> Result<bool, AccountError> {
+    /// or an operator helping someone who lost a phone. Returns the account and whether two-factor was on;
+    /// sessions end either way.
+    pub async fn reset_two_factor(&self, actor: &Actor, name: &str, keep: Keep) -> Result<(User, bool), AccountError> {
         let user = self.find(name).await?;
         let was_on = self.store.disable_two_factor(&user.username, keep.revoke()).await?;
         if was_on {
             self.finish(actor, &user, EventKind::TwoFactorDisabled, None, Notice::TwoFactorDisabled).await;
         }
-        Ok(was_on)
+        Ok((user, was_on))
     }
 
     /// Sets a new password (checked against the rules, hashed off the runtime) and ends the sessions `keep`
@@ -391,18 +392,8 @@ impl Accounts {
         Ok(email)
     }
 
-    /// The lockout rules these operations count failures under.
+    /// The lockout rules failures are counted under (the password steps of the portal count with them too).
     pub fn lockout(&self) -> &Lockout {
         &self.lockout
-    }
-
-    /// The store (for reads the pages make).
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-
-    /// The keys.
-    pub fn keys(&self) -> &Keys {
-        &self.keys
     }
 }

@@ -211,17 +211,17 @@ pub async fn confirm(
 async fn password_ok(gw: &Gateway, client: &Client, auth: &Authenticated, form: &Form) -> Result<bool, Reject> {
     let now = gw.clock.now();
     let name = &auth.user.username;
-    if let Some(secs) = gw.lockout.retry_after(&gw.store, Step::Password, name, client.addr, now).await? {
+    if let Some(secs) = gw.accounts.lockout().retry_after(&gw.store, Step::Password, name, client.addr, now).await? {
         return Err(Reject::TooManyAttempts(secs));
     }
     let ok = gw.hasher.verify(form.get("password").to_string(), Some(auth.user.password_hash.clone())).await?;
     if ok {
-        gw.lockout.succeed(&gw.store, Step::Password, name).await?;
+        gw.accounts.lockout().succeed(&gw.store, Step::Password, name).await?;
         return Ok(true);
     }
     let event = AuditEvent::new(now, EventKind::LoginFailed, name).from_addr(client.addr);
     gw.audit(event.detail("password re-entry")).await;
-    if let Some(secs) = gw.lockout.fail(&gw.store, Step::Password, name, client.addr, now).await? {
+    if let Some(secs) = gw.accounts.lockout().fail(&gw.store, Step::Password, name, client.addr, now).await? {
         gw.metrics.lockout("password");
         gw.audit(AuditEvent::new(now, EventKind::Lockout, name).from_addr(client.addr).detail("password")).await;
         return Err(Reject::TooManyAttempts(secs));

@@ -104,18 +104,9 @@ pub async fn accept(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Re
         return again(StatusCode::UNPROCESSABLE_ENTITY, "A password must be 8 to 1024 characters long.");
     }
     let now = gw.clock.now();
-    let user = User {
-        display_name: if name.is_empty() { typed.trim().to_string() } else { name.to_string() },
-        username: username.clone(),
-        email: String::new(),
-        groups: Vec::new(),
-        password_hash: gw.hasher.hash(pw.to_string()).await?,
-        locked: false,
-        created: now,
-        last_login: None,
-        two_factor: None,
-        stamp: 0,
-    };
+    // Email and groups come from the invitation, inside the transaction that spends it.
+    let display_name = if name.is_empty() { typed.trim() } else { name };
+    let user = User::new(&username, "", display_name, Vec::new(), gw.hasher.hash(pw.to_string()).await?, now);
     match gw.store.accept_invitation(tokens::hash(&gw.keys, token), user, now).await? {
         TokenUse::Done(_) => {}
         TokenUse::Conflict(msg) => return again(StatusCode::CONFLICT, &format!("That didn't work: {msg}.")),

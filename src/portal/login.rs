@@ -84,7 +84,8 @@ pub async fn submit(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Re
     let user = if login.is_empty() { None } else { gw.store.find_login(&login).await? };
     // Unknown names are counted under what was typed, so they lock like real accounts.
     let account = user.as_ref().map_or(login.clone(), |u| u.username.clone());
-    if let Some(secs) = gw.lockout.retry_after(&gw.store, Step::Password, &account, client.addr, now).await? {
+    if let Some(secs) = gw.accounts.lockout().retry_after(&gw.store, Step::Password, &account, client.addr, now).await?
+    {
         gw.metrics.login("locked");
         gw.audit(AuditEvent::new(now, EventKind::LockedOut, &account).from_addr(client.addr).detail("password")).await;
         return Err(Reject::TooManyAttempts(secs));
@@ -100,7 +101,7 @@ pub async fn submit(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Re
         gw.audit(event.detail("account locked")).await;
         return Err(Reject::AccountLocked);
     }
-    gw.lockout.succeed(&gw.store, Step::Password, &user.username).await?;
+    gw.accounts.lockout().succeed(&gw.store, Step::Password, &user.username).await?;
 
     // With two-factor on (or required), the password only opens the way to the challenge (or enrolment).
     let (level, next) = if user.two_factor.is_some() || gw.config.two_factor.required {
@@ -136,7 +137,7 @@ async fn failed_login(
 ) -> Result<Response<Body>, Reject> {
     gw.metrics.login("failure");
     gw.audit(AuditEvent::new(now, EventKind::LoginFailed, account).from_addr(client.addr)).await;
-    if let Some(secs) = gw.lockout.fail(&gw.store, Step::Password, account, client.addr, now).await? {
+    if let Some(secs) = gw.accounts.lockout().fail(&gw.store, Step::Password, account, client.addr, now).await? {
         gw.metrics.lockout("password");
         gw.audit(AuditEvent::new(now, EventKind::Lockout, account).from_addr(client.addr).detail("password")).await;
         if let Some(u) = known {

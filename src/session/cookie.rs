@@ -52,10 +52,7 @@ pub fn session_id_raw<'h, H: Headers + ?Sized>(
     headers: &'h H,
     name: &'h str,
 ) -> Option<(SessionId, &'h str)> {
-    cookie_values(headers, name).find_map(|raw| {
-        let v = verify(keys, name, raw)?;
-        decode_tagged::<32>(&v, SESSION_TAG).map(|id| (SessionId(id), raw))
-    })
+    cookie_values(headers, name).find_map(|raw| verify_session_value(keys, name, raw).map(|id| (id, raw)))
 }
 
 /// The session id in one raw session cookie value, if it verifies.

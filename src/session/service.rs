@@ -189,7 +189,17 @@ impl Sessions {
         let Some((id, raw)) = cookie::session_id_raw(&self.keys, headers, &self.cookie_name) else {
             return Ok(None);
         };
-        // Verified once here; the store read doesn't check the signature again.
+        self.load_into_cache(id, raw, revision).await
+    }
+
+    /// Reads a session whose cookie value `raw` verified, and caches it under that value at `revision`.
+    async fn load_into_cache(
+        &self,
+        id: SessionId,
+        raw: &str,
+        revision: u64,
+    ) -> Result<Option<Authenticated>, StoreError> {
+        // Verified once by the caller; the store read doesn't check the signature again.
         let found = self.load(id).await?;
         if let Some(auth) = &found {
             self.cache.put(raw, auth, revision);
@@ -205,8 +215,7 @@ impl Sessions {
             let Some(id) = cookie::verify_session_value(&self.keys, &self.cookie_name, raw) else {
                 continue;
             };
-            if let Some(auth) = self.load(id).await? {
-                self.cache.put(raw, &auth, revision);
+            if self.load_into_cache(id, raw, revision).await?.is_some() {
                 return Ok(true);
             }
         }
