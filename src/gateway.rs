@@ -65,15 +65,9 @@ impl Gateway {
         let keys = Keys::load_or_create(&config.storage.secret_key_file)?;
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let hasher = Hasher::new(config.server.max_concurrent_hashes.unwrap_or((cores / 2).clamp(1, 4)))?;
-        let shared = Shared {
-            store,
-            keys,
-            clock,
-            hasher,
-            tunnels: Arc::default(),
-            metrics: Arc::new(crate::metrics::Metrics::new()),
-            cache: Arc::new(SessionCache::default()),
-        };
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let cache = Arc::new(SessionCache::new(metrics.cache_fills.clone(), metrics.cache_flushes.clone()));
+        let shared = Shared { store, keys, clock, hasher, tunnels: Arc::default(), metrics, cache };
         Gateway::assemble(config, shared)
     }
 

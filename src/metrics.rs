@@ -73,6 +73,10 @@ pub struct Metrics {
     pub relayed: Counter,
     /// Connections the relay handed to hyper.
     pub handovers: Counter,
+    /// Sessions read from the store into the session cache.
+    pub cache_fills: Counter,
+    /// Times a revocation the journal couldn't name emptied the whole session cache.
+    pub cache_flushes: Counter,
 }
 
 impl Default for Metrics {
@@ -149,6 +153,14 @@ impl Metrics {
         );
         let handovers = Counter::default();
         registry.register("relay_handovers", "Connections the HTTP/1.1 relay handed to hyper", handovers.clone());
+        let cache_fills = Counter::default();
+        registry.register("session_cache_fills", "Sessions read from the store into the cache", cache_fills.clone());
+        let cache_flushes = Counter::default();
+        registry.register(
+            "session_cache_flushes",
+            "Times the whole session cache was emptied (a revocation the journal could not name)",
+            cache_flushes.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -159,6 +171,8 @@ impl Metrics {
             active_sessions,
             relayed,
             handovers,
+            cache_fills,
+            cache_flushes,
         }
     }
 

@@ -4,8 +4,10 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
+use prometheus_client::metrics::counter::Counter;
+
 use super::{Authenticated, SessionId};
-use crate::store::{SessionRecord, User};
+use crate::store::{Revoked, SessionRecord, User};
 
 /// Most sessions the cache holds before it starts over (bounds memory under a flood of distinct cookies).
 const CACHE_LIMIT: usize = 100_000;
@@ -21,7 +23,8 @@ struct Cached {
 
 /// In-memory session lookups for the proxy hot path, so a request with a valid session touches no database
 /// table but one small revision counter. Whenever the store's revocation revision moves (logout, lock,
-/// password or two-factor change, here or in another process), everything cached is dropped.
+/// password or two-factor change, here or in another process), the cache drops what the journal says those steps
+/// ended ([`crate::store::revocations`]): one session, or one user's; everything when a step is unknown.
 ///
 /// Entries are keyed by the exact signed cookie value, so a hit needs no signature check either: only a value that
 /// verified once is ever stored.
@@ -29,6 +32,10 @@ struct Cached {
 pub struct SessionCache {
     map: RwLock<HashMap<Box<str>, Arc<Cached>>>,
     revision: AtomicU64,
+    /// Counts sessions stored after a store read.
+    fills: Counter,
+    /// Counts full empties.
+    flushes: Counter,
 }
 
 /// What the cache knows about a session.
@@ -40,13 +47,39 @@ pub enum Lookup {
 }
 
 impl SessionCache {
-    /// Looks up a raw cookie value, first dropping everything if the store's `revision` moved since it was filled.
+    /// An empty cache that counts its fills and full empties on these metrics.
+    pub fn new(fills: Counter, flushes: Counter) -> SessionCache {
+        SessionCache { fills, flushes, ..SessionCache::default() }
+    }
+
+    /// Brings the cache to the store's `revision`: drops the entries that the steps since the one it holds
+    /// ended, as `steps(from, to)` names them, or everything when it can't (`None`). A revision older than the
+    /// one held (read by a slower thread) changes nothing.
+    pub fn advance(&self, revision: u64, steps: impl FnOnce(u64, u64) -> Option<Vec<Revoked>>) {
+        if self.revision.load(Ordering::Acquire) == revision {
+            return;
+        }
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        let from = self.revision.load(Ordering::Acquire);
+        if revision <= from {
+            return;
+        }
+        match steps(from, revision) {
+            Some(ended) => map.retain(|_, c| !ended.iter().any(|e| e.covers(&c.id.0, &c.user.username))),
+            None => {
+                map.clear();
+                self.flushes.inc();
+            }
+        }
+        self.revision.store(revision, Ordering::Release);
+    }
+
+    /// Looks up a raw cookie value at the store's `revision` (a miss unless the cache was [`advance`d] to it).
     /// Last-seen is due a refresh every `touch_every` seconds.
+    ///
+    /// [`advance`d]: SessionCache::advance
     pub fn get(&self, raw: &str, revision: u64, now: u64, touch_every: u64) -> Lookup {
         if self.revision.load(Ordering::Acquire) != revision {
-            let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
-            map.clear();
-            self.revision.store(revision, Ordering::Release);
             return Lookup::Miss;
         }
         let map = self.map.read().unwrap_or_else(|p| p.into_inner());
@@ -79,6 +112,7 @@ impl SessionCache {
             last_seen: AtomicU64::new(auth.record.last_seen),
         };
         map.insert(raw.into(), Arc::new(cached));
+        self.fills.inc();
     }
 
     /// Forgets one cookie value (its session expired).
@@ -105,6 +139,7 @@ mod tests {
         let user = User::new("a", "a@x", "A", Vec::new(), String::new(), 0);
         let auth = Authenticated { id, record: Arc::new(record), user: Arc::new(user) };
         let raw = "signed-value";
+        cache.advance(7, |_, _| None);
         assert!(matches!(cache.get(raw, 7, 1000, 60), Lookup::Miss));
         cache.put(raw, &auth, 7);
         assert!(matches!(cache.get(raw, 7, 1010, 60), Lookup::Hit(_, false)));
@@ -112,11 +147,46 @@ mod tests {
         // Last-seen refresh is due once per interval, and only to one caller.
         assert!(matches!(cache.get(raw, 7, 1000 + 60, 60), Lookup::Hit(_, true)));
         assert!(matches!(cache.get(raw, 7, 1000 + 60, 60), Lookup::Hit(_, false)));
-        // A revocation anywhere (revision 8) empties the cache.
-        assert!(matches!(cache.get(raw, 8, 1100, 60), Lookup::Miss));
+        // A revocation step the journal doesn't name (revision 8) empties the cache.
+        cache.advance(8, |_, _| None);
         assert!(matches!(cache.get(raw, 8, 1100, 60), Lookup::Miss));
         // A value read under an old revision is not cached.
         cache.put(raw, &auth, 7);
         assert!(matches!(cache.get(raw, 8, 1100, 60), Lookup::Miss));
+    }
+
+    fn entry(name: &str, id: u8) -> Authenticated {
+        let record = SessionRecord {
+            username: name.into(),
+            level: crate::store::Level::Full,
+            created: 1000,
+            last_seen: 1000,
+            address: String::new(),
+        };
+        let user = User::new(name, &format!("{name}@x"), name, Vec::new(), String::new(), 0);
+        Authenticated { id: SessionId([id; 32]), record: Arc::new(record), user: Arc::new(user) }
+    }
+
+    #[test]
+    fn named_revocations_drop_only_what_they_name() {
+        let cache = SessionCache::default();
+        cache.advance(1, |_, _| None);
+        for (raw, name, id) in [("a1", "alice", 1), ("a2", "alice", 2), ("b1", "bob", 3), ("c1", "carol", 4)] {
+            cache.put(raw, &entry(name, id), 1);
+        }
+        let hit = |raw: &str, revision| matches!(cache.get(raw, revision, 1000, 60), Lookup::Hit(..));
+        // Steps 2 and 3: bob's session 3 signed out, then all of alice's sessions ended.
+        let mut asked = None;
+        cache.advance(3, |from, to| {
+            asked = Some((from, to));
+            Some(vec![Revoked::Sessions(vec![[3; 32]]), Revoked::User("alice".into())])
+        });
+        assert_eq!(asked, Some((1, 3)), "the steps since the revision the cache holds");
+        assert!(!hit("a1", 3) && !hit("a2", 3) && !hit("b1", 3));
+        assert!(hit("c1", 3), "carol's session is untouched");
+        // An older revision (a slower reader's) changes nothing; the same one asks nothing.
+        cache.advance(2, |_, _| panic!("not asked"));
+        cache.advance(3, |_, _| panic!("not asked"));
+        assert!(hit("c1", 3));
     }
 }

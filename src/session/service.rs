@@ -234,6 +234,7 @@ impl Sessions {
             return Ok(CacheAnswer::NoSession);
         }
         let revision = self.store.revision()?;
+        self.cache.advance(revision, |from, to| self.store.revoked_between(from, to));
         let now = self.clock.now();
         for raw in raws {
             if let Lookup::Hit(auth, touch_due) = self.cache.get(raw, revision, now, self.touch_every()) {

@@ -7,6 +7,7 @@
 mod postgres;
 mod records;
 mod redb_store;
+pub mod revocations;
 mod stored;
 
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use std::sync::Arc;
 pub use postgres::PgStore;
 pub use records::*;
 pub use redb_store::{RedbStore, announce_revocation, wakeup_path};
+pub use revocations::{Journal, Revoked};
 use stored::Stored;
 
 /// A record as stored bytes (the layout and version byte are [`stored`]'s business).
@@ -144,6 +146,15 @@ impl Store {
         match &self.backend {
             Backend::Redb(r) => r.revision(woken, self.wakeups.get().is_some()).inspect_err(|e| r.recover(e)),
             Backend::Postgres(p) => Ok(p.revision(woken)),
+        }
+    }
+
+    /// What the revision steps after `from` up to `to` ended, as this process has read them from the journal;
+    /// `None` when any step is unknown (then anything may have ended).
+    pub fn revoked_between(&self, from: u64, to: u64) -> Option<Vec<Revoked>> {
+        match &self.backend {
+            Backend::Redb(r) => r.journal.between(from, to),
+            Backend::Postgres(p) => p.journal.between(from, to),
         }
     }
 

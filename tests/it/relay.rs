@@ -1184,12 +1184,15 @@ async fn the_connections_timers_are_re_armed_for_every_request() {
 /// on the relay and stay on it — no handover — while the logged-out session is refused (by hyper, after the relay
 /// found no session for it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_a_logout_the_other_sessions_connections_stay_on_the_relay() {
+async fn after_a_logout_the_other_sessions_stay_cached_and_their_connections_on_the_relay() {
     let up = start_upstream().await;
     let (env, gw, maddr) = gateway(&app(APP, &up.url(), "one_factor")).await;
     let mut conns = Vec::new();
+    // All accounts first: a CLI change wakes the gateway, and on PostgreSQL a wake-up empties the cache.
     for name in ["bob", "carol", "dave"] {
         env.add_user(name, &format!("{name}@example.com"), name, &[], PW).await;
+    }
+    for name in ["bob", "carol", "dave"] {
         let mut c = gw.client(APP);
         c.login_ok(name, PW).await;
         let mut raw = Raw::connect(gw.addr).await;
@@ -1204,6 +1207,8 @@ async fn after_a_logout_the_other_sessions_connections_stay_on_the_relay() {
     }
     let mut alice = warm_session(&gw).await;
     let alice_cookie = format!("Cookie: {}\r\n", alice.cookie_header());
+    let fills = metric(maddr, "portcullis_session_cache_fills_total").await;
+    let flushes = metric(maddr, "portcullis_session_cache_flushes_total").await;
     logout(&mut alice).await;
 
     for round in 0..2 {
@@ -1216,6 +1221,10 @@ async fn after_a_logout_the_other_sessions_connections_stay_on_the_relay() {
         }
         assert_moved(maddr, before, 3, 0, &format!("round {round} after a logout: the three stay on the relay")).await;
     }
+    // The logout named alice's session in the revocation journal: only it left the cache, so the others were
+    // served from it without a store read, and nothing emptied the cache.
+    assert_eq!(metric(maddr, "portcullis_session_cache_fills_total").await, fills, "a session was read again");
+    assert_eq!(metric(maddr, "portcullis_session_cache_flushes_total").await, flushes, "the cache was emptied");
     // The logged-out session: no session on the relay, so hyper refuses it.
     let before = counts(maddr).await;
     let hits = up.hit_count();

@@ -16,7 +16,8 @@ pub(super) fn tls() -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreErr
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
-/// Keeps a dedicated LISTEN connection: each notification (and every [`POLL`]) re-reads the revision; each
+/// Keeps a dedicated LISTEN connection: each notification (and every [`POLL`]) reads the revision and the journal
+/// steps past it ([`PgStore::catch_up`]); each
 /// reconnect bumps the epoch so caches are flushed for whatever was missed meanwhile.
 pub(super) async fn listen(
     pg: tokio_postgres::Config,
@@ -62,22 +63,13 @@ pub(super) async fn listen(
                 break;
             }
             let Some(s) = store.upgrade() else { return };
-            match read_revision_on(&client).await {
-                Ok(r) => {
-                    let epoch = s.revision.load(Ordering::Acquire) & !(EPOCH - 1);
-                    s.revision.store(epoch | (r & (EPOCH - 1)), Ordering::Release);
-                }
-                Err(_) => break,
+            if s.catch_up(&client).await.is_err() {
+                break;
             }
         }
         driver.abort();
         tracing::warn!("revocation listener lost its connection; reconnecting");
     }
-}
-
-pub(super) async fn read_revision_on(c: &Client) -> Result<u64, StoreError> {
-    let row = c.query_one("SELECT value FROM meta WHERE key = 'revision'", &[]).await.map_err(db)?;
-    Ok(u(row.get(0)))
 }
 
 /// Writes batched last-seen refreshes every few seconds.

@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS throttle (key text PRIMARY KEY, last bigint NOT NULL)
 CREATE TABLE IF NOT EXISTS audit (
     id bigserial PRIMARY KEY, username text NOT NULL, at bigint NOT NULL, data bytea NOT NULL);
 CREATE INDEX IF NOT EXISTS audit_username_at ON audit(username, at);
+CREATE TABLE IF NOT EXISTS revocations (revision bigint PRIMARY KEY, data bytea NOT NULL);
 INSERT INTO meta (key, value) VALUES ('revision', 0) ON CONFLICT DO NOTHING;
 ";
 
@@ -65,7 +66,7 @@ macro_rules! pg_tx {
         let value = out?;
         transaction.commit().await.map_err(db)?;
         // This instance's own revocations reach its own cache at once, not when its NOTIFY comes back.
-        $self.flush_cache();
+        $self.catch_up_after_write(&client).await;
         Ok(value)
     }};
 }
@@ -96,6 +97,8 @@ pub struct PgStore {
     revision: Arc<AtomicU64>,
     /// Last-seen refreshes waiting for the next batch write.
     touches: std::sync::Mutex<std::collections::HashMap<[u8; 32], u64>>,
+    /// The journal steps read with the revision.
+    pub(super) journal: super::Journal,
 }
 
 impl PgStore {
@@ -110,10 +113,10 @@ impl PgStore {
             pool,
             revision: Arc::new(AtomicU64::new(0)),
             touches: std::sync::Mutex::new(Default::default()),
+            journal: super::Journal::default(),
         });
         store.migrate().await?;
-        let first = store.read_revision().await?;
-        store.revision.store(first, Ordering::Release);
+        store.catch_up(&*store.client().await?).await?;
         tokio::spawn(listen(pg, tls, Arc::downgrade(&store)));
         tokio::spawn(flush_touches(Arc::downgrade(&store)));
         Ok(store)
@@ -152,10 +155,39 @@ impl PgStore {
         result
     }
 
-    async fn read_revision(&self) -> Result<u64, StoreError> {
-        let c = self.client().await?;
-        let row = c.query_one("SELECT value FROM meta WHERE key = 'revision'", &[]).await.map_err(db)?;
-        Ok(u(row.get(0)))
+    /// Reads the revision and the journal steps past the one this instance knew, on `c`; the steps are noted
+    /// before the revision moves, so a cache that sees the new revision finds them.
+    pub(super) async fn catch_up(&self, c: &Client) -> Result<(), StoreError> {
+        let known = self.revision.load(Ordering::Acquire);
+        let (epoch, low) = (known & !(EPOCH - 1), known & (EPOCH - 1));
+        // The table holds the last JOURNAL_KEEP steps only, so this is never many rows.
+        let rows = c
+            .query(
+                "SELECT m.value, r.revision, r.data FROM meta m LEFT JOIN revocations r ON r.revision > $1 \
+                 WHERE m.key = 'revision' ORDER BY r.revision",
+                &[&i(low)],
+            )
+            .await
+            .map_err(db)?;
+        let mut top = low;
+        for row in &rows {
+            top = u(row.get(0));
+            if let (Some(r), Some(data)) = (row.get::<_, Option<i64>>(1), row.get::<_, Option<&[u8]>>(2)) {
+                self.journal.record(epoch | u(r), super::Revoked::decode(data));
+            }
+        }
+        // Never back: the listener and writers catch up concurrently; a reconnect's new epoch wins.
+        self.revision.fetch_max(epoch | (top & (EPOCH - 1)), Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// After a committed write: catch up, so this instance's own revocations apply to its next request. If that
+    /// read fails, empty the caches instead (fail closed).
+    async fn catch_up_after_write(&self, c: &Client) {
+        if let Err(e) = self.catch_up(c).await {
+            tracing::warn!(error = %e, "cannot read the revocation journal after a write; emptying the session cache");
+            self.flush_cache();
+        }
     }
 
     /// The revision as last seen by the listener (no database round trip). `woken`: a local CLI announced a
@@ -284,7 +316,7 @@ impl PgStore {
         pg_tx!(self, |tx| {
             let n = tx.execute("DELETE FROM users WHERE username = $1", &[&username]).await.map_err(db)?;
             if n > 0 {
-                bump(tx).await?;
+                bump(tx, &super::Revoked::User(username.to_string())).await?;
             }
             Ok(n > 0)
         })
@@ -379,7 +411,8 @@ impl PgStore {
         let n = expired.len();
         let done: Result<(), StoreError> = pg_tx!(self, |tx| {
             tx.execute("DELETE FROM sessions WHERE id = ANY($1)", &[&expired]).await.map_err(db)?;
-            bump(tx).await
+            let ids = expired.iter().filter_map(|id| <[u8; 32]>::try_from(id.as_slice()).ok()).collect();
+            bump(tx, &super::Revoked::Sessions(ids)).await
         });
         done?;
         Ok(n)
@@ -507,7 +540,7 @@ impl PgStore {
                 .await
                 .map_err(db)?;
             }
-            bump(tx).await
+            bump(tx, &super::Revoked::Everything).await
         })
     }
 }
@@ -526,17 +559,25 @@ async fn save_user(tx: &Transaction<'_>, user: &User) -> Result<(), StoreError> 
     Ok(())
 }
 
-/// Bumps the revision and wakes every instance (NOTIFY is delivered at commit).
-async fn bump(tx: &Transaction<'_>) -> Result<(), StoreError> {
-    tx.batch_execute("UPDATE meta SET value = value + 1 WHERE key = 'revision'; NOTIFY portcullis, 'revision'")
-        .await
-        .map_err(db)
+/// Bumps the revision, journals what the step ended (dropping the row that falls out of the kept window), and
+/// wakes every instance (NOTIFY is delivered at commit). One round trip.
+async fn bump(tx: &Transaction<'_>, what: &super::Revoked) -> Result<(), StoreError> {
+    tx.execute(
+        "WITH r AS (UPDATE meta SET value = value + 1 WHERE key = 'revision' RETURNING value), \
+              j AS (INSERT INTO revocations (revision, data) SELECT value, $1 FROM r), \
+              d AS (DELETE FROM revocations WHERE revision <= (SELECT value FROM r) - $2) \
+         SELECT pg_notify('portcullis', 'revision')",
+        &[&what.encode(), &i(super::revocations::JOURNAL_KEEP)],
+    )
+    .await
+    .map_err(db)?;
+    Ok(())
 }
 
 async fn delete_session_in(tx: &Transaction<'_>, id: &[u8; 32]) -> Result<(), StoreError> {
     let n = tx.execute("DELETE FROM sessions WHERE id = $1", &[&id.as_slice()]).await.map_err(db)?;
     if n > 0 {
-        bump(tx).await?;
+        bump(tx, &super::Revoked::Sessions(vec![*id])).await?;
     }
     Ok(())
 }
@@ -549,6 +590,6 @@ async fn revoke_count(tx: &Transaction<'_>, username: &str, keep: Option<&[u8; 3
     let keep: &[u8] = keep.map_or(&[], |k| k.as_slice());
     let n =
         tx.execute("DELETE FROM sessions WHERE username = $1 AND id <> $2", &[&username, &keep]).await.map_err(db)?;
-    bump(tx).await?;
+    bump(tx, &super::Revoked::User(username.to_string())).await?;
     Ok(usize::try_from(n).unwrap_or(usize::MAX))
 }

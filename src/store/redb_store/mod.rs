@@ -25,6 +25,8 @@ const FAILURES: TableDefinition<&str, &[u8]> = TableDefinition::new("failures");
 const PENDING: TableDefinition<&[u8], &[u8]> = TableDefinition::new("pending_enrolments");
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 const THROTTLE: TableDefinition<&str, u64> = TableDefinition::new("throttle");
+/// The revocation journal ([`super::revocations`]): revision → what that step ended.
+const REVOKED: TableDefinition<u64, &[u8]> = TableDefinition::new("revocations");
 /// Audit events by (user, at·10⁶ + random), so one user's events are one range scan.
 const AUDIT: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("audit");
 
@@ -60,6 +62,8 @@ pub struct RedbStore {
     /// When it was last read (milliseconds since `epoch`).
     refreshed: std::sync::atomic::AtomicU64,
     epoch: std::time::Instant,
+    /// The journal steps read with the revision.
+    pub(super) journal: super::Journal,
 }
 
 /// Re-read the revision at least this often even without a wake-up (a CLI that died before announcing).
@@ -102,6 +106,7 @@ impl RedbStore {
             revision: std::sync::atomic::AtomicU64::new(0),
             refreshed: std::sync::atomic::AtomicU64::new(0),
             epoch: std::time::Instant::now(),
+            journal: super::Journal::default(),
         };
         store.migrate()?;
         store.refresh_revision()?;
@@ -157,6 +162,7 @@ impl RedbStore {
             tx.open_table(AUDIT)?;
             tx.open_table(TOKENS)?;
             tx.open_table(THROTTLE)?;
+            tx.open_table(REVOKED)?;
         }
         tx.commit()?;
         Ok(())
@@ -179,13 +185,23 @@ impl RedbStore {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Reads the revision from the file.
+    /// Reads the revision from the file, and the journal steps up to it that this process hasn't read (in the
+    /// same read transaction, so they are noted before anyone sees the revision they lead to).
     pub fn refresh_revision(&self) -> Result<u64, StoreError> {
         use std::sync::atomic::Ordering;
         let tx = self.db()?.begin_read()?;
         let meta = tx.open_table(META)?;
         let r = meta.get("revision")?.map_or(0, |v| v.value());
-        self.revision.store(r, Ordering::Release);
+        let known = self.revision.load(Ordering::Acquire);
+        if r > known {
+            let from = known.max(r.saturating_sub(super::revocations::JOURNAL_KEEP)) + 1;
+            for row in tx.open_table(REVOKED)?.range(from..=r)? {
+                let (k, v) = row?;
+                self.journal.record(k.value(), super::Revoked::decode(v.value()));
+            }
+        }
+        // Never back: two refreshes may finish out of order.
+        let r = self.revision.fetch_max(r, Ordering::AcqRel).max(r);
         self.refreshed.store(self.millis(), Ordering::Relaxed);
         Ok(r)
     }
@@ -505,16 +521,20 @@ fn live_token(
     Ok(rec.filter(|r| r.usable(kind, now, None)))
 }
 
-/// Bumps the revocation revision, so every process's session cache drops what it holds.
-fn bump_revision(tx: &WriteTransaction) -> Result<(), StoreError> {
+/// Bumps the revocation revision and journals what the step ended, so every process's session cache drops that.
+fn bump_revision(tx: &WriteTransaction, what: &super::Revoked) -> Result<(), StoreError> {
     let mut meta = tx.open_table(META)?;
-    let r = meta.get("revision")?.map_or(0, |v| v.value());
-    meta.insert("revision", r.wrapping_add(1))?;
+    let r = meta.get("revision")?.map_or(0, |v| v.value()).wrapping_add(1);
+    meta.insert("revision", r)?;
+    let mut journal = tx.open_table(REVOKED)?;
+    journal.insert(r, what.encode().as_slice())?;
+    // One in, one out: the journal stays at its length.
+    journal.remove(r.wrapping_sub(super::revocations::JOURNAL_KEEP))?;
     Ok(())
 }
 
 fn delete_session_in(tx: &WriteTransaction, id: &[u8; 32]) -> Result<(), StoreError> {
-    bump_revision(tx)?;
+    bump_revision(tx, &super::Revoked::Sessions(vec![*id]))?;
     tx.open_table(PENDING)?.remove(id.as_slice())?;
     let mut sessions = tx.open_table(SESSIONS)?;
     let removed = sessions.remove(id.as_slice())?.map(|v| decode::<SessionRecord>(v.value())).transpose()?;
@@ -526,7 +546,7 @@ fn delete_session_in(tx: &WriteTransaction, id: &[u8; 32]) -> Result<(), StoreEr
 
 /// Ends a user's sessions, except `keep`.
 fn revoke_in(tx: &WriteTransaction, username: &str, keep: Option<&[u8; 32]>) -> Result<usize, StoreError> {
-    bump_revision(tx)?;
+    bump_revision(tx, &super::Revoked::User(username.to_string()))?;
     let mut index = tx.open_multimap_table(USER_SESSIONS)?;
     let ids: Vec<Vec<u8>> =
         index.remove_all(username)?.map(|v| v.map(|g| g.value().to_vec())).collect::<Result<_, _>>()?;

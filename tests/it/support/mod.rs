@@ -568,6 +568,18 @@ pub async fn counts(maddr: SocketAddr) -> Counts {
     Counts { relayed: value("portcullis_relayed_requests_total"), handovers: value("portcullis_relay_handovers_total") }
 }
 
+/// One counter or gauge from the metrics endpoint at `maddr` (its full name, `_total` included).
+pub async fn metric(maddr: SocketAddr, name: &str) -> u64 {
+    let r = Client::new(maddr, &maddr.to_string()).get("/metrics").await;
+    assert_eq!(r.status, 200, "metrics: {}", r.text());
+    let text = r.text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+        .unwrap_or_else(|| panic!("no {name} in metrics:\n{text}"))
+}
+
 /// Which proxy path serves a request: the relay takes a bodyless GET or HEAD (of a cached session, or for a bypass
 /// path); the same request with `Content-Length: 0` is handed to hyper's. Tests of proxy behaviour run on both and
 /// pin the path with [`Lane::assert_served`].
