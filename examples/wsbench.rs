@@ -90,9 +90,8 @@ async fn client(url: &str, conns: usize, secs: u64, cookie: String) -> Result<()
         latencies.extend(t.await??);
     }
     latencies.sort_unstable();
-    let pct = |p: f64| {
-        latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1))).copied()
-    };
+    let pct =
+        |p: f64| latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1))).copied();
     let ms = |v: Option<u32>| f64::from(v.unwrap_or(0)) / 1000.0;
     println!("{:.0} {:.3} {:.3}", latencies.len() as f64 / secs as f64, ms(pct(0.5)), ms(pct(0.99)));
     Ok(())

@@ -1,11 +1,15 @@
-//! The HTTP/1.1 relay: the proxy's fast lane for the common request — a GET or HEAD without a body, for a
-//! plain-HTTP app, from a signed-in session (or for a bypass path). It is parsed once with httparse,
+//! The HTTP/1.1 relay: the proxy's fast lane for the common request — a GET or HEAD without a body, or a POST,
+//! PUT, PATCH, DELETE or OPTIONS with no body or a `Content-Length` one, for a plain-HTTP app, from a signed-in session (or
+//! for a bypass path). It is parsed once with httparse,
 //! checked, rewritten into a reused buffer and written to a pooled upstream connection; the answer is relayed
 //! back the same way, with its framing (RFC 9112 §6.3) followed to know where it ends. No `http::Request` or
 //! `Response`, no header map, no task per upstream connection.
 //!
 //! A session not in the cache (a fresh login, or after any revocation emptied it) is read from the store here,
-//! once per request, and the request stays on the relay. Everything else — a body, an upgrade, HTTP/1.0 or
+//! once per request, and the request stays on the relay. A body is streamed to the app as it comes, by its
+//! length; client-side body framing is where request smuggling lives, so the relay takes only the unambiguous
+//! form (one `Content-Length` of plain digits, no `Transfer-Encoding`) and leaves chunked bodies, `Expect`, and
+//! anything odd to hyper's parser. Everything else — an upgrade, HTTP/1.0 or
 //! HTTP/2, a portal page, a request that needs a login, a denial or an https upstream — is handed to hyper
 //! together with the bytes read so far, and the connection stays with hyper from then on. Both paths apply the same header rules ([`crate::headers`]), the
 //! same policy decision and the same session checks.
@@ -81,6 +85,11 @@ struct Forward {
     len: usize,
     /// A HEAD request: the answer has no body.
     head: bool,
+    /// The request body's length (`Content-Length`; 0 without one).
+    body: u64,
+    /// Whether a pooled connection that fails before answering may be replaced by a new one: only for a GET or
+    /// HEAD without a body, which is idempotent (RFC 9110 §9.2.2) and still whole in the buffer.
+    retry: bool,
     /// The client asked to close after this answer.
     close: bool,
     /// Whose requests the upstream connection may carry afterwards.
@@ -217,22 +226,26 @@ fn plan(gw: &impl State, c: &mut Conn) -> Planned {
     let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
         return Planned::Handover;
     };
-    let head = match method {
-        "GET" => false,
-        "HEAD" => true,
+    let (head, idempotent) = match method {
+        "GET" => (false, true),
+        "HEAD" => (true, true),
+        "POST" | "PUT" | "PATCH" | "DELETE" | "OPTIONS" => (false, false),
         _ => return Planned::Handover,
     };
     let hs: &[httparse::Header<'_>] = req.headers;
-    // Origin form only (RFC 9112 §3.2.1); a body, an upgrade or an expectation needs hyper's handling.
+    // Origin form only (RFC 9112 §3.2.1); chunked bodies, upgrades and expectations need hyper's handling.
     if !target.starts_with('/') || !target.bytes().all(plain_target_byte) {
         return Planned::Handover;
     }
     let listed = headers::Listed::of(hs);
-    if ["content-length", "transfer-encoding", "upgrade", "expect"].iter().any(|n| hs.values(n).next().is_some())
-        || listed.has("upgrade")
+    if ["transfer-encoding", "upgrade", "expect"].iter().any(|n| hs.values(n).next().is_some()) || listed.has("upgrade")
     {
         return Planned::Handover;
     }
+    // A GET or HEAD body has no defined meaning (RFC 9110 §9.3.1): such a request is hyper's, as before.
+    let Some(body) = request_length(hs).filter(|b| !idempotent || b.is_none()) else {
+        return Planned::Handover;
+    };
     let mut hosts = hs.values("host");
     let (Some(host), None) = (hosts.next().and_then(headers::text), hosts.next()) else {
         return Planned::Handover;
@@ -292,9 +305,15 @@ fn plan(gw: &impl State, c: &mut Conn) -> Planned {
     out.extend_from_slice(b" HTTP/1.1\r\n");
     put_header(out, b"host", host.as_bytes());
     for h in hs {
-        if headers::passes_upstream(gw.config(), &listed, h.name.as_bytes(), client.trusted) {
+        if !h.name.eq_ignore_ascii_case("content-length")
+            && headers::passes_upstream(gw.config(), &listed, h.name.as_bytes(), client.trusted)
+        {
             put_header(out, h.name.as_bytes(), h.value);
         }
+    }
+    // The length in its one canonical form (a Connection header naming it can't remove it).
+    if let Some(n) = body {
+        put_header(out, b"content-length", n.to_string().as_bytes());
     }
     if !foreign.is_empty() {
         put_header(out, b"cookie", foreign.as_bytes());
@@ -309,7 +328,22 @@ fn plan(gw: &impl State, c: &mut Conn) -> Planned {
     }
     out.extend_from_slice(b"\r\n");
     let who = Affinity::of(app.shared_connections, user.as_ref());
-    Planned::Forward(Forward { app: decision.app, len, head, close: listed.has("close"), who })
+    let body = body.unwrap_or(0);
+    let retry = idempotent && body == 0;
+    Planned::Forward(Forward { app: decision.app, len, head, body, retry, close: listed.has("close"), who })
+}
+
+/// A request's body length from its one `Content-Length` (RFC 9112 §6.2, §6.3): `Some(None)` without one,
+/// `None` when the relay leaves it to hyper — several, a list, or anything but 1 to 19 plain digits.
+fn request_length(hs: &[httparse::Header<'_>]) -> Option<Option<u64>> {
+    let mut values = hs.values("content-length");
+    let Some(v) = values.next() else {
+        return Some(None);
+    };
+    if values.next().is_some() || v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok().map(Some)
 }
 
 /// Sends one request and relays its answer. `Ok(true)`: the client connection can carry another request.
@@ -321,7 +355,7 @@ async fn forward_one<IO>(
     timer: Pin<&mut tokio::time::Sleep>,
 ) -> io::Result<bool>
 where
-    IO: AsyncWrite + Unpin,
+    IO: AsyncRead + AsyncWrite + Unpin,
 {
     c.input.advance(f.len);
     gw.metrics().relayed.inc();
@@ -333,11 +367,13 @@ where
     // Two clock reads serve the deadline, the pool's checkout, the latency metric and the Date (a third, the
     // checkin's, comes after the body).
     let started = Instant::now();
-    let exchanged = within(timer, started + app.upstream_timeout.0, exchange(pool, c, &own, f, started)).await;
+    let exchanged = within(timer, started + app.upstream_timeout.0, exchange(pool, c, client, &own, f, started)).await;
     let answered = Instant::now();
     gw.app_metrics(f.app).upstream(answered.saturating_duration_since(started));
     let (mut up, head) = match exchanged {
         Some(Ok(pair)) => pair,
+        // The client broke off its body: nobody is left to answer.
+        Some(Err(e)) if e.kind() == io::ErrorKind::ConnectionAborted => return Err(e),
         Some(Err(e)) => {
             tracing::warn!(upstream = %pool.authority, error = %e, "upstream request failed");
             return answer(gw, client, c, f, &Reject::BadGateway).await;
@@ -358,14 +394,19 @@ where
     Ok(!head.close)
 }
 
-/// Writes the request in `c.out` to the app and reads the answer's head, on a pooled connection when there is one.
-async fn exchange(
+/// Writes the request in `c.out` (and its body, from the client) to the app and reads the answer's head, on a
+/// pooled connection when there is one.
+async fn exchange<IO>(
     pool: &Pool,
     c: &mut Conn,
+    client: &mut IO,
     own: &[&str],
     f: &Forward,
     now: Instant,
-) -> io::Result<(Upstream, ResponseHead)> {
+) -> io::Result<(Upstream, ResponseHead)>
+where
+    IO: AsyncRead + Unpin,
+{
     let mut pooled = pool.checkout(&f.who, now);
     loop {
         let reused = pooled.is_some();
@@ -374,11 +415,11 @@ async fn exchange(
             None => pool.connect().await?,
         };
         up.buf.clear();
-        match send(&mut up, &mut c.out, own, f).await {
+        match send(&mut up, c, client, own, f).await {
             Ok(head) => return Ok((up, head)),
             // A pooled connection the app closed while it was idle fails before any answer: try once more on a
-            // new one (GET and HEAD are idempotent, RFC 9110 §9.2.2). `c.out` still holds the request.
-            Err(e) if reused && up.buf.is_empty() && e.kind() != io::ErrorKind::InvalidData => {
+            // new one, for a request that may be sent twice (see `Forward::retry`). `c.out` still holds it.
+            Err(e) if f.retry && reused && up.buf.is_empty() && e.kind() != io::ErrorKind::InvalidData => {
                 tracing::debug!(error = %e, "pooled upstream connection was closed; reconnecting");
             }
             Err(e) => return Err(e),
@@ -386,8 +427,37 @@ async fn exchange(
     }
 }
 
-async fn send(up: &mut Upstream, out: &mut Vec<u8>, own: &[&str], f: &Forward) -> io::Result<ResponseHead> {
+/// Sends the head in `c.out` with the body bytes already read, streams the rest of the body from the client as
+/// it comes, then reads the answer's head (written to `c.out` for the client).
+async fn send<IO>(
+    up: &mut Upstream,
+    c: &mut Conn,
+    client: &mut IO,
+    own: &[&str],
+    f: &Forward,
+) -> io::Result<ResponseHead>
+where
+    IO: AsyncRead + Unpin,
+{
+    let out = &mut c.out;
+    let mut left = f.body;
+    if left > 0 {
+        let k = body_part(&c.input, left);
+        out.extend_from_slice(&c.input[..k]);
+        c.input.advance(k);
+        left -= k as u64;
+    }
     up.stream.write_all(out).await?;
+    while left > 0 {
+        c.input.reserve(CHUNK);
+        if !matches!(client.read_buf(&mut c.input).await, Ok(n) if n > 0) {
+            return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "the client ended its body early"));
+        }
+        let k = body_part(&c.input, left);
+        up.stream.write_all(&c.input[..k]).await?;
+        c.input.advance(k);
+        left -= k as u64;
+    }
     loop {
         up.buf.reserve(CHUNK);
         if up.stream.read_buf(&mut up.buf).await? == 0 {
@@ -422,7 +492,9 @@ where
     }
     put_header(out, b"content-length", body.len().to_string().as_bytes());
     put_date(out, Instant::now());
-    if f.close {
+    // After a failure, what is left of a request body can't be told from the next request: close.
+    let close = f.close || f.body > 0;
+    if close {
         put_header(out, b"connection", b"close");
     }
     out.extend_from_slice(b"\r\n");
@@ -431,7 +503,7 @@ where
     }
     client.write_all(out).await?;
     client.flush().await?;
-    Ok(!f.close)
+    Ok(!close)
 }
 
 /// Entry points for the fuzz targets (fuzz/) and their CI replay: the relay's parsing of what an app sends, without
@@ -460,7 +532,15 @@ pub mod fuzzing {
     pub fn response(input: &[u8], head_request: bool, own: &[&str]) -> Result<Option<(Vec<u8>, String)>, String> {
         let mut buf = BytesMut::from(input);
         let mut out = Vec::new();
-        let f = Forward { app: 0, len: 0, head: head_request, close: false, who: Affinity::Anonymous };
+        let f = Forward {
+            app: 0,
+            len: 0,
+            head: head_request,
+            body: 0,
+            retry: true,
+            close: false,
+            who: Affinity::Anonymous,
+        };
         let head = response_head(&mut buf, &mut out, own, &f).map_err(|e| e.to_string())?;
         Ok(head.map(|h| {
             finish_head(&mut out, &h, Instant::now());

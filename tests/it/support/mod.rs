@@ -170,6 +170,15 @@ async fn upstream_handle(req: Request<Incoming>, hits: Arc<Mutex<Vec<Hit>>>) -> 
             }
             up_resp(200, "text/plain", n.to_string())
         }
+        // The body's length and SHA-256, to check it arrived byte for byte.
+        "/digest" => match req.into_body().collect().await {
+            Ok(b) => {
+                use sha2::Digest;
+                let b = b.to_bytes();
+                up_resp(200, "text/plain", format!("{} {}", b.len(), hex::encode(sha2::Sha256::digest(&b))))
+            }
+            Err(e) => up_resp(500, "text/plain", format!("body error: {e}")),
+        },
         "/download" => {
             let q = req.uri().query().unwrap_or("");
             let pairs: Vec<(String, String)> = serde_urlencoded::from_str(q).unwrap_or_default();
