@@ -40,7 +40,7 @@ pub struct App {
 }
 
 fn default_max_idle() -> usize {
-    128
+    1024
 }
 
 fn default_policy() -> Policy {

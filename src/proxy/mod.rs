@@ -103,32 +103,36 @@ impl http_body::Body for Watched {
     }
 }
 
-/// One pooled HTTP client per app (each may trust its own CA), and the relay's connection pool of each
-/// plain-HTTP app.
+/// One pooled HTTP client per app (each may trust its own CA), and the relay's connection pool of each app (over
+/// the same TLS set-up for an https app).
 pub struct Upstreams {
     clients: Vec<Arc<client::AppClient>>,
-    relay: Vec<Option<relay::Pool>>,
+    relay: Vec<relay::Pool>,
 }
 
 impl Upstreams {
     /// Builds the clients for every app.
     pub fn new(config: &Config) -> Result<Upstreams, UpstreamError> {
         let native = Arc::new(native_roots());
-        let clients = config.apps.iter().map(|app| client_for(app, &native)).collect::<Result<_, _>>()?;
-        let relay = config
-            .apps
-            .iter()
-            .map(|app| {
-                (app.upstream.scheme == http::uri::Scheme::HTTP)
-                    .then(|| relay::Pool::new(&app.upstream.authority, app.max_idle_connections))
-            })
-            .collect();
+        let mut clients = Vec::with_capacity(config.apps.len());
+        let mut relay = Vec::with_capacity(config.apps.len());
+        for app in &config.apps {
+            let tls = tls_for(app, &native)?;
+            let client = client::AppClient::new(&app.upstream.authority, tls.clone(), app.max_idle_connections)
+                .map_err(|e| UpstreamError::Name(e.to_string()))?;
+            clients.push(Arc::new(client));
+            let tls = match tls {
+                Some(connector) => Some((connector, server_name(&app.upstream.authority)?)),
+                None => None,
+            };
+            relay.push(relay::Pool::new(&app.upstream.authority, tls, app.max_idle_connections));
+        }
         Ok(Upstreams { clients, relay })
     }
 
-    /// The relay's pool for an app; `None` when the relay doesn't serve it (an https upstream).
+    /// The relay's pool for an app.
     pub fn relay(&self, app: usize) -> Option<&relay::Pool> {
-        self.relay.get(app).and_then(Option::as_ref)
+        self.relay.get(app)
     }
 }
 
@@ -142,7 +146,14 @@ fn native_roots() -> RootCertStore {
     roots
 }
 
-fn client_for(app: &App, native: &RootCertStore) -> Result<Arc<client::AppClient>, UpstreamError> {
+/// The name an https app's certificate must carry.
+fn server_name(authority: &http::uri::Authority) -> Result<rustls::pki_types::ServerName<'static>, UpstreamError> {
+    let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_string();
+    rustls::pki_types::ServerName::try_from(host).map_err(|e| UpstreamError::Name(e.to_string()))
+}
+
+/// The TLS set-up of an https app (the system roots plus its `ca_file`); `None` for plain HTTP.
+fn tls_for(app: &App, native: &RootCertStore) -> Result<Option<tokio_rustls::TlsConnector>, UpstreamError> {
     let tls = if app.upstream.scheme == http::uri::Scheme::HTTPS {
         let mut roots = native.clone();
         if let Some(path) = &app.ca_file {
@@ -167,9 +178,7 @@ fn client_for(app: &App, native: &RootCertStore) -> Result<Arc<client::AppClient
     } else {
         None
     };
-    let client = client::AppClient::new(&app.upstream.authority, tls, app.max_idle_connections)
-        .map_err(|e| UpstreamError::Name(e.to_string()))?;
-    Ok(Arc::new(client))
+    Ok(tls)
 }
 
 /// A WebSocket opening handshake (RFC 6455 §4.1): `Connection: upgrade` and `Upgrade: websocket`.

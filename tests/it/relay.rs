@@ -1364,3 +1364,58 @@ async fn a_body_cut_short_by_the_client_closes_both_sides() {
     assert_eq!((r.status, r.text()), (200, format!("4 {}", hex::encode(Sha256::digest(b"next")))), "{r:?}");
     gw.stop().await;
 }
+
+/// An https app is the relay's too: GETs and a POST with a body to an app behind TLS (trusted through its
+/// `ca_file`) are relayed (the counters move, nothing is handed over), reach it with the session's identity, and
+/// share one pooled TLS connection; an app whose certificate isn't trusted gets the relay's 502, not the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_apps_are_relayed_over_pooled_tls_connections_that_verify_the_app() {
+    let (up, pem, accepted) = start_tls_upstream().await;
+    let (env, gw, maddr) = {
+        let (maddr, metrics) = metrics_section();
+        let port = up.addr.port();
+        let env = Env::password_only(&format!(
+            "{metrics}[[app]]\nhost = \"{APP}\"\nupstream = \"https://localhost:{port}\"\nca_file = \"{{DIR}}/app-ca.pem\"\n\
+             policy = \"one_factor\"\n\n[[app]]\nhost = \"{RAW}\"\nupstream = \"https://localhost:{port}\"\npolicy = \"bypass\"\n\n"
+        ));
+        std::fs::write(env.path().join("app-ca.pem"), &pem).unwrap();
+        env.add_user("alice", "alice@example.com", "Alice Liddell", &["staff"], PW).await;
+        let gw = env.start().await;
+        (env, gw, maddr)
+    };
+    let c = warm_session(&gw).await;
+    let cookie = format!("Cookie: {}\r\n", c.cookie_header());
+    let connections = accepted.load(Ordering::SeqCst);
+    let before = counts(maddr).await;
+    let mut raw = Raw::connect(gw.addr).await;
+    for i in 0..3 {
+        raw.send(req("GET", &format!("/tls/{i}"), APP, &format!("{cookie}Remote-User: admin\r\n")).as_bytes()).await;
+        let r = raw.response(false).await;
+        assert_eq!(r.status, 200, "GET {i} to the https app: {r:?}");
+        assert_eq!(r.json()["path"], format!("/tls/{i}"));
+        assert_eq!(up.last_hit().header("remote-user"), Some(vec!["alice".to_string()]), "GET {i}");
+    }
+    let mut post = req("POST", "/digest", APP, &format!("{cookie}Content-Length: 5\r\n")).into_bytes();
+    post.extend_from_slice(b"hello");
+    raw.send(&post).await;
+    let r = raw.response(false).await;
+    assert_eq!((r.status, r.text()), (200, format!("5 {}", hex::encode(Sha256::digest(b"hello")))), "POST: {r:?}");
+    assert_moved(maddr, before, 4, 0, "three GETs and a POST to an https app").await;
+    assert!(
+        accepted.load(Ordering::SeqCst) <= connections + 1,
+        "the app accepted {} connections for four requests on one client connection",
+        accepted.load(Ordering::SeqCst) - connections
+    );
+
+    // Without the app's CA (the bypass app has no ca_file): the certificate is refused, the request never answered
+    // by the app.
+    let hits = up.hit_count();
+    let before = counts(maddr).await;
+    raw.send(req("GET", "/untrusted", RAW, "").as_bytes()).await;
+    let r = raw.response(false).await;
+    assert_eq!(r.status, 502, "an app whose certificate is not trusted: {r:?}");
+    assert_eq!(up.hit_count(), hits, "the untrusted app got the request");
+    assert_moved(maddr, before, 1, 0, "the refused https request was the relay's").await;
+    gw.stop().await;
+    drop(env);
+}

@@ -124,7 +124,7 @@ pub(super) fn body_part(buf: &BytesMut, left: u64) -> usize {
 }
 
 /// Reads more of the body into an emptied buffer; `false` at end of stream or on an error.
-pub(super) async fn refill(up: &mut TcpStream, buf: &mut BytesMut) -> bool {
+pub(super) async fn refill(up: &mut UpStream, buf: &mut BytesMut) -> bool {
     buf.clear();
     buf.reserve(CHUNK);
     matches!(up.read_buf(buf).await, Ok(n) if n > 0)

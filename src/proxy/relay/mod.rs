@@ -1,18 +1,18 @@
 //! The HTTP/1.1 relay: the proxy's fast lane for the common request — a GET or HEAD without a body, or a POST,
-//! PUT, PATCH, DELETE or OPTIONS with no body or a `Content-Length` one, for a plain-HTTP app, from a signed-in session (or
-//! for a bypass path). It is parsed once with httparse,
-//! checked, rewritten into a reused buffer and written to a pooled upstream connection; the answer is relayed
-//! back the same way, with its framing (RFC 9112 §6.3) followed to know where it ends. No `http::Request` or
-//! `Response`, no header map, no task per upstream connection.
+//! PUT, PATCH, DELETE or OPTIONS with no body or a `Content-Length` one, to an http or https app, from a
+//! signed-in session (or for a bypass path). It is parsed once with httparse, checked, rewritten into a reused
+//! buffer and written to a pooled upstream connection (TCP, or TLS through the app's own trust roots); the answer
+//! is relayed back the same way, with its framing (RFC 9112 §6.3) followed to know where it ends. No
+//! `http::Request` or `Response`, no header map, no task per upstream connection.
 //!
-//! A session not in the cache (a fresh login, or after any revocation emptied it) is read from the store here,
-//! once per request, and the request stays on the relay. A body is streamed to the app as it comes, by its
-//! length; client-side body framing is where request smuggling lives, so the relay takes only the unambiguous
-//! form (one `Content-Length` of plain digits, no `Transfer-Encoding`) and leaves chunked bodies, `Expect`, and
-//! anything odd to hyper's parser. Everything else — an upgrade, HTTP/1.0 or
-//! HTTP/2, a portal page, a request that needs a login, a denial or an https upstream — is handed to hyper
-//! together with the bytes read so far, and the connection stays with hyper from then on. Both paths apply the same header rules ([`crate::headers`]), the
-//! same policy decision and the same session checks.
+//! A session not in the cache (a fresh login, or one a revocation dropped) is read from the store here, once per
+//! request, and the request stays on the relay. A body is streamed to the app as it comes, by its length:
+//! client-side body framing is where request smuggling lives, so the relay takes only the unambiguous form (one
+//! `Content-Length` of plain digits, no `Transfer-Encoding`) and leaves chunked bodies, `Expect` and anything odd
+//! to hyper's parser. Everything else — an upgrade, HTTP/1.0 or HTTP/2, a portal page, a request that needs a
+//! login, a denial — is handed to hyper together with the bytes read so far, and the connection stays with hyper
+//! from then on. Both paths apply the same header rules ([`crate::headers`]), the same policy decision and the
+//! same session checks.
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -448,6 +448,8 @@ where
         left -= k as u64;
     }
     up.stream.write_all(out).await?;
+    // A TLS stream may hold the records back until flushed (plain TCP: nothing to do).
+    up.stream.flush().await?;
     while left > 0 {
         c.input.reserve(CHUNK);
         if !matches!(client.read_buf(&mut c.input).await, Ok(n) if n > 0) {
@@ -455,6 +457,7 @@ where
         }
         let k = body_part(&c.input, left);
         up.stream.write_all(&c.input[..k]).await?;
+        up.stream.flush().await?;
         c.input.advance(k);
         left -= k as u64;
     }

@@ -140,6 +140,44 @@ pub async fn start_upstream() -> Upstream {
     Upstream { addr, hits, task }
 }
 
+/// The echo upstream of [`start_upstream`] over TLS (http/1.1), with a self-signed certificate for `localhost`:
+/// the upstream, its certificate's PEM (for an app's `ca_file`), and a count of the TCP connections it accepted.
+pub async fn start_tls_upstream() -> (Upstream, String, Arc<std::sync::atomic::AtomicUsize>) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::try_from(ck.signing_key.serialize_der()).unwrap();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![ck.cert.der().clone()], key)
+        .unwrap();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits: Arc<Mutex<Vec<Hit>>> = Arc::new(Mutex::new(Vec::new()));
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (h, n) = (hits.clone(), accepted.clone());
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let (hits, acceptor) = (h.clone(), acceptor.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let svc = hyper::service::service_fn(move |req| upstream_handle(req, hits.clone()));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    (Upstream { addr, hits, task }, ck.cert.pem(), accepted)
+}
+
 async fn upstream_handle(req: Request<Incoming>, hits: Arc<Mutex<Vec<Hit>>>) -> Result<Response<UpBody>, Infallible> {
     let method = req.method().to_string();
     let path = req.uri().to_string();
