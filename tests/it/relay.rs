@@ -1419,3 +1419,44 @@ async fn https_apps_are_relayed_over_pooled_tls_connections_that_verify_the_app(
     gw.stop().await;
     drop(env);
 }
+
+/// The relay's upstream pool holds at most `max_idle_connections` idle connections, whatever the load opened:
+/// after a burst of 8 concurrent requests (8 connections to the app, each answer 1.5 s away) only 2 stay, so the next burst of 8 opens 6
+/// new ones and re-uses 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_pool_keeps_no_more_idle_connections_than_its_limit() {
+    let (up, pem, accepted) = start_tls_upstream().await;
+    let (maddr, metrics) = metrics_section();
+    let env = Env::password_only(&format!(
+        "{metrics}[[app]]\nhost = \"{RAW}\"\nupstream = \"https://localhost:{}\"\nca_file = \"{{DIR}}/app-ca.pem\"\n\
+         policy = \"bypass\"\nmax_idle_connections = 2\n\n",
+        up.addr.port()
+    ));
+    std::fs::write(env.path().join("app-ca.pem"), &pem).unwrap();
+    let gw = env.start().await;
+    let burst = |round: usize| {
+        let addr = gw.addr;
+        async move {
+            let tasks: Vec<_> = (0..8)
+                .map(|i| {
+                    tokio::spawn(async move {
+                        let mut raw = Raw::connect(addr).await;
+                        raw.send(req("GET", &format!("/sleep?ms=1500&r={round}&i={i}"), RAW, "").as_bytes()).await;
+                        raw.response(false).await.status
+                    })
+                })
+                .collect();
+            for t in tasks {
+                assert_eq!(t.await.unwrap(), 200, "round {round}");
+            }
+        }
+    };
+    let before = counts(maddr).await;
+    burst(0).await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 8, "eight concurrent requests, eight connections");
+    burst(1).await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 8 + 6, "two idle connections were kept and re-used, no more");
+    assert_moved(maddr, before, 16, 0, "both bursts on the relay").await;
+    gw.stop().await;
+    drop(up);
+}
