@@ -6,7 +6,7 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = portcullis::cli::Cli::parse();
-    // One worker per core; the blocking pool (redb, argon2) is bounded so a burst can't spawn hundreds of threads.
+    // One worker per core; the blocking pool (redb) is bounded (argon2 has threads of its own) so a burst can't spawn hundreds of threads.
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads(64).build() {
         Ok(rt) => rt,
         Err(e) => {
