@@ -5,11 +5,10 @@
 //! need and reused for every hash after (argon2's `hash_password_into_with_memory`). Peak hashing memory is
 //! `limit × m_cost`, whatever the number of logins, failures or unknown names.
 //!
-//! Hashes run on `limit` threads of their own at a lower scheduling priority ([`HASH_NICE`]): a hash takes tens
-//! of milliseconds of CPU, and on a core shared with the proxy an equal-priority hash thread holds the core for
-//! whole time slices while requests wait (a login a second raised the proxied p99 from about 2 to 5.5 ms on one
-//! core). At nice 10 the proxy's threads preempt it; it still gets about a tenth of a busy core, so logins slow
-//! down under full load but never stop.
+//! Hashes run on `limit` threads of their own, each with its buffer, at the default priority. A lower one (nice
+//! 10) was measured and dropped: it took the proxied p99 during 20 logins/s from 1.47 x to 1.64 x of the quiet
+//! figure, no better, while the logins themselves, starved on a saturated machine, went from a p50 of 28 ms to
+//! 1–2.8 s and fell behind the offered rate (bench/RESULTS.md, item 15).
 
 use std::sync::{Arc, Mutex};
 
@@ -124,15 +123,12 @@ pub fn verify_blocking(password: &str, phc: &str) -> bool {
     verify_with(password, phc, &mut new_blocks())
 }
 
-/// The niceness of the hash threads (0 is the default; higher runs when nothing else wants the core).
-pub const HASH_NICE: i8 = 10;
-
 /// A hash to run, given a thread's working memory.
 type Job = Box<dyn FnOnce(&mut [Block]) + Send>;
 
 /// Hashes and verifies on `limit` threads of its own (so a login storm can't take more than `limit` cores from
-/// proxying), at lower priority, each thread with its own working memory (so logins can't grow memory). Jobs
-/// queue in arrival order. The threads end when the last clone of the hasher is dropped.
+/// proxying), each thread with its own working memory (so logins can't grow memory). Jobs queue in arrival
+/// order. The threads end when the last clone of the hasher is dropped.
 #[derive(Clone)]
 pub struct Hasher {
     jobs: std::sync::mpsc::Sender<Job>,
@@ -182,22 +178,8 @@ impl Hasher {
     }
 }
 
-/// A hash thread: lowers its own priority, then runs jobs until the hasher is gone. Its buffer is made at the
-/// first job and kept.
+/// A hash thread: runs jobs until the hasher is gone. Its buffer is made at the first job and kept.
 fn hash_thread(queue: &Mutex<std::sync::mpsc::Receiver<Job>>) {
-    use thread_priority::unix::{NormalThreadSchedulePolicy, ThreadSchedulePolicy};
-    // The crate maps 0..=99 onto niceness 19..=-20 for normal threads; 22 is nice 10 (the unit test checks).
-    let lowered = thread_priority::ThreadPriorityValue::try_from(22u8).map_err(|e| format!("{e:?}")).and_then(|v| {
-        thread_priority::unix::set_thread_priority_and_policy(
-            thread_priority::unix::thread_native_id(),
-            thread_priority::ThreadPriority::Crossplatform(v),
-            ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Other),
-        )
-        .map_err(|e| format!("{e:?}"))
-    });
-    if let Err(e) = lowered {
-        tracing::debug!(error = ?e, "hash thread keeps the default priority");
-    }
     let mut blocks: Option<Box<[Block]>> = None;
     loop {
         // The lock is held only while waiting for the next job, not while hashing.
@@ -214,18 +196,10 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn hashes_run_on_threads_of_their_own_at_lower_priority() {
+    async fn hashes_run_on_threads_of_their_own() {
         let hasher = Hasher::new(1).unwrap();
-        // Field 19 of /proc/thread-self/stat is the thread's niceness (proc(5)); the name is in field 2.
-        let (name, nice) = hasher
-            .run(|_| {
-                let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
-                let (name, rest) = stat.split_once(") ").unwrap();
-                (name.split_once('(').unwrap().1.to_string(), rest.split(' ').nth(16).unwrap().to_string())
-            })
-            .await
-            .unwrap();
-        assert_eq!((name.as_str(), nice), ("portcullis-hash", HASH_NICE.to_string()));
+        let name = hasher.run(|_| std::thread::current().name().map(str::to_string)).await.unwrap();
+        assert_eq!(name.as_deref(), Some("portcullis-hash-0"));
         let h = hasher.hash("correct horse battery".into()).await.unwrap();
         assert!(hasher.verify("correct horse battery".into(), Some(h)).await.unwrap());
     }

@@ -632,6 +632,35 @@ mod tests {
     }
 
     #[test]
+    fn a_request_length_is_one_run_of_plain_digits() {
+        let length = |values: &[&str]| {
+            let hs: Vec<httparse::Header<'_>> =
+                values.iter().map(|v| httparse::Header { name: "Content-Length", value: v.as_bytes() }).collect();
+            request_length(&hs)
+        };
+        assert_eq!(length(&[]), Some(None));
+        assert_eq!(length(&["0"]), Some(Some(0)));
+        assert_eq!(length(&["0012"]), Some(Some(12)));
+        assert_eq!(length(&["9999999999999999999"]), Some(Some(9_999_999_999_999_999_999)));
+        // Everything a parser could read two ways is hyper's (RFC 9112 §6.3: several lengths, lists, signs).
+        for odd in [
+            &["1", "1"][..],
+            &["1, 1"],
+            &["+1"],
+            &["-1"],
+            &[" 1"],
+            &["1 "],
+            &[""],
+            &["0x1"],
+            &["1e3"],
+            &["99999999999999999999"],
+            &["١"],
+        ] {
+            assert_eq!(length(odd), None, "{odd:?}");
+        }
+    }
+
+    #[test]
     fn relay_targets_are_plain() {
         assert!("/wiki/Main_Page?action=edit&x=%20".bytes().all(plain_target_byte));
         for odd in ["/a b", "/a#b", "/a\\b", "/\"x", "/é", "/{x}", "/a|b", "/a^b", "/a`b", "/<x>"] {
