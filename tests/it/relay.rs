@@ -512,6 +512,16 @@ async fn gateway(apps: &str) -> (Env, Gateway, SocketAddr) {
     (env, gw, maddr)
 }
 
+/// The echo app behind a gateway, with alice's session warm: the app, the gateway and its metrics address, and the
+/// session as a `Cookie:` header line.
+async fn warm_app() -> (Upstream, Env, Gateway, SocketAddr, String) {
+    let up = start_upstream().await;
+    let (env, gw, maddr) = gateway(&app(APP, &up.url(), "one_factor")).await;
+    let c = warm_session(&gw).await;
+    let cookie = format!("Cookie: {}\r\n", c.cookie_header());
+    (up, env, gw, maddr, cookie)
+}
+
 /// Signs alice in and makes one proxied request, which puts the session into the cache (the relay reads it from
 /// the store); returns the client, whose later requests the relay takes from the cache.
 async fn warm_session(gw: &Gateway) -> Client {
@@ -707,10 +717,7 @@ async fn spoofed_identity_connection_listed_cookie_and_forwarding_headers_are_re
 /// complete, the HEAD's without a body, and the connection closes after the last (which asked for it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_requests_are_relayed_and_answered_in_order() {
-    let up = start_upstream().await;
-    let (_env, gw, maddr) = gateway(&app(APP, &up.url(), "one_factor")).await;
-    let c = warm_session(&gw).await;
-    let cookie = format!("Cookie: {}\r\n", c.cookie_header());
+    let (up, _env, gw, maddr, cookie) = warm_app().await;
 
     let before = counts(maddr).await;
     let mut raw = Raw::connect(gw.addr).await;
@@ -1260,10 +1267,7 @@ async fn after_a_logout_the_other_sessions_stay_cached_and_their_connections_on_
 /// reach the app just the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_with_a_length_are_relayed_byte_for_byte_and_other_framings_go_to_hyper() {
-    let up = start_upstream().await;
-    let (_env, gw, maddr) = gateway(&app(APP, &up.url(), "one_factor")).await;
-    let c = warm_session(&gw).await;
-    let cookie = format!("Cookie: {}\r\n", c.cookie_header());
+    let (up, _env, gw, maddr, cookie) = warm_app().await;
     let digest = |b: &[u8]| format!("{} {}", b.len(), hex::encode(Sha256::digest(b)));
 
     let before = counts(maddr).await;
@@ -1343,10 +1347,7 @@ async fn bodies_with_a_length_are_relayed_byte_for_byte_and_other_framings_go_to
 /// connection, goes out on a fresh upstream connection and is answered normally.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_cut_short_by_the_client_closes_both_sides() {
-    let up = start_upstream().await;
-    let (_env, gw, maddr) = gateway(&app(APP, &up.url(), "one_factor")).await;
-    let c = warm_session(&gw).await;
-    let cookie = format!("Cookie: {}\r\n", c.cookie_header());
+    let (_up, _env, gw, maddr, cookie) = warm_app().await;
     let before = counts(maddr).await;
     let mut raw = Raw::connect(gw.addr).await;
     let mut m = req("POST", "/digest", APP, &format!("{cookie}Content-Length: 100\r\n")).into_bytes();
