@@ -305,7 +305,7 @@ fn plan(gw: &impl State, c: &mut Conn) -> Planned {
     out.extend_from_slice(b" HTTP/1.1\r\n");
     put_header(out, b"host", host.as_bytes());
     for h in hs {
-        if !h.name.eq_ignore_ascii_case("content-length")
+        if !(body.is_some() && h.name.eq_ignore_ascii_case("content-length"))
             && headers::passes_upstream(gw.config(), &listed, h.name.as_bytes(), client.trusted)
         {
             put_header(out, h.name.as_bytes(), h.value);
@@ -448,8 +448,7 @@ where
         left -= k as u64;
     }
     up.stream.write_all(out).await?;
-    // A TLS stream may hold the records back until flushed (plain TCP: nothing to do).
-    up.stream.flush().await?;
+    up.stream.flush_tls().await?;
     while left > 0 {
         c.input.reserve(CHUNK);
         if !matches!(client.read_buf(&mut c.input).await, Ok(n) if n > 0) {
@@ -457,7 +456,7 @@ where
         }
         let k = body_part(&c.input, left);
         up.stream.write_all(&c.input[..k]).await?;
-        up.stream.flush().await?;
+        up.stream.flush_tls().await?;
         c.input.advance(k);
         left -= k as u64;
     }

@@ -36,6 +36,16 @@ impl UpStream {
     }
 }
 
+impl UpStream {
+    /// Sends what a TLS stream holds back until flushed (plain TCP writes go out at once: nothing to do).
+    pub(super) async fn flush_tls(&mut self) -> io::Result<()> {
+        match self {
+            UpStream::Plain(_) => Ok(()),
+            UpStream::Tls(s) => s.flush().await,
+        }
+    }
+}
+
 impl AsyncRead for UpStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
