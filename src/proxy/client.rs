@@ -30,10 +30,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(1);
 pub struct AppClient {
     /// `host:port` to connect to.
     addr: String,
-    /// The name the app's certificate must carry (https apps).
-    server_name: Option<ServerName<'static>>,
-    /// TLS set-up (https apps): the app's trust roots.
-    tls: Option<tokio_rustls::TlsConnector>,
+    /// For an https app: the TLS set-up (its trust roots) and the name its certificate must carry.
+    tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
     /// Idle connections by identity.
     idle: IdlePool<SendRequest<Watched>>,
 }
@@ -49,21 +47,15 @@ impl AppClient {
     /// A client for `authority` (`https`: through `tls`), keeping at most `max_idle` idle connections.
     pub fn new(
         authority: &http::uri::Authority,
-        tls: Option<tokio_rustls::TlsConnector>,
+        tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
         max_idle: usize,
-    ) -> Result<AppClient, rustls::pki_types::InvalidDnsNameError> {
+    ) -> AppClient {
         let default_port = if tls.is_some() { 443 } else { 80 };
-        let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_string();
-        let server_name = match tls {
-            Some(_) => Some(ServerName::try_from(host)?),
-            None => None,
-        };
-        Ok(AppClient {
+        AppClient {
             addr: format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(default_port)),
-            server_name,
             tls,
             idle: IdlePool::new(max_idle),
-        })
+        }
     }
 
     /// Sends `req` for `who` on one of their idle connections or a new one. The [`Checkin`] returns the
@@ -106,8 +98,8 @@ impl AppClient {
             .await
             .map_err(|_| "connecting to the app timed out")??;
         tcp.set_nodelay(true)?;
-        match (&self.tls, &self.server_name) {
-            (Some(tls), Some(name)) => {
+        match &self.tls {
+            Some((tls, name)) => {
                 let stream = tokio::time::timeout(CONNECT_TIMEOUT, tls.connect(name.clone(), tcp))
                     .await
                     .map_err(|_| "the TLS handshake with the app timed out")??;

@@ -117,15 +117,14 @@ impl Upstreams {
         let mut clients = Vec::with_capacity(config.apps.len());
         let mut relay = Vec::with_capacity(config.apps.len());
         for app in &config.apps {
-            let tls = tls_for(app, &native)?;
-            let client = client::AppClient::new(&app.upstream.authority, tls.clone(), app.max_idle_connections)
-                .map_err(|e| UpstreamError::Name(e.to_string()))?;
-            clients.push(Arc::new(client));
-            let tls = match tls {
+            // One TLS set-up per app, for both clients.
+            let tls = match tls_for(app, &native)? {
                 Some(connector) => Some((connector, server_name(&app.upstream.authority)?)),
                 None => None,
             };
-            relay.push(relay::Pool::new(&app.upstream.authority, tls, app.max_idle_connections));
+            let authority = &app.upstream.authority;
+            clients.push(Arc::new(client::AppClient::new(authority, tls.clone(), app.max_idle_connections)));
+            relay.push(relay::Pool::new(authority, tls, app.max_idle_connections));
         }
         Ok(Upstreams { clients, relay })
     }
