@@ -192,6 +192,12 @@ pub fn relay_chunked(data: &[u8]) {
     let whole = fuzzing::chunked(input, input.len());
     assert_eq!(fuzzing::chunked(input, cut), whole, "splitting at {cut} changed the answer");
     let reference = reference_chunked_len(input);
+    // The decoding the upstream client does gives the reference decoder's data, however the input is split.
+    let decoded = fuzzing::chunked_data(input, cut);
+    match &reference {
+        Ok(_) => assert_eq!(decoded, Some(reference_chunked_data(input)), "decoded data differs"),
+        Err(_) => assert_eq!(decoded, None, "decoded a body the reference decoder doesn't end"),
+    }
     match whole {
         (Some(n), true) => assert_eq!(reference, Ok(n), "the tracker ended the body at {n}"),
         (Some(n), false) => {
@@ -205,6 +211,18 @@ pub fn relay_chunked(data: &[u8]) {
 /// The length of the chunked body at the start of `b` (RFC 9112 §7.1): `Ok(len)`, `Err(true)` when it is a valid
 /// but unfinished prefix, `Err(false)` when it is malformed.
 fn reference_chunked_len(b: &[u8]) -> Result<usize, bool> {
+    reference_chunked(b, &mut Vec::new())
+}
+
+/// The data of the complete chunked body at the start of `b`.
+fn reference_chunked_data(b: &[u8]) -> Vec<u8> {
+    let mut data = Vec::new();
+    let _ = reference_chunked(b, &mut data);
+    data
+}
+
+/// [`reference_chunked_len`], appending the chunks' data to `data`.
+fn reference_chunked(b: &[u8], data: &mut Vec<u8>) -> Result<usize, bool> {
     // Whether `b[i..]` starts with `want`; Err(true) when `b` ends first on a matching prefix.
     let expect = |i: usize, want: &[u8]| -> Result<(), bool> {
         let have = b.get(i..).unwrap_or_default();
@@ -245,6 +263,7 @@ fn reference_chunked_len(b: &[u8]) -> Result<usize, bool> {
         if size > left {
             return Err(true);
         }
+        data.extend_from_slice(&b[i..i + size as usize]);
         i += size as usize;
         expect(i, b"\r\n")?;
         i += 2;

@@ -23,7 +23,6 @@ use crate::policy::Decision;
 use crate::respond::Reject;
 use crate::store::User;
 
-mod client;
 pub mod pool;
 pub mod relay;
 pub mod tunnels;
@@ -103,35 +102,30 @@ impl http_body::Body for Watched {
     }
 }
 
-/// One pooled HTTP client per app (each may trust its own CA), and the relay's connection pool of each app (over
-/// the same TLS set-up for an https app).
+/// The connection pool of each app (each https app with its own trust roots), which the relay and the client for
+/// hyper's requests ([`relay::Pool::send`]) share.
 pub struct Upstreams {
-    clients: Vec<Arc<client::AppClient>>,
-    relay: Vec<relay::Pool>,
+    pools: Vec<Arc<relay::Pool>>,
 }
 
 impl Upstreams {
     /// Builds the clients for every app.
     pub fn new(config: &Config) -> Result<Upstreams, UpstreamError> {
         let native = Arc::new(native_roots());
-        let mut clients = Vec::with_capacity(config.apps.len());
-        let mut relay = Vec::with_capacity(config.apps.len());
+        let mut pools = Vec::with_capacity(config.apps.len());
         for app in &config.apps {
-            // One TLS set-up per app, for both clients.
             let tls = match tls_for(app, &native)? {
                 Some(connector) => Some((connector, server_name(&app.upstream.authority)?)),
                 None => None,
             };
-            let authority = &app.upstream.authority;
-            clients.push(Arc::new(client::AppClient::new(authority, tls.clone(), app.max_idle_connections)));
-            relay.push(relay::Pool::new(authority, tls, app.max_idle_connections));
+            pools.push(Arc::new(relay::Pool::new(&app.upstream.authority, tls, app.max_idle_connections)));
         }
-        Ok(Upstreams { clients, relay })
+        Ok(Upstreams { pools })
     }
 
-    /// The relay's pool for an app.
-    pub fn relay(&self, app: usize) -> Option<&relay::Pool> {
-        self.relay.get(app)
+    /// The connection pool of an app.
+    pub fn relay(&self, app: usize) -> Option<&Arc<relay::Pool>> {
+        self.pools.get(app)
     }
 }
 
@@ -244,7 +238,6 @@ pub async fn forward(
     let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
 
     let (mut parts, body) = req.into_parts();
-    let head_request = parts.method == hyper::Method::HEAD;
     let own = gw.own_cookies();
     let identity = session.as_ref().map(|s| &*s.user);
     parts.headers = upstream_headers(gw, client, host.as_deref(), identity, &own, &parts.headers);
@@ -258,13 +251,20 @@ pub async fn forward(
     let upstream_req = Request::from_parts(parts, Watched { inner: body, failed: failed.clone() });
 
     let who = pool::Affinity::of(app.shared_connections, session.as_ref().map(|s| &s.user));
-    let pending = gw.upstreams().clients[decision.app].request(who, upstream_req);
+    let Some(upstream) = gw.upstreams().relay(decision.app) else {
+        return Err(Reject::BadGateway);
+    };
+    let pending = upstream.send(who, upstream_req, websocket);
     let started = std::time::Instant::now();
     let outcome = tokio::time::timeout(app.upstream_timeout.0, pending).await;
     gw.app_metrics(decision.app).upstream(started.elapsed());
-    let (mut resp, checkin) = match outcome {
+    let sent = match outcome {
         Err(_) => return Err(Reject::GatewayTimeout),
         Ok(Err(_)) if failed.load(std::sync::atomic::Ordering::Relaxed) => {
+            return Err(Reject::BadRequest("The request body was malformed or cut short."));
+        }
+        Ok(Err(relay::SendError::Body(e))) => {
+            tracing::debug!(error = %e, "the client's request body failed");
             return Err(Reject::BadRequest("The request body was malformed or cut short."));
         }
         Ok(Err(e)) => {
@@ -274,36 +274,24 @@ pub async fn forward(
         Ok(Ok(r)) => r,
     };
 
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        let Some(client_upgrade) = client_upgrade else {
-            return Err(Reject::BadGateway);
-        };
-        // The connection is the tunnel's now; it never goes back to the pool.
-        drop(checkin);
-        let upstream_upgrade = hyper::upgrade::on(&mut resp);
-        // The tunnel lives while its session does (bypass tunnels belong to nobody).
-        let owner = session.as_ref().map(|s| (s.id, gw.sessions().due(&s.record)));
-        gw.tunnels().open(owner, async move {
-            match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                Ok((down, up)) => {
-                    let mut down = TokioIo::new(down);
-                    let mut up = TokioIo::new(up);
-                    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+    let (resp, framing) = match sent {
+        relay::Sent::Answer(resp, framing) => (resp, framing),
+        relay::Sent::Upgraded(parts, mut up) => {
+            let Some(client_upgrade) = client_upgrade else {
+                return Err(Reject::BadGateway);
+            };
+            // The tunnel lives while its session does (bypass tunnels belong to nobody).
+            let owner = session.as_ref().map(|s| (s.id, gw.sessions().due(&s.record)));
+            gw.tunnels().open(owner, async move {
+                match client_upgrade.await {
+                    Ok(down) => {
+                        let mut down = TokioIo::new(down);
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
                 }
-                Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
-            }
-        });
-        let (parts, _) = resp.into_parts();
-        return Ok(Response::from_parts(parts, crate::body::full(bytes::Bytes::new())));
-    }
-
-    // The relay's framing rule, so both paths refuse the same answers: hyper's client would take a
-    // Content-Length beside chunked, or a body until close after `Transfer-Encoding: gzip`.
-    let framing = match crate::headers::response_framing(resp.headers(), resp.status().as_u16(), head_request) {
-        Ok(f) => f,
-        Err(why) => {
-            tracing::warn!(upstream = %app.upstream.authority, why, "ambiguous response framing");
-            return Err(Reject::BadGateway);
+            });
+            return Ok(Response::from_parts(parts, crate::body::full(bytes::Bytes::new())));
         }
     };
     let (mut parts, body) = resp.into_parts();
@@ -330,7 +318,7 @@ pub async fn forward(
     parts.headers = headers;
     // Trailers pass under the rules headers do: nothing connection-scoped, no Set-Cookie for our cookies.
     let own_names: Vec<String> = own.iter().map(|s| s.to_string()).collect();
-    let body = client::Returning::new(body, checkin).map_frame(move |frame| match frame.into_trailers() {
+    let body = body.map_frame(move |frame| match frame.into_trailers() {
         Ok(trailers) => {
             let own: Vec<&str> = own_names.iter().map(String::as_str).collect();
             let listed = Listed::of(&trailers);

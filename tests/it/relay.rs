@@ -597,6 +597,42 @@ async fn into_resp(r: hyper::Response<hyper::body::Incoming>, c: &mut Client) ->
     Resp { status: parts.status.as_u16(), headers: parts.headers, body, version: parts.version }
 }
 
+/// Signs alice in over TLS http/1.1 (the login page hands the connection to hyper), checks the session cookie is
+/// `Secure`, and warms the session with one proxied GET; returns the client holding the session.
+async fn tls_sign_in(gw: &Gateway, cert: &rcgen::Certificate) -> Client {
+    // Sign in and warm the session over TLS, on hyper's path (the login page hands the connection over).
+    let mut c = gw.client(APP);
+    let html = [("accept", "text/html")];
+    let mut h1 = tls_h1(gw.addr, cert).await;
+    let page = tls_send(&mut h1, &mut c, "GET", &format!("{PREFIX}/login?rd=%2F"), &html, None).await;
+    assert_eq!(page.status, 200, "login page over TLS: {}", page.text());
+    let csrf = extract_csrf(&page.text()).unwrap_or_else(|| panic!("no csrf field in the login page: {}", page.text()));
+    let form =
+        serde_urlencoded::to_string([("csrf", csrf.as_str()), ("rd", "/"), ("username", "alice"), ("password", PW)])
+            .unwrap();
+    let r = tls_send(&mut h1, &mut c, "POST", &format!("{PREFIX}/login"), &html, Some(form)).await;
+    assert_eq!(r.status, 303, "login over TLS: {}", r.text());
+    let set = session_set_cookie(&r).unwrap_or_else(|| panic!("no session cookie set: {:?}", r.set_cookies()));
+    assert!(set.to_ascii_lowercase().contains("; secure"), "session cookie set over TLS without Secure: {set}");
+    let r = tls_send(&mut h1, &mut c, "GET", "/warm", &[], None).await;
+    assert_eq!(r.status, 200, "first proxied request: {}", r.text());
+    drop(h1);
+    c
+}
+
+/// An h2 connection to the gateway over TLS.
+async fn tls_h2(addr: SocketAddr, cert: &rcgen::Certificate) -> hyper::client::conn::http2::SendRequest<H2Body> {
+    let tls = tls_connect(addr, cert, b"h2").await;
+    let (h2, conn) =
+        within("h2 handshake", hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    h2
+}
+
+type H2Body = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+
 /// A request on `send` with `c`'s host and cookies, `headers` and an optional form body.
 async fn tls_send(
     send: &mut H1,
@@ -1101,23 +1137,7 @@ async fn tls_http1_requests_take_the_relay_and_h2_stays_with_hyper() {
     let up = start_upstream().await;
     let (_env, gw, maddr, cert) = tls_gateway(&app(APP, &up.url(), "one_factor")).await;
 
-    // Sign in and warm the session over TLS, on hyper's path (the login page hands the connection over).
-    let mut c = gw.client(APP);
-    let html = [("accept", "text/html")];
-    let mut h1 = tls_h1(gw.addr, &cert).await;
-    let page = tls_send(&mut h1, &mut c, "GET", &format!("{PREFIX}/login?rd=%2F"), &html, None).await;
-    assert_eq!(page.status, 200, "login page over TLS: {}", page.text());
-    let csrf = extract_csrf(&page.text()).unwrap_or_else(|| panic!("no csrf field in the login page: {}", page.text()));
-    let form =
-        serde_urlencoded::to_string([("csrf", csrf.as_str()), ("rd", "/"), ("username", "alice"), ("password", PW)])
-            .unwrap();
-    let r = tls_send(&mut h1, &mut c, "POST", &format!("{PREFIX}/login"), &html, Some(form)).await;
-    assert_eq!(r.status, 303, "login over TLS: {}", r.text());
-    let set = session_set_cookie(&r).unwrap_or_else(|| panic!("no session cookie set: {:?}", r.set_cookies()));
-    assert!(set.to_ascii_lowercase().contains("; secure"), "session cookie set over TLS without Secure: {set}");
-    let r = tls_send(&mut h1, &mut c, "GET", "/warm", &[], None).await;
-    assert_eq!(r.status, 200, "first proxied request: {}", r.text());
-    drop(h1);
+    let mut c = tls_sign_in(&gw, &cert).await;
 
     // http/1.1: two keep-alive GETs on one connection, both relayed.
     let before = counts(maddr).await;
@@ -1136,16 +1156,11 @@ async fn tls_http1_requests_take_the_relay_and_h2_stays_with_hyper() {
 
     // h2: hyper serves it; the relay never sees it.
     let before = counts(maddr).await;
-    let tls = tls_connect(gw.addr, &cert, b"h2").await;
-    let (mut h2, conn) =
-        within("h2 handshake", hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)))
-            .await
-            .expect("h2 handshake");
-    tokio::spawn(conn);
+    let mut h2 = tls_h2(gw.addr, &cert).await;
     let request = Request::get(format!("https://{APP}/over/h2"))
         .header("cookie", c.cookie_header())
         .header("remote-user", "admin")
-        .body(Full::new(Bytes::new()))
+        .body(Full::new(Bytes::new()).boxed())
         .unwrap();
     let r = within("GET over h2", h2.send_request(request)).await.expect("GET over h2");
     let r = into_resp(r, &mut c).await;
@@ -1417,6 +1432,88 @@ async fn https_apps_are_relayed_over_pooled_tls_connections_that_verify_the_app(
     assert_eq!(r.status, 502, "an app whose certificate is not trusted: {r:?}");
     assert_eq!(up.hit_count(), hits, "the untrusted app got the request");
     assert_moved(maddr, before, 1, 0, "the refused https request was the relay's").await;
+    gw.stop().await;
+    drop(env);
+}
+
+/// HTTP/2 requests reach the app through the relay's pooled HTTP/1.1 client, the one every path uses: over h2 (TLS
+/// to the gateway, TLS to an https app) a 300 KiB binary POST with a length arrives byte for byte with one canonical
+/// `Content-Length`, a body streamed in pieces without a length arrives byte for byte chunked, a GET follows — and
+/// every one of them, with relayed http/1.1 requests of the same user between them, goes over the one upstream
+/// connection the session's first request opened (each answer returns it to the pool).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_requests_and_their_bodies_reach_the_app_byte_for_byte_over_the_relays_pooled_connections() {
+    let (up, pem, accepted) = start_tls_upstream().await;
+    let (maddr, metrics) = metrics_section();
+    let env = Env::password_only(&format!(
+        "[server]\ntls_cert = \"{{DIR}}/cert.pem\"\ntls_key = \"{{DIR}}/key.pem\"\n\n{metrics}[[app]]\nhost = \"{APP}\"\n\
+         upstream = \"https://localhost:{}\"\nca_file = \"{{DIR}}/app-ca.pem\"\npolicy = \"one_factor\"\n\n",
+        up.addr.port()
+    ));
+    let ck = rcgen::generate_simple_self_signed(vec![APP.to_string()]).unwrap();
+    std::fs::write(env.path().join("cert.pem"), ck.cert.pem()).unwrap();
+    std::fs::write(env.path().join("key.pem"), ck.signing_key.serialize_pem()).unwrap();
+    std::fs::write(env.path().join("app-ca.pem"), &pem).unwrap();
+    env.add_user("alice", "alice@example.com", "Alice Liddell", &["staff"], PW).await;
+    let gw = env.start_unchecked().await;
+    let cert = ck.cert;
+    let mut c = tls_sign_in(&gw, &cert).await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "the warm-up GET opened one connection to the app");
+
+    let mut h2 = tls_h2(gw.addr, &cert).await;
+    let before = counts(maddr).await;
+    let sized: Vec<u8> = (0..300 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let streamed: Vec<Vec<u8>> = (0..5u8).map(|k| vec![k.wrapping_mul(37); 10_000 + usize::from(k) * 777]).collect();
+    let whole: Vec<u8> = streamed.concat();
+    for (what, body, want) in [
+        ("a 300 KiB POST with a length", Full::new(Bytes::from(sized.clone())).boxed(), &sized),
+        (
+            "a POST streamed without a length",
+            http_body_util::StreamBody::new(futures_util::stream::iter(
+                streamed.iter().map(|p| Ok(hyper::body::Frame::data(Bytes::from(p.clone())))).collect::<Vec<_>>(),
+            ))
+            .boxed(),
+            &whole,
+        ),
+    ] {
+        let request = Request::post(format!("https://{APP}/digest"))
+            .header("cookie", c.cookie_header())
+            .header("remote-user", "admin")
+            .header("content-type", "application/octet-stream")
+            .body(body)
+            .unwrap();
+        let r = within(what, h2.send_request(request)).await.unwrap_or_else(|e| panic!("{what}: {e}"));
+        let r = into_resp(r, &mut c).await;
+        assert_eq!(r.version, hyper::Version::HTTP_2, "{what}");
+        assert_eq!(
+            r.text(),
+            format!("{} {}", want.len(), hex::encode(Sha256::digest(want))),
+            "{what}: the app's digest"
+        );
+        let hit = up.last_hit();
+        assert_eq!(hit.header("remote-user"), Some(vec!["alice".to_string()]), "{what}: identity at the app");
+        let framing = (hit.header("content-length"), hit.header("transfer-encoding"));
+        if want.len() == sized.len() {
+            assert_eq!(framing, (Some(vec![sized.len().to_string()]), None), "{what}: framing at the app");
+        } else {
+            assert_eq!(framing, (None, Some(vec!["chunked".to_string()])), "{what}: framing at the app");
+        }
+    }
+    let request = Request::get(format!("https://{APP}/after/h2")).header("cookie", c.cookie_header());
+    let r = within("GET over h2", h2.send_request(request.body(Full::new(Bytes::new()).boxed()).unwrap())).await;
+    let r = into_resp(r.expect("GET over h2"), &mut c).await;
+    assert_eq!((r.status, r.upstream_path()), (200, "/after/h2".to_string()), "GET over h2: {}", r.text());
+    assert_moved(maddr, before, 0, 0, "h2 requests are hyper's to parse").await;
+
+    // A relayed http/1.1 GET of the same user takes the same upstream connection.
+    let mut h1 = tls_h1(gw.addr, &cert).await;
+    let r = tls_send(&mut h1, &mut c, "GET", "/relayed", &[], None).await;
+    assert_eq!(r.status, 200, "relayed GET: {}", r.text());
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "h2 and relayed requests of one user should share the one pooled upstream connection"
+    );
     gw.stop().await;
     drop(env);
 }

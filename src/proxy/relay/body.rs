@@ -168,6 +168,16 @@ impl Chunked {
 
     /// Takes bytes of the body; returns how many belong to it (all, unless it ends within `input`).
     pub(super) fn feed(&mut self, input: &[u8]) -> Result<usize, ChunkError> {
+        self.feed_with(input, |_| {})
+    }
+
+    /// [`Chunked::feed`], handing `data` the range of `input` each piece of chunk data takes (for a client that
+    /// needs the body decoded, not relayed as it came).
+    pub(super) fn feed_with(
+        &mut self,
+        input: &[u8],
+        mut data: impl FnMut(std::ops::Range<usize>),
+    ) -> Result<usize, ChunkError> {
         use ChunkState::*;
         self.trailers_at = None;
         let mut i = 0;
@@ -175,6 +185,9 @@ impl Chunked {
             if self.state == Data {
                 let k = (input.len() - i).min(usize::try_from(self.size).unwrap_or(usize::MAX));
                 self.size -= k as u64;
+                if k > 0 {
+                    data(i..i + k);
+                }
                 i += k;
                 if self.size == 0 {
                     self.state = DataCr;

@@ -12,7 +12,8 @@
 //! to hyper's parser. Everything else — an upgrade, HTTP/1.0 or HTTP/2, a portal page, a request that needs a
 //! login, a denial — is handed to hyper together with the bytes read so far, and the connection stays with hyper
 //! from then on. Both paths apply the same header rules ([`crate::headers`]), the same policy decision and the
-//! same session checks.
+//! same session checks, and reach the app through the same pooled connections: what hyper's server parsed goes
+//! out through [`Pool::send`] (the `client` module), so there is one HTTP/1.1 client and one pool per app.
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -36,12 +37,14 @@ use crate::respond::Reject;
 use crate::session::CacheAnswer;
 
 mod body;
+mod client;
 mod pool;
 mod wire;
 
 use body::*;
-pub use pool::Pool;
+pub use client::{AnswerBody, SendError, Sent};
 use pool::*;
+pub use pool::{Pool, UpStream};
 pub use wire::Prefixed;
 use wire::*;
 
@@ -526,6 +529,20 @@ pub mod fuzzing {
             c.feed(&input[cut..]).ok().map(|b| a + b)
         });
         (used, c.done())
+    }
+
+    /// Decodes `input` as the upstream client does for hyper's server (in two pieces split at `cut`): the body's
+    /// data when the chunked body ends within `input`, else `None`.
+    pub fn chunked_data(input: &[u8], cut: usize) -> Option<Vec<u8>> {
+        let cut = cut.min(input.len());
+        let mut c = Chunked::default();
+        let mut data = Vec::new();
+        c.feed_with(&input[..cut], |r| data.extend_from_slice(&input[r])).ok()?;
+        if !c.done() {
+            let rest = &input[cut..];
+            c.feed_with(rest, |r| data.extend_from_slice(&rest[r])).ok()?;
+        }
+        c.done().then_some(data)
     }
 
     /// Parses an app's response head as the relay does, with `own` the gateway's cookie names: `Ok(None)` when

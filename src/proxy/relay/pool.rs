@@ -17,8 +17,10 @@ pub(super) struct Upstream {
 }
 
 /// The byte stream to an app: TCP, or TLS over TCP.
-pub(super) enum UpStream {
+pub enum UpStream {
+    /// An http app.
     Plain(TcpStream),
+    /// An https app.
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 

@@ -107,3 +107,66 @@ fn relay_targets_are_plain() {
         assert!(!odd.bytes().all(plain_target_byte), "{odd}");
     }
 }
+
+#[test]
+fn the_upstream_client_writes_one_framing_for_the_request_body() {
+    let head = |method: &str, empty: bool, exact: Option<u64>| {
+        let mut req = http::Request::builder().method(method).uri("/p?q=1");
+        req = req.header("content-length", "999").header("transfer-encoding", "gzip").header("x-a", "1");
+        let (parts, ()) = req.body(()).unwrap().into_parts();
+        let mut out = Vec::new();
+        let framing = client::request_head(&parts, empty, exact, &mut out);
+        (framing, String::from_utf8(out).unwrap())
+    };
+    let (f, text) = head("GET", true, Some(0));
+    assert_eq!(f, client::RequestBody::None);
+    assert_eq!(text, "GET /p?q=1 HTTP/1.1\r\nx-a: 1\r\n\r\n", "the client's framing headers never pass");
+    let (f, text) = head("POST", true, Some(0));
+    assert_eq!((f, text.ends_with("x-a: 1\r\ncontent-length: 0\r\n\r\n")), (client::RequestBody::None, true), "{text}");
+    let (f, text) = head("PUT", false, Some(300));
+    assert_eq!((f, text.ends_with("content-length: 300\r\n\r\n")), (client::RequestBody::Length(300), true), "{text}");
+    let (f, text) = head("POST", false, None);
+    assert_eq!(f, client::RequestBody::Chunked);
+    assert!(text.ends_with("x-a: 1\r\ntransfer-encoding: chunked\r\n\r\n"), "{text}");
+}
+
+#[test]
+fn the_upstream_client_reads_heads_under_the_relays_rules() {
+    let parse = |raw: &str, upgrade: bool| {
+        let mut buf = BytesMut::from(raw);
+        client::parse_head(&mut buf, false, upgrade)
+            .map(|h| h.map(|h| (h.response.status.as_u16(), h.framing, h.reusable, buf.len())))
+    };
+    // Interim answers are skipped; what follows the head stays in the buffer.
+    assert_eq!(
+        parse("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc", false).unwrap(),
+        Some((200, Framing::Length(3), true, 3))
+    );
+    assert_eq!(parse("HTTP/1.1 200 OK\r\nContent-Le", false).unwrap(), None, "partial");
+    assert_eq!(
+        parse("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", false).unwrap(),
+        Some((200, Framing::Length(1), false, 0))
+    );
+    assert_eq!(
+        parse("HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", false).unwrap(),
+        Some((200, Framing::UntilClose, false, 0))
+    );
+    assert_eq!(
+        parse("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\nxy", true).unwrap(),
+        Some((101, Framing::Empty, true, 2))
+    );
+    assert!(parse("HTTP/1.1 101 Switching Protocols\r\n\r\n", false).is_err(), "101 to a request that asked for none");
+    assert!(
+        parse("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", false).is_err(),
+        "ambiguous"
+    );
+    assert!(parse("HTTP/1.1 200 OK\r\nX: \x01\r\n\r\n", false).is_err(), "malformed");
+}
+
+#[test]
+fn the_upstream_clients_trailers_keep_every_valid_field() {
+    let map = client::parse_trailers(b"X-Checksum: abc\r\nbad line\r\nX-Two:  2 \r\n\r\n");
+    assert_eq!(map.len(), 2);
+    assert_eq!(map["x-checksum"], "abc");
+    assert_eq!(map["x-two"], "2");
+}
