@@ -194,6 +194,12 @@ async fn relay_then_hyper<IO>(
         Outcome::Closed => {}
         // Boxed too: inline, the two states would make every connection's task as large as both.
         Outcome::Handover(io) => Box::pin(serve_hyper(current, io, peer, builder, shed)).await,
+        // The tunnel lives while its session does, like one opened on hyper's path.
+        Outcome::Tunnel(relay::Tunnel { mut client, mut app, owner }) => {
+            current.load().tunnels.open(owner, async move {
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut app).await;
+            });
+        }
     }
 }
 

@@ -291,6 +291,18 @@ pub async fn forward(
                     Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
                 }
             });
+            // The app's fields under the response rules (no Set-Cookie for our cookies), the upgrade named by us.
+            let mut parts = parts;
+            let listed = Listed::of(&parts.headers);
+            let mut headers = HeaderMap::with_capacity(parts.headers.len() + 2);
+            for (name, value) in &parts.headers {
+                if passes_downstream(&listed, name.as_str().as_bytes(), value.as_bytes(), &own) {
+                    headers.append(name.clone(), value.clone());
+                }
+            }
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            parts.headers = headers;
             return Ok(Response::from_parts(parts, crate::body::full(bytes::Bytes::new())));
         }
     };

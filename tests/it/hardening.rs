@@ -85,14 +85,16 @@ async fn two_hundred_logins_and_fifty_failures_grow_memory_by_at_most_64_mib() {
 // Tunnels end with their session
 // =============================================================================================
 
-/// Opens a WebSocket to the echo app with `c`'s cookies and reads the greeting (the identity the app saw).
-async fn open_tunnel(
-    gw: &Gateway,
-    c: &Client,
-) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>> {
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// Opens a WebSocket to the echo app with `c`'s cookies on `lane` and reads the greeting (the identity the app saw).
+async fn open_tunnel(gw: &Gateway, c: &Client, lane: Lane) -> Ws {
     let tcp = within("connect", TcpStream::connect(gw.addr)).await.unwrap();
     let mut req = format!("ws://{}/ws", c.host).into_client_request().unwrap();
     req.headers_mut().insert("cookie", c.cookie_header().parse().unwrap());
+    for (name, value) in lane.headers() {
+        req.headers_mut().insert(*name, value.parse().unwrap());
+    }
     let stream = tokio_tungstenite::MaybeTlsStream::Plain(tcp);
     let (mut ws, resp) = within("ws handshake", tokio_tungstenite::client_async(req, stream)).await.unwrap();
     assert_eq!(resp.status().as_u16(), 101);
@@ -102,7 +104,7 @@ async fn open_tunnel(
 }
 
 /// Whether the tunnel still echoes.
-async fn echoes(ws: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>) -> bool {
+async fn echoes(ws: &mut Ws) -> bool {
     if within("ws send", ws.send(Message::text("ping"))).await.is_err() {
         return false;
     }
@@ -110,10 +112,7 @@ async fn echoes(ws: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::M
 }
 
 /// Waits (at most 10 s) for the tunnel to be closed by the gateway; returns how long it took.
-async fn closed_within(
-    ws: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>,
-    what: &str,
-) -> Duration {
+async fn closed_within(ws: &mut Ws, what: &str) -> Duration {
     let t = Instant::now();
     let deadline = Duration::from_secs(10);
     loop {
@@ -126,11 +125,30 @@ async fn closed_within(
     }
 }
 
+/// Waits for both of `name`'s tunnels to close; how long each took.
+async fn both_closed<'a>(
+    tunnels: &mut std::collections::BTreeMap<(&'a str, Lane), Ws>,
+    name: &'a str,
+    what: &str,
+) -> (String, [Duration; 2]) {
+    let mut took = [Duration::ZERO; 2];
+    for (i, lane) in Lane::BOTH.into_iter().enumerate() {
+        let ws = tunnels.get_mut(&(name, lane)).unwrap();
+        took[i] = closed_within(ws, &format!("{name}'s tunnel on {lane:?} {what}")).await;
+    }
+    (what.to_string(), took)
+}
+
+/// Every user has a tunnel on each lane (relayed, and opened through hyper's path); each revocation closes both of
+/// its user's, and no one else's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_closes_on_logout_lock_delete_2fa_reset_and_expiry_while_others_stay_open() {
     let up = start_upstream().await;
-    let env =
-        Env::password_only(&format!("[session]\nidle_timeout = \"10m\"\n\n{}", app(APP, &up.url(), "one_factor")));
+    let (maddr, metrics) = metrics_section();
+    let env = Env::password_only(&format!(
+        "[session]\nidle_timeout = \"10m\"\n\n{metrics}{}",
+        app(APP, &up.url(), "one_factor")
+    ));
     for name in ["alice", "bob", "carol", "dave", "erin", "zed"] {
         env.add_user(name, &format!("{name}@example.com"), name, &[], PW).await;
     }
@@ -149,8 +167,14 @@ async fn a_websocket_closes_on_logout_lock_delete_2fa_reset_and_expiry_while_oth
         confirm_setup_page(c, &page, "/", || portcullis::clock::Clock::now(&*clock)).await;
     }
     let mut tunnels = std::collections::BTreeMap::new();
-    for (name, c) in &clients {
-        tunnels.insert(*name, open_tunnel(&gw, c).await);
+    for (name, c) in clients.iter_mut() {
+        for lane in Lane::BOTH {
+            // Warm: the session is cached, so a relayed handshake is relayed at once, not handed over.
+            assert_eq!(c.get("/warm").await.status, 200);
+            let before = counts(maddr).await;
+            tunnels.insert((*name, lane), open_tunnel(&gw, c, lane).await);
+            lane.assert_served(maddr, before, 1, &format!("{name}'s WebSocket handshake")).await;
+        }
     }
     for ws in tunnels.values_mut() {
         assert!(echoes(ws).await);
@@ -158,19 +182,22 @@ async fn a_websocket_closes_on_logout_lock_delete_2fa_reset_and_expiry_while_oth
 
     let mut took = Vec::new();
     logout(clients.get_mut("alice").unwrap()).await;
-    took.push(("logout", closed_within(tunnels.get_mut("alice").unwrap(), "after logout").await));
+    took.push(both_closed(&mut tunnels, "alice", "after logout").await);
     for (cmd, name) in [("lock", "bob"), ("delete", "carol"), ("reset-2fa", "dave")] {
         let o = env.cli(&["user", cmd, name], None).await;
         assert!(o.status.success(), "user {cmd} {name}: {}", out_text(&o));
-        took.push((cmd, closed_within(tunnels.get_mut(name).unwrap(), &format!("after user {cmd}")).await));
+        took.push(both_closed(&mut tunnels, name, &format!("after user {cmd}")).await);
     }
     // Another user's tunnels stayed open through all of it.
-    assert!(echoes(tunnels.get_mut("zed").unwrap()).await, "zed's tunnel was closed by other users' revocations");
-    assert!(echoes(tunnels.get_mut("erin").unwrap()).await);
+    for lane in Lane::BOTH {
+        let zed = tunnels.get_mut(&("zed", lane)).unwrap();
+        assert!(echoes(zed).await, "zed's tunnel on {lane:?} was closed by other users' revocations");
+        assert!(echoes(tunnels.get_mut(&("erin", lane)).unwrap()).await);
+    }
 
     // Expiry: past the idle timeout, with no request in between.
     gw.clock.advance(11 * 60);
-    took.push(("expiry", closed_within(tunnels.get_mut("erin").unwrap(), "after the idle timeout").await));
+    took.push(both_closed(&mut tunnels, "erin", "after the idle timeout").await);
     eprintln!("tunnels closed after: {took:?}");
 }
 

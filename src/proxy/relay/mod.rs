@@ -67,6 +67,29 @@ pub enum Outcome<IO> {
     Closed,
     /// hyper takes over: the connection with the bytes read but not yet handled.
     Handover(Prefixed<IO>),
+    /// The app accepted a WebSocket upgrade (RFC 6455 §4): the client's connection and the app's, each with the
+    /// bytes already read from it in front, are a tunnel now.
+    Tunnel(Tunnel<IO>),
+}
+
+/// A WebSocket tunnel the relay opened, for [`crate::proxy::tunnels::Tunnels::open`].
+pub struct Tunnel<IO> {
+    /// The client's side.
+    pub client: Prefixed<IO>,
+    /// The app's side.
+    pub app: Prefixed<UpStream>,
+    /// The session it belongs to and when that session must be looked at again (none: a bypass path).
+    pub owner: Option<(crate::session::SessionId, u64)>,
+}
+
+/// What the client connection does after an answer.
+enum Next {
+    /// Reads the next request.
+    Continue,
+    /// Closes.
+    Close,
+    /// Becomes a tunnel to the app (after a 101).
+    Tunnel(Upstream),
 }
 
 /// The buffers of one client connection, reused for every request on it.
@@ -97,6 +120,9 @@ struct Forward {
     close: bool,
     /// Whose requests the upstream connection may carry afterwards.
     who: Affinity,
+    /// A WebSocket opening handshake: the session it belongs to and when it must be looked at again (`Some(None)`:
+    /// a bypass path).
+    upgrade: Option<Option<(crate::session::SessionId, u64)>>,
 }
 
 enum Planned {
@@ -194,7 +220,13 @@ where
             idle_flag.store(false, std::sync::atomic::Ordering::Relaxed);
         };
         match forward_one(gw, &mut io, &mut c, &forward, timers.upstream.as_mut()).await {
-            Ok(true) if !stop.is_cancelled() => {}
+            Ok(Next::Continue) if !stop.is_cancelled() => {}
+            Ok(Next::Tunnel(up)) => {
+                idle_flag.store(false, std::sync::atomic::Ordering::Relaxed);
+                let client = Prefixed { prefix: Bytes::copy_from_slice(&c.input), io };
+                let app = Prefixed { prefix: up.buf.freeze(), io: up.stream };
+                return Outcome::Tunnel(Tunnel { client, app, owner: forward.upgrade.flatten() });
+            }
             Ok(_) => {
                 let _ = io.shutdown().await;
                 return Outcome::Closed;
@@ -241,16 +273,19 @@ fn plan(gw: &impl State, c: &mut Conn) -> Planned {
         return Planned::Handover;
     }
     let listed = headers::Listed::of(hs);
-    if ["transfer-encoding", "upgrade", "expect"].iter().any(|n| hs.values(n).next().is_some()) || listed.has("upgrade")
-    {
+    let Some(scan) = Scan::of(hs) else {
+        return Planned::Handover;
+    };
+    // A WebSocket opening handshake (RFC 6455 §4.1) is relayed; any other upgrade is hyper's.
+    let websocket = scan.websocket && method == "GET" && listed.has("upgrade");
+    if !websocket && (scan.upgrades > 0 || listed.has("upgrade")) {
         return Planned::Handover;
     }
     // A GET or HEAD body has no defined meaning (RFC 9110 §9.3.1): such a request is hyper's, as before.
-    let Some(body) = request_length(hs).filter(|b| !idempotent || b.is_none()) else {
+    let Some(body) = scan.length().filter(|b| !idempotent || b.is_none()) else {
         return Planned::Handover;
     };
-    let mut hosts = hs.values("host");
-    let (Some(host), None) = (hosts.next().and_then(headers::text), hosts.next()) else {
+    let (Some(host), 1) = (scan.host.and_then(headers::text), scan.hosts) else {
         return Planned::Handover;
     };
     let (path, query) = target.split_once('?').map_or((target, None), |(p, q)| (p, Some(q)));
@@ -280,6 +315,7 @@ fn plan(gw: &impl State, c: &mut Conn) -> Planned {
     if found > sessions.len() {
         return Planned::Handover;
     }
+    let mut owner = None;
     let user = match decision.policy {
         Policy::Deny => return Planned::Handover,
         Policy::Bypass => None,
@@ -287,6 +323,9 @@ fn plan(gw: &impl State, c: &mut Conn) -> Planned {
             Ok(CacheAnswer::Hit(auth))
                 if admission(app, needed, auth.record.level, &auth.user.groups) == Admission::Pass =>
             {
+                if websocket {
+                    owner = Some((auth.id, gw.sessions().due(&auth.record)));
+                }
                 Some(auth.user)
             }
             Ok(CacheAnswer::Miss(revision)) => {
@@ -321,6 +360,9 @@ fn plan(gw: &impl State, c: &mut Conn) -> Planned {
     if !foreign.is_empty() {
         put_header(out, b"cookie", foreign.as_bytes());
     }
+    if websocket {
+        out.extend_from_slice(b"connection: upgrade\r\nupgrade: websocket\r\n");
+    }
     for (name, value) in ForwardedHeaders::new(hs, client.via(), peer_ip, Some(host)).pairs() {
         put_header(out, name.as_bytes(), value.as_bytes());
     }
@@ -333,20 +375,67 @@ fn plan(gw: &impl State, c: &mut Conn) -> Planned {
     let who = Affinity::of(app.shared_connections, user.as_ref());
     let body = body.unwrap_or(0);
     let retry = idempotent && body == 0;
-    Planned::Forward(Forward { app: decision.app, len, head, body, retry, close: listed.has("close"), who })
+    let upgrade = websocket.then_some(owner);
+    Planned::Forward(Forward { app: decision.app, len, head, body, retry, close: listed.has("close"), who, upgrade })
 }
 
-/// A request's body length from its one `Content-Length` (RFC 9112 §6.2, §6.3): `Some(None)` without one,
-/// `None` when the relay leaves it to hyper — several, a list, or anything but 1 to 19 plain digits.
-fn request_length(hs: &[httparse::Header<'_>]) -> Option<Option<u64>> {
-    let mut values = hs.values("content-length");
-    let Some(v) = values.next() else {
-        return Some(None);
-    };
-    if values.next().is_some() || v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
-        return None;
+/// The request headers that decide whether and how the relay takes a request, read in one pass.
+struct Scan<'h> {
+    host: Option<&'h [u8]>,
+    hosts: usize,
+    length: Option<&'h [u8]>,
+    lengths: usize,
+    upgrades: usize,
+    /// The one Upgrade header is `websocket`.
+    websocket: bool,
+}
+
+impl<'h> Scan<'h> {
+    /// `None` when a header sends the request to hyper whatever the rest says: a `Transfer-Encoding` (chunked
+    /// bodies are hyper's to parse) or an `Expect`.
+    fn of(hs: &'h [httparse::Header<'_>]) -> Option<Scan<'h>> {
+        let mut scan = Scan { host: None, hosts: 0, length: None, lengths: 0, upgrades: 0, websocket: false };
+        for h in hs {
+            let n = h.name.as_bytes();
+            // The length first: most names are told apart without comparing a byte.
+            match n.len() {
+                4 if n.eq_ignore_ascii_case(b"host") => {
+                    scan.hosts += 1;
+                    scan.host = Some(h.value);
+                }
+                6 if n.eq_ignore_ascii_case(b"expect") => return None,
+                7 if n.eq_ignore_ascii_case(b"upgrade") => {
+                    scan.upgrades += 1;
+                    scan.websocket = scan.upgrades == 1 && h.value.trim_ascii().eq_ignore_ascii_case(b"websocket");
+                }
+                14 if n.eq_ignore_ascii_case(b"content-length") => {
+                    scan.lengths += 1;
+                    scan.length = Some(h.value);
+                }
+                17 if n.eq_ignore_ascii_case(b"transfer-encoding") => return None,
+                _ => {}
+            }
+        }
+        Some(scan)
     }
-    std::str::from_utf8(v).ok()?.parse().ok().map(Some)
+
+    /// The body's length from the one `Content-Length` (RFC 9112 §6.2, §6.3): `Some(None)` without one, `None`
+    /// when the relay leaves it to hyper — several, a list, or anything but 1 to 19 plain digits.
+    fn length(&self) -> Option<Option<u64>> {
+        let Some(v) = self.length else {
+            return Some(None);
+        };
+        if self.lengths > 1 || v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        std::str::from_utf8(v).ok()?.parse().ok().map(Some)
+    }
+}
+
+/// A request's body length ([`Scan::length`]) as the relay reads it from `hs`.
+#[cfg(test)]
+fn request_length(hs: &[httparse::Header<'_>]) -> Option<Option<u64>> {
+    Scan::of(hs)?.length()
 }
 
 /// Sends one request and relays its answer. `Ok(true)`: the client connection can carry another request.
@@ -356,7 +445,7 @@ async fn forward_one<IO>(
     c: &mut Conn,
     f: &Forward,
     timer: Pin<&mut tokio::time::Sleep>,
-) -> io::Result<bool>
+) -> io::Result<Next>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
@@ -385,16 +474,21 @@ where
     };
     gw.app_metrics(f.app).request(head.status);
     finish_head(&mut c.out, &head, answered);
+    if head.status == 101 {
+        client.write_all(&c.out).await?;
+        client.flush().await?;
+        return Ok(Next::Tunnel(up));
+    }
     let complete = relay_body(&mut up, client, &mut c.out, head.framing, &own).await?;
     client.flush().await?;
     if !complete {
         // The app broke off mid-body: the client sees the answer cut short, as with hyper.
-        return Ok(false);
+        return Ok(Next::Close);
     }
     if head.reusable && up.buf.is_empty() {
         pool.checkin(f.who.clone(), up);
     }
-    Ok(!head.close)
+    Ok(if head.close { Next::Close } else { Next::Continue })
 }
 
 /// Writes the request in `c.out` (and its body, from the client) to the app and reads the answer's head, on a
@@ -475,7 +569,7 @@ where
 }
 
 /// Writes one of our own pages (502, 504) to the client.
-async fn answer<IO>(gw: &impl State, client: &mut IO, c: &mut Conn, f: &Forward, r: &Reject) -> io::Result<bool>
+async fn answer<IO>(gw: &impl State, client: &mut IO, c: &mut Conn, f: &Forward, r: &Reject) -> io::Result<Next>
 where
     IO: AsyncWrite + Unpin,
 {
@@ -508,7 +602,7 @@ where
     }
     client.write_all(out).await?;
     client.flush().await?;
-    Ok(!close)
+    Ok(if close { Next::Close } else { Next::Continue })
 }
 
 /// Entry points for the fuzz targets (fuzz/) and their CI replay: the relay's parsing of what an app sends, without
@@ -559,6 +653,7 @@ pub mod fuzzing {
             retry: true,
             close: false,
             who: Affinity::Anonymous,
+            upgrade: None,
         };
         let head = response_head(&mut buf, &mut out, own, &f).map_err(|e| e.to_string())?;
         Ok(head.map(|h| {

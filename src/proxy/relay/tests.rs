@@ -170,3 +170,21 @@ fn the_upstream_clients_trailers_keep_every_valid_field() {
     assert_eq!(map["x-checksum"], "abc");
     assert_eq!(map["x-two"], "2");
 }
+
+#[test]
+fn one_pass_over_the_request_headers_finds_what_sends_a_request_to_hyper() {
+    let hs = |pairs: &[(&'static str, &'static str)]| -> Vec<httparse::Header<'static>> {
+        pairs.iter().map(|(n, v)| httparse::Header { name: n, value: v.as_bytes() }).collect()
+    };
+    assert!(Scan::of(&hs(&[("Transfer-Encoding", "chunked")])).is_none());
+    assert!(Scan::of(&hs(&[("expect", "100-continue")])).is_none());
+    let one = hs(&[("HOST", "a"), ("Upgrade", " WebSocket "), ("X-Long-Header-Name", "1")]);
+    let s = Scan::of(&one).unwrap();
+    assert_eq!((s.host, s.hosts, s.upgrades, s.websocket), (Some(&b"a"[..]), 1, 1, true));
+    let two = hs(&[("upgrade", "websocket"), ("upgrade", "websocket"), ("host", "a"), ("host", "b")]);
+    let s = Scan::of(&two).unwrap();
+    assert_eq!((s.hosts, s.upgrades, s.websocket), (2, 2, false), "two upgrades are not one websocket");
+    let other = hs(&[("upgrade", "h2c")]);
+    let s = Scan::of(&other).unwrap();
+    assert!(!s.websocket);
+}

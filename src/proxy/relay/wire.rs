@@ -46,14 +46,29 @@ pub(super) fn response_head(
         let (Some(version), Some(status)) = (resp.version, resp.code) else {
             return Err(bad("malformed response head"));
         };
+        let hs: &[httparse::Header<'_>] = resp.headers;
         if status == 101 {
-            return Err(bad("101 Switching Protocols without an upgrade"));
+            if f.upgrade.is_none() {
+                return Err(bad("101 Switching Protocols without an upgrade"));
+            }
+            // The tunnel's head: the app's fields under the response rules, the upgrade named by us.
+            let listed = headers::Listed::of(hs);
+            out.clear();
+            out.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\n");
+            for h in hs {
+                if headers::passes_downstream(&listed, h.name.as_bytes(), h.value, own) {
+                    put_header(out, h.name.as_bytes(), h.value);
+                }
+            }
+            out.extend_from_slice(b"connection: upgrade\r\nupgrade: websocket\r\n\r\n");
+            input.advance(len);
+            let (framing, reusable, close, needs_date) = (Framing::Empty, false, false, false);
+            return Ok(Some(ResponseHead { status, framing, reusable, close, needs_date }));
         }
         if status < 200 {
             input.advance(len);
             continue;
         }
-        let hs: &[httparse::Header<'_>] = resp.headers;
         let framing = framing(hs, status, f.head)?;
         let close = f.close || framing == Framing::UntilClose;
         let listed = headers::Listed::of(hs);

@@ -630,7 +630,7 @@ pub async fn metric(maddr: SocketAddr, name: &str) -> u64 {
 /// Which proxy path serves a request: the relay takes a bodyless GET or HEAD (of a cached session, or for a bypass
 /// path); the same request with `Content-Length: 0` is handed to hyper's. Tests of proxy behaviour run on both and
 /// pin the path with [`Lane::assert_served`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Lane {
     Relay,
     Hyper,
