@@ -2,7 +2,6 @@
 //! fully verified session get in; everyone else gets 403 on every route. Admins never see hashes, secrets or codes.
 
 use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use minijinja::{Value, context};
 use serde::Serialize;
 
@@ -105,12 +104,7 @@ impl Action {
 }
 
 /// Routes `{prefix}/admin/...`; `sub` is the part after `/admin`.
-pub async fn handle(
-    gw: &Gateway,
-    client: &Client,
-    req: Request<Incoming>,
-    sub: &str,
-) -> Result<Response<Body>, Reject> {
+pub async fn handle(gw: &Gateway, client: &Client, req: Request<Body>, sub: &str) -> Result<Response<Body>, Reject> {
     // Authorisation comes first, before the route is even looked at: non-admins learn nothing.
     let admin = require_admin(gw, req.headers()).await?;
     if sub == "/invite" && req.method() == Method::POST {
@@ -134,7 +128,7 @@ pub async fn handle(
     }
 }
 
-async fn list(gw: &Gateway, admin: &Authenticated, req: &Request<Incoming>) -> Result<Response<Body>, Reject> {
+async fn list(gw: &Gateway, admin: &Authenticated, req: &Request<Body>) -> Result<Response<Body>, Reject> {
     let tf = query_param(req.uri(), "two_factor");
     let q = query_param(req.uri(), "q");
     let after = query_param(req.uri(), "after");
@@ -198,7 +192,7 @@ async fn act(
     gw: &Gateway,
     client: &Client,
     admin: &Authenticated,
-    req: Request<Incoming>,
+    req: Request<Body>,
     name: &str,
     action: Action,
 ) -> Result<Response<Body>, Reject> {
@@ -230,7 +224,7 @@ async fn invite(
     gw: &Gateway,
     client: &Client,
     admin: &Authenticated,
-    req: Request<Incoming>,
+    req: Request<Body>,
 ) -> Result<Response<Body>, Reject> {
     let (parts, form) = form::read(req).await?;
     check_csrf(gw, &parts, &form, Some(&admin.id.0))?;

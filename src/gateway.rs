@@ -201,6 +201,13 @@ impl crate::proxy::State for Gateway {
     fn client<H: Headers + ?Sized>(&self, peer: SocketAddr, headers: &H) -> Client {
         Gateway::client(self, peer, headers)
     }
+    fn handle(
+        self: Arc<Self>,
+        peer: SocketAddr,
+        req: http::Request<crate::Body>,
+    ) -> impl Future<Output = http::Response<crate::Body>> + Send {
+        crate::router::handle(self, peer, req)
+    }
 }
 
 /// The parts of a gateway that outlive a config reload.

@@ -73,6 +73,9 @@ pub struct Metrics {
     pub relayed: Counter,
     /// Connections the relay handed to hyper.
     pub handovers: Counter,
+    /// Requests the relay answered through the gateway's own handlers (portal pages, sign-in redirects,
+    /// refusals), keeping the connection.
+    pub relay_local: Counter,
     /// Sessions read from the store into the session cache.
     pub cache_fills: Counter,
     /// Times a revocation the journal couldn't name emptied the whole session cache.
@@ -153,6 +156,12 @@ impl Metrics {
         );
         let handovers = Counter::default();
         registry.register("relay_handovers", "Connections the HTTP/1.1 relay handed to hyper", handovers.clone());
+        let relay_local = Counter::default();
+        registry.register(
+            "relay_local_answers",
+            "Requests the HTTP/1.1 relay answered with the gateway's own pages, keeping the connection",
+            relay_local.clone(),
+        );
         let cache_fills = Counter::default();
         registry.register("session_cache_fills", "Sessions read from the store into the cache", cache_fills.clone());
         let cache_flushes = Counter::default();
@@ -171,6 +180,7 @@ impl Metrics {
             active_sessions,
             relayed,
             handovers,
+            relay_local,
             cache_fills,
             cache_flushes,
         }

@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 
 use crate::Body;
 use crate::client::Client;
@@ -17,7 +16,7 @@ use crate::policy::{Admission, admission};
 use crate::respond::{Reject, reject};
 
 /// Whether a request is from a browser that can follow a redirect to the login page.
-fn wants_html(req: &Request<Incoming>) -> bool {
+fn wants_html(req: &Request<Body>) -> bool {
     let get = req.method() == http::Method::GET || req.method() == http::Method::HEAD;
     let html = req
         .headers()
@@ -29,7 +28,7 @@ fn wants_html(req: &Request<Incoming>) -> bool {
 }
 
 /// Handles one request from start to finish. Never fails: every error becomes a page.
-pub async fn handle(gw: Arc<Gateway>, peer: SocketAddr, mut req: Request<Incoming>) -> Response<Body> {
+pub async fn handle(gw: Arc<Gateway>, peer: SocketAddr, mut req: Request<Body>) -> Response<Body> {
     crate::headers::strip_identity_headers(&gw.config, req.headers_mut());
     let client = gw.client(peer, req.headers());
     let portal = crate::policy::owns(gw.prefix(), req.uri().path());
@@ -66,7 +65,7 @@ async fn protected(
     gw: &Arc<Gateway>,
     client: &Client,
     app: Option<usize>,
-    req: Request<Incoming>,
+    req: Request<Body>,
 ) -> Result<Response<Body>, Reject> {
     let decision = crate::policy::decide_for(&gw.config, app, req.uri().path()).map_err(|e| match e {
         crate::policy::PolicyError::UnknownHost => Reject::UnknownHost,
@@ -100,7 +99,7 @@ async fn protected(
 }
 
 /// Browsers go to the portal page `url(where they were going)`; everything else gets 401.
-fn send_to(gw: &Gateway, req: &Request<Incoming>, url: impl FnOnce(&str) -> String) -> Response<Body> {
+fn send_to(gw: &Gateway, req: &Request<Body>, url: impl FnOnce(&str) -> String) -> Response<Body> {
     if !wants_html(req) {
         return reject(&gw.pages, &Reject::Unauthorized);
     }

@@ -203,6 +203,12 @@ async fn relay_then_hyper<IO>(
     }
 }
 
+/// A request body from hyper as the handlers' one body type.
+fn boxed(body: hyper::body::Incoming) -> crate::Body {
+    use http_body_util::BodyExt;
+    body.map_err(|e| -> crate::BoxError { Box::new(e) }).boxed()
+}
+
 /// Serves a connection with hyper: HTTP/1.1 with upgrades, or HTTP/2. When `shed` fires (shutdown, or the
 /// connection cap) it closes gracefully: at once when idle, after the requests in flight otherwise.
 async fn serve_hyper<IO>(
@@ -216,6 +222,8 @@ async fn serve_hyper<IO>(
 {
     let svc = service_fn(move |req| {
         let gw = current.load_full();
+        // Boxed like the relay's own requests (`State::handle`): the handlers take one body type.
+        let req = req.map(boxed);
         async move { Ok::<_, Infallible>(handle(gw, peer, req).await) }
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);

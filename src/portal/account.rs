@@ -2,7 +2,6 @@
 //! (show, regenerate, download), disable. Each sensitive action asks for the password again.
 
 use http::{HeaderValue, Request, Response, StatusCode, header};
-use hyper::body::Incoming;
 use minijinja::{Value, context};
 
 use crate::Body;
@@ -102,7 +101,7 @@ fn settings_redirect(gw: &Gateway) -> Response<Body> {
 }
 
 /// GET settings.
-pub async fn settings(gw: &Gateway, req: &Request<Incoming>) -> Result<Response<Body>, Reject> {
+pub async fn settings(gw: &Gateway, req: &Request<Body>) -> Result<Response<Body>, Reject> {
     let here = format!("{}/settings", gw.prefix());
     let auth = match require_session(gw, req.headers(), &here, Gate::SignedIn).await? {
         Ok(a) => a,
@@ -135,7 +134,7 @@ fn settings_page(gw: &Gateway, auth: &Authenticated, message: Option<&str>) -> R
 pub async fn ask_password(
     gw: &Gateway,
     client: &Client,
-    req: &Request<Incoming>,
+    req: &Request<Body>,
     what: Sensitive,
 ) -> Result<Response<Body>, Reject> {
     let rd = target_or_root(&query_param(req.uri(), "rd"));
@@ -169,7 +168,7 @@ fn wrong_state(gw: &Gateway, auth: &Authenticated, what: Sensitive, rd: &str) ->
 pub async fn confirm(
     gw: &Gateway,
     client: &Client,
-    req: Request<Incoming>,
+    req: Request<Body>,
     what: Sensitive,
 ) -> Result<Response<Body>, Reject> {
     let (parts, form) = form::read(req).await?;
@@ -291,11 +290,7 @@ fn render_setup(
 }
 
 /// POST enroll/confirm: a valid code activates two-factor (its step counts as used), then the recovery codes.
-pub async fn confirm_enrolment(
-    gw: &Gateway,
-    client: &Client,
-    req: Request<Incoming>,
-) -> Result<Response<Body>, Reject> {
+pub async fn confirm_enrolment(gw: &Gateway, client: &Client, req: Request<Body>) -> Result<Response<Body>, Reject> {
     let (parts, form) = form::read(req).await?;
     let rd = target_or_root(form.get("rd"));
     let auth = match require_session(gw, &parts.headers, &rd, Gate::Pending).await? {
@@ -338,7 +333,7 @@ pub async fn confirm_enrolment(
 }
 
 /// POST enroll/cancel: forget the setup secret. A forced enrolment can't be skipped, so it signs out.
-pub async fn cancel_enrolment(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Result<Response<Body>, Reject> {
+pub async fn cancel_enrolment(gw: &Gateway, client: &Client, req: Request<Body>) -> Result<Response<Body>, Reject> {
     let (parts, form) = form::read(req).await?;
     let auth = match require_session(gw, &parts.headers, "/", Gate::Pending).await? {
         Ok(a) => a,
@@ -356,7 +351,7 @@ pub async fn cancel_enrolment(gw: &Gateway, client: &Client, req: Request<Incomi
 }
 
 /// POST recovery/download: the codes as a text file, for a page that was just shown them.
-pub async fn download(gw: &Gateway, req: Request<Incoming>) -> Result<Response<Body>, Reject> {
+pub async fn download(gw: &Gateway, req: Request<Body>) -> Result<Response<Body>, Reject> {
     let (parts, form) = form::read(req).await?;
     let auth = match require_session(gw, &parts.headers, "/", Gate::SignedIn).await? {
         Ok(a) => a,
@@ -383,7 +378,7 @@ fn password_page(gw: &Gateway, status: StatusCode, auth: &Authenticated, error: 
 }
 
 /// GET settings/password.
-pub async fn show_password(gw: &Gateway, req: &Request<Incoming>) -> Result<Response<Body>, Reject> {
+pub async fn show_password(gw: &Gateway, req: &Request<Body>) -> Result<Response<Body>, Reject> {
     let here = format!("{}/settings/password", gw.prefix());
     let auth = match require_session(gw, req.headers(), &here, Gate::SignedIn).await? {
         Ok(a) => a,
@@ -394,7 +389,7 @@ pub async fn show_password(gw: &Gateway, req: &Request<Incoming>) -> Result<Resp
 
 /// POST settings/password: current password (counted like login failures) and the new one twice; the user's
 /// other sessions end.
-pub async fn change_password(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Result<Response<Body>, Reject> {
+pub async fn change_password(gw: &Gateway, client: &Client, req: Request<Body>) -> Result<Response<Body>, Reject> {
     let (parts, form) = form::read(req).await?;
     let here = format!("{}/settings/password", gw.prefix());
     let auth = match require_session(gw, &parts.headers, &here, Gate::SignedIn).await? {

@@ -3,10 +3,10 @@
 use std::collections::HashMap;
 
 use http::{HeaderMap, Request, header};
-use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
+use http_body_util::BodyExt;
 use subtle::ConstantTimeEq;
 
+use crate::Body;
 use crate::gateway::Gateway;
 use crate::headers::host_of;
 use crate::respond::Reject;
@@ -31,7 +31,7 @@ impl Form {
 }
 
 /// Reads an `application/x-www-form-urlencoded` body of at most 64 KiB.
-pub async fn read(req: Request<Incoming>) -> Result<(http::request::Parts, Form), Reject> {
+pub async fn read(req: Request<Body>) -> Result<(http::request::Parts, Form), Reject> {
     let ok_type = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -40,18 +40,19 @@ pub async fn read(req: Request<Incoming>) -> Result<(http::request::Parts, Form)
     if !ok_type {
         return Err(Reject::BadRequest("The form was not sent as a form."));
     }
-    let (parts, body) = req.into_parts();
-    let bytes = Limited::new(body, MAX_FORM)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-                Reject::PayloadTooLarge
-            } else {
-                Reject::BadRequest("The form could not be read.")
+    let (parts, mut body) = req.into_parts();
+    // Collected by hand rather than through `Limited`: its error conversion trips rustc's check that the
+    // handler's future is `Send` (a higher-ranked lifetime on the boxed error).
+    let mut bytes = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| Reject::BadRequest("The form could not be read."))?;
+        if let Ok(data) = frame.into_data() {
+            if bytes.len() + data.len() > MAX_FORM {
+                return Err(Reject::PayloadTooLarge);
             }
-        })?
-        .to_bytes();
+            bytes.extend_from_slice(&data);
+        }
+    }
     Ok((parts, Form::parse(&bytes)?))
 }
 

@@ -3,7 +3,6 @@
 //! There is no open self-registration.
 
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 use minijinja::context;
 
 use crate::Body;
@@ -63,7 +62,7 @@ fn page(gw: &Gateway, status: StatusCode, view: &View<'_>, error: Option<&str>) 
 }
 
 /// GET invite[?token=…].
-pub async fn show(gw: &Gateway, client: &Client, req: &Request<Incoming>) -> Result<Response<Body>, Reject> {
+pub async fn show(gw: &Gateway, client: &Client, req: &Request<Body>) -> Result<Response<Body>, Reject> {
     let token = token_from(&query_param(req.uri(), "token"));
     let (binding, cookie) = anonymous_binding(gw, client, req.headers())?;
     let csrf = gw.keys.csrf_token(&binding);
@@ -78,7 +77,7 @@ pub async fn show(gw: &Gateway, client: &Client, req: &Request<Incoming>) -> Res
 }
 
 /// POST invite: create the account, spending the invitation; then enrolment or a session.
-pub async fn accept(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Result<Response<Body>, Reject> {
+pub async fn accept(gw: &Gateway, client: &Client, req: Request<Body>) -> Result<Response<Body>, Reject> {
     let (parts, form) = form::read(req).await?;
     let binding = session::csrf_binding(&gw.keys, &parts.headers, &gw.config.csrf_cookie_name());
     check_csrf(gw, &parts, &form, binding.as_ref().map(|b| b.as_slice()))?;

@@ -1,7 +1,6 @@
 //! Sign-in and sign-out: show the form → check CSRF, lockout and password → new session → back to the app.
 
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 use minijinja::context;
 
 use crate::Body;
@@ -19,7 +18,7 @@ use crate::session::{self};
 use crate::store::{LastLogin, Level, User, normalize_login};
 
 /// The `rd` query parameter, made safe.
-fn rd_param(req: &Request<Incoming>) -> String {
+fn rd_param(req: &Request<Body>) -> String {
     target_or_root(&query_param(req.uri(), "rd"))
 }
 
@@ -55,7 +54,7 @@ fn login_page(
 }
 
 /// GET login: already signed in → straight on; otherwise the form.
-pub async fn show(gw: &Gateway, client: &Client, req: &Request<Incoming>) -> Result<Response<Body>, Reject> {
+pub async fn show(gw: &Gateway, client: &Client, req: &Request<Body>) -> Result<Response<Body>, Reject> {
     let rd = rd_param(req);
     if let Some(auth) = gw.sessions.authenticate(req.headers()).await? {
         let next = match auth.record.level {
@@ -69,7 +68,7 @@ pub async fn show(gw: &Gateway, client: &Client, req: &Request<Incoming>) -> Res
 }
 
 /// POST login.
-pub async fn submit(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Result<Response<Body>, Reject> {
+pub async fn submit(gw: &Gateway, client: &Client, req: Request<Body>) -> Result<Response<Body>, Reject> {
     let (parts, form) = form::read(req).await?;
     let csrf_name = gw.config.csrf_cookie_name();
     let binding = session::csrf_binding(&gw.keys, &parts.headers, &csrf_name);
@@ -150,7 +149,7 @@ async fn failed_login(
 }
 
 /// GET logout: a confirmation form (logout is a POST, so a link or image can't sign anyone out).
-pub async fn show_logout(gw: &Gateway, req: &Request<Incoming>) -> Result<Response<Body>, Reject> {
+pub async fn show_logout(gw: &Gateway, req: &Request<Body>) -> Result<Response<Body>, Reject> {
     let Some(auth) = gw.sessions.authenticate(req.headers()).await? else {
         return Ok(redirect(StatusCode::SEE_OTHER, &format!("{}/login", gw.prefix())));
     };
@@ -159,7 +158,7 @@ pub async fn show_logout(gw: &Gateway, req: &Request<Incoming>) -> Result<Respon
 }
 
 /// POST logout: deletes the session server-side, so a copied cookie dies too.
-pub async fn logout(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Result<Response<Body>, Reject> {
+pub async fn logout(gw: &Gateway, client: &Client, req: Request<Body>) -> Result<Response<Body>, Reject> {
     let (parts, form) = form::read(req).await?;
     let login = format!("{}/login", gw.prefix());
     let Some(id) = gw.sessions.presented_id(&parts.headers) else {

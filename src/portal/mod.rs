@@ -11,7 +11,6 @@ pub mod verify;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, header};
-use hyper::body::Incoming;
 
 use crate::Body;
 use crate::client::Client;
@@ -26,7 +25,7 @@ use account::Sensitive;
 pub async fn handle(
     gw: &std::sync::Arc<Gateway>,
     client: &Client,
-    req: Request<Incoming>,
+    req: Request<Body>,
 ) -> Result<Response<Body>, Reject> {
     let sub = req.uri().path()[gw.prefix().len()..].to_string();
     let get = matches!(*req.method(), Method::GET | Method::HEAD);

@@ -5,7 +5,6 @@
 //! A reset never removes two-factor and never signs anyone in.
 
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 use minijinja::context;
 
 use crate::Body;
@@ -37,7 +36,7 @@ fn forgot_page(gw: &Gateway, csrf: String, sent: bool) -> Response<Body> {
 }
 
 /// GET forgot.
-pub async fn show_forgot(gw: &Gateway, client: &Client, req: &Request<Incoming>) -> Result<Response<Body>, Reject> {
+pub async fn show_forgot(gw: &Gateway, client: &Client, req: &Request<Body>) -> Result<Response<Body>, Reject> {
     let (binding, cookie) = anonymous_binding(gw, client, req.headers())?;
     Ok(with_cookie(forgot_page(gw, gw.keys.csrf_token(&binding), false), cookie))
 }
@@ -53,7 +52,7 @@ async fn allowed(gw: &Gateway, key: String, max: u32, now: u64) -> Result<bool, 
 pub async fn submit_forgot(
     gw: &std::sync::Arc<Gateway>,
     client: &Client,
-    req: Request<Incoming>,
+    req: Request<Body>,
 ) -> Result<Response<Body>, Reject> {
     let (parts, form) = form::read(req).await?;
     let binding = session::csrf_binding(&gw.keys, &parts.headers, &gw.config.csrf_cookie_name());
@@ -127,7 +126,7 @@ fn reset_page(
 }
 
 /// GET reset?token=…: the form. Never spends the token.
-pub async fn show_reset(gw: &Gateway, client: &Client, req: &Request<Incoming>) -> Result<Response<Body>, Reject> {
+pub async fn show_reset(gw: &Gateway, client: &Client, req: &Request<Body>) -> Result<Response<Body>, Reject> {
     let token = query_param(req.uri(), "token");
     let Some((_, user)) = valid_token(gw, &token).await? else {
         return Ok(invalid_link(gw));
@@ -139,7 +138,7 @@ pub async fn show_reset(gw: &Gateway, client: &Client, req: &Request<Incoming>) 
 
 /// POST reset: the new passwords are checked, then the second factor (if enrolled) is spent, the password set and
 /// every session ended.
-pub async fn submit_reset(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Result<Response<Body>, Reject> {
+pub async fn submit_reset(gw: &Gateway, client: &Client, req: Request<Body>) -> Result<Response<Body>, Reject> {
     let (parts, form) = form::read(req).await?;
     let binding = session::csrf_binding(&gw.keys, &parts.headers, &gw.config.csrf_cookie_name());
     check_csrf(gw, &parts, &form, binding.as_ref().map(|b| b.as_slice()))?;

@@ -1,7 +1,6 @@
 //! The second-factor challenge after the password: a TOTP code, or a recovery code, then a fully verified session.
 
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 use minijinja::context;
 
 use crate::Body;
@@ -49,7 +48,7 @@ async fn pending_with_2fa(
 }
 
 /// GET challenge.
-pub async fn show(gw: &Gateway, req: &Request<Incoming>) -> Result<Response<Body>, Reject> {
+pub async fn show(gw: &Gateway, req: &Request<Body>) -> Result<Response<Body>, Reject> {
     let rd = target_or_root(&query_param(req.uri(), "rd"));
     let auth = match pending_with_2fa(gw, req.headers(), &rd).await? {
         Ok(a) => a,
@@ -60,7 +59,7 @@ pub async fn show(gw: &Gateway, req: &Request<Incoming>) -> Result<Response<Body
 }
 
 /// POST challenge: the lockout, then the code; success rotates the session to the full level.
-pub async fn submit(gw: &Gateway, client: &Client, req: Request<Incoming>) -> Result<Response<Body>, Reject> {
+pub async fn submit(gw: &Gateway, client: &Client, req: Request<Body>) -> Result<Response<Body>, Reject> {
     let (parts, form) = form::read(req).await?;
     let rd = target_or_root(form.get("rd"));
     let auth = match pending_with_2fa(gw, &parts.headers, &rd).await? {

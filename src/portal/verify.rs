@@ -6,7 +6,6 @@
 //! 401 (nginx, which maps it to its own login redirect) or 302 to the login page (Caddy, Traefik); 403.
 
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, header};
-use hyper::body::Incoming;
 
 use crate::Body;
 use crate::client::Client;
@@ -81,7 +80,7 @@ fn sign_in(orig: &Original, page: String) -> Response<Body> {
 }
 
 /// GET verify.
-pub async fn verify(gw: &Gateway, client: &Client, req: &Request<Incoming>) -> Result<Response<Body>, Reject> {
+pub async fn verify(gw: &Gateway, client: &Client, req: &Request<Body>) -> Result<Response<Body>, Reject> {
     if !client.trusted {
         // Anyone could write X-Original-URL: only our configured front proxies may ask.
         tracing::warn!(peer = %client.peer, "forward-auth request from an untrusted peer refused");

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use rustls::RootCertStore;
 use rustls::pki_types::CertificateDer;
@@ -50,6 +49,13 @@ pub trait State: Send + Sync + 'static {
     fn pages(&self) -> &crate::pages::Pages;
     /// The client of a request from `peer`.
     fn client<H: crate::headers::Headers + ?Sized>(&self, peer: std::net::SocketAddr, headers: &H) -> Client;
+    /// Answers a request as hyper's path would (policy, portal, proxy): the relay's way to serve what it doesn't
+    /// forward itself without giving the connection away.
+    fn handle(
+        self: Arc<Self>,
+        peer: std::net::SocketAddr,
+        req: Request<Body>,
+    ) -> impl Future<Output = Response<Body>> + Send;
 }
 
 /// Building an upstream client failed.
@@ -74,13 +80,13 @@ pub enum UpstreamError {
 /// The client's request body on its way upstream, noting whether the client broke it (bad chunking, cut short),
 /// so that failure is answered as the client's 400 and not blamed on the app as a 502.
 pub struct Watched {
-    inner: Incoming,
+    inner: Body,
     failed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl http_body::Body for Watched {
     type Data = bytes::Bytes;
-    type Error = hyper::Error;
+    type Error = crate::BoxError;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
@@ -221,7 +227,7 @@ pub async fn forward(
     client: &Client,
     decision: Decision,
     session: Option<crate::session::Authenticated>,
-    mut req: Request<Incoming>,
+    mut req: Request<Body>,
 ) -> Result<Response<Body>, Reject> {
     let app = &gw.config().apps[decision.app];
     let path_and_query = match req.uri().query() {

@@ -597,10 +597,10 @@ async fn into_resp(r: hyper::Response<hyper::body::Incoming>, c: &mut Client) ->
     Resp { status: parts.status.as_u16(), headers: parts.headers, body, version: parts.version }
 }
 
-/// Signs alice in over TLS http/1.1 (the login page hands the connection to hyper), checks the session cookie is
+/// Signs alice in over TLS http/1.1 (on the relay: the gateway's handlers answer the portal), checks the session cookie is
 /// `Secure`, and warms the session with one proxied GET; returns the client holding the session.
 async fn tls_sign_in(gw: &Gateway, cert: &rcgen::Certificate) -> Client {
-    // Sign in and warm the session over TLS, on hyper's path (the login page hands the connection over).
+    // Sign in and warm the session over TLS.
     let mut c = gw.client(APP);
     let html = [("accept", "text/html")];
     let mut h1 = tls_h1(gw.addr, cert).await;
@@ -1262,15 +1262,17 @@ async fn after_a_logout_the_other_sessions_stay_cached_and_their_connections_on_
     // served from it without a store read, and nothing emptied the cache.
     assert_eq!(metric(maddr, "portcullis_session_cache_fills_total").await, fills, "a session was read again");
     assert_eq!(metric(maddr, "portcullis_session_cache_flushes_total").await, flushes, "the cache was emptied");
-    // The logged-out session: no session on the relay, so hyper refuses it.
+    // The logged-out session: not in the cache nor the store, so the gateway's handlers refuse it, on the relay.
     let before = counts(maddr).await;
+    let local = metric(maddr, "portcullis_relay_local_answers_total").await;
     let hits = up.hit_count();
     let mut raw = Raw::connect(gw.addr).await;
     raw.send(req("GET", "/ended", APP, &format!("{alice_cookie}Connection: close\r\n")).as_bytes()).await;
     let r = raw.response(false).await;
     assert_eq!(r.status, 401, "a logged-out session: {r:?}");
     assert_eq!(up.hit_count(), hits, "a logged-out session reached the app");
-    assert_moved(maddr, before, 0, 1, "a logged-out session is handed over, then refused").await;
+    assert_moved(maddr, before, 0, 0, "a logged-out session is refused on the relay").await;
+    assert_eq!(metric(maddr, "portcullis_relay_local_answers_total").await, local + 1, "refused by the handlers");
     gw.stop().await;
 }
 
@@ -1516,6 +1518,73 @@ async fn h2_requests_and_their_bodies_reach_the_app_byte_for_byte_over_the_relay
     );
     gw.stop().await;
     drop(env);
+}
+
+/// A browser's sign-in on one keep-alive connection never leaves the relay: the redirect to the login page, the
+/// page, the form post and the first proxied request after it are all served on the relay (the first three by the
+/// gateway's own handlers, the fourth forwarded), with no handover to hyper; a refusal (403) and a portal page
+/// later on the same connection keep it there too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sign_in_and_the_requests_after_it_stay_on_the_relays_connection() {
+    let up = start_upstream().await;
+    let cfg = format!("{}[[app.rule]]\npath = \"/closed\"\npolicy = \"deny\"\n\n", app(APP, &up.url(), "one_factor"));
+    let (_env, gw, maddr) = gateway(&cfg).await;
+    let before = counts(maddr).await;
+    let local = metric(maddr, "portcullis_relay_local_answers_total").await;
+    let mut raw = Raw::connect(gw.addr).await;
+    let html = "Accept: text/html\r\n";
+
+    raw.send(req("GET", "/private?x=1", APP, html).as_bytes()).await;
+    let r = raw.response(false).await;
+    assert_eq!(r.status, 302, "no session: to the login page: {r:?}");
+    let login = r.header("location").unwrap_or_default().to_string();
+    assert!(login.contains("/login"), "redirected to {login}");
+
+    raw.send(req("GET", &format!("{PREFIX}/login?rd=%2F"), APP, html).as_bytes()).await;
+    let r = raw.response(false).await;
+    assert_eq!(r.status, 200, "login page: {r:?}");
+    let csrf = extract_csrf(&r.text()).unwrap_or_else(|| panic!("no csrf field: {}", r.text()));
+    let cookie_of = |m: &Msg| -> String {
+        m.all("set-cookie")
+            .iter()
+            .map(|c| c.split(';').next().unwrap_or_default().to_string())
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let csrf_cookie = cookie_of(&r);
+    assert!(!csrf_cookie.is_empty(), "the login page set no cookie: {r:?}");
+
+    let form =
+        serde_urlencoded::to_string([("csrf", csrf.as_str()), ("rd", "/"), ("username", "alice"), ("password", PW)])
+            .unwrap();
+    let head = format!(
+        "{html}Cookie: {csrf_cookie}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n",
+        form.len()
+    );
+    let mut post = req("POST", &format!("{PREFIX}/login"), APP, &head).into_bytes();
+    post.extend_from_slice(form.as_bytes());
+    raw.send(&post).await;
+    let r = raw.response(false).await;
+    assert_eq!(r.status, 303, "sign-in: {r:?}");
+    let session = cookie_of(&r);
+    assert!(session.contains('='), "no session cookie: {r:?}");
+
+    raw.send(req("GET", "/after", APP, &format!("Cookie: {session}\r\nRemote-User: admin\r\n")).as_bytes()).await;
+    let r = raw.response(false).await;
+    assert_eq!((r.status, r.json()["path"].as_str()), (200, Some("/after")), "first request signed in: {r:?}");
+    assert_eq!(up.last_hit().header("remote-user"), Some(vec!["alice".to_string()]));
+
+    raw.send(req("GET", "/closed", APP, &format!("Cookie: {session}\r\n")).as_bytes()).await;
+    assert_eq!(raw.response(false).await.status, 403, "a deny rule");
+    raw.send(req("HEAD", &format!("{PREFIX}/login"), APP, html).as_bytes()).await;
+    let r = raw.response(true).await;
+    assert!(r.body.is_empty(), "a HEAD answer with a body: {r:?}");
+    raw.send(req("GET", "/again", APP, &format!("Cookie: {session}\r\n")).as_bytes()).await;
+    assert_eq!(raw.response(false).await.status, 200, "and back to the app");
+
+    assert_moved(maddr, before, 2, 0, "two forwarded requests, no handover").await;
+    assert_eq!(metric(maddr, "portcullis_relay_local_answers_total").await - local, 5, "five answered by the handlers");
+    gw.stop().await;
 }
 
 /// The relay's upstream pool holds at most `max_idle_connections` idle connections, whatever the load opened:

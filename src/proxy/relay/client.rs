@@ -41,8 +41,7 @@ impl Pool {
     /// GET or HEAD only (RFC 9110 §9.2.2); `upgrade` allows a 101 answer.
     pub async fn send<B>(self: &Arc<Self>, who: Affinity, req: Request<B>, upgrade: bool) -> Result<Sent, SendError>
     where
-        B: HttpBody<Data = Bytes>,
-        B::Error: Into<BoxError>,
+        B: HttpBody<Data = Bytes, Error = BoxError>,
     {
         let (parts, body) = req.into_parts();
         let mut body = std::pin::pin!(body);
@@ -153,8 +152,7 @@ async fn exchange<B>(
     upgrade: bool,
 ) -> Result<Head, SendError>
 where
-    B: HttpBody<Data = Bytes>,
-    B::Error: Into<BoxError>,
+    B: HttpBody<Data = Bytes, Error = BoxError>,
 {
     up.stream.write_all(out).await?;
     let sent = match framing {
@@ -183,12 +181,11 @@ where
 /// client's failure.
 async fn send_body<B>(stream: &mut UpStream, mut body: Pin<&mut B>, framing: RequestBody) -> Result<(), SendError>
 where
-    B: HttpBody<Data = Bytes>,
-    B::Error: Into<BoxError>,
+    B: HttpBody<Data = Bytes, Error = BoxError>,
 {
     let mut sent = 0u64;
     while let Some(frame) = body.as_mut().frame().await {
-        let frame = frame.map_err(|e| SendError::Body(e.into()))?;
+        let frame = frame.map_err(SendError::Body)?;
         // Request trailers are dropped: an HTTP/1.1 app has no way to ask for them, and they could carry
         // names the header rules would have removed.
         let Ok(data) = frame.into_data() else { continue };

@@ -1,6 +1,7 @@
-//! The HTTP/1.1 relay: the proxy's fast lane for the common request — a GET or HEAD without a body, or a POST,
-//! PUT, PATCH, DELETE or OPTIONS with no body or a `Content-Length` one, to an http or https app, from a
-//! signed-in session (or for a bypass path). It is parsed once with httparse, checked, rewritten into a reused
+//! The HTTP/1.1 relay: the proxy's fast lane for the common request — a GET or HEAD without a body, a WebSocket
+//! handshake (whose tunnel is then registered like hyper's, to close with its session), or a POST, PUT, PATCH,
+//! DELETE or OPTIONS with no body or a `Content-Length` one, to an http or https app, from a signed-in session (or
+//! for a bypass path). It is parsed once with httparse, checked, rewritten into a reused
 //! buffer and written to a pooled upstream connection (TCP, or TLS through the app's own trust roots); the answer
 //! is relayed back the same way, with its framing (RFC 9112 §6.3) followed to know where it ends. No
 //! `http::Request` or `Response`, no header map, no task per upstream connection.
@@ -9,9 +10,11 @@
 //! request, and the request stays on the relay. A body is streamed to the app as it comes, by its length:
 //! client-side body framing is where request smuggling lives, so the relay takes only the unambiguous form (one
 //! `Content-Length` of plain digits, no `Transfer-Encoding`) and leaves chunked bodies, `Expect` and anything odd
-//! to hyper's parser. Everything else — an upgrade, HTTP/1.0 or HTTP/2, a portal page, a request that needs a
-//! login, a denial — is handed to hyper together with the bytes read so far, and the connection stays with hyper
-//! from then on. Both paths apply the same header rules ([`crate::headers`]), the same policy decision and the
+//! to hyper's parser. A request the relay parsed in full but doesn't forward itself — a portal page, a request
+//! that needs a login, a denial, a session it can't find — is answered by the gateway's own handlers on the same
+//! connection (the `local` module), which stays on the relay. Everything else — another upgrade, HTTP/1.0 or
+//! HTTP/2, odd framing, a long body the relay wouldn't forward — is handed to hyper together with the bytes read
+//! so far, and the connection stays with hyper from then on. Both paths apply the same header rules ([`crate::headers`]), the same policy decision and the
 //! same session checks, and reach the app through the same pooled connections: what hyper's server parsed goes
 //! out through [`Pool::send`] (the `client` module), so there is one HTTP/1.1 client and one pool per app.
 
@@ -38,11 +41,13 @@ use crate::session::CacheAnswer;
 
 mod body;
 mod client;
+mod local;
 mod pool;
 mod wire;
 
 use body::*;
 pub use client::{AnswerBody, SendError, Sent};
+use local::*;
 use pool::*;
 pub use pool::{Pool, UpStream};
 pub use wire::Prefixed;
@@ -127,6 +132,8 @@ struct Forward {
 
 enum Planned {
     Forward(Forward),
+    /// The gateway's own handlers answer it on this connection ([`local`]).
+    Local(Box<Local>),
     Partial,
     Handover,
     /// The session cookie values sent are not cached (at this revocation revision): read the session from the
@@ -177,25 +184,43 @@ where
     // bump the reference count that every connection shares (a reload still takes effect at the next request).
     let mut current = arc_swap::Cache::new(current);
     loop {
-        let gw: &S = current.load();
-        timers.head.as_mut().reset((Instant::now() + gw.config().server.header_read_timeout.0).into());
+        let shared: &std::sync::Arc<S> = current.load();
+        let gw: &S = shared;
+        let mut deadline = Instant::now() + gw.config().server.header_read_timeout.0;
+        timers.head.as_mut().reset(deadline.into());
         // At most one store read per request: a session that is still not cached after it (none, or the
-        // revision moved again meanwhile) is hyper's to answer.
+        // revision moved again meanwhile) is the gateway's handlers' to answer.
         let mut looked_up = false;
         let forward = loop {
             if !c.input.is_empty() {
-                let planned = match plan(gw, &mut c) {
-                    Planned::Lookup(raws, revision) if !looked_up => {
+                let planned = match plan(gw, &mut c, looked_up) {
+                    Planned::Lookup(raws, revision) => {
                         looked_up = true;
-                        match gw.sessions().warm(&raws, revision).await {
-                            Ok(true) => continue,
-                            Ok(false) | Err(_) => Planned::Handover,
-                        }
+                        // Found or not, the request is planned again: with the session cached, or answered
+                        // by the handlers (which read the store themselves, and so see a store failure).
+                        let _ = gw.sessions().warm(&raws, revision).await;
+                        continue;
                     }
                     planned => planned,
                 };
                 match planned {
                     Planned::Forward(f) => break f,
+                    Planned::Local(l) => match answer_local(shared.clone(), &mut io, &mut c, *l, deadline).await {
+                        Ok(Next::Continue) if !stop.is_cancelled() => {
+                            deadline = Instant::now() + gw.config().server.header_read_timeout.0;
+                            timers.head.as_mut().reset(deadline.into());
+                            looked_up = false;
+                            continue;
+                        }
+                        Ok(_) => {
+                            let _ = io.shutdown().await;
+                            return Outcome::Closed;
+                        }
+                        Err(e) => {
+                            tracing::debug!(peer = %c.peer, error = %e, "relayed connection ended");
+                            return Outcome::Closed;
+                        }
+                    },
                     Planned::Partial if c.input.len() < MAX_REQUEST_HEAD => {}
                     Planned::Partial | Planned::Handover | Planned::Lookup(..) => {
                         gw.metrics().handovers.inc();
@@ -247,7 +272,7 @@ fn plain_target_byte(b: u8) -> bool {
 
 /// Parses a request head from `c.input` and, when the relay can take it, writes the upstream head into `c.out`.
 /// Nothing here has effects that matter if hyper then handles the request instead.
-fn plan(gw: &impl State, c: &mut Conn) -> Planned {
+fn plan(gw: &impl State, c: &mut Conn, looked_up: bool) -> Planned {
     let Conn { input, out, peer, peer_ip, .. } = c;
     // Uninitialised slots: zeroing them would cost more than parsing a short head.
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
@@ -288,16 +313,26 @@ fn plan(gw: &impl State, c: &mut Conn) -> Planned {
     let (Some(host), 1) = (scan.host.and_then(headers::text), scan.hosts) else {
         return Planned::Handover;
     };
+    // From here on, a request the relay doesn't forward is the handlers' to answer on this connection (an upgrade
+    // or a long body still goes to hyper).
+    let local = || {
+        let n = body.unwrap_or(0);
+        if websocket || n > MAX_LOCAL_BODY {
+            return Planned::Handover;
+        }
+        Local::of(method, target, hs, len, n, listed.has("close"))
+            .map_or(Planned::Handover, |l| Planned::Local(Box::new(l)))
+    };
     let (path, query) = target.split_once('?').map_or((target, None), |(p, q)| (p, Some(q)));
     if crate::policy::owns(gw.prefix(), path) {
-        return Planned::Handover;
+        return local();
     }
     let app_index = crate::policy::find_app(&gw.config().apps, Some(host));
     let Ok(decision) = crate::policy::decide_for(gw.config(), app_index, path) else {
-        return Planned::Handover;
+        return local();
     };
     if gw.upstreams().relay(decision.app).is_none() {
-        return Planned::Handover;
+        return local();
     }
     let app = &gw.config().apps[decision.app];
     // One pass over the cookies: the session's values for the cache, the app's for the upstream.
@@ -313,11 +348,11 @@ fn plan(gw: &impl State, c: &mut Conn) -> Planned {
         }
     });
     if found > sessions.len() {
-        return Planned::Handover;
+        return local();
     }
     let mut owner = None;
     let user = match decision.policy {
-        Policy::Deny => return Planned::Handover,
+        Policy::Deny => return local(),
         Policy::Bypass => None,
         needed => match gw.sessions().cached_of(sessions[..found].iter().copied()) {
             Ok(CacheAnswer::Hit(auth))
@@ -328,10 +363,11 @@ fn plan(gw: &impl State, c: &mut Conn) -> Planned {
                 }
                 Some(auth.user)
             }
+            Ok(CacheAnswer::Miss(_)) if looked_up => return local(),
             Ok(CacheAnswer::Miss(revision)) => {
                 return Planned::Lookup(sessions[..found].iter().map(|s| s.to_string()).collect(), revision);
             }
-            _ => return Planned::Handover,
+            _ => return local(),
         },
     };
     let client = gw.client(*peer, hs);
