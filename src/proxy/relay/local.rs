@@ -88,7 +88,7 @@ where
 }
 
 /// Writes `resp` to the client; `Ok(false)` when its body failed midway (the connection must close).
-async fn write_response<IO>(
+pub(super) async fn write_response<IO>(
     io: &mut IO,
     out: &mut Vec<u8>,
     resp: http::Response<crate::Body>,

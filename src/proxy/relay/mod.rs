@@ -26,7 +26,6 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -212,14 +211,7 @@ where
                             looked_up = false;
                             continue;
                         }
-                        Ok(_) => {
-                            let _ = io.shutdown().await;
-                            return Outcome::Closed;
-                        }
-                        Err(e) => {
-                            tracing::debug!(peer = %c.peer, error = %e, "relayed connection ended");
-                            return Outcome::Closed;
-                        }
+                        ended => return end(&mut io, c.peer, ended).await,
                     },
                     Planned::Partial if c.input.len() < MAX_REQUEST_HEAD => {}
                     Planned::Partial | Planned::Handover | Planned::Lookup(..) => {
@@ -252,16 +244,20 @@ where
                 let app = Prefixed { prefix: up.buf.freeze(), io: up.stream };
                 return Outcome::Tunnel(Tunnel { client, app, owner: forward.upgrade.flatten() });
             }
-            Ok(_) => {
-                let _ = io.shutdown().await;
-                return Outcome::Closed;
-            }
-            Err(e) => {
-                tracing::debug!(peer = %c.peer, error = %e, "relayed connection ended");
-                return Outcome::Closed;
-            }
+            ended => return end(&mut io, c.peer, ended).await,
         }
     }
+}
+
+/// Closes a client connection after an answer that ends it (`Ok`: a clean close) or a failure.
+async fn end<IO: AsyncWrite + Unpin>(io: &mut IO, peer: SocketAddr, ended: io::Result<Next>) -> Outcome<IO> {
+    match ended {
+        Ok(_) => {
+            let _ = io.shutdown().await;
+        }
+        Err(e) => tracing::debug!(%peer, error = %e, "relayed connection ended"),
+    }
+    Outcome::Closed
 }
 
 /// Bytes a request target may hold on the relay: RFC 3986 path and query characters (`pchar`, `/`, `?`). Anything
@@ -611,33 +607,9 @@ where
 {
     let resp = crate::respond::reject(gw.pages(), r);
     gw.app_metrics(f.app).request(resp.status().as_u16());
-    let (parts, body) = resp.into_parts();
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-    let out = &mut c.out;
-    out.clear();
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(parts.status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(parts.status.canonical_reason().unwrap_or_default().as_bytes());
-    out.extend_from_slice(b"\r\n");
-    for (name, value) in &parts.headers {
-        if name != http::header::CONTENT_LENGTH {
-            put_header(out, name.as_str().as_bytes(), value.as_bytes());
-        }
-    }
-    put_header(out, b"content-length", body.len().to_string().as_bytes());
-    put_date(out, Instant::now());
     // After a failure, what is left of a request body can't be told from the next request: close.
     let close = f.close || f.body > 0;
-    if close {
-        put_header(out, b"connection", b"close");
-    }
-    out.extend_from_slice(b"\r\n");
-    if !f.head {
-        out.extend_from_slice(&body);
-    }
-    client.write_all(out).await?;
-    client.flush().await?;
+    write_response(client, &mut c.out, resp, f.head, close).await?;
     Ok(if close { Next::Close } else { Next::Continue })
 }
 
