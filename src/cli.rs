@@ -182,6 +182,9 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::CheckConfig => {
             init_logging(&quiet);
             let config = Config::load(&cli.config)?;
+            for warning in config.warnings() {
+                eprintln!("warning: {warning}");
+            }
             println!(
                 "{}: OK ({} app{})",
                 cli.config.display(),
@@ -248,6 +251,9 @@ async fn serve(path: &Path) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("binding {}", config.server.listen))?;
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     tracing::info!(listen = %config.server.listen, "portcullis serving");
     crate::run(listener, config, crate::server::shutdown_signal()).await?;
     Ok(())

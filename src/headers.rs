@@ -398,6 +398,32 @@ pub fn set_identity(headers: &mut HeaderMap, config: &Config, user: &User) {
     }
 }
 
+/// The `Sec-WebSocket-Accept` an app must answer a WebSocket handshake with (RFC 6455 §4.2.2 item 5.4): the base64
+/// SHA-1 of the client's one `Sec-WebSocket-Key` and the protocol's GUID; `None` without exactly one key.
+pub fn websocket_accept<Q: Headers + ?Sized>(request: &Q) -> Option<String> {
+    use base64::Engine;
+    use sha1::Digest;
+    const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    let mut keys = request.values("sec-websocket-key");
+    let (Some(key), None) = (keys.next(), keys.next()) else { return None };
+    let mut sha = sha1::Sha1::new();
+    sha.update(key.trim_ascii());
+    sha.update(GUID);
+    Some(base64::engine::general_purpose::STANDARD.encode(sha.finalize()))
+}
+
+/// Whether an app's `101` answer completes the handshake whose expected accept value is `want`, checked as a client
+/// must (RFC 6455 §4.1): one `Sec-WebSocket-Accept`, equal to it. Anything else is an app that didn't take the
+/// upgrade (it may go on speaking HTTP), so no tunnel may open: what the client sent next would reach the app
+/// unfiltered.
+pub fn websocket_accepted<R: Headers + ?Sized>(want: Option<&str>, response: &R) -> bool {
+    let mut accepts = response.values("sec-websocket-accept");
+    match (want, accepts.next(), accepts.next()) {
+        (Some(want), Some(accept), None) => accept.trim_ascii() == want.as_bytes(),
+        _ => false,
+    }
+}
+
 /// The request's host: the URI authority (HTTP/2) or the Host header.
 pub fn request_host<B>(req: &http::Request<B>) -> Option<String> {
     host_of(req.uri(), req.headers())
@@ -419,6 +445,31 @@ mod tests {
         let mut req = httparse::Request::new(store);
         assert!(req.parse(raw).unwrap().is_complete());
         req.headers
+    }
+
+    #[test]
+    fn websocket_accept_follows_rfc_6455_and_nothing_else() {
+        // RFC 6455 §1.3's example.
+        let mut req = HeaderMap::new();
+        req.insert("sec-websocket-key", HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ=="));
+        let answer = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert("sec-websocket-accept", HeaderValue::from_static(v));
+            h
+        };
+        let want = websocket_accept(&req);
+        assert_eq!(want.as_deref(), Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="));
+        assert!(websocket_accepted(want.as_deref(), &answer("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")));
+        assert!(!websocket_accepted(want.as_deref(), &answer("s3pPLMBiTxaQ9kYGzzhZRbK+xOO=")));
+        assert!(!websocket_accepted(want.as_deref(), &HeaderMap::new()), "no accept");
+        assert_eq!(websocket_accept(&HeaderMap::new()), None, "no key");
+        assert!(!websocket_accepted(None, &answer("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")), "no key");
+        let mut two = answer("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        two.append("sec-websocket-accept", HeaderValue::from_static("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="));
+        assert!(!websocket_accepted(want.as_deref(), &two), "two accepts");
+        let mut keys = req.clone();
+        keys.append("sec-websocket-key", HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ=="));
+        assert_eq!(websocket_accept(&keys), None, "two keys");
     }
 
     #[test]

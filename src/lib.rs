@@ -173,7 +173,8 @@ const TUNNEL_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Closes every upgraded tunnel whose session ended ([`proxy::tunnels`]): on each move of the revocation revision
 /// (here, the CLI or another instance) every tunnel's session is read again; otherwise a tunnel's session is
-/// read when it reaches its idle or absolute limit.
+/// read right after the tunnel opens and when it reaches its idle or absolute limit. Tunnels the client used
+/// refresh their sessions first.
 async fn watch_tunnels(gw: Arc<arc_swap::ArcSwap<Gateway>>) {
     let mut tick = tokio::time::interval(TUNNEL_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -190,10 +191,15 @@ async fn watch_tunnels(gw: Arc<arc_swap::ArcSwap<Gateway>>) {
         let all = revision.is_none() || revision != seen;
         seen = revision;
         let now = gw.clock.now();
+        // Traffic through a tunnel is use of the app: it refreshes the session before any look at its limits.
+        for (session, at) in gw.tunnels.active(gw.sessions.touch_every()) {
+            gw.sessions.refresh(session, at).await;
+            gw.metrics.tunnel_refreshes.inc();
+        }
         for due in gw.tunnels.due(now, all) {
             match gw.sessions.recheck(due.session, now).await {
-                Some(next) => gw.tunnels.extend(due.tunnel, next),
-                None => gw.tunnels.end(due.tunnel),
+                Ok(next) => gw.tunnels.extend(due.tunnel, next),
+                Err(why) => gw.tunnels.end(due.tunnel, why),
             }
         }
     }

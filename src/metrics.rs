@@ -80,6 +80,8 @@ pub struct Metrics {
     pub cache_fills: Counter,
     /// Times a revocation the journal couldn't name emptied the whole session cache.
     pub cache_flushes: Counter,
+    /// Session refreshes made by the traffic of a WebSocket tunnel (use of the app without a plain request).
+    pub tunnel_refreshes: Counter,
 }
 
 impl Default for Metrics {
@@ -170,6 +172,12 @@ impl Metrics {
             "Times the whole session cache was emptied (a revocation the journal could not name)",
             cache_flushes.clone(),
         );
+        let tunnel_refreshes = Counter::default();
+        registry.register(
+            "tunnel_session_refreshes",
+            "Sessions kept alive by what their users sent through WebSocket tunnels",
+            tunnel_refreshes.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -183,6 +191,7 @@ impl Metrics {
             relay_local,
             cache_fills,
             cache_flushes,
+            tunnel_refreshes,
         }
     }
 

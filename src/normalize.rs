@@ -20,23 +20,41 @@ fn is_plain(raw: &str) -> bool {
     true
 }
 
-/// Lower-cases a Host value and drops the port and a trailing dot. `None` if it isn't a plausible host.
+/// Whether a Host value is a host (RFC 9112 §3.2, RFC 3986 §3.2.2-§3.2.3): a name of non-empty labels (letters,
+/// digits, `-`, `_`) with at most one trailing dot, or a bracketed IPv6 literal; then an optional `:` and a port
+/// of digits. A near-miss of a configured name (`admin.test..`, `.admin.test`, `admin .test`, `admin.test:abc`)
+/// must be refused (400), not matched to a `*` app.
+pub fn valid_host(raw: &str) -> bool {
+    let port_ok = |p: &str| p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit());
+    if let Some(rest) = raw.strip_prefix('[') {
+        let Some((literal, after)) = rest.split_once(']') else { return false };
+        return literal.parse::<std::net::Ipv6Addr>().is_ok()
+            && (after.is_empty() || after.strip_prefix(':').is_some_and(port_ok));
+    }
+    let (name, port) = raw.split_once(':').map_or((raw, None), |(n, p)| (n, Some(p)));
+    let name = name.strip_suffix('.').unwrap_or(name);
+    port.is_none_or(port_ok)
+        && !name.is_empty()
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
+        })
+}
+
+/// Lower-cases a Host value and drops the port and a trailing dot. `None` if it isn't a host ([`valid_host`]).
 pub fn normalize_host(raw: &str) -> Option<String> {
     let raw = raw.trim();
-    let name = if raw.starts_with('[') {
+    if !valid_host(raw) {
+        return None;
+    }
+    let name = match raw.strip_prefix('[') {
         // IPv6 literal: keep the brackets, drop a port after them.
-        let end = raw.find(']')?;
-        &raw[..=end]
-    } else {
-        match raw.rsplit_once(':') {
-            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
-            Some(_) => return None,
-            None => raw,
-        }
+        Some(rest) => &raw[..rest.find(']')? + 2],
+        None => raw.split_once(':').map_or(raw, |(h, _)| h),
     };
     let name = name.strip_suffix('.').unwrap_or(name);
-    let ok = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._[]:".contains(&b));
-    ok.then(|| name.to_ascii_lowercase())
+    Some(name.to_ascii_lowercase())
 }
 
 /// Characters kept literally when a path segment is re-encoded (RFC 3986 §3.3 pchar minus `%`).

@@ -77,8 +77,12 @@ pub fn decide_for(config: &Config, app: Option<usize>, raw_path: &str) -> Result
     Ok(Decision { app, policy, path })
 }
 
-/// Finds the app for a Host value: exact name first, then `*`.
+/// Finds the app for a Host value: exact name first, then `*`. A value that is not a host
+/// ([`crate::normalize::valid_host`]) has none: callers answer it 400 before asking.
 pub fn find_app(apps: &[App], host: Option<&str>) -> Option<usize> {
+    if host.is_some_and(|h| !crate::normalize::valid_host(h.trim())) {
+        return None;
+    }
     // Only `*` apps: the host can't change the answer, so it needn't be normalised (an allocation).
     if apps.iter().all(|a| a.host == HostPattern::Any) {
         return apps.iter().position(|a| a.host == HostPattern::Any);
@@ -249,5 +253,33 @@ policy = "two_factor"
         assert_eq!(normalize_host("[::1]:80"), Some("[::1]".into()));
         assert_eq!(normalize_host("bad host"), None);
         assert_eq!(normalize_host("a:b"), None);
+        assert_eq!(normalize_host("[::1]"), Some("[::1]".into()));
+        assert_eq!(normalize_host("127.0.0.1:8080"), Some("127.0.0.1".into()));
+    }
+
+    #[test]
+    fn only_hosts_are_hosts() {
+        use crate::normalize::valid_host;
+        for ok in ["admin.test", "admin.test.", "admin.test:8080", "admin.test:", "a_b.test", "127.0.0.1", "[::1]:443"]
+        {
+            assert!(valid_host(ok), "{ok}");
+        }
+        for bad in [
+            "admin.test..",
+            ".admin.test",
+            "admin .test",
+            "admin.test:abc",
+            "admin..test",
+            "admin.test:123456",
+            "",
+            ".",
+            "[::1",
+            "[nothost]",
+            "a:b:c",
+            "admin.test/x",
+            "user@admin.test",
+        ] {
+            assert!(!valid_host(bad), "{bad:?}");
+        }
     }
 }

@@ -23,6 +23,8 @@ pub enum Reject {
     AdminOnly,
     /// The form's CSRF token or origin is wrong.
     Csrf,
+    /// A form came without the gateway's cookie, which is `Secure` while the gateway is reached over plain HTTP.
+    CookiesNeedHttps,
     /// Authentication is needed and the client is not a browser.
     Unauthorized,
     /// Too many failed attempts; retry after this many seconds.
@@ -37,6 +39,8 @@ pub enum Reject {
     BadGateway,
     /// The upstream didn't answer in time.
     GatewayTimeout,
+    /// The client's request body paused longer than `body_timeout`.
+    RequestTimeout,
     /// Storage or another internal part failed; fail closed.
     Unavailable,
 }
@@ -68,6 +72,13 @@ impl Reject {
                 "Form expired",
                 "This form has expired or was sent from another site. Go back, reload the page and try again.",
             ),
+            CookiesNeedHttps => (
+                StatusCode::FORBIDDEN,
+                "Open this page over https",
+                "Your browser did not send this site's cookies: they are marked for https only, and this page was \
+                 opened over plain http. Open it with an https:// address, or ask your administrator to set up \
+                 https for this gateway.",
+            ),
             Unauthorized => (StatusCode::UNAUTHORIZED, "Sign-in required", "Sign in to use this application."),
             TooManyAttempts(_) => (
                 StatusCode::TOO_MANY_REQUESTS,
@@ -90,6 +101,11 @@ impl Reject {
                 StatusCode::GATEWAY_TIMEOUT,
                 "Application too slow",
                 "The application behind this gateway took too long to answer. Try again in a moment.",
+            ),
+            RequestTimeout => (
+                StatusCode::REQUEST_TIMEOUT,
+                "Upload too slow",
+                "The request stopped arriving before it was complete. Check your connection and try again.",
             ),
             Unavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,

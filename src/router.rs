@@ -32,12 +32,13 @@ pub async fn handle(gw: Arc<Gateway>, peer: SocketAddr, mut req: Request<Body>) 
     crate::headers::strip_identity_headers(&gw.config, req.headers_mut());
     let client = gw.client(peer, req.headers());
     let portal = crate::policy::owns(gw.prefix(), req.uri().path());
-    let app = if portal {
-        None
-    } else {
-        crate::policy::find_app(&gw.config.apps, crate::headers::request_host(&req).as_deref())
-    };
-    let result = if !portal {
+    let host = crate::headers::request_host(&req);
+    // RFC 9112 §3.2: a Host that is not a host is a 400, before any app or rule is chosen.
+    let bad_host = host.as_deref().is_some_and(|h| !crate::normalize::valid_host(h.trim()));
+    let app = if portal || bad_host { None } else { crate::policy::find_app(&gw.config.apps, host.as_deref()) };
+    let result = if bad_host {
+        Err(Reject::BadRequest("The Host header is not a valid host name."))
+    } else if !portal {
         protected(&gw, &client, app, req).await
     } else if let Some(sub) = admin_path(&req.uri().path()[gw.prefix().len()..]) {
         crate::admin::handle(&gw, &client, req, &sub).await
@@ -53,6 +54,32 @@ pub async fn handle(gw: Arc<Gateway>, peer: SocketAddr, mut req: Request<Body>) 
     };
     gw.app_metrics[slot].request(resp.status().as_u16());
     resp
+}
+
+/// A GET or HEAD that looks as if it carries a body ([`crate::headers::bodyless_method_with_body`]) is refused,
+/// except an HTTP/2 one whose stream ends without data: HEADERS without END_STREAM, then an empty DATA frame that
+/// ends the stream, is a bodyless request (RFC 9113 §8.1), and some clients send it. Such a stream is read to its
+/// end (within `limit`) before the request goes on, with no body.
+async fn bodyless(req: Request<Body>, limit: std::time::Duration) -> Result<Request<Body>, Reject> {
+    use http_body_util::BodyExt;
+    let refused = Reject::BadRequest("A GET or HEAD request can't carry a body.");
+    if req.version() != http::Version::HTTP_2 {
+        return Err(refused);
+    }
+    let (parts, mut body) = req.into_parts();
+    let ended_empty = tokio::time::timeout(limit, async {
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) if f.data_ref().is_none_or(|d| d.is_empty()) => {}
+                _ => return false,
+            }
+        }
+        true
+    });
+    match ended_empty.await {
+        Ok(true) => Ok(Request::from_parts(parts, crate::body::full(bytes::Bytes::new()))),
+        _ => Err(refused),
+    }
 }
 
 /// The part of a portal path after `/admin`, for the admin pages.
@@ -72,9 +99,11 @@ async fn protected(
         crate::policy::PolicyError::BadPath(why) => Reject::BadRequest(why),
     })?;
     let app = &gw.config.apps[decision.app];
-    if !app.allow_get_body && crate::headers::bodyless_method_with_body(&req) {
-        return Err(Reject::BadRequest("A GET or HEAD request can't carry a body."));
-    }
+    let req = if !app.allow_get_body && crate::headers::bodyless_method_with_body(&req) {
+        bodyless(req, gw.config.server.body_timeout.0).await?
+    } else {
+        req
+    };
     let identity = match decision.policy {
         Policy::Deny => return Err(Reject::Denied),
         Policy::Bypass => None,

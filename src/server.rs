@@ -4,13 +4,15 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -141,6 +143,7 @@ pub async fn serve(
             }
         }
         let _ = stream.set_nodelay(true);
+        let stream = SendTimeout::new(stream, current.load().config.server.send_timeout.0);
         // Each connection uses the TLS set-up current when it arrives; each request, the current config.
         let tls = current.load().tls_acceptor.clone();
         let current = current.clone();
@@ -178,6 +181,81 @@ pub async fn serve(
     let _ = tokio::time::timeout(grace, gw.tunnels.wait()).await;
 }
 
+/// A client connection whose writes may stall at most `limit` (`[server] send_timeout`, as nginx's): a client
+/// that stops reading would otherwise hold its connection, and the app's connection behind it, for as long as it
+/// stays connected. Past the limit the write fails, and whichever lane serves the connection closes both.
+struct SendTimeout<IO> {
+    io: IO,
+    limit: Duration,
+    /// The stall timer, kept for reuse; armed while a write waits.
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    armed: bool,
+}
+
+impl<IO> SendTimeout<IO> {
+    fn new(io: IO, limit: Duration) -> SendTimeout<IO> {
+        SendTimeout { io, limit, timer: None, armed: false }
+    }
+
+    /// Passes on a write's result; a write still waiting when the limit has passed since it began to wait fails.
+    fn watch<T>(&mut self, cx: &mut Context<'_>, polled: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        if polled.is_ready() {
+            self.armed = false;
+            return polled;
+        }
+        let deadline = tokio::time::Instant::now() + self.limit;
+        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !self.armed {
+            timer.as_mut().reset(deadline);
+            self.armed = true;
+        }
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the client stopped reading")))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for SendTimeout<IO> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for SendTimeout<IO> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.watch(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.watch(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_flush(cx);
+        this.watch(cx, polled)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
 /// Serves a connection on the relay first ([`relay::serve`]); hyper takes over when a request needs it.
 async fn relay_then_hyper<IO>(
     current: Arc<arc_swap::ArcSwap<Gateway>>,
@@ -195,8 +273,10 @@ async fn relay_then_hyper<IO>(
         // Boxed too: inline, the two states would make every connection's task as large as both.
         Outcome::Handover(io) => Box::pin(serve_hyper(current, io, peer, builder, shed)).await,
         // The tunnel lives while its session does, like one opened on hyper's path.
-        Outcome::Tunnel(relay::Tunnel { mut client, mut app, owner }) => {
-            current.load().tunnels.open(owner, async move {
+        Outcome::Tunnel(relay::Tunnel { client, mut app, owner }) => {
+            let gw = current.load();
+            gw.tunnels.open(owner, &gw.clock, move |traffic| async move {
+                let mut client = traffic.count(client);
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut app).await;
             });
         }

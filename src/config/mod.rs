@@ -119,6 +119,30 @@ impl Config {
     pub fn invitations_enabled(&self) -> bool {
         self.accounts.invitations && self.mail_ready()
     }
+
+    /// Whether every request reaches the gateway over plain HTTP while its cookies are `Secure`: no TLS of its
+    /// own, no trusted proxy to say a request came over https, and `[session] secure = true`. Browsers then drop
+    /// the gateway's cookies, and every form fails.
+    pub fn secure_cookies_over_plain_http(&self) -> bool {
+        self.session.secure == Secure::Always
+            && self.server.tls_cert.is_none()
+            && self.server.trusted_proxies.is_empty()
+    }
+
+    /// What `check-config` and `serve` warn about: settings that parse but can't work as written.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.secure_cookies_over_plain_http() {
+            warnings.push(
+                "[session] secure = true, but the gateway has no TLS ([server] tls_cert) and trusts no proxy \
+                 ([server] trusted_proxies): browsers keep Secure cookies only over https, so over plain HTTP every \
+                 sign-in form fails as \"expired\". Serve it over https (tls_cert/tls_key, or a TLS proxy listed \
+                 in trusted_proxies), or set secure = \"auto\"."
+                    .to_string(),
+            );
+        }
+        warnings
+    }
 }
 
 impl Config {
@@ -347,6 +371,55 @@ upstream = "http://127.0.0.1:9000"
         assert_eq!(c.apps[0].policy, Policy::TwoFactor);
         assert_eq!(c.session.idle_timeout.0, Duration::from_secs(3600));
         assert_eq!(c.server.portal_prefix.0, "/_portcullis");
+    }
+
+    /// The keys the parser accepts in `section` ("" for the sections themselves), read from the unknown-field error
+    /// (`expected one of ...`).
+    fn accepted_keys(section: &str) -> std::collections::BTreeSet<String> {
+        let app = "[[app]]\nhost = \"w.example\"\nupstream = \"http://127.0.0.1:9\"\n";
+        let probe = match section {
+            "" => format!("not_a_key_zz = 1\n{app}"),
+            "app" => format!("{app}not_a_key_zz = 1\n"),
+            "app.rule" => format!("{app}[[app.rule]]\npath = \"/x\"\npolicy = \"deny\"\nnot_a_key_zz = 1\n"),
+            s => format!("[{s}]\nnot_a_key_zz = 1\n\n{app}"),
+        };
+        let err = Config::parse(&probe, Path::new("p.toml")).unwrap_err().to_string();
+        let list = err.split_once("expected").unwrap_or_else(|| panic!("{section}: {err}")).1;
+        list.split('`').skip(1).step_by(2).map(str::to_string).collect()
+    }
+
+    /// The README calls config/portcullis.toml the reference: every key the parser accepts is in it (set or
+    /// commented out), and nothing else.
+    #[test]
+    fn the_reference_file_names_every_key_the_parser_accepts() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/portcullis.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        Config::parse(&text, &path).unwrap();
+        let mut documented: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> = Default::default();
+        let mut section = String::new();
+        for line in text.lines().map(str::trim) {
+            if let Some(name) = line.strip_prefix('[') {
+                section = name.trim_matches(|c| c == '[' || c == ']').to_string();
+                // `[[app.rule]]` documents the key `rule` of `[app]`.
+                let (parent, key) = section.rsplit_once('.').unwrap_or(("", &section));
+                documented.entry(parent.to_string()).or_default().insert(key.to_string());
+                continue;
+            }
+            let line = line.trim_start_matches('#').trim_start();
+            if let Some((key, _)) = line.split_once('=')
+                && !key.trim().is_empty()
+                && key.trim().bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+            {
+                documented.entry(section.clone()).or_default().insert(key.trim().to_string());
+            }
+        }
+        let mut sections: Vec<String> = accepted_keys("").into_iter().collect();
+        sections.push("app.rule".into());
+        for s in sections.iter().map(String::as_str).chain([""]) {
+            let want = accepted_keys(s);
+            let have = documented.get(s).cloned().unwrap_or_default();
+            assert_eq!(have, want, "keys of [{s}] in config/portcullis.toml (left) vs the parser (right)");
+        }
     }
 
     #[test]

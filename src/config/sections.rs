@@ -176,6 +176,12 @@ pub struct Server {
     pub trusted_proxies: Vec<IpNet>,
     /// How long a client may take to send the request head.
     pub header_read_timeout: Dur,
+    /// The longest pause in a request body on its way to the app (reading it from the client, or the app taking
+    /// it): a slow upload is bounded by this, not by the app's `upstream_timeout`, which starts once it is sent.
+    pub body_timeout: Dur,
+    /// The longest a write to a client may stall (nginx's `send_timeout`): a client that stops reading is then
+    /// disconnected, and the app's connection behind it closed.
+    pub send_timeout: Dur,
     /// How long in-flight requests may run after a shutdown signal.
     pub shutdown_grace: Dur,
     /// Most simultaneous password hashes (each takes ~19 MiB). Default: half the cores (1 to 4), so logins can't
@@ -195,6 +201,8 @@ impl Default for Server {
             portal_prefix: Prefix("/_portcullis".into()),
             trusted_proxies: Vec::new(),
             header_read_timeout: Dur(Duration::from_secs(10)),
+            body_timeout: Dur(Duration::from_secs(60)),
+            send_timeout: Dur(Duration::from_secs(60)),
             shutdown_grace: Dur(Duration::from_secs(30)),
             max_concurrent_hashes: None,
             max_connections: None,

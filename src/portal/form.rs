@@ -81,6 +81,13 @@ pub fn check_csrf(
         return Err(Reject::Csrf);
     }
     let Some(binding) = binding else {
+        if gw.config.secure_cookies_over_plain_http() {
+            tracing::warn!(
+                "a form arrived without the gateway's cookie: [session] secure = true over plain HTTP makes \
+                 browsers drop it (see check-config)"
+            );
+            return Err(Reject::CookiesNeedHttps);
+        }
         return Err(Reject::Csrf);
     };
     let expected = gw.keys.csrf_token(binding);

@@ -242,6 +242,7 @@ pub async fn forward(
     let host = request_host(&req);
     let websocket = req.version() == Version::HTTP_11 && is_websocket(req.headers());
     let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
+    let accept = if websocket { crate::headers::websocket_accept(req.headers()) } else { None };
 
     let (mut parts, body) = req.into_parts();
     let own = gw.own_cookies();
@@ -260,24 +261,25 @@ pub async fn forward(
     let Some(upstream) = gw.upstreams().relay(decision.app) else {
         return Err(Reject::BadGateway);
     };
-    let pending = upstream.send(who, upstream_req, websocket);
+    let limits = relay::Limits { answer: app.upstream_timeout.0, body: gw.config().server.body_timeout.0 };
     let started = std::time::Instant::now();
-    let outcome = tokio::time::timeout(app.upstream_timeout.0, pending).await;
+    let outcome = upstream.send(who, upstream_req, websocket, limits).await;
     gw.app_metrics(decision.app).upstream(started.elapsed());
     let sent = match outcome {
-        Err(_) => return Err(Reject::GatewayTimeout),
-        Ok(Err(_)) if failed.load(std::sync::atomic::Ordering::Relaxed) => {
+        Err(relay::SendError::Timeout) => return Err(Reject::GatewayTimeout),
+        Err(relay::SendError::BodyStalled) => return Err(Reject::RequestTimeout),
+        Err(_) if failed.load(std::sync::atomic::Ordering::Relaxed) => {
             return Err(Reject::BadRequest("The request body was malformed or cut short."));
         }
-        Ok(Err(relay::SendError::Body(e))) => {
+        Err(relay::SendError::Body(e)) => {
             tracing::debug!(error = %e, "the client's request body failed");
             return Err(Reject::BadRequest("The request body was malformed or cut short."));
         }
-        Ok(Err(e)) => {
+        Err(e) => {
             tracing::warn!(upstream = %app.upstream.authority, error = %e, "upstream request failed");
             return Err(Reject::BadGateway);
         }
-        Ok(Ok(r)) => r,
+        Ok(r) => r,
     };
 
     let (resp, framing) = match sent {
@@ -286,12 +288,16 @@ pub async fn forward(
             let Some(client_upgrade) = client_upgrade else {
                 return Err(Reject::BadGateway);
             };
+            if !crate::headers::websocket_accepted(accept.as_deref(), &parts.headers) {
+                tracing::warn!(upstream = %app.upstream.authority, "the app answered 101 without the handshake's Sec-WebSocket-Accept");
+                return Err(Reject::BadGateway);
+            }
             // The tunnel lives while its session does (bypass tunnels belong to nobody).
-            let owner = session.as_ref().map(|s| (s.id, gw.sessions().due(&s.record)));
-            gw.tunnels().open(owner, async move {
+            let owner = session.as_ref().map(|s| (s.id, s.user.username.as_str().into()));
+            gw.tunnels().open(owner, gw.sessions().clock(), move |traffic| async move {
                 match client_upgrade.await {
                     Ok(down) => {
-                        let mut down = TokioIo::new(down);
+                        let mut down = traffic.count(TokioIo::new(down));
                         let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
                     }
                     Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),

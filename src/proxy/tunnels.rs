@@ -2,21 +2,27 @@
 //!
 //! A tunnel outlives the request that opened it, so the per-request session check alone would let it run on after
 //! a logout, lock, deletion, 2FA reset or expiry. Every tunnel opened by a session is registered here with that
-//! session and the time its session will next need a look (its idle or absolute limit). A watcher
-//! ([`crate::watch_tunnels`]) re-reads a tunnel's session whenever the revocation revision moves (a revocation by
-//! this process, the CLI or another instance) and whenever that time comes, and closes the tunnel when the session
-//! is gone. Both ends are dropped: the client's connection and the app's.
+//! session, and a watcher ([`crate::watch_tunnels`]) re-reads a tunnel's session whenever the revocation revision
+//! moves (a revocation by this process, the CLI or another instance), whenever its session reaches its idle or
+//! absolute limit, and once right after it opens: the session was checked before the app answered the handshake,
+//! and a revocation in between would otherwise go unseen until the idle limit. A tunnel whose session is gone is
+//! closed at both ends: the client's connection and the app's.
 //!
-//! Tunnel traffic doesn't keep a session alive: like any other use of the app, the page's own requests do.
+//! What the client sends through a tunnel is use of the app, as a plain request is: it keeps the session alive
+//! (refreshed at most once per touch interval), so someone working all day in a dashboard isn't cut off.
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::clock::Clock;
 use crate::session::SessionId;
 
 /// The open tunnels.
@@ -33,10 +39,16 @@ pub struct Tunnels {
 /// One registered tunnel.
 struct Live {
     session: SessionId,
+    /// Whose session it is, for the log line that says why it closed.
+    user: Arc<str>,
     /// Ends the tunnel.
     stop: CancellationToken,
-    /// When its session must be looked at again even without a revocation (unix seconds).
+    /// When its session must be looked at again even without a revocation (unix seconds; 0: at once).
     due: u64,
+    /// When the client last sent something through it ([`Traffic`]; unix seconds).
+    active: Arc<AtomicU64>,
+    /// The time the tunnel last refreshed its session with.
+    touched: u64,
 }
 
 /// A tunnel the watcher should look at.
@@ -47,25 +59,81 @@ pub struct Due {
     pub session: SessionId,
 }
 
+/// Notes when the client last sent something through a tunnel: wrap the client's side of the copy in
+/// [`Traffic::count`].
+pub struct Traffic {
+    clock: Arc<dyn Clock>,
+    active: Arc<AtomicU64>,
+}
+
+impl Traffic {
+    /// The client's stream, watched.
+    pub fn count<IO>(self, io: IO) -> Counted<IO> {
+        Counted { io, clock: self.clock, active: self.active }
+    }
+}
+
+/// A stream whose reads note the time ([`Traffic`]).
+pub struct Counted<IO> {
+    io: IO,
+    clock: Arc<dyn Clock>,
+    active: Arc<AtomicU64>,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Counted<IO> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            let now = this.clock.now();
+            if this.active.load(Ordering::Relaxed) != now {
+                this.active.store(now, Ordering::Relaxed);
+            }
+        }
+        polled
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Counted<IO> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, data)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
 impl Tunnels {
-    /// Runs `tunnel` (the copy between client and app) until it ends or, when it belongs to `session`, until
-    /// the session ends. `due`: when the session reaches its idle or absolute limit (unix seconds).
-    pub fn open<F>(&self, session: Option<(SessionId, u64)>, tunnel: F)
-    where
+    /// Runs `tunnel` (the copy between client and app, which watches the client's side with the [`Traffic`] it is
+    /// given) until it ends or, when it belongs to `owner` (a session and its user's name), until the session ends.
+    /// A registered tunnel is due a look at once (see the module doc).
+    pub fn open<F>(
+        &self,
+        owner: Option<(SessionId, Arc<str>)>,
+        clock: &Arc<dyn Clock>,
+        tunnel: impl FnOnce(Traffic) -> F,
+    ) where
         F: Future<Output = ()> + Send + 'static,
     {
         let stop = CancellationToken::new();
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        if let Some((session, due)) = session {
-            let live = Live { session, stop: stop.clone(), due };
+        let now = clock.now();
+        let traffic = Traffic { clock: clock.clone(), active: Arc::new(AtomicU64::new(now)) };
+        let registered = owner.is_some();
+        if let Some((session, user)) = owner {
+            let live = Live { session, user, stop: stop.clone(), due: 0, active: traffic.active.clone(), touched: now };
             self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(id, live);
         }
-        let registered = session.is_some();
+        let tunnel = tunnel(traffic);
         let live = self.live.clone();
         self.tracker.spawn(async move {
             tokio::select! {
                 () = tunnel => {}
-                () = stop.cancelled() => tracing::info!("tunnel closed: its session ended"),
+                () = stop.cancelled() => {}
             }
             if registered {
                 live.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
@@ -95,9 +163,28 @@ impl Tunnels {
         }
     }
 
-    /// Closes a tunnel whose session ended.
-    pub fn end(&self, tunnel: u64) {
+    /// The sessions whose tunnels carried client traffic at least `every` seconds after they last refreshed
+    /// them: to be refreshed, with the time of that traffic.
+    pub fn active(&self, every: u64) -> Vec<(SessionId, u64)> {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let mut refresh: Vec<(SessionId, u64)> = Vec::new();
+        for l in live.values_mut() {
+            let active = l.active.load(Ordering::Relaxed);
+            if active >= l.touched.saturating_add(every) {
+                l.touched = active;
+                match refresh.iter_mut().find(|(s, _)| *s == l.session) {
+                    Some((_, at)) => *at = (*at).max(active),
+                    None => refresh.push((l.session, active)),
+                }
+            }
+        }
+        refresh
+    }
+
+    /// Closes a tunnel whose session ended, saying whose it was and `why`.
+    pub fn end(&self, tunnel: u64, why: &str) {
         if let Some(l) = self.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&tunnel) {
+            tracing::info!(user = %l.user.escape_debug(), reason = why, "tunnel closed: its session ended");
             l.stop.cancel();
         }
     }

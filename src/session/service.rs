@@ -238,6 +238,13 @@ impl Sessions {
         let now = self.clock.now();
         for raw in raws {
             if let Lookup::Hit(auth, touch_due) = self.cache.get(raw, revision, now, self.touch_every()) {
+                let (idle, max_lifetime) = self.limits(auth.record.level);
+                if auth.record.expired(now, idle, max_lifetime) && !auth.user.locked {
+                    // The cached last-seen knows only this process's requests; a tunnel's traffic or another
+                    // instance may have refreshed it since: the store decides.
+                    self.cache.remove(raw);
+                    return Ok(CacheAnswer::Miss(revision));
+                }
                 if !self.still_valid(&auth, now) {
                     self.cache.remove(raw);
                     return Ok(CacheAnswer::NoSession);
@@ -251,18 +258,34 @@ impl Sessions {
         Ok(CacheAnswer::Miss(revision))
     }
 
-    /// A tunnel's session, looked at again (see [`crate::proxy::tunnels`]): `Some(when to look next)` while it is
-    /// valid; `None` when it ended, expired, or can't be read (fail closed).
-    pub async fn recheck(&self, id: SessionId, now: u64) -> Option<u64> {
+    /// A tunnel's session, looked at again (see [`crate::proxy::tunnels`]): `Ok(when to look next)` while it is
+    /// valid; `Err(why not)` when it ended, expired, or can't be read (fail closed).
+    pub async fn recheck(&self, id: SessionId, now: u64) -> Result<u64, &'static str> {
         let (record, user) = match self.store.session_with_user(id.0).await {
-            Ok(found) => found?,
+            Ok(Some(found)) => found,
+            Ok(None) => return Err("revoked"),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot check a tunnel's session; closing the tunnel");
-                return None;
+                return Err("its session could not be read");
             }
         };
         let auth = Authenticated { id, record: Arc::new(record), user: Arc::new(user) };
-        self.still_valid(&auth, now).then(|| self.due(&auth.record))
+        let (_, max_lifetime) = self.limits(auth.record.level);
+        let why = if auth.user.locked {
+            "account locked"
+        } else if now >= auth.record.created.saturating_add(max_lifetime) {
+            "absolute limit"
+        } else {
+            "idle limit"
+        };
+        if self.still_valid(&auth, now) { Ok(self.due(&auth.record)) } else { Err(why) }
+    }
+
+    /// Refreshes a session's last-seen to `at` for use that isn't a request (a tunnel's traffic), now.
+    pub async fn refresh(&self, id: SessionId, at: u64) {
+        if let Err(e) = self.store.touch_session(id.0, at).await {
+            tracing::warn!(error = %e, "could not refresh session last-seen");
+        }
     }
 
     /// When a session reaches its idle or absolute limit, as its record stands (unix seconds).
@@ -290,8 +313,13 @@ impl Sessions {
         true
     }
 
+    /// The sessions' clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
     /// How often a session's last-seen is refreshed (from the idle limit).
-    fn touch_every(&self) -> u64 {
+    pub fn touch_every(&self) -> u64 {
         touch_interval(self.idle)
     }
 

@@ -85,10 +85,10 @@ async fn two_hundred_logins_and_fifty_failures_grow_memory_by_at_most_64_mib() {
 // Tunnels end with their session
 // =============================================================================================
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+pub(crate) type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
 
 /// Opens a WebSocket to the echo app with `c`'s cookies on `lane` and reads the greeting (the identity the app saw).
-async fn open_tunnel(gw: &Gateway, c: &Client, lane: Lane) -> Ws {
+pub(crate) async fn open_tunnel(gw: &Gateway, c: &Client, lane: Lane) -> Ws {
     let tcp = within("connect", TcpStream::connect(gw.addr)).await.unwrap();
     let mut req = format!("ws://{}/ws", c.host).into_client_request().unwrap();
     req.headers_mut().insert("cookie", c.cookie_header().parse().unwrap());
@@ -104,7 +104,7 @@ async fn open_tunnel(gw: &Gateway, c: &Client, lane: Lane) -> Ws {
 }
 
 /// Whether the tunnel still echoes.
-async fn echoes(ws: &mut Ws) -> bool {
+pub(crate) async fn echoes(ws: &mut Ws) -> bool {
     if within("ws send", ws.send(Message::text("ping"))).await.is_err() {
         return false;
     }
@@ -112,7 +112,7 @@ async fn echoes(ws: &mut Ws) -> bool {
 }
 
 /// Waits (at most 10 s) for the tunnel to be closed by the gateway; returns how long it took.
-async fn closed_within(ws: &mut Ws, what: &str) -> Duration {
+pub(crate) async fn closed_within(ws: &mut Ws, what: &str) -> Duration {
     let t = Instant::now();
     let deadline = Duration::from_secs(10);
     loop {

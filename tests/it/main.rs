@@ -19,6 +19,7 @@ mod promises;
 mod proxy;
 mod relay;
 mod reload;
+mod review;
 mod selftest;
 mod store;
 mod two_factor;

@@ -1440,9 +1440,10 @@ async fn https_apps_are_relayed_over_pooled_tls_connections_that_verify_the_app(
 
 /// HTTP/2 requests reach the app through the relay's pooled HTTP/1.1 client, the one every path uses: over h2 (TLS
 /// to the gateway, TLS to an https app) a 300 KiB binary POST with a length arrives byte for byte with one canonical
-/// `Content-Length`, a body streamed in pieces without a length arrives byte for byte chunked, a GET follows — and
-/// every one of them, with relayed http/1.1 requests of the same user between them, goes over the one upstream
-/// connection the session's first request opened (each answer returns it to the pool).
+/// `Content-Length`, a body streamed in pieces without a length arrives byte for byte chunked, a GET follows. Each
+/// goes over a pooled connection: a POST takes the one the session's first request opened, and since a connection
+/// that carried a body is never used again (SECURITY.md), the second POST and the GET open one each; a relayed
+/// http/1.1 GET of the same user then takes the GET's connection from the pool.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2_requests_and_their_bodies_reach_the_app_byte_for_byte_over_the_relays_pooled_connections() {
     let (up, pem, accepted) = start_tls_upstream().await;
@@ -1507,14 +1508,15 @@ async fn h2_requests_and_their_bodies_reach_the_app_byte_for_byte_over_the_relay
     assert_eq!((r.status, r.upstream_path()), (200, "/after/h2".to_string()), "GET over h2: {}", r.text());
     assert_moved(maddr, before, 0, 0, "h2 requests are hyper's to parse").await;
 
+    assert_eq!(accepted.load(Ordering::SeqCst), 3, "each POST's connection closed after its answer");
     // A relayed http/1.1 GET of the same user takes the same upstream connection.
     let mut h1 = tls_h1(gw.addr, &cert).await;
     let r = tls_send(&mut h1, &mut c, "GET", "/relayed", &[], None).await;
     assert_eq!(r.status, 200, "relayed GET: {}", r.text());
     assert_eq!(
         accepted.load(Ordering::SeqCst),
-        1,
-        "h2 and relayed requests of one user should share the one pooled upstream connection"
+        3,
+        "h2 and relayed GETs of one user should share the one pooled upstream connection"
     );
     gw.stop().await;
     drop(env);
@@ -1626,4 +1628,30 @@ async fn the_upstream_pool_keeps_no_more_idle_connections_than_its_limit() {
     assert_moved(maddr, before, 16, 0, "both bursts on the relay").await;
     gw.stop().await;
     drop(up);
+}
+
+/// An HTTP/2 GET sent as HEADERS without END_STREAM and then an empty DATA frame that ends the stream carries no
+/// body (RFC 9113 §8.1; some clients send it): it reaches the app as a plain GET, where it used to be a 400. A GET
+/// whose DATA carries bytes is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_get_ended_by_an_empty_data_frame_is_a_bodyless_get() {
+    let up = start_upstream().await;
+    let (env, gw, _maddr, cert) = tls_gateway(&app(APP, &up.url(), "bypass")).await;
+    let mut h2 = tls_h2(gw.addr, &cert).await;
+    let frames: Vec<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>> = Vec::new();
+    // No frames, and no word of it up front: hyper sends HEADERS, then DATA of length 0 with END_STREAM.
+    let empty = http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed();
+    let request = Request::get(format!("https://{APP}/h2-empty")).body(empty).unwrap();
+    let r = within("h2 GET", h2.send_request(request)).await.expect("h2 GET");
+    assert_eq!(r.status(), 200, "an h2 GET ended by an empty DATA frame");
+    let hit = up.last_hit();
+    assert_eq!(hit.path, "/h2-empty");
+    assert_eq!((hit.header("content-length"), hit.header("transfer-encoding")), (None, None), "{hit:?}");
+    let data = Full::new(Bytes::from_static(b"GET /admin HTTP/1.1\r\n\r\n")).boxed();
+    let request = Request::get(format!("https://{APP}/h2-data")).body(data).unwrap();
+    let r = within("h2 GET with data", h2.send_request(request)).await.expect("h2 GET with data");
+    assert_eq!(r.status(), 400, "an h2 GET with bytes in its DATA");
+    assert_eq!(up.hit_count(), 1, "the GET with data reached the app");
+    gw.stop().await;
+    drop(env);
 }

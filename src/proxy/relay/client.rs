@@ -28,9 +28,15 @@ pub enum SendError {
     /// The client's body failed (cut short, bad chunking): the client's fault, not the app's.
     #[error("the request body failed: {0}")]
     Body(BoxError),
+    /// The client's body paused longer than `body_timeout`.
+    #[error("the request body stalled")]
+    BodyStalled,
     /// The app or the connection to it failed, or its answer can't be framed.
     #[error(transparent)]
     Upstream(#[from] io::Error),
+    /// The app's answer head didn't come within `upstream_timeout` of the request's end.
+    #[error("the app did not answer in time")]
+    Timeout,
 }
 
 type BoxError = crate::BoxError;
@@ -38,8 +44,15 @@ type BoxError = crate::BoxError;
 impl Pool {
     /// Sends `req` (origin-form target, headers already rewritten for the app) on an idle connection of `who` or a
     /// new one, and reads the answer's head. A pooled connection the app had closed is replaced once, for a bodyless
-    /// GET or HEAD only (RFC 9110 §9.2.2); `upgrade` allows a 101 answer.
-    pub async fn send<B>(self: &Arc<Self>, who: Affinity, req: Request<B>, upgrade: bool) -> Result<Sent, SendError>
+    /// GET or HEAD only (RFC 9110 §9.2.2); `upgrade` allows a 101 answer. The body's pauses and the wait for the
+    /// answer are bounded by `limits`.
+    pub async fn send<B>(
+        self: &Arc<Self>,
+        who: Affinity,
+        req: Request<B>,
+        upgrade: bool,
+        limits: Limits,
+    ) -> Result<Sent, SendError>
     where
         B: HttpBody<Data = Bytes, Error = BoxError>,
     {
@@ -47,8 +60,8 @@ impl Pool {
         let mut body = std::pin::pin!(body);
         let head_request = parts.method == http::Method::HEAD;
         let mut out = Vec::with_capacity(512 + parts.headers.len() * 32);
-        let framing = request_head(&parts, body.is_end_stream(), body.size_hint().exact(), &mut out);
-        let retry = framing == RequestBody::None && matches!(parts.method, http::Method::GET | http::Method::HEAD);
+        let sending = request_head(&parts, body.is_end_stream(), body.size_hint().exact(), &mut out);
+        let retry = sending == RequestBody::None && matches!(parts.method, http::Method::GET | http::Method::HEAD);
         let mut pooled = self.checkout(&who, Instant::now());
         let (mut up, head) = loop {
             let reused = pooled.is_some();
@@ -57,7 +70,7 @@ impl Pool {
                 None => self.connect().await?,
             };
             up.buf.clear();
-            match exchange(&mut up, &out, body.as_mut(), framing, head_request, upgrade).await {
+            match exchange(&mut up, &out, body.as_mut(), sending, (head_request, upgrade), limits).await {
                 Ok(head) => break (up, head),
                 Err(SendError::Upstream(e))
                     if retry && reused && up.buf.is_empty() && e.kind() != io::ErrorKind::InvalidData =>
@@ -68,6 +81,8 @@ impl Pool {
             }
         };
         let Head { response, framing, reusable } = head;
+        // A connection that carried a body is never used again (as on the relay).
+        let reusable = reusable && sending == RequestBody::None;
         if response.status == http::StatusCode::SWITCHING_PROTOCOLS {
             let prefix = up.buf.split().freeze();
             return Ok(Sent::Upgraded(response, Prefixed { prefix, io: up.stream }));
@@ -141,50 +156,77 @@ pub(super) struct Head {
     pub(super) reusable: bool,
 }
 
-/// Writes the head in `out` and the body, then reads the answer's head. A body is written as it comes; when the
-/// app stops taking it (it answered early and closed), the answer it sent is still read.
+/// Writes the head in `out` and the body, then reads the answer's head (`kind`: a HEAD request, an upgrade). A
+/// body is written as it comes, each piece within `limits.body`; when the app stops taking it (it answered early
+/// and closed), the answer it sent is still read. The answer's head is awaited for `limits.answer` from then.
 async fn exchange<B>(
     up: &mut Upstream,
     out: &[u8],
     mut body: Pin<&mut B>,
     framing: RequestBody,
-    head_request: bool,
-    upgrade: bool,
+    (head_request, upgrade): (bool, bool),
+    limits: Limits,
 ) -> Result<Head, SendError>
 where
     B: HttpBody<Data = Bytes, Error = BoxError>,
 {
-    up.stream.write_all(out).await?;
-    let sent = match framing {
-        RequestBody::None => Ok(()),
-        _ => send_body(&mut up.stream, body.as_mut(), framing).await,
-    };
+    let mut sent = put(&mut up.stream, out, limits.body).await.map_err(SendError::from);
+    if sent.is_ok() && framing != RequestBody::None {
+        sent = send_body(&mut up.stream, body.as_mut(), framing, limits.body).await;
+    }
+    if sent.is_ok() {
+        sent = timed(limits.body, up.stream.flush_tls()).await.map_err(SendError::from);
+    }
     match sent {
-        Ok(()) => up.stream.flush_tls().await?,
+        Ok(()) => {}
         Err(SendError::Upstream(e)) => {
             // The app may have answered and closed before taking the whole body (a 413, say): its answer counts.
             tracing::debug!(error = %e, "the app stopped reading the request body");
-            return match read_head(up, head_request, upgrade).await {
-                Ok(mut head) => {
+            return match tokio::time::timeout(limits.answer, read_head(up, head_request, upgrade)).await {
+                Ok(Ok(mut head)) => {
                     head.reusable = false;
                     Ok(head)
                 }
-                Err(_) => Err(e.into()),
+                _ => Err(e.into()),
             };
         }
         Err(e) => return Err(e),
     }
-    Ok(read_head(up, head_request, upgrade).await?)
+    match tokio::time::timeout(limits.answer, read_head(up, head_request, upgrade)).await {
+        Ok(head) => Ok(head?),
+        Err(_) => Err(SendError::Timeout),
+    }
 }
 
-/// Streams the request body to the app in its framing; a body that doesn't match its stated length is the
-/// client's failure.
-async fn send_body<B>(stream: &mut UpStream, mut body: Pin<&mut B>, framing: RequestBody) -> Result<(), SendError>
+/// `io` within `limit`: past it, the app has stopped taking the request.
+async fn timed(limit: Duration, io: impl Future<Output = io::Result<()>>) -> io::Result<()> {
+    tokio::time::timeout(limit, io)
+        .await
+        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "the app stopped taking the request body")))
+}
+
+/// Writes `data` to the app within `limit`.
+async fn put(stream: &mut UpStream, data: &[u8], limit: Duration) -> io::Result<()> {
+    timed(limit, stream.write_all(data)).await
+}
+
+/// Streams the request body to the app in its framing, each piece within `limit`; a body that doesn't match its
+/// stated length, or pauses longer than `limit`, is the client's failure.
+async fn send_body<B>(
+    stream: &mut UpStream,
+    mut body: Pin<&mut B>,
+    framing: RequestBody,
+    limit: Duration,
+) -> Result<(), SendError>
 where
     B: HttpBody<Data = Bytes, Error = BoxError>,
 {
     let mut sent = 0u64;
-    while let Some(frame) = body.as_mut().frame().await {
+    loop {
+        let Ok(frame) = tokio::time::timeout(limit, body.as_mut().frame()).await else {
+            return Err(SendError::BodyStalled);
+        };
+        let Some(frame) = frame else { break };
         let frame = frame.map_err(SendError::Body)?;
         // Request trailers are dropped: an HTTP/1.1 app has no way to ask for them, and they could carry
         // names the header rules would have removed.
@@ -198,16 +240,16 @@ where
                 return Err(SendError::Body("the request body is longer than its length".into()));
             }
             RequestBody::Chunked => {
-                stream.write_all(format!("{:x}\r\n", data.len()).as_bytes()).await?;
-                stream.write_all(&data).await?;
-                stream.write_all(b"\r\n").await?;
+                put(stream, format!("{:x}\r\n", data.len()).as_bytes(), limit).await?;
+                put(stream, &data, limit).await?;
+                put(stream, b"\r\n", limit).await?;
             }
-            _ => stream.write_all(&data).await?,
+            _ => put(stream, &data, limit).await?,
         }
     }
     match framing {
         RequestBody::Length(n) if sent != n => Err(SendError::Body("the request body ended before its length".into())),
-        RequestBody::Chunked => Ok(stream.write_all(b"0\r\n\r\n").await?),
+        RequestBody::Chunked => Ok(put(stream, b"0\r\n\r\n", limit).await?),
         _ => Ok(()),
     }
 }

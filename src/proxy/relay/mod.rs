@@ -82,8 +82,8 @@ pub struct Tunnel<IO> {
     pub client: Prefixed<IO>,
     /// The app's side.
     pub app: Prefixed<UpStream>,
-    /// The session it belongs to and when that session must be looked at again (none: a bypass path).
-    pub owner: Option<(crate::session::SessionId, u64)>,
+    /// The session it belongs to and its user's name (none: a bypass path).
+    pub owner: Option<(crate::session::SessionId, std::sync::Arc<str>)>,
 }
 
 /// What the client connection does after an answer.
@@ -124,9 +124,10 @@ struct Forward {
     close: bool,
     /// Whose requests the upstream connection may carry afterwards.
     who: Affinity,
-    /// A WebSocket opening handshake: the session it belongs to and when it must be looked at again (`Some(None)`:
-    /// a bypass path).
-    upgrade: Option<Option<(crate::session::SessionId, u64)>>,
+    /// A WebSocket opening handshake: the session it belongs to and its user's name (`Some(None)`: a bypass path).
+    upgrade: Option<Option<(crate::session::SessionId, std::sync::Arc<str>)>>,
+    /// For a WebSocket handshake, the `Sec-WebSocket-Accept` the app's 101 must carry ([`headers::websocket_accept`]).
+    accept: Option<String>,
 }
 
 enum Planned {
@@ -320,7 +321,8 @@ fn plan(gw: &impl State, c: &mut Conn, looked_up: bool) -> Planned {
             .map_or(Planned::Handover, |l| Planned::Local(Box::new(l)))
     };
     let (path, query) = target.split_once('?').map_or((target, None), |(p, q)| (p, Some(q)));
-    if crate::policy::owns(gw.prefix(), path) {
+    // A Host that is not a host is the handlers' 400 (RFC 9112 §3.2), before any app or rule is chosen.
+    if crate::policy::owns(gw.prefix(), path) || !crate::normalize::valid_host(host) {
         return local();
     }
     let app_index = crate::policy::find_app(&gw.config().apps, Some(host));
@@ -355,7 +357,7 @@ fn plan(gw: &impl State, c: &mut Conn, looked_up: bool) -> Planned {
                 if admission(app, needed, auth.record.level, &auth.user.groups) == Admission::Pass =>
             {
                 if websocket {
-                    owner = Some((auth.id, gw.sessions().due(&auth.record)));
+                    owner = Some((auth.id, auth.user.username.as_str().into()));
                 }
                 Some(auth.user)
             }
@@ -408,7 +410,9 @@ fn plan(gw: &impl State, c: &mut Conn, looked_up: bool) -> Planned {
     let body = body.unwrap_or(0);
     let retry = idempotent && body == 0;
     let upgrade = websocket.then_some(owner);
-    Planned::Forward(Forward { app: decision.app, len, head, body, retry, close: listed.has("close"), who, upgrade })
+    let accept = if websocket { headers::websocket_accept(hs) } else { None };
+    let close = listed.has("close");
+    Planned::Forward(Forward { app: decision.app, len, head, body, retry, close, who, upgrade, accept })
 }
 
 /// The request headers that decide whether and how the relay takes a request, read in one pass.
@@ -488,21 +492,23 @@ where
         return answer(gw, client, c, f, &Reject::BadGateway).await;
     };
     let own = gw.own_cookies();
-    // Two clock reads serve the deadline, the pool's checkout, the latency metric and the Date (a third, the
+    // Two clock reads serve the deadlines, the pool's checkout, the latency metric and the Date (a third, the
     // checkin's, comes after the body).
     let started = Instant::now();
-    let exchanged = within(timer, started + app.upstream_timeout.0, exchange(pool, c, client, &own, f, started)).await;
+    let limits = Limits { answer: app.upstream_timeout.0, body: gw.config().server.body_timeout.0 };
+    let exchanged = exchange(pool, c, client, &own, f, started, timer, limits).await;
     let answered = Instant::now();
     gw.app_metrics(f.app).upstream(answered.saturating_duration_since(started));
-    let (mut up, head) = match exchanged {
-        Some(Ok(pair)) => pair,
+    let (mut up, head, whole) = match exchanged {
+        Ok(sent) => sent,
         // The client broke off its body: nobody is left to answer.
-        Some(Err(e)) if e.kind() == io::ErrorKind::ConnectionAborted => return Err(e),
-        Some(Err(e)) => {
+        Err(Failed::Client(e)) => return Err(e),
+        Err(Failed::ClientStalled) => return answer(gw, client, c, f, &Reject::RequestTimeout).await,
+        Err(Failed::App(e)) => {
             tracing::warn!(upstream = %pool.authority, error = %e, "upstream request failed");
             return answer(gw, client, c, f, &Reject::BadGateway).await;
         }
-        None => return answer(gw, client, c, f, &Reject::GatewayTimeout).await,
+        Err(Failed::Timeout) => return answer(gw, client, c, f, &Reject::GatewayTimeout).await,
     };
     gw.app_metrics(f.app).request(head.status);
     finish_head(&mut c.out, &head, answered);
@@ -517,14 +523,39 @@ where
         // The app broke off mid-body: the client sees the answer cut short, as with hyper.
         return Ok(Next::Close);
     }
-    if head.reusable && up.buf.is_empty() {
+    // A connection that carried a body is never used again: an app that didn't read it (or read it as another
+    // request) would answer the next request with what the body asked for (see SECURITY.md).
+    if head.reusable && up.buf.is_empty() && f.body == 0 {
         pool.checkin(f.who.clone(), up);
     }
-    Ok(if head.close { Next::Close } else { Next::Continue })
+    // What is left of a body the app answered before taking can't be told from the next request: close.
+    Ok(if head.close || !whole { Next::Close } else { Next::Continue })
+}
+
+/// How long the parts of an exchange with an app may take.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// `upstream_timeout`: from the moment the request is sent until the app's answer head is in.
+    pub answer: Duration,
+    /// `body_timeout`: the longest pause in a request body, reading it from the client or writing it to the app.
+    pub body: Duration,
+}
+
+/// Why an exchange with the app ended without an answer.
+enum Failed {
+    /// The client broke off its body.
+    Client(io::Error),
+    /// The client's body paused longer than `body_timeout`.
+    ClientStalled,
+    /// The app or the connection to it failed.
+    App(io::Error),
+    /// The app's answer head didn't come within `upstream_timeout`.
+    Timeout,
 }
 
 /// Writes the request in `c.out` (and its body, from the client) to the app and reads the answer's head, on a
-/// pooled connection when there is one.
+/// pooled connection when there is one. `true` with the head: the whole body was sent.
+#[allow(clippy::too_many_arguments)]
 async fn exchange<IO>(
     pool: &Pool,
     c: &mut Conn,
@@ -532,7 +563,9 @@ async fn exchange<IO>(
     own: &[&str],
     f: &Forward,
     now: Instant,
-) -> io::Result<(Upstream, ResponseHead)>
+    mut timer: Pin<&mut tokio::time::Sleep>,
+    limits: Limits,
+) -> Result<(Upstream, ResponseHead, bool), Failed>
 where
     IO: AsyncRead + Unpin,
 {
@@ -541,14 +574,14 @@ where
         let reused = pooled.is_some();
         let mut up = match pooled.take() {
             Some(s) => s,
-            None => pool.connect().await?,
+            None => pool.connect().await.map_err(Failed::App)?,
         };
         up.buf.clear();
-        match send(&mut up, c, client, own, f).await {
-            Ok(head) => return Ok((up, head)),
+        match send(&mut up, c, client, own, f, timer.as_mut(), limits).await {
+            Ok((head, whole)) => return Ok((up, head, whole)),
             // A pooled connection the app closed while it was idle fails before any answer: try once more on a
             // new one, for a request that may be sent twice (see `Forward::retry`). `c.out` still holds it.
-            Err(e) if f.retry && reused && up.buf.is_empty() && e.kind() != io::ErrorKind::InvalidData => {
+            Err(Failed::App(e)) if f.retry && reused && up.buf.is_empty() && e.kind() != io::ErrorKind::InvalidData => {
                 tracing::debug!(error = %e, "pooled upstream connection was closed; reconnecting");
             }
             Err(e) => return Err(e),
@@ -557,50 +590,80 @@ where
 }
 
 /// Sends the head in `c.out` with the body bytes already read, streams the rest of the body from the client as
-/// it comes, then reads the answer's head (written to `c.out` for the client).
+/// it comes (each piece within `limits.body`), then reads the answer's head (within `limits.answer` of the
+/// request's end; written to `c.out` for the client). When the app stops taking the body, the answer it may have
+/// sent before (a 413, say) is still read and passed on (`false`: the body wasn't sent whole).
 async fn send<IO>(
     up: &mut Upstream,
     c: &mut Conn,
     client: &mut IO,
     own: &[&str],
     f: &Forward,
-) -> io::Result<ResponseHead>
+    mut timer: Pin<&mut tokio::time::Sleep>,
+    limits: Limits,
+) -> Result<(ResponseHead, bool), Failed>
 where
     IO: AsyncRead + Unpin,
 {
-    let out = &mut c.out;
     let mut left = f.body;
     if left > 0 {
         let k = body_part(&c.input, left);
-        out.extend_from_slice(&c.input[..k]);
+        c.out.extend_from_slice(&c.input[..k]);
         c.input.advance(k);
         left -= k as u64;
     }
-    up.stream.write_all(out).await?;
-    up.stream.flush_tls().await?;
-    while left > 0 {
+    let mut sent = put(timer.as_mut(), limits.body, &mut up.stream, &c.out).await;
+    while sent.is_ok() && left > 0 {
         c.input.reserve(CHUNK);
-        if !matches!(client.read_buf(&mut c.input).await, Ok(n) if n > 0) {
-            return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "the client ended its body early"));
+        let deadline = Instant::now() + limits.body;
+        match within(timer.as_mut(), deadline, client.read_buf(&mut c.input)).await {
+            None => return Err(Failed::ClientStalled),
+            Some(Ok(n)) if n > 0 => {}
+            Some(_) => {
+                let e = io::Error::new(io::ErrorKind::ConnectionAborted, "the client ended its body early");
+                return Err(Failed::Client(e));
+            }
         }
         let k = body_part(&c.input, left);
-        up.stream.write_all(&c.input[..k]).await?;
-        up.stream.flush_tls().await?;
+        sent = put(timer.as_mut(), limits.body, &mut up.stream, &c.input[..k]).await;
         c.input.advance(k);
         left -= k as u64;
     }
-    loop {
-        up.buf.reserve(CHUNK);
-        if up.stream.read_buf(&mut up.buf).await? == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the app closed the connection before answering"));
+    let deadline = Instant::now() + limits.answer;
+    let head = within(timer, deadline, async {
+        loop {
+            if let Some(head) = response_head(&mut up.buf, &mut c.out, own, f)? {
+                return Ok(head);
+            }
+            up.buf.reserve(CHUNK);
+            if up.stream.read_buf(&mut up.buf).await? == 0 {
+                let why = "the app closed the connection before answering";
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, why));
+            }
         }
-        if let Some(head) = response_head(&mut up.buf, out, own, f)? {
-            return Ok(head);
-        }
+    });
+    match (sent, head.await) {
+        (Ok(()), Some(Ok(head))) => Ok((head, true)),
+        // The app may have answered and closed before taking the whole body: its answer counts.
+        (Err(_), Some(Ok(head))) => Ok((head, false)),
+        (Err(e), _) => Err(Failed::App(e)),
+        (Ok(()), Some(Err(e))) => Err(Failed::App(e)),
+        (Ok(()), None) => Err(Failed::Timeout),
     }
 }
 
-/// Writes one of our own pages (502, 504) to the client.
+/// Writes `w` to the app within `limit`: an app that takes no more of a body for that long has stopped reading it.
+async fn put(timer: Pin<&mut tokio::time::Sleep>, limit: Duration, stream: &mut UpStream, w: &[u8]) -> io::Result<()> {
+    let write = async {
+        stream.write_all(w).await?;
+        stream.flush_tls().await
+    };
+    within(timer, Instant::now() + limit, write)
+        .await
+        .unwrap_or_else(|| Err(io::Error::new(io::ErrorKind::TimedOut, "the app stopped taking the request body")))
+}
+
+/// Writes one of our own pages (408, 502, 504) to the client.
 async fn answer<IO>(gw: &impl State, client: &mut IO, c: &mut Conn, f: &Forward, r: &Reject) -> io::Result<Next>
 where
     IO: AsyncWrite + Unpin,
@@ -662,6 +725,7 @@ pub mod fuzzing {
             close: false,
             who: Affinity::Anonymous,
             upgrade: None,
+            accept: None,
         };
         let head = response_head(&mut buf, &mut out, own, &f).map_err(|e| e.to_string())?;
         Ok(head.map(|h| {

@@ -26,12 +26,20 @@ pub enum UpStream {
 
 impl UpStream {
     /// Whether an idle connection is still quiet: nothing to read and not closed. End of stream means the app
-    /// closed it; bytes mean it spoke unasked (a 408 before closing, say, or a TLS alert), and they must not be
-    /// taken as the next answer. Peeked at the TCP level, so a TLS stream's records stay where they are.
-    fn quiet(&self) -> bool {
+    /// closed it; bytes mean it spoke unasked (a 408 before closing, a second answer, a TLS alert), and they must
+    /// not be taken as the next answer. Peeked at the TCP level, so a TLS stream's records stay where they are;
+    /// over TLS, what rustls has already read (decrypted, or records not yet processed) counts too: an unasked
+    /// answer that came in the same read as the last one is there, not on the socket.
+    fn quiet(&mut self) -> bool {
         let tcp = match self {
             UpStream::Plain(s) => s,
-            UpStream::Tls(s) => s.get_ref().0,
+            UpStream::Tls(s) => {
+                let (tcp, tls) = s.get_mut();
+                match tls.process_new_packets() {
+                    Ok(state) if state.plaintext_bytes_to_read() == 0 && !state.peer_has_closed() => tcp,
+                    _ => return false,
+                }
+            }
         };
         let mut probe = [0u8; 1];
         futures_util::FutureExt::now_or_never(tcp.peek(&mut probe)).is_none()

@@ -51,6 +51,9 @@ pub(super) fn response_head(
             if f.upgrade.is_none() {
                 return Err(bad("101 Switching Protocols without an upgrade"));
             }
+            if !headers::websocket_accepted(f.accept.as_deref(), hs) {
+                return Err(bad("101 Switching Protocols without the handshake's Sec-WebSocket-Accept"));
+            }
             // The tunnel's head: the app's fields under the response rules, the upgrade named by us.
             let listed = headers::Listed::of(hs);
             out.clear();

@@ -1,0 +1,737 @@
+//! The second outside review of the relay paths (issue "Hardening, second round"): each test drives the real gateway
+//! against a scripted app that misbehaves the way the review's did, on every lane the finding applies to.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::hardening::{closed_within, echoes, open_tunnel};
+use crate::support::*;
+
+/// A one_factor app.
+const APP: &str = "app.test";
+/// A bypass app on a scripted upstream.
+const RAW: &str = "raw.test";
+/// RFC 6455 §1.3's example key and the accept value it calls for.
+const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+const WS_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
+// ---------------------------------------------------------------------------------------------
+// A scripted app
+// ---------------------------------------------------------------------------------------------
+
+/// Starts an app on 127.0.0.1:0 that runs `serve` for every connection it accepts (with the connection's index);
+/// returns its address.
+async fn scripted<F, Fut>(serve: F) -> SocketAddr
+where
+    F: Fn(TcpStream, usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut n = 0;
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(serve(s, n));
+            n += 1;
+        }
+    });
+    addr
+}
+
+fn find(h: &[u8], n: &[u8]) -> Option<usize> {
+    h.windows(n.len()).position(|w| w == n)
+}
+
+/// Reads one request head from `s` (with whatever came after it in `buf`); `None` at the end of the stream.
+async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    let mut tmp = [0u8; 16384];
+    loop {
+        if let Some(end) = find(buf, b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
+            buf.drain(..end + 4);
+            return Some(head);
+        }
+        match s.read(&mut tmp).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+        }
+    }
+}
+
+/// Appends everything `s` still sends to `into` until it closes.
+async fn drain_into(s: &mut TcpStream, mut buf: Vec<u8>, into: &Mutex<Vec<u8>>) {
+    let mut tmp = [0u8; 16384];
+    loop {
+        into.lock().unwrap().append(&mut buf);
+        match s.read(&mut tmp).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+        }
+    }
+}
+
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// A gateway with the metrics endpoint and `apps`, and the user alice.
+async fn gateway(apps: &str) -> (Env, Gateway, SocketAddr) {
+    let (maddr, metrics) = metrics_section();
+    let env = Env::password_only(&format!("{metrics}{apps}"));
+    env.add_user("alice", "alice@example.com", "Alice Liddell", &["staff"], PW).await;
+    let gw = env.start().await;
+    (env, gw, maddr)
+}
+
+/// A WebSocket opening handshake for `path` on `host`, steered to `lane`.
+fn ws_handshake(host: &str, path: &str, lane: Lane, extra: &str) -> String {
+    let steer: String = lane.headers().iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n{extra}{steer}\r\n"
+    )
+}
+
+/// Reads a response head from the gateway.
+async fn read_response_head(s: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    within("response head", read_head(s, &mut buf)).await.unwrap_or_default()
+}
+
+fn status(head: &str) -> u16 {
+    head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. A 101 is a tunnel only with the handshake's Sec-WebSocket-Accept
+// ---------------------------------------------------------------------------------------------
+
+/// An app that answers 101 without the accept value the client's key calls for (none, or a wrong one) and goes on
+/// speaking HTTP must not get a tunnel: what the client sent next (say, a request claiming `Remote-User: admin`)
+/// would reach it unfiltered. The right value still opens one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_101_without_the_handshakes_accept_key_opens_no_tunnel_on_either_lane() {
+    let after: Arc<Mutex<Vec<u8>>> = Arc::default();
+    let seen = after.clone();
+    let addr = scripted(move |mut s, _| {
+        let seen = seen.clone();
+        async move {
+            let mut buf = Vec::new();
+            let Some(head) = read_head(&mut s, &mut buf).await else { return };
+            let accept = match head.split_whitespace().nth(1).unwrap_or_default() {
+                "/none" => String::new(),
+                "/wrong" => "Sec-WebSocket-Accept: dGhlIHNhbXBsZSBub25jZQ==\r\n".to_string(),
+                "/two" => format!("Sec-WebSocket-Accept: {WS_ACCEPT}\r\nSec-WebSocket-Accept: {WS_ACCEPT}\r\n"),
+                _ => {
+                    let key = header(&head, "sec-websocket-key").unwrap_or_default();
+                    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+                    format!("Sec-WebSocket-Accept: {accept}\r\n")
+                }
+            };
+            let answer = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{accept}\r\n"
+            );
+            if s.write_all(answer.as_bytes()).await.is_err() {
+                return;
+            }
+            drain_into(&mut s, buf, &seen).await;
+        }
+    })
+    .await;
+    let (_env, gw, _maddr) = gateway(&app(RAW, &format!("http://{addr}"), "bypass")).await;
+    let smuggled = "GET /admin HTTP/1.1\r\nHost: raw.test\r\nRemote-User: admin\r\n\r\n";
+    for lane in Lane::BOTH {
+        for path in ["/none", "/wrong", "/two"] {
+            let mut s = within("connect", TcpStream::connect(gw.addr)).await.unwrap();
+            s.write_all(ws_handshake(RAW, path, lane, "").as_bytes()).await.unwrap();
+            let head = read_response_head(&mut s).await;
+            assert_eq!(status(&head), 502, "{path} on the {lane:?} lane: {head}");
+            // Whatever the client sends now is a request to the gateway, never bytes for the app.
+            let _ = s.write_all(smuggled.as_bytes()).await;
+            drop(s);
+        }
+        // The control: with the right accept value the tunnel opens, and carries bytes unparsed.
+        let mut s = within("connect", TcpStream::connect(gw.addr)).await.unwrap();
+        s.write_all(ws_handshake(RAW, "/right", lane, "").as_bytes()).await.unwrap();
+        let head = read_response_head(&mut s).await;
+        assert_eq!(status(&head), 101, "the right accept value on the {lane:?} lane: {head}");
+        assert_eq!(header(&head, "sec-websocket-accept"), Some(WS_ACCEPT), "{head}");
+        s.write_all(b"tunnel bytes").await.unwrap();
+        within("tunnel bytes at the app", async {
+            while find(&after.lock().unwrap(), b"tunnel bytes").is_none() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        // Nothing of what was sent after a refused 101 (earlier) reached the app.
+        let got = String::from_utf8_lossy(&std::mem::take(&mut *after.lock().unwrap())).into_owned();
+        assert!(!got.contains("Remote-User"), "on the {lane:?} lane, smuggled bytes reached the app: {got}");
+    }
+    gw.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. A tunnel opened while its session ends is closed
+// ---------------------------------------------------------------------------------------------
+
+/// The session is checked before the app answers the handshake, the tunnel registered after the 101: a logout in
+/// between must still close the tunnel (it used to stay open until the idle limit, an hour by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_whose_session_ends_during_the_handshake_is_closed_on_both_lanes() {
+    let got = Arc::new(tokio::sync::Notify::new());
+    let go = Arc::new(tokio::sync::Notify::new());
+    let (g, o) = (got.clone(), go.clone());
+    let addr = scripted(move |mut s, _| {
+        let (got, go) = (g.clone(), o.clone());
+        async move {
+            let mut buf = Vec::new();
+            let Some(head) = read_head(&mut s, &mut buf).await else { return };
+            got.notify_one();
+            go.notified().await;
+            let key = header(&head, "sec-websocket-key").unwrap_or_default();
+            let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+            let answer = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Accept: {accept}\r\n\r\n"
+            );
+            if s.write_all(answer.as_bytes()).await.is_err() {
+                return;
+            }
+            // Echo until the gateway closes the tunnel.
+            let mut tmp = [0u8; 4096];
+            while let Ok(n @ 1..) = s.read(&mut tmp).await {
+                if s.write_all(&tmp[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let (_env, gw, _maddr) = gateway(&app(APP, &format!("http://{addr}"), "one_factor")).await;
+    for lane in Lane::BOTH {
+        let mut c = gw.client(APP);
+        c.login_ok("alice", PW).await;
+        let cookie = format!("Cookie: {}\r\n", c.cookie_header());
+        let mut s = within("connect", TcpStream::connect(gw.addr)).await.unwrap();
+        s.write_all(ws_handshake(APP, "/ws", lane, &cookie).as_bytes()).await.unwrap();
+        within("the handshake at the app", got.notified()).await;
+        logout(&mut c).await;
+        go.notify_one();
+        let head = read_response_head(&mut s).await;
+        assert_eq!(status(&head), 101, "on the {lane:?} lane: {head}");
+        // The tunnel works until the watcher sees the session is gone; then both ends close.
+        let closed = within_for(Duration::from_secs(20), "the tunnel to close", async {
+            let mut tmp = [0u8; 64];
+            loop {
+                if s.write_all(b"ping").await.is_err() {
+                    return;
+                }
+                match s.read(&mut tmp).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        closed.await;
+    }
+    gw.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 10. Working in a WebSocket app is activity
+// ---------------------------------------------------------------------------------------------
+
+/// With `idle_timeout = "20s"`, a user who sends something through the app's WebSocket every 5 s for 30 s and
+/// makes no plain request stays signed in: the tunnels stay open and the next plain request is served. Once the
+/// tunnels go quiet past the idle limit, they close and the session is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn working_in_a_websocket_app_keeps_the_session_alive_on_both_lanes() {
+    let up = start_upstream().await;
+    let (maddr, metrics) = metrics_section();
+    let env = Env::password_only(&format!(
+        "[session]\nidle_timeout = \"20s\"\n\n{metrics}{}",
+        app(APP, &up.url(), "one_factor")
+    ));
+    env.add_user("alice", "alice@example.com", "Alice Liddell", &["staff"], PW).await;
+    let gw = env.start().await;
+    let mut c = gw.client(APP);
+    c.login_ok("alice", PW).await;
+    assert_eq!(c.get("/warm").await.status, 200);
+    let mut tunnels = Vec::new();
+    for lane in Lane::BOTH {
+        tunnels.push((lane, open_tunnel(&gw, &c, lane).await));
+    }
+    const REFRESHES: &str = "portcullis_tunnel_session_refreshes_total";
+    for round in 1..=6 {
+        let before = metric(maddr, REFRESHES).await;
+        gw.clock.advance(5);
+        for (lane, ws) in tunnels.iter_mut() {
+            assert!(echoes(ws).await, "round {round}: the tunnel on the {lane:?} lane was closed");
+        }
+        // The watcher saw the traffic and refreshed the session.
+        within("a refresh by the tunnels' traffic", async {
+            while metric(maddr, REFRESHES).await <= before {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    }
+    // 30 s after the last plain request, with a 20 s idle limit: still signed in.
+    let r = c.get("/after-work").await;
+    assert_eq!(r.status, 200, "the session ended though its tunnels were in use: {}", r.text());
+    for (lane, ws) in tunnels.iter_mut() {
+        assert!(echoes(ws).await, "the tunnel on the {lane:?} lane");
+    }
+    // Quiet past the idle limit: the tunnels close, and the session with them.
+    gw.clock.advance(25);
+    for (lane, ws) in tunnels.iter_mut() {
+        closed_within(ws, &format!("the quiet tunnel on the {lane:?} lane")).await;
+    }
+    let r = c.get("/after-quiet").await;
+    assert!(is_no_session(&r), "a session idle past its limit was served: {} {}", r.status, r.text());
+    gw.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers for request/answer scripts
+// ---------------------------------------------------------------------------------------------
+
+/// Sends `data` on a new connection to the gateway and reads one final answer (1xx skipped, Content-Length
+/// framing): its status and body.
+async fn exchange(addr: SocketAddr, data: &[u8]) -> (u16, String) {
+    within("an answer from the gateway", async {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(data).await.unwrap();
+        let mut buf = Vec::new();
+        loop {
+            let Some(head) = read_head_from(&mut s, &mut buf).await else { return (0, String::new()) };
+            let code = status(&head);
+            if (100..200).contains(&code) {
+                continue;
+            }
+            let n: usize = header(&head, "content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let mut tmp = [0u8; 16384];
+            while buf.len() < n {
+                match s.read(&mut tmp).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => buf.extend_from_slice(&tmp[..k]),
+                }
+            }
+            buf.truncate(n);
+            return (code, String::from_utf8_lossy(&buf).into_owned());
+        }
+    })
+    .await
+}
+
+/// [`read_head`] for any stream.
+async fn read_head_from<S: tokio::io::AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>) -> Option<String> {
+    let mut tmp = [0u8; 16384];
+    loop {
+        if let Some(end) = find(buf, b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
+            buf.drain(..end + 4);
+            return Some(head);
+        }
+        match s.read(&mut tmp).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+        }
+    }
+}
+
+/// `HTTP/1.1 200` with `text` as its body.
+fn page(text: &str) -> String {
+    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}", text.len())
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Bytes rustls already read make a pooled TLS connection unusable
+// ---------------------------------------------------------------------------------------------
+
+/// An https app that sends an unasked second answer in the same write as a 16 KiB one: the second answer is read
+/// into rustls with the first, where the TCP-level idle check can't see it. The next request on that pool must
+/// get its own answer, on both lanes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unasked_answer_rustls_already_read_is_never_the_next_requests_answer() {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::try_from(ck.signing_key.serialize_der()).unwrap();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![ck.cert.der().clone()], key)
+        .unwrap();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let addr = scripted(move |tcp, _| {
+        let acceptor = acceptor.clone();
+        async move {
+            let Ok(mut s) = acceptor.accept(tcp).await else { return };
+            let mut buf = Vec::new();
+            while let Some(head) = read_head_from(&mut s, &mut buf).await {
+                let path = head.split_whitespace().nth(1).unwrap_or_default().to_string();
+                let answer = if path == "/big" {
+                    format!("{}{}", page(&"a".repeat(16 * 1024)), page("forged"))
+                } else {
+                    page(&format!("page {path}"))
+                };
+                if s.write_all(answer.as_bytes()).await.is_err() || s.flush().await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let (env, gw, _maddr) = {
+        let port = addr.port();
+        let (maddr, metrics) = metrics_section();
+        let env = Env::password_only(&format!(
+            "{metrics}[[app]]\nhost = \"{RAW}\"\nupstream = \"https://localhost:{port}\"\n\
+             ca_file = \"{{DIR}}/app-ca.pem\"\npolicy = \"bypass\"\n\n"
+        ));
+        std::fs::write(env.path().join("app-ca.pem"), ck.cert.pem()).unwrap();
+        let gw = env.start().await;
+        (env, gw, maddr)
+    };
+    for lane in Lane::BOTH {
+        let steer: String = lane.headers().iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+        for round in 0..5 {
+            let big = format!("GET /big HTTP/1.1\r\nHost: {RAW}\r\n{steer}Connection: close\r\n\r\n");
+            let (code, body) = exchange(gw.addr, big.as_bytes()).await;
+            assert_eq!((code, body.len()), (200, 16 * 1024), "round {round} on the {lane:?} lane");
+            let next = format!("GET /next-{round} HTTP/1.1\r\nHost: {RAW}\r\n{steer}Connection: close\r\n\r\n");
+            let got = exchange(gw.addr, next.as_bytes()).await;
+            assert_eq!(got, (200, format!("page /next-{round}")), "round {round} on the {lane:?} lane");
+        }
+    }
+    gw.stop().await;
+    drop(env);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. A connection that carried a body serves nothing after it
+// ---------------------------------------------------------------------------------------------
+
+/// An app route (`/ignore`) that answers a POST before reading its body and keeps the connection: the body is
+/// parsed as the app's next request. The app running it can't be prevented, but nothing after it may be confused
+/// with it: a body ending in an unfinished `POST` with a length must not swallow the next client's request, and a
+/// finished smuggled request's answer must not reach anyone. Both lanes: a plain length (relay) and
+/// `Expect: 100-continue` (hyper's parser).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_the_app_does_not_read_never_becomes_another_clients_request() {
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let heads = seen.clone();
+    let addr = scripted(move |mut s, _| {
+        let heads = heads.clone();
+        async move {
+            let mut buf = Vec::new();
+            while let Some(head) = read_head(&mut s, &mut buf).await {
+                heads.lock().unwrap().push(head.clone());
+                let path = head.split_whitespace().nth(1).unwrap_or_default().to_string();
+                if path != "/ignore" {
+                    let n: usize = header(&head, "content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+                    let mut tmp = [0u8; 4096];
+                    while buf.len() < n {
+                        match s.read(&mut tmp).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => buf.extend_from_slice(&tmp[..k]),
+                        }
+                    }
+                    buf.drain(..n);
+                }
+                let user = header(&head, "remote-user").unwrap_or("-");
+                if s.write_all(page(&format!("answer for {path} as {user}")).as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let (_env, gw, maddr) = gateway(&app(RAW, &format!("http://{addr}"), "bypass")).await;
+    let smuggled = format!("GET /admin HTTP/1.1\r\nHost: {RAW}\r\nRemote-User: admin\r\n\r\n");
+    let unfinished = format!("POST /swallow HTTP/1.1\r\nHost: {RAW}\r\nContent-Length: 60\r\n\r\n");
+    for (lane, steer) in [(Lane::Relay, ""), (Lane::Hyper, "Expect: 100-continue\r\n")] {
+        for body in [&smuggled, &unfinished] {
+            let before = counts(maddr).await;
+            let post = format!(
+                "POST /ignore HTTP/1.1\r\nHost: {RAW}\r\nContent-Length: {}\r\n{steer}Connection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let got = exchange(gw.addr, post.as_bytes()).await;
+            assert_eq!(got, (200, "answer for /ignore as -".to_string()), "on the {lane:?} lane");
+            lane.assert_served(maddr, before, 1, "the POST").await;
+            for i in 0..3 {
+                let victim = format!(
+                    "GET /victim-{i} HTTP/1.1\r\nHost: {RAW}\r\nCookie: app_session=victims-cookie\r\nConnection: close\r\n\r\n"
+                );
+                let got = exchange(gw.addr, victim.as_bytes()).await;
+                assert_eq!(
+                    got,
+                    (200, format!("answer for /victim-{i} as -")),
+                    "another client's request after a body the app didn't read, on the {lane:?} lane"
+                );
+            }
+        }
+    }
+    // Every victim request reached the app as a request of its own.
+    let heads = seen.lock().unwrap().clone();
+    let victims = heads.iter().filter(|h| h.starts_with("GET /victim-")).count();
+    assert_eq!(victims, 12, "victim requests seen as requests by the app: {heads:#?}");
+    gw.stop().await;
+}
+
+/// The request-head lines that steer a request with a body to a lane: a plain length is the relay's; with
+/// `Expect: 100-continue`, hyper's parser takes it.
+const BODY_LANES: [(Lane, &str); 2] = [(Lane::Relay, ""), (Lane::Hyper, "Expect: 100-continue\r\n")];
+
+/// Sends `head` on a new connection, then the body in `pieces` (`gap` apart, then the connection stays open), while
+/// reading the gateway's final answer (1xx skipped): its status and body. Write errors are ignored: the gateway may
+/// answer and close before taking the whole body.
+async fn upload(addr: SocketAddr, head: String, pieces: Vec<Vec<u8>>, gap: Duration) -> (u16, String) {
+    let s = within("connect", TcpStream::connect(addr)).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let writer = tokio::spawn(async move {
+        if wr.write_all(head.as_bytes()).await.is_err() {
+            return wr;
+        }
+        for p in pieces {
+            tokio::time::sleep(gap).await;
+            if wr.write_all(&p).await.is_err() {
+                break;
+            }
+        }
+        wr
+    });
+    let got = within_for(Duration::from_secs(60), "an answer to the upload", async {
+        let mut buf = Vec::new();
+        loop {
+            let Some(head) = read_head_from(&mut rd, &mut buf).await else { return (0, String::new()) };
+            if (100..200).contains(&status(&head)) {
+                continue;
+            }
+            let n: usize = header(&head, "content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let mut tmp = [0u8; 4096];
+            while buf.len() < n {
+                match rd.read(&mut tmp).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => buf.extend_from_slice(&tmp[..k]),
+                }
+            }
+            buf.truncate(n);
+            return (status(&head), String::from_utf8_lossy(&buf).into_owned());
+        }
+    })
+    .await;
+    writer.abort();
+    got
+}
+
+/// An app that reads each request with its `Content-Length` body and answers `got N`; `/refuse` is answered with
+/// 413 and the connection closed before any of the body is read.
+async fn upload_app() -> SocketAddr {
+    scripted(|mut s, _| async move {
+        let mut buf = Vec::new();
+        while let Some(head) = read_head(&mut s, &mut buf).await {
+            if head.split_whitespace().nth(1) == Some("/refuse") {
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big!",
+                    )
+                    .await;
+                return;
+            }
+            let n: usize = header(&head, "content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let mut tmp = [0u8; 65536];
+            while buf.len() < n {
+                match s.read(&mut tmp).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(k) => buf.extend_from_slice(&tmp[..k]),
+                }
+            }
+            buf.drain(..n);
+            if s.write_all(page(&format!("got {n}")).as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. upstream_timeout starts once the request is sent; a slow upload has its own limit
+// ---------------------------------------------------------------------------------------------
+
+/// With `upstream_timeout = "2s"`, a 4 KB body sent a kilobyte every 800 ms reaches the app and its answer comes
+/// back, on both lanes; with `body_timeout = "1s"`, an upload that stops halfway is answered 408.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_is_bounded_by_the_body_timeout_not_the_upstream_timeout() {
+    let addr = upload_app().await;
+    let (_env, gw, _maddr) = gateway(&format!(
+        "[server]\nbody_timeout = \"1s\"\n\n[[app]]\nhost = \"{RAW}\"\nupstream = \"http://{addr}\"\npolicy = \"bypass\"\n\
+         upstream_timeout = \"2s\"\n\n"
+    ))
+    .await;
+    for (lane, steer) in BODY_LANES {
+        let head = format!("POST /slow HTTP/1.1\r\nHost: {RAW}\r\nContent-Length: 4096\r\n{steer}\r\n");
+        let pieces = vec![vec![b'x'; 1024]; 4];
+        let got = upload(gw.addr, head, pieces, Duration::from_millis(800)).await;
+        assert_eq!(got, (200, "got 4096".to_string()), "a slow upload on the {lane:?} lane");
+        let head = format!("POST /stalled HTTP/1.1\r\nHost: {RAW}\r\nContent-Length: 4096\r\n{steer}\r\n");
+        let (code, _) = upload(gw.addr, head, vec![vec![b'x'; 1024]], Duration::ZERO).await;
+        assert_eq!(code, 408, "an upload that stopped halfway on the {lane:?} lane");
+    }
+    gw.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. An answer that came before the body was taken is passed on
+// ---------------------------------------------------------------------------------------------
+
+/// An app that refuses an 8 MB upload with 413 and closes before reading it: the client gets the 413, not a 502,
+/// on both lanes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_413_from_the_app_reaches_the_client_on_both_lanes() {
+    let addr = upload_app().await;
+    let (_env, gw, _maddr) = gateway(&app(RAW, &format!("http://{addr}"), "bypass")).await;
+    for (lane, steer) in BODY_LANES {
+        let n = 8 * 1024 * 1024;
+        let head = format!("POST /refuse HTTP/1.1\r\nHost: {RAW}\r\nContent-Length: {n}\r\n{steer}\r\n");
+        let pieces = vec![vec![b'x'; 64 * 1024]; n / (64 * 1024)];
+        let got = upload(gw.addr, head, pieces, Duration::ZERO).await;
+        assert_eq!(got, (413, "too big!".to_string()), "on the {lane:?} lane");
+    }
+    gw.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. A Host that is not a host is refused before any app is chosen
+// ---------------------------------------------------------------------------------------------
+
+/// Near-misses of a configured name used to miss it and fall through to the `*` app, unauthenticated. Each is a
+/// 400 on both lanes (RFC 9112 §3.2), and neither app sees a request; the real name and the `*` app still work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_is_not_a_host_is_refused_before_any_app_on_both_lanes() {
+    let up = start_upstream().await;
+    let (_env, gw, maddr) =
+        gateway(&format!("{}{}", app("admin.test", &up.url(), "one_factor"), app("*", &up.url(), "bypass"))).await;
+    for lane in Lane::BOTH {
+        let steer: String = lane.headers().iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+        for host in ["admin.test..", ".admin.test", "admin .test", "admin.test:abc", "admin..test", "[::1", "a:b:c"] {
+            let r = raw_get(gw.addr, host, "/secret", &steer).await;
+            assert_eq!(r.status, 400, "Host {host:?} on the {lane:?} lane: {}", r.head);
+        }
+        let before = counts(maddr).await;
+        let r = raw_get(gw.addr, "admin.test.", "/secret", &steer).await;
+        assert_eq!(r.status, 401, "the configured name with its trailing dot needs a session: {}", r.head);
+        let r = raw_get(gw.addr, "other.test:8080", "/open", &steer).await;
+        assert_eq!(r.status, 200, "another name goes to the * app: {}", r.head);
+        if lane == Lane::Relay {
+            let delta = counts(maddr).await - before;
+            assert_eq!(delta.handovers, 0, "valid hosts stayed on the relay");
+        }
+    }
+    assert_eq!(up.hit_count(), 2, "only the two valid requests reached an app: {:?}", up.hits());
+    gw.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. A client that stops reading is disconnected after send_timeout
+// ---------------------------------------------------------------------------------------------
+
+/// Clients that GET a 64 MB bypassed file and read nothing used to hold the app's connection for as long as they
+/// stayed connected. With `send_timeout = "1s"`, once the gateway's writes to such a client stall for a second,
+/// the client's connection and the app's are closed, on both lanes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off_and_the_apps_connection_closed() {
+    let closed = Arc::new(tokio::sync::Semaphore::new(0));
+    let done = closed.clone();
+    let addr = scripted(move |mut s, _| {
+        let done = done.clone();
+        async move {
+            let mut buf = Vec::new();
+            if read_head(&mut s, &mut buf).await.is_none() {
+                return;
+            }
+            let n = 64 * 1024 * 1024;
+            let chunk = vec![b'z'; 256 * 1024];
+            let mut sent = 0;
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n");
+            let mut ok = s.write_all(head.as_bytes()).await.is_ok();
+            while ok && sent < n {
+                ok = s.write_all(&chunk).await.is_ok();
+                sent += chunk.len();
+            }
+            if !ok {
+                done.add_permits(1);
+            }
+        }
+    })
+    .await;
+    let (_env, gw, _maddr) =
+        gateway(&format!("[server]\nsend_timeout = \"1s\"\n\n{}", app(RAW, &format!("http://{addr}"), "bypass"))).await;
+    let mut clients = Vec::new();
+    for lane in Lane::BOTH {
+        let steer: String = lane.headers().iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+        let mut s = within("connect", TcpStream::connect(gw.addr)).await.unwrap();
+        s.write_all(format!("GET /big.iso HTTP/1.1\r\nHost: {RAW}\r\n{steer}\r\n").as_bytes()).await.unwrap();
+        // Read nothing.
+        clients.push(s);
+    }
+    let both = within_for(Duration::from_secs(60), "the app's connections to be closed", closed.acquire_many(2));
+    both.await.unwrap().forget();
+    drop(clients);
+    gw.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 11. Secure cookies over plain HTTP say so
+// ---------------------------------------------------------------------------------------------
+
+/// Following an example with `secure = true` on a host without TLS, the browser drops the gateway's Secure
+/// cookies and the password form used to answer only "This form has expired". `check-config` now warns, the page
+/// says what is wrong, and the log names the setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secure_cookies_over_plain_http_are_named_by_check_config_the_page_and_the_log() {
+    let up = start_upstream().await;
+    let env = Env::new(&format!(
+        "[server]\nlisten = \"{{LISTEN}}\"\n\n[session]\nsecure = true\n\n{}",
+        app(APP, &up.url(), "two_factor")
+    ));
+    env.add_user("alice", "alice@example.com", "Alice Liddell", &[], PW).await;
+    let out = env.cli(&["check-config"], None).await;
+    assert!(out.status.success(), "check-config: {}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("warning:") && stderr.contains("secure = true"), "check-config said: {stderr}");
+
+    let gw = env.spawn_child().await;
+    let mut c = gw.client(APP);
+    let csrf = c.login_csrf("/").await;
+    let set = c.jar.clone();
+    assert!(!set.is_empty(), "the login page set its cookie");
+    // What a browser does with a Secure cookie over http: it doesn't send it back.
+    c.jar.clear();
+    let r = c.post_login(&csrf, "alice", PW, "/").await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(r.text().contains("https"), "the page doesn't name the cause: {}", r.text());
+    assert!(!r.text().contains("expired"), "the page blames an expired form: {}", r.text());
+    let log = gw.log();
+    assert!(log.contains("secure = true"), "the log doesn't name the cause:\n{log}");
+
+    // With TLS or a trusted proxy configured, the config is fine and nothing is said.
+    let quiet = Env::new(&format!(
+        "[server]\ntrusted_proxies = [\"127.0.0.1/32\"]\n\n[session]\nsecure = true\n\n{}",
+        app(APP, &up.url(), "two_factor")
+    ));
+    let out = quiet.cli(&["check-config"], None).await;
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("warning:"), "{}", String::from_utf8_lossy(&out.stderr));
+    gw.stop().await;
+}
