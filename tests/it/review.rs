@@ -46,22 +46,6 @@ fn find(h: &[u8], n: &[u8]) -> Option<usize> {
     h.windows(n.len()).position(|w| w == n)
 }
 
-/// Reads one request head from `s` (with whatever came after it in `buf`); `None` at the end of the stream.
-async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
-    let mut tmp = [0u8; 16384];
-    loop {
-        if let Some(end) = find(buf, b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
-            buf.drain(..end + 4);
-            return Some(head);
-        }
-        match s.read(&mut tmp).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&tmp[..n]),
-        }
-    }
-}
-
 /// Appends everything `s` still sends to `into` until it closes.
 async fn drain_into(s: &mut TcpStream, mut buf: Vec<u8>, into: &Mutex<Vec<u8>>) {
     let mut tmp = [0u8; 16384];
@@ -303,36 +287,40 @@ async fn working_in_a_websocket_app_keeps_the_session_alive_on_both_lanes() {
 // Helpers for request/answer scripts
 // ---------------------------------------------------------------------------------------------
 
-/// Sends `data` on a new connection to the gateway and reads one final answer (1xx skipped, Content-Length
-/// framing): its status and body.
+/// Sends `data` on a new connection to the gateway and reads one final answer: its status and body.
 async fn exchange(addr: SocketAddr, data: &[u8]) -> (u16, String) {
     within("an answer from the gateway", async {
         let mut s = TcpStream::connect(addr).await.unwrap();
         s.write_all(data).await.unwrap();
-        let mut buf = Vec::new();
-        loop {
-            let Some(head) = read_head_from(&mut s, &mut buf).await else { return (0, String::new()) };
-            let code = status(&head);
-            if (100..200).contains(&code) {
-                continue;
-            }
-            let n: usize = header(&head, "content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
-            let mut tmp = [0u8; 16384];
-            while buf.len() < n {
-                match s.read(&mut tmp).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(k) => buf.extend_from_slice(&tmp[..k]),
-                }
-            }
-            buf.truncate(n);
-            return (code, String::from_utf8_lossy(&buf).into_owned());
-        }
+        read_answer(&mut s).await
     })
     .await
 }
 
-/// [`read_head`] for any stream.
-async fn read_head_from<S: tokio::io::AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>) -> Option<String> {
+/// Reads one final answer (1xx skipped, Content-Length framing): its status and body; status 0 when the
+/// connection ended first.
+async fn read_answer<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> (u16, String) {
+    let mut buf = Vec::new();
+    loop {
+        let Some(head) = read_head(s, &mut buf).await else { return (0, String::new()) };
+        if (100..200).contains(&status(&head)) {
+            continue;
+        }
+        let n: usize = header(&head, "content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let mut tmp = [0u8; 16384];
+        while buf.len() < n {
+            match s.read(&mut tmp).await {
+                Ok(0) | Err(_) => break,
+                Ok(k) => buf.extend_from_slice(&tmp[..k]),
+            }
+        }
+        buf.truncate(n);
+        return (status(&head), String::from_utf8_lossy(&buf).into_owned());
+    }
+}
+
+/// Reads one head from `s` (with whatever came after it in `buf`); `None` at the end of the stream.
+async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>) -> Option<String> {
     let mut tmp = [0u8; 16384];
     loop {
         if let Some(end) = find(buf, b"\r\n\r\n") {
@@ -361,22 +349,13 @@ fn page(text: &str) -> String {
 /// get its own answer, on both lanes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unasked_answer_rustls_already_read_is_never_the_next_requests_answer() {
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let key = rustls::pki_types::PrivateKeyDer::try_from(ck.signing_key.serialize_der()).unwrap();
-    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![ck.cert.der().clone()], key)
-        .unwrap();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let (acceptor, pem) = localhost_tls();
     let addr = scripted(move |tcp, _| {
         let acceptor = acceptor.clone();
         async move {
             let Ok(mut s) = acceptor.accept(tcp).await else { return };
             let mut buf = Vec::new();
-            while let Some(head) = read_head_from(&mut s, &mut buf).await {
+            while let Some(head) = read_head(&mut s, &mut buf).await {
                 let path = head.split_whitespace().nth(1).unwrap_or_default().to_string();
                 let answer = if path == "/big" {
                     format!("{}{}", page(&"a".repeat(16 * 1024)), page("forged"))
@@ -397,7 +376,7 @@ async fn an_unasked_answer_rustls_already_read_is_never_the_next_requests_answer
             "{metrics}[[app]]\nhost = \"{RAW}\"\nupstream = \"https://localhost:{port}\"\n\
              ca_file = \"{{DIR}}/app-ca.pem\"\npolicy = \"bypass\"\n\n"
         ));
-        std::fs::write(env.path().join("app-ca.pem"), ck.cert.pem()).unwrap();
+        std::fs::write(env.path().join("app-ca.pem"), &pem).unwrap();
         let gw = env.start().await;
         (env, gw, maddr)
     };
@@ -510,26 +489,7 @@ async fn upload(addr: SocketAddr, head: String, pieces: Vec<Vec<u8>>, gap: Durat
         }
         wr
     });
-    let got = within_for(Duration::from_secs(60), "an answer to the upload", async {
-        let mut buf = Vec::new();
-        loop {
-            let Some(head) = read_head_from(&mut rd, &mut buf).await else { return (0, String::new()) };
-            if (100..200).contains(&status(&head)) {
-                continue;
-            }
-            let n: usize = header(&head, "content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
-            let mut tmp = [0u8; 4096];
-            while buf.len() < n {
-                match rd.read(&mut tmp).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(k) => buf.extend_from_slice(&tmp[..k]),
-                }
-            }
-            buf.truncate(n);
-            return (status(&head), String::from_utf8_lossy(&buf).into_owned());
-        }
-    })
-    .await;
+    let got = within_for(Duration::from_secs(60), "an answer to the upload", read_answer(&mut rd)).await;
     writer.abort();
     got
 }

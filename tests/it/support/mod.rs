@@ -143,16 +143,7 @@ pub async fn start_upstream() -> Upstream {
 /// The echo upstream of [`start_upstream`] over TLS (http/1.1), with a self-signed certificate for `localhost`:
 /// the upstream, its certificate's PEM (for an app's `ca_file`), and a count of the TCP connections it accepted.
 pub async fn start_tls_upstream() -> (Upstream, String, Arc<std::sync::atomic::AtomicUsize>) {
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let key = rustls::pki_types::PrivateKeyDer::try_from(ck.signing_key.serialize_der()).unwrap();
-    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![ck.cert.der().clone()], key)
-        .unwrap();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let (acceptor, pem) = localhost_tls();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let hits: Arc<Mutex<Vec<Hit>>> = Arc::new(Mutex::new(Vec::new()));
@@ -175,7 +166,22 @@ pub async fn start_tls_upstream() -> (Upstream, String, Arc<std::sync::atomic::A
             });
         }
     });
-    (Upstream { addr, hits, task }, ck.cert.pem(), accepted)
+    (Upstream { addr, hits, task }, pem, accepted)
+}
+
+/// A TLS acceptor (http/1.1) with a fresh self-signed certificate for `localhost`, and that certificate's PEM (for
+/// an app's `ca_file`).
+pub fn localhost_tls() -> (tokio_rustls::TlsAcceptor, String) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::try_from(ck.signing_key.serialize_der()).unwrap();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![ck.cert.der().clone()], key)
+        .unwrap();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    (tokio_rustls::TlsAcceptor::from(Arc::new(cfg)), ck.cert.pem())
 }
 
 async fn upstream_handle(req: Request<Incoming>, hits: Arc<Mutex<Vec<Hit>>>) -> Result<Response<UpBody>, Infallible> {
