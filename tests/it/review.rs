@@ -166,7 +166,9 @@ async fn a_101_without_the_handshakes_accept_key_opens_no_tunnel_on_either_lane(
 // ---------------------------------------------------------------------------------------------
 
 /// The session is checked before the app answers the handshake, the tunnel registered after the 101: a logout in
-/// between must still close the tunnel (it used to stay open until the idle limit, an hour by default).
+/// between must still close the tunnel. It used to stay open until the idle limit (an hour by default) whenever
+/// another tunnel was open, since the watcher had then already taken in the logout's revocation when the new
+/// tunnel joined.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tunnel_whose_session_ends_during_the_handshake_is_closed_on_both_lanes() {
     let got = Arc::new(tokio::sync::Notify::new());
@@ -177,8 +179,11 @@ async fn a_tunnel_whose_session_ends_during_the_handshake_is_closed_on_both_lane
         async move {
             let mut buf = Vec::new();
             let Some(head) = read_head(&mut s, &mut buf).await else { return };
-            got.notify_one();
-            go.notified().await;
+            // `/held` answers only when the test says so; any other path at once.
+            if head.starts_with("GET /held ") {
+                got.notify_one();
+                go.notified().await;
+            }
             let key = header(&head, "sec-websocket-key").unwrap_or_default();
             let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
             let answer = format!(
@@ -198,15 +203,26 @@ async fn a_tunnel_whose_session_ends_during_the_handshake_is_closed_on_both_lane
         }
     })
     .await;
-    let (_env, gw, _maddr) = gateway(&app(APP, &format!("http://{addr}"), "one_factor")).await;
+    let (env, gw, _maddr) = gateway(&app(APP, &format!("http://{addr}"), "one_factor")).await;
+    env.add_user("bob", "bob@example.com", "Bob", &[], PW).await;
+    // Bob's tunnel stays open throughout, so the watcher is looking at tunnels when alice's session ends.
+    let mut bob = gw.client(APP);
+    bob.login_ok("bob", PW).await;
+    let mut bystander = within("connect", TcpStream::connect(gw.addr)).await.unwrap();
+    let cookie = format!("Cookie: {}\r\n", bob.cookie_header());
+    bystander.write_all(ws_handshake(APP, "/open", Lane::Relay, &cookie).as_bytes()).await.unwrap();
+    assert_eq!(status(&read_response_head(&mut bystander).await), 101, "bob's tunnel");
     for lane in Lane::BOTH {
         let mut c = gw.client(APP);
         c.login_ok("alice", PW).await;
         let cookie = format!("Cookie: {}\r\n", c.cookie_header());
         let mut s = within("connect", TcpStream::connect(gw.addr)).await.unwrap();
-        s.write_all(ws_handshake(APP, "/ws", lane, &cookie).as_bytes()).await.unwrap();
+        s.write_all(ws_handshake(APP, "/held", lane, &cookie).as_bytes()).await.unwrap();
         within("the handshake at the app", got.notified()).await;
         logout(&mut c).await;
+        // Not a synchronisation: this gives the watcher (every 250 ms) time to take in the logout before the tunnel
+        // joins, which is what the old race needed; the tunnel must close whether or not it did.
+        tokio::time::sleep(Duration::from_secs(1)).await;
         go.notify_one();
         let head = read_response_head(&mut s).await;
         assert_eq!(status(&head), 101, "on the {lane:?} lane: {head}");
@@ -225,6 +241,12 @@ async fn a_tunnel_whose_session_ends_during_the_handshake_is_closed_on_both_lane
         });
         closed.await;
     }
+    // Bob's tunnel is still open.
+    bystander.write_all(b"still here").await.unwrap();
+    let mut tmp = [0u8; 16];
+    let n = within("bob's echo", bystander.read(&mut tmp)).await.unwrap();
+    assert!(n > 0, "bob's tunnel was closed");
+    drop(bystander);
     gw.stop().await;
 }
 
@@ -335,6 +357,12 @@ async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>
     }
 }
 
+/// A 200 answer of exactly `total` bytes, head included.
+fn page_of_size(total: usize) -> String {
+    let answer = (total.saturating_sub(64)..total).map(|n| page(&"a".repeat(n))).find(|a| a.len() == total);
+    answer.unwrap_or_else(|| panic!("no answer of {total} bytes"))
+}
+
 /// `HTTP/1.1 200` with `text` as its body.
 fn page(text: &str) -> String {
     format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}", text.len())
@@ -344,9 +372,10 @@ fn page(text: &str) -> String {
 // 2. Bytes rustls already read make a pooled TLS connection unusable
 // ---------------------------------------------------------------------------------------------
 
-/// An https app that sends an unasked second answer in the same write as a 16 KiB one: the second answer is read
-/// into rustls with the first, where the TCP-level idle check can't see it. The next request on that pool must
-/// get its own answer, on both lanes.
+/// An https app that sends an unasked second answer in the same write as a 16 KiB one (head included: a TLS
+/// record's worth, so the first answer ends where a record does): the second answer is read into rustls with the
+/// first, where the TCP-level idle check can't see it. The next request on that pool must get its own answer, on
+/// both lanes (answers of 8 and 32 KiB too).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unasked_answer_rustls_already_read_is_never_the_next_requests_answer() {
     let (acceptor, pem) = localhost_tls();
@@ -357,8 +386,8 @@ async fn an_unasked_answer_rustls_already_read_is_never_the_next_requests_answer
             let mut buf = Vec::new();
             while let Some(head) = read_head(&mut s, &mut buf).await {
                 let path = head.split_whitespace().nth(1).unwrap_or_default().to_string();
-                let answer = if path == "/big" {
-                    format!("{}{}", page(&"a".repeat(16 * 1024)), page("forged"))
+                let answer = if let Some(total) = path.strip_prefix("/big/").and_then(|t| t.parse().ok()) {
+                    format!("{}{}", page_of_size(total), page("forged"))
                 } else {
                     page(&format!("page {path}"))
                 };
@@ -382,10 +411,11 @@ async fn an_unasked_answer_rustls_already_read_is_never_the_next_requests_answer
     };
     for lane in Lane::BOTH {
         let steer: String = lane.headers().iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
-        for round in 0..5 {
-            let big = format!("GET /big HTTP/1.1\r\nHost: {RAW}\r\n{steer}Connection: close\r\n\r\n");
+        for round in 0..6 {
+            let total = [16384, 8192, 32768][round % 3];
+            let big = format!("GET /big/{total} HTTP/1.1\r\nHost: {RAW}\r\n{steer}Connection: close\r\n\r\n");
             let (code, body) = exchange(gw.addr, big.as_bytes()).await;
-            assert_eq!((code, body.len()), (200, 16 * 1024), "round {round} on the {lane:?} lane");
+            assert_eq!((code, page(&body).len()), (200, total), "round {round} on the {lane:?} lane");
             let next = format!("GET /next-{round} HTTP/1.1\r\nHost: {RAW}\r\n{steer}Connection: close\r\n\r\n");
             let got = exchange(gw.addr, next.as_bytes()).await;
             assert_eq!(got, (200, format!("page /next-{round}")), "round {round} on the {lane:?} lane");
