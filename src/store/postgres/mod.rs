@@ -356,7 +356,10 @@ impl PgStore {
             return Ok(None);
         };
         let mut rec: SessionRecord = decode(row.get::<_, &[u8]>(0))?;
-        rec.last_seen = rec.last_seen.max(u(row.get(1)));
+        // A touch not yet flushed is part of this instance's view: without it, a session kept alive by use this
+        // instance saw (a tunnel's traffic) would read as idle until the next flush.
+        let pending = self.touches.lock().unwrap_or_else(|p| p.into_inner()).get(id).copied().unwrap_or(0);
+        rec.last_seen = rec.last_seen.max(u(row.get(1))).max(pending);
         Ok(Some((rec, decode(row.get::<_, &[u8]>(2))?)))
     }
 
