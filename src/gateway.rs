@@ -170,46 +170,6 @@ impl Gateway {
     }
 }
 
-impl crate::proxy::State for Gateway {
-    fn config(&self) -> &Config {
-        &self.config
-    }
-    fn own_cookies(&self) -> [&str; 2] {
-        Gateway::own_cookies(self)
-    }
-    fn prefix(&self) -> &str {
-        Gateway::prefix(self)
-    }
-    fn upstreams(&self) -> &Upstreams {
-        &self.upstreams
-    }
-    fn sessions(&self) -> &Sessions {
-        &self.sessions
-    }
-    fn tunnels(&self) -> &Arc<crate::proxy::tunnels::Tunnels> {
-        &self.tunnels
-    }
-    fn metrics(&self) -> &crate::metrics::Metrics {
-        &self.metrics
-    }
-    fn app_metrics(&self, slot: usize) -> &crate::metrics::LabelHandles {
-        &self.app_metrics[slot]
-    }
-    fn pages(&self) -> &Pages {
-        &self.pages
-    }
-    fn client<H: Headers + ?Sized>(&self, peer: SocketAddr, headers: &H) -> Client {
-        Gateway::client(self, peer, headers)
-    }
-    fn handle(
-        self: Arc<Self>,
-        peer: SocketAddr,
-        req: http::Request<crate::Body>,
-    ) -> impl Future<Output = http::Response<crate::Body>> + Send {
-        crate::router::handle(self, peer, req)
-    }
-}
-
 /// The parts of a gateway that outlive a config reload.
 struct Shared {
     store: Store,

@@ -33,8 +33,12 @@ pub async fn handle(gw: Arc<Gateway>, peer: SocketAddr, mut req: Request<Body>) 
     let client = gw.client(peer, req.headers());
     let portal = crate::policy::owns(gw.prefix(), req.uri().path());
     let host = crate::headers::request_host(&req);
-    // RFC 9112 §3.2: a Host that is not a host is a 400, before any app or rule is chosen.
-    let bad_host = host.as_deref().is_some_and(|h| !crate::normalize::valid_host(h.trim()));
+    // RFC 9112 §3.2: an HTTP/1.1 request without a Host, with several, or with one that is not a host is a 400,
+    // before any app or rule is chosen (HTTP/2 names its host in `:authority`).
+    let hosts = req.headers().get_all(http::header::HOST).iter().count();
+    let bad_host = hosts > 1
+        || (hosts == 0 && req.version() == http::Version::HTTP_11 && req.uri().authority().is_none())
+        || host.as_deref().is_some_and(|h| !crate::normalize::valid_host(h.trim()));
     let app = if portal || bad_host { None } else { crate::policy::find_app(&gw.config.apps, host.as_deref()) };
     let result = if bad_host {
         Err(Reject::BadRequest("The Host header is not a valid host name."))
@@ -134,4 +138,46 @@ fn send_to(gw: &Gateway, req: &Request<Body>, url: impl FnOnce(&str) -> String) 
     }
     let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
     redirect(StatusCode::FOUND, &url(target))
+}
+
+/// The proxy paths read the gateway through this; the relay answers what it doesn't forward itself with
+/// [`handle`], so the state needn't know the request flow.
+impl crate::proxy::State for Gateway {
+    fn config(&self) -> &crate::config::Config {
+        &self.config
+    }
+    fn own_cookies(&self) -> [&str; 2] {
+        Gateway::own_cookies(self)
+    }
+    fn prefix(&self) -> &str {
+        Gateway::prefix(self)
+    }
+    fn upstreams(&self) -> &crate::proxy::Upstreams {
+        &self.upstreams
+    }
+    fn sessions(&self) -> &crate::session::Sessions {
+        &self.sessions
+    }
+    fn tunnels(&self) -> &Arc<crate::proxy::tunnels::Tunnels> {
+        &self.tunnels
+    }
+    fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
+    }
+    fn app_metrics(&self, slot: usize) -> &crate::metrics::LabelHandles {
+        &self.app_metrics[slot]
+    }
+    fn pages(&self) -> &crate::pages::Pages {
+        &self.pages
+    }
+    fn client<H: crate::headers::Headers + ?Sized>(&self, peer: SocketAddr, headers: &H) -> Client {
+        Gateway::client(self, peer, headers)
+    }
+    fn handle(
+        self: Arc<Self>,
+        peer: SocketAddr,
+        req: http::Request<crate::Body>,
+    ) -> impl Future<Output = http::Response<crate::Body>> + Send {
+        handle(self, peer, req)
+    }
 }

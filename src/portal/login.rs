@@ -109,7 +109,7 @@ pub async fn submit(gw: &Gateway, client: &Client, req: Request<Body>) -> Result
         (Level::Password, rd)
     };
     // A new id at every level change (session fixation); the old session goes in the same transaction.
-    let old = gw.sessions.presented_id(&parts.headers);
+    let old = gw.sessions.authenticate(&parts.headers).await?.map(|a| a.id);
     let (_, cookie) = gw.sessions.start(&user.username, level, client.addr, old, client.https).await?;
     if level == Level::Password {
         let login = LastLogin { at: now, address: client.addr.to_string(), second_factor: None };
@@ -161,14 +161,12 @@ pub async fn show_logout(gw: &Gateway, req: &Request<Body>) -> Result<Response<B
 pub async fn logout(gw: &Gateway, client: &Client, req: Request<Body>) -> Result<Response<Body>, Reject> {
     let (parts, form) = form::read(req).await?;
     let login = format!("{}/login", gw.prefix());
-    let Some(id) = gw.sessions.presented_id(&parts.headers) else {
+    // The session the logout page was shown for: the first valid one, as everywhere (a stale cookie may come first).
+    let Some(auth) = gw.sessions.authenticate(&parts.headers).await? else {
         return Ok(redirect(StatusCode::SEE_OTHER, &login));
     };
-    check_csrf(gw, &parts, &form, Some(&id.0))?;
-    let who = gw.store.session_with_user(id.0).await?.map(|(rec, _)| rec.username);
-    gw.sessions.end(id).await?;
-    if let Some(user) = who {
-        gw.audit(AuditEvent::new(gw.clock.now(), EventKind::Logout, &user).from_addr(client.addr)).await;
-    }
+    check_csrf(gw, &parts, &form, Some(&auth.id.0))?;
+    gw.sessions.end(auth.id).await?;
+    gw.audit(AuditEvent::new(gw.clock.now(), EventKind::Logout, &auth.user.username).from_addr(client.addr)).await;
     Ok(with_cookie(redirect(StatusCode::SEE_OTHER, &login), Some(gw.sessions.clear_cookie(client.https))))
 }

@@ -35,6 +35,10 @@ pub enum CacheAnswer {
     Miss(u64),
 }
 
+/// The most session cookie values of one request that are looked at: the relay hands a request with more to the
+/// handlers, which look at this many.
+pub const MAX_SESSION_COOKIES: usize = 4;
+
 /// Sessions over the store, with the cookie keys, the cache and the clock.
 #[derive(Clone)]
 pub struct Sessions {
@@ -153,10 +157,14 @@ impl Sessions {
     /// The verified session of a request, if any. Expired or orphaned sessions count as none.
     /// Refreshes last-seen at most once per [`touch_interval`], off the request path.
     pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Option<Authenticated>, StoreError> {
-        match self.presented_id(headers) {
-            Some(id) => self.load(id).await,
-            None => Ok(None),
+        for raw in cookie::cookie_values(headers, &self.cookie_name).take(MAX_SESSION_COOKIES) {
+            if let Some(id) = cookie::verify_session_value(&self.keys, &self.cookie_name, raw)
+                && let Some(auth) = self.load(id).await?
+            {
+                return Ok(Some(auth));
+            }
         }
+        Ok(None)
     }
 
     /// Reads a verified session id's record and user from the store and checks them.
@@ -186,10 +194,25 @@ impl Sessions {
             CacheAnswer::NoSession => return Ok(None),
             CacheAnswer::Miss(revision) => revision,
         };
-        let Some((id, raw)) = cookie::session_id_raw(&self.keys, headers, &self.cookie_name) else {
-            return Ok(None);
-        };
-        self.load_into_cache(id, raw, revision).await
+        self.first_valid(cookie::cookie_values(headers, &self.cookie_name), revision).await
+    }
+
+    /// The session of the first of `raws` (session cookie values as sent, at most [`MAX_SESSION_COOKIES`]) that
+    /// verifies and is valid in the store, cached under that value at `revision`. Every value is tried, as a
+    /// browser may send a stale cookie (a logged-out session of a parent path or domain) before the live one.
+    async fn first_valid<'a>(
+        &self,
+        raws: impl Iterator<Item = &'a str>,
+        revision: u64,
+    ) -> Result<Option<Authenticated>, StoreError> {
+        for raw in raws.take(MAX_SESSION_COOKIES) {
+            if let Some(id) = cookie::verify_session_value(&self.keys, &self.cookie_name, raw)
+                && let Some(auth) = self.load_into_cache(id, raw, revision).await?
+            {
+                return Ok(Some(auth));
+            }
+        }
+        Ok(None)
     }
 
     /// Reads a session whose cookie value `raw` verified, and caches it under that value at `revision`.
@@ -211,15 +234,7 @@ impl Sessions {
     /// cookie values as sent) that verifies and caches it: the store read the hyper path would make, so the relay
     /// can answer the request itself instead of handing its connection away. True if a session was cached.
     pub async fn warm(&self, raws: &[String], revision: u64) -> Result<bool, StoreError> {
-        for raw in raws {
-            let Some(id) = cookie::verify_session_value(&self.keys, &self.cookie_name, raw) else {
-                continue;
-            };
-            if self.load_into_cache(id, raw, revision).await?.is_some() {
-                return Ok(true);
-            }
-        }
-        Ok(false)
+        Ok(self.first_valid(raws.iter().map(String::as_str), revision).await?.is_some())
     }
 
     /// The cache's part of [`Sessions::authenticate_cached`]: synchronous, so the relay can ask it in passing.

@@ -107,3 +107,77 @@ fn the_reference_reader_sees_every_form_of_crate_path() {
                 // crate::router in a comment\n#[cfg(test)]\nmod tests { use crate::cli; }";
     assert_eq!(references(code), ["config", "gateway", "store", "portal"]);
 }
+
+/// The top-level modules each file of `src/` names, by module (`lib.rs` left out: it only declares them).
+fn module_graph(src: &Path) -> BTreeMap<String, std::collections::BTreeSet<String>> {
+    let mut files = Vec::new();
+    rust_files(src, &mut files);
+    let modules: std::collections::BTreeSet<String> =
+        files.iter().map(|f| top_module(src, f)).filter(|m| m != "lib" && m != "main").collect();
+    let mut graph: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+    for f in &files {
+        let me = top_module(src, f);
+        if !modules.contains(&me) {
+            continue;
+        }
+        let refs = references(&std::fs::read_to_string(f).unwrap());
+        let entry = graph.entry(me.clone()).or_default();
+        entry.extend(refs.into_iter().filter(|r| *r != me && modules.contains(r)));
+    }
+    graph
+}
+
+/// A cycle in `graph`, if there is one (a depth-first search that meets a module still on its path).
+fn find_cycle(graph: &BTreeMap<String, std::collections::BTreeSet<String>>) -> Option<Vec<String>> {
+    fn visit(
+        m: &str,
+        graph: &BTreeMap<String, std::collections::BTreeSet<String>>,
+        path: &mut Vec<String>,
+        done: &mut std::collections::BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(at) = path.iter().position(|p| p == m) {
+            let mut cycle = path[at..].to_vec();
+            cycle.push(m.to_string());
+            return Some(cycle);
+        }
+        if done.contains(m) {
+            return None;
+        }
+        path.push(m.to_string());
+        for next in graph.get(m).into_iter().flatten() {
+            if let Some(c) = visit(next, graph, path, done) {
+                return Some(c);
+            }
+        }
+        path.pop();
+        done.insert(m.to_string());
+        None
+    }
+    let mut done = std::collections::BTreeSet::new();
+    graph.keys().find_map(|m| visit(m, graph, &mut Vec::new(), &mut done))
+}
+
+/// No two modules of `src/` reach each other, whatever their layer: the top layer (gateway, router, portal,
+/// admin, proxy, server, cli) included.
+#[test]
+fn no_import_cycle_in_src() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let graph = module_graph(&src);
+    assert!(graph.len() >= 25, "only {} modules found under {}", graph.len(), src.display());
+    assert_eq!(find_cycle(&graph), None, "an import cycle between top-level modules of src/");
+}
+
+#[test]
+fn the_cycle_finder_finds_cycles() {
+    let graph = |edges: &[(&str, &str)]| {
+        let mut g: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+        for (a, b) in edges {
+            g.entry(a.to_string()).or_default().insert(b.to_string());
+            g.entry(b.to_string()).or_default();
+        }
+        g
+    };
+    assert_eq!(find_cycle(&graph(&[("a", "b"), ("b", "c")])), None);
+    let cycle = find_cycle(&graph(&[("a", "b"), ("b", "c"), ("c", "a")])).unwrap();
+    assert_eq!((cycle.len(), cycle.first(), cycle.last()), (4, cycle.last(), cycle.first()), "{cycle:?}");
+}

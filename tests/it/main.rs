@@ -7,6 +7,7 @@ mod adversarial;
 mod auth;
 mod browser;
 mod cli;
+mod differential;
 mod faults;
 mod fuzz_corpus;
 mod hardening;

@@ -335,7 +335,7 @@ fn plan(gw: &impl State, c: &mut Conn, looked_up: bool) -> Planned {
     let app = &gw.config().apps[decision.app];
     // One pass over the cookies: the session's values for the cache, the app's for the upstream.
     let own = gw.own_cookies();
-    let mut sessions = [""; 4];
+    let mut sessions = [""; crate::session::MAX_SESSION_COOKIES];
     let mut found = 0;
     let foreign = headers::split_cookies(hs, &own, |name, value| {
         if name == own[0] {
