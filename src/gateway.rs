@@ -57,10 +57,10 @@ pub struct Gateway {
 
 impl Gateway {
     /// Builds a gateway: opens the store, loads keys, prepares TLS, templates and upstream clients.
-    pub async fn build(config: Config, clock: Arc<dyn Clock>) -> Result<Gateway, crate::Error> {
+    pub async fn build(config: Config, clock: Arc<dyn Clock>) -> Result<Gateway, Error> {
         let store = Store::from_config(&config.storage)
             .await
-            .map_err(|source| crate::Error::Store { path: config.storage.display_name(), source })?;
+            .map_err(|source| Error::Store { path: config.storage.display_name(), source })?;
         store.listen_for_wakeups(&config.storage);
         let keys = Keys::load_or_create(&config.storage.secret_key_file)?;
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -73,7 +73,7 @@ impl Gateway {
 
     /// A gateway for a reloaded config, sharing this one's store, keys, clock, hasher, tunnels and metrics.
     /// Storage settings can't change without a restart; they are kept.
-    pub fn reload(&self, mut config: Config) -> Result<Gateway, crate::Error> {
+    pub fn reload(&self, mut config: Config) -> Result<Gateway, Error> {
         if config.storage.path != self.config.storage.path
             || config.storage.secret_key_file != self.config.storage.secret_key_file
         {
@@ -92,7 +92,7 @@ impl Gateway {
         Gateway::assemble(config, shared)
     }
 
-    fn assemble(config: Config, shared: Shared) -> Result<Gateway, crate::Error> {
+    fn assemble(config: Config, shared: Shared) -> Result<Gateway, Error> {
         let tls_acceptor = match (&config.server.tls_cert, &config.server.tls_key) {
             (Some(cert), Some(key)) => Some(crate::tls::tls_acceptor(cert, key)?),
             _ => None,
@@ -107,7 +107,7 @@ impl Gateway {
             .collect();
         app_metrics.push(shared.metrics.handles("portal"));
         app_metrics.push(shared.metrics.handles("unknown"));
-        let mailer = crate::mail::Mailer::start(&config.mail).map_err(crate::Error::Mail)?;
+        let mailer = crate::mail::Mailer::start(&config.mail).map_err(Error::Mail)?;
         let notifier =
             Notifier::new(shared.store.clone(), Outbox::Queue(mailer), &config.portal.title, config.mail_ready());
         let accounts = Accounts::new(
@@ -168,6 +168,42 @@ impl Gateway {
     pub fn client<H: Headers + ?Sized>(&self, peer: SocketAddr, headers: &H) -> Client {
         Client::of(&self.config.server.trusted_proxies, self.tls, peer, headers)
     }
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Storage can't be opened.
+    #[error("storage {path}: {source}")]
+    Store {
+        /// The redb file.
+        path: String,
+        /// Why.
+        source: crate::store::StoreError,
+    },
+    /// The secret key can't be loaded.
+    #[error(transparent)]
+    Key(#[from] crate::keys::KeyError),
+    /// TLS can't be set up.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// An upstream client can't be built.
+    #[error(transparent)]
+    Upstream(#[from] crate::proxy::UpstreamError),
+    /// Password hashing doesn't work.
+    #[error(transparent)]
+    Password(#[from] crate::credentials::password::PasswordError),
+    /// Mail can't be set up.
+    #[error("mail: {0}")]
+    Mail(crate::mail::MailError),
+    /// A listener can't be bound.
+    #[error("binding {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// The parts of a gateway that outlive a config reload.

@@ -16,6 +16,7 @@ use crate::portal::login::anonymous_binding;
 use crate::portal::{query_param, with_cookie};
 use crate::respond::Reject;
 use crate::session::{self};
+use crate::signin;
 use crate::store::{Level, TokenKind, TokenRecord, TokenUse, User};
 
 /// A valid invitation's record, or None.
@@ -113,9 +114,13 @@ pub async fn accept(gw: &Gateway, client: &Client, req: Request<Body>) -> Result
     }
     let event = AuditEvent::new(now, EventKind::InvitationAccepted, &username).from_addr(client.addr);
     gw.audit(event.by(&rec.issued_by)).await;
-    // The new account starts like a fresh login: with two-factor required, only enrolment is open to it.
-    let level = if gw.config.two_factor.required { Level::Pending } else { Level::Password };
+    // The new account starts like a fresh login (with no factor yet): with two-factor required, only enrolment is
+    // open to it.
+    let rules = crate::portal::signin_rules(gw);
+    let state =
+        signin::State::Anonymous.after(signin::Event::PasswordAccepted, signin::Enrolled::default(), rules, now);
+    let level = state.level().unwrap_or(Level::Pending);
     let (_, cookie) = gw.sessions.start(&username, level, client.addr, None, client.https).await?;
-    let next = if level == Level::Pending { crate::portal::enroll_url(gw, "/") } else { "/".to_string() };
+    let next = crate::portal::step_url(gw, &state, "/");
     Ok(with_cookie(redirect(StatusCode::SEE_OTHER, &next), Some(cookie)))
 }

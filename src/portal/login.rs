@@ -12,9 +12,10 @@ use crate::keys::random_bytes;
 use crate::pages::redirect;
 use crate::portal::form::{self, check_csrf};
 use crate::portal::redirect::target_or_root;
-use crate::portal::{next_step_url, query_param, with_cookie};
+use crate::portal::{next_step_url, query_param, signin_rules, step_url, with_cookie};
 use crate::respond::Reject;
 use crate::session::{self};
+use crate::signin;
 use crate::store::{LastLogin, Level, User, normalize_login};
 
 /// The `rd` query parameter, made safe.
@@ -103,11 +104,15 @@ pub async fn submit(gw: &Gateway, client: &Client, req: Request<Body>) -> Result
     gw.accounts.lockout().succeed(&gw.store, Step::Password, &user.username).await?;
 
     // With two-factor on (or required), the password only opens the way to the challenge (or enrolment).
-    let (level, next) = if user.two_factor.is_some() || gw.config.two_factor.required {
-        (Level::Pending, next_step_url(gw, &user, &rd))
-    } else {
-        (Level::Password, rd)
-    };
+    let state = signin::State::Anonymous.after(
+        signin::Event::PasswordAccepted,
+        signin::Enrolled::of(&user),
+        signin_rules(gw),
+        now,
+    );
+    // After an accepted password there is always a level; Pending would reach nothing but the challenge.
+    let level = state.level().unwrap_or(Level::Pending);
+    let next = step_url(gw, &state, &rd);
     // A new id at every level change (session fixation); the old session goes in the same transaction.
     let old = gw.sessions.authenticate(&parts.headers).await?.map(|a| a.id);
     let (_, cookie) = gw.sessions.start(&user.username, level, client.addr, old, client.https).await?;

@@ -18,6 +18,7 @@ use crate::gateway::Gateway;
 use crate::pages::{self, redirect};
 use crate::respond::Reject;
 use crate::session::{Authenticated, SessionId};
+use crate::signin;
 use crate::store::{LastLogin, Level, SecondFactor, User};
 use account::Sensitive;
 
@@ -128,9 +129,25 @@ pub fn enroll_url(gw: &Gateway, rd: &str) -> String {
     format!("{}/enroll?rd={}", gw.prefix(), encode(rd))
 }
 
-/// What a pending session must do next: the challenge if the user has two-factor, enrolment if not.
+/// The sign-in rules of the configuration in force ([`crate::signin`]).
+pub fn signin_rules(gw: &Gateway) -> signin::Rules {
+    signin::Rules { required: gw.config.two_factor.required, pending_lifetime: crate::session::PENDING_LIFETIME }
+}
+
+/// Where a sign-in in `state` goes next: its page, or `rd` once it is done.
+pub fn step_url(gw: &Gateway, state: &signin::State, rd: &str) -> String {
+    match state.step() {
+        signin::Step::Login => login_url(gw, rd),
+        signin::Step::Challenge => format!("{}/challenge?rd={}", gw.prefix(), encode(rd)),
+        signin::Step::Enrol => enroll_url(gw, rd),
+        signin::Step::Done => rd.to_string(),
+    }
+}
+
+/// What a pending session of `user` must do next, as the sign-in machine says: the challenge when a factor is
+/// enrolled, enrolment when not.
 pub fn next_step_url(gw: &Gateway, user: &User, rd: &str) -> String {
-    if user.two_factor.is_some() { format!("{}/challenge?rd={}", gw.prefix(), encode(rd)) } else { enroll_url(gw, rd) }
+    step_url(gw, &signin::State::of_session(Level::Pending, signin::Enrolled::of(user), 0), rd)
 }
 
 /// Which sessions a page accepts.

@@ -2,7 +2,7 @@
 //!
 //! A tunnel outlives the request that opened it, so the per-request session check alone would let it run on after
 //! a logout, lock, deletion, 2FA reset or expiry. Every tunnel opened by a session is registered here with that
-//! session, and a watcher ([`crate::watch_tunnels`]) re-reads a tunnel's session whenever the revocation revision
+//! session, and a watcher (in [`crate::start`]) re-reads a tunnel's session whenever the revocation revision
 //! moves (a revocation by this process, the CLI or another instance), whenever its session reaches its idle or
 //! absolute limit, and once right after it opens: the session was checked before the app answered the handshake,
 //! and a revocation in between would otherwise go unseen until the idle limit. A tunnel whose session is gone is

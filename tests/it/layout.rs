@@ -20,6 +20,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("store", 2),
     ("mail", 2),
     ("credentials", 3),
+    ("signin", 3),
     ("policy", 3),
     ("headers", 3),
     ("notify", 3),
