@@ -268,6 +268,12 @@ impl Config {
         if s.max_concurrent_hashes == Some(0) {
             return Err("[server] max_concurrent_hashes must be at least 1".into());
         }
+        // Zero would cut every upload that pauses, or every client whose socket is full for an instant.
+        for (key, d) in [("body_timeout", s.body_timeout.0), ("send_timeout", s.send_timeout.0)] {
+            if d < Duration::from_secs(1) {
+                return Err(format!("[server] {key} must be at least 1s"));
+            }
+        }
         Ok(())
     }
 

@@ -170,7 +170,10 @@ impl Tunnels {
         let mut refresh: Vec<(SessionId, u64)> = Vec::new();
         for l in live.values_mut() {
             let active = l.active.load(Ordering::Relaxed);
-            if active >= l.touched.saturating_add(every) {
+            // Traffic at or past the session's limit (as last looked at) can't revive it: the look due then
+            // decides, and a session refreshed meanwhile by a request is refreshed here at the next pass.
+            let late = l.due != 0 && active >= l.due;
+            if !late && active >= l.touched.saturating_add(every) {
                 l.touched = active;
                 match refresh.iter_mut().find(|(s, _)| *s == l.session) {
                     Some((_, at)) => *at = (*at).max(active),

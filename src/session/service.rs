@@ -261,8 +261,9 @@ impl Sessions {
                     return Ok(CacheAnswer::Miss(revision));
                 }
                 if !self.still_valid(&auth, now) {
+                    // A later cookie value may still be a valid session (every value is tried, as in the store).
                     self.cache.remove(raw);
-                    return Ok(CacheAnswer::NoSession);
+                    continue;
                 }
                 if touch_due {
                     self.touch(auth.id, now);

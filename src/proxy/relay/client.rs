@@ -179,7 +179,9 @@ where
     }
     match sent {
         Ok(()) => {}
-        Err(SendError::Upstream(e)) => {
+        // Only a request with a body can be answered before it is sent whole; without one, a failed write is a
+        // connection to retry, not one to read a stray answer from.
+        Err(SendError::Upstream(e)) if framing != RequestBody::None => {
             // The app may have answered and closed before taking the whole body (a 413, say): its answer counts.
             tracing::debug!(error = %e, "the app stopped reading the request body");
             return match tokio::time::timeout(limits.answer, read_head(up, head_request, upgrade)).await {

@@ -107,7 +107,7 @@ where
             None => pool.connect().await.map_err(Failed::App)?,
         };
         up.buf.clear();
-        match send(&mut up, c, client, own, f, timer.as_mut(), limits).await {
+        match send(&mut up, c, client, (own, f), (now, timer.as_mut()), limits).await {
             Ok((head, whole)) => return Ok((up, head, whole)),
             // A pooled connection the app closed while it was idle fails before any answer: try once more on a
             // new one, for a request that may be sent twice (see `Forward::retry`). `c.out` still holds it.
@@ -122,26 +122,36 @@ where
 /// Sends the head in `c.out` with the body bytes already read, streams the rest of the body from the client as
 /// it comes (each piece within `limits.body`), then reads the answer's head (within `limits.answer` of the
 /// request's end; written to `c.out` for the client). When the app stops taking the body, the answer it may have
-/// sent before (a 413, say) is still read and passed on (`false`: the body wasn't sent whole).
+/// sent before (a 413, say) is still read and passed on (`false`: the body wasn't sent whole). A request without
+/// a body is sent and answered under one deadline from `started`: one timer reset and no clock read of its own.
 async fn send<IO>(
     up: &mut Upstream,
     c: &mut Conn,
     client: &mut IO,
-    own: &[&str],
-    f: &Forward,
-    mut timer: Pin<&mut tokio::time::Sleep>,
+    (own, f): (&[&str], &Forward),
+    (started, mut timer): (Instant, Pin<&mut tokio::time::Sleep>),
     limits: Limits,
 ) -> Result<(ResponseHead, bool), Failed>
 where
     IO: AsyncRead + Unpin,
 {
-    let mut left = f.body;
-    if left > 0 {
-        let k = body_part(&c.input, left);
-        c.out.extend_from_slice(&c.input[..k]);
-        c.input.advance(k);
-        left -= k as u64;
+    if f.body == 0 {
+        let exchange = async {
+            up.stream.write_all(&c.out).await?;
+            up.stream.flush_tls().await?;
+            answer_head(up, &mut c.out, own, f).await
+        };
+        return match within(timer, started + limits.answer, exchange).await {
+            Some(Ok(head)) => Ok((head, true)),
+            Some(Err(e)) => Err(Failed::App(e)),
+            None => Err(Failed::Timeout),
+        };
     }
+    let mut left = f.body;
+    let k = body_part(&c.input, left);
+    c.out.extend_from_slice(&c.input[..k]);
+    c.input.advance(k);
+    left -= k as u64;
     let mut sent = put(timer.as_mut(), limits.body, &mut up.stream, &c.out).await;
     while sent.is_ok() && left > 0 {
         c.input.reserve(CHUNK);
@@ -159,19 +169,7 @@ where
         c.input.advance(k);
         left -= k as u64;
     }
-    let deadline = Instant::now() + limits.answer;
-    let head = within(timer, deadline, async {
-        loop {
-            if let Some(head) = response_head(&mut up.buf, &mut c.out, own, f)? {
-                return Ok(head);
-            }
-            up.buf.reserve(CHUNK);
-            if up.stream.read_buf(&mut up.buf).await? == 0 {
-                let why = "the app closed the connection before answering";
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, why));
-            }
-        }
-    });
+    let head = within(timer, Instant::now() + limits.answer, answer_head(up, &mut c.out, own, f));
     match (sent, head.await) {
         (Ok(()), Some(Ok(head))) => Ok((head, true)),
         // The app may have answered and closed before taking the whole body: its answer counts.
@@ -179,6 +177,19 @@ where
         (Err(e), _) => Err(Failed::App(e)),
         (Ok(()), Some(Err(e))) => Err(Failed::App(e)),
         (Ok(()), None) => Err(Failed::Timeout),
+    }
+}
+
+/// Reads the app's answer head (written to `out` for the client).
+async fn answer_head(up: &mut Upstream, out: &mut Vec<u8>, own: &[&str], f: &Forward) -> io::Result<ResponseHead> {
+    loop {
+        if let Some(head) = response_head(&mut up.buf, out, own, f)? {
+            return Ok(head);
+        }
+        up.buf.reserve(CHUNK);
+        if up.stream.read_buf(&mut up.buf).await? == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the app closed the connection before answering"));
+        }
     }
 }
 

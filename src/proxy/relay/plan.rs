@@ -63,10 +63,10 @@ pub(super) fn plan(gw: &impl State, c: &mut Conn, looked_up: bool) -> Planned {
             .map_or(Planned::Handover, |l| Planned::Local(Box::new(l)))
     };
     let (path, query) = target.split_once('?').map_or((target, None), |(p, q)| (p, Some(q)));
-    // A Host that is not a host is the handlers' 400 (RFC 9112 §3.2), before any app or rule is chosen.
-    if crate::policy::owns(gw.prefix(), path) || !crate::normalize::valid_host(host) {
+    if crate::policy::owns(gw.prefix(), path) {
         return local();
     }
+    // A Host that is not a host has no app: the handlers answer it 400 (RFC 9112 §3.2).
     let app_index = crate::policy::find_app(&gw.config().apps, Some(host));
     let Ok(decision) = crate::policy::decide_for(gw.config(), app_index, path) else {
         return local();
