@@ -34,6 +34,12 @@ pub struct App {
     /// another user (see the proxy's pool module).
     #[serde(default)]
     pub shared_connections: bool,
+    /// Re-use an upstream connection after a request with a body. Off by default: an app that answers before reading
+    /// a body (or doesn't read it) takes the body for its next request, and that request's answer would reach
+    /// whoever is sent over the connection next; so a connection that carried a body is closed after its answer.
+    /// For an app known to read every body it is sent, this trades that guard for a connection saved per upload.
+    #[serde(default)]
+    pub reuse_after_body: bool,
     /// Most idle upstream connections kept for this app, whoever they belong to.
     #[serde(default = "default_max_idle")]
     pub max_idle_connections: usize,

@@ -124,7 +124,12 @@ impl Upstreams {
                 Some(connector) => Some((connector, server_name(&app.upstream.authority)?)),
                 None => None,
             };
-            pools.push(Arc::new(relay::Pool::new(&app.upstream.authority, tls, app.max_idle_connections)));
+            pools.push(Arc::new(relay::Pool::new(
+                &app.upstream.authority,
+                tls,
+                app.max_idle_connections,
+                app.reuse_after_body,
+            )));
         }
         Ok(Upstreams { pools })
     }

@@ -550,7 +550,7 @@ fn assert_alice(get: impl Fn(&str) -> Vec<String>, what: &str) {
 
 /// [`gateway`] with a TLS listener (a fresh self-signed certificate for `APP`); also returns the certificate to
 /// trust. Not probed: the harness checks health over plain HTTP.
-async fn tls_gateway(apps: &str) -> (Env, Gateway, SocketAddr, rcgen::Certificate) {
+pub(crate) async fn tls_gateway(apps: &str) -> (Env, Gateway, SocketAddr, rcgen::Certificate) {
     let (maddr, metrics) = metrics_section();
     let env = Env::password_only(&format!(
         "[server]\ntls_cert = \"{{DIR}}/cert.pem\"\ntls_key = \"{{DIR}}/key.pem\"\n\n{metrics}{apps}"
@@ -621,7 +621,10 @@ async fn tls_sign_in(gw: &Gateway, cert: &rcgen::Certificate) -> Client {
 }
 
 /// An h2 connection to the gateway over TLS.
-async fn tls_h2(addr: SocketAddr, cert: &rcgen::Certificate) -> hyper::client::conn::http2::SendRequest<H2Body> {
+pub(crate) async fn tls_h2(
+    addr: SocketAddr,
+    cert: &rcgen::Certificate,
+) -> hyper::client::conn::http2::SendRequest<H2Body> {
     let tls = tls_connect(addr, cert, b"h2").await;
     let (h2, conn) =
         within("h2 handshake", hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)))
@@ -631,7 +634,7 @@ async fn tls_h2(addr: SocketAddr, cert: &rcgen::Certificate) -> hyper::client::c
     h2
 }
 
-type H2Body = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+pub(crate) type H2Body = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
 
 /// A request on `send` with `c`'s host and cookies, `headers` and an optional form body.
 async fn tls_send(

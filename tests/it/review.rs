@@ -525,34 +525,52 @@ async fn upload(addr: SocketAddr, head: String, pieces: Vec<Vec<u8>>, gap: Durat
 }
 
 /// An app that reads each request with its `Content-Length` body and answers `got N`; `/refuse` is answered with
-/// 413 and the connection closed before any of the body is read.
+/// 413 and the connection closed before any of the body is read; `/ignore` is answered at once and its body left
+/// to be read as the next request.
 async fn upload_app() -> SocketAddr {
-    scripted(|mut s, _| async move {
-        let mut buf = Vec::new();
-        while let Some(head) = read_head(&mut s, &mut buf).await {
-            if head.split_whitespace().nth(1) == Some("/refuse") {
-                let _ = s
-                    .write_all(
-                        b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big!",
-                    )
-                    .await;
-                return;
-            }
-            let n: usize = header(&head, "content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
-            let mut tmp = [0u8; 65536];
-            while buf.len() < n {
-                match s.read(&mut tmp).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(k) => buf.extend_from_slice(&tmp[..k]),
+    upload_app_counted().await.0
+}
+
+/// [`upload_app`] and the number of connections it accepted.
+async fn upload_app_counted() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    let addr = scripted(move |mut s, _| {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async move {
+            let mut buf = Vec::new();
+            while let Some(head) = read_head(&mut s, &mut buf).await {
+                if head.split_whitespace().nth(1) == Some("/refuse") {
+                    let _ = s
+                        .write_all(
+                            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big!",
+                        )
+                        .await;
+                    return;
                 }
-            }
-            buf.drain(..n);
-            if s.write_all(page(&format!("got {n}")).as_bytes()).await.is_err() {
-                return;
+                if head.split_whitespace().nth(1) == Some("/ignore") {
+                    if s.write_all(page("ignored").as_bytes()).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                let n: usize = header(&head, "content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+                let mut tmp = [0u8; 65536];
+                while buf.len() < n {
+                    match s.read(&mut tmp).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => buf.extend_from_slice(&tmp[..k]),
+                    }
+                }
+                buf.drain(..n);
+                if s.write_all(page(&format!("got {n}")).as_bytes()).await.is_err() {
+                    return;
+                }
             }
         }
     })
-    .await
+    .await;
+    (addr, accepted)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -723,5 +741,77 @@ async fn secure_cookies_over_plain_http_are_named_by_check_config_the_page_and_t
     let out = quiet.cli(&["check-config"], None).await;
     assert!(out.status.success());
     assert!(!String::from_utf8_lossy(&out.stderr).contains("warning:"), "{}", String::from_utf8_lossy(&out.stderr));
+    gw.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The same over HTTP/2
+// ---------------------------------------------------------------------------------------------
+
+/// HTTP/2 streams reach the app through the upstream client hyper's lane uses; over h2 too, an early 413 is passed
+/// on (6), a body the app doesn't read never becomes another client's request (3), and an `:authority` that is not
+/// a host is a 400 (8).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http2_early_answers_unread_bodies_and_bad_authorities_hold_too() {
+    use http_body_util::{BodyExt, Full};
+    let addr = upload_app().await;
+    let (env, gw, _maddr, cert) = crate::relay::tls_gateway(&app(APP, &format!("http://{addr}"), "bypass")).await;
+    let mut h2 = crate::relay::tls_h2(gw.addr, &cert).await;
+    let mut send = async |method: &str, path: &str, body: Vec<u8>| {
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(format!("https://{APP}{path}"))
+            .body(Full::new(bytes::Bytes::from(body)).boxed())
+            .unwrap();
+        let what = format!("{method} {path} over h2");
+        within(&what, h2.ready()).await.unwrap_or_else(|e| panic!("{what}: {e}"));
+        let r = within(&what, h2.send_request(request)).await.unwrap_or_else(|e| panic!("{what}: {e}"));
+        let status = r.status().as_u16();
+        let body = within(&what, r.into_body().collect()).await.map(|b| b.to_bytes()).unwrap_or_default();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    };
+    let got = send("POST", "/refuse", vec![b'x'; 8 * 1024 * 1024]).await;
+    assert_eq!(got, (413, "too big!".to_string()), "an early 413 over h2");
+    let unfinished = format!("POST /swallow HTTP/1.1\r\nHost: {APP}\r\nContent-Length: 60\r\n\r\n");
+    let got = send("POST", "/ignore", unfinished.into_bytes()).await;
+    assert_eq!(got, (200, "ignored".to_string()));
+    for i in 0..3 {
+        let got = send("GET", &format!("/victim-{i}"), Vec::new()).await;
+        assert_eq!(got, (200, "got 0".to_string()), "a GET after a body the app didn't read, over h2");
+    }
+    let got = send("GET", "/x", Vec::new()).await;
+    assert_eq!(got.0, 200, "the control");
+    let request = hyper::Request::get("https://app.test../x").body(Full::new(bytes::Bytes::new()).boxed()).unwrap();
+    let r = within("a bad :authority", h2.send_request(request)).await.expect("a bad :authority");
+    assert_eq!(r.status(), 400, "an :authority that is not a host over h2");
+    gw.stop().await;
+    drop(env);
+}
+
+/// `[[app]] reuse_after_body = true` is the opt-in for an app known to read every body: uploads one after another
+/// then share one upstream connection, on both lanes; by default each takes its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reuse_after_body_is_an_opt_in_per_app() {
+    let (addr, accepted) = upload_app_counted().await;
+    let (_env, gw, _maddr) = gateway(&format!(
+        "{}[[app]]\nhost = \"reuse.test\"\nupstream = \"http://{addr}\"\npolicy = \"bypass\"\nreuse_after_body = true\n\n",
+        app(RAW, &format!("http://{addr}"), "bypass")
+    ))
+    .await;
+    for (host, reuse) in [(RAW, false), ("reuse.test", true)] {
+        for (lane, steer) in BODY_LANES {
+            let before = accepted.load(std::sync::atomic::Ordering::SeqCst);
+            for i in 0..3 {
+                let post = format!(
+                    "POST /up-{i} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 3\r\n{steer}Connection: close\r\n\r\nabc"
+                );
+                assert_eq!(exchange(gw.addr, post.as_bytes()).await, (200, "got 3".to_string()), "{host} {lane:?}");
+            }
+            let opened = accepted.load(std::sync::atomic::Ordering::SeqCst) - before;
+            // With the opt-in, the one connection may already be idle in the pool from the other lane's uploads.
+            let fits = if reuse { opened <= 1 } else { opened == 3 };
+            assert!(fits, "{opened} upstream connections for three uploads to {host} on the {lane:?} lane");
+        }
+    }
     gw.stop().await;
 }

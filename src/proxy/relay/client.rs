@@ -81,8 +81,9 @@ impl Pool {
             }
         };
         let Head { response, framing, reusable } = head;
-        // A connection that carried a body is never used again (as on the relay).
-        let reusable = reusable && sending == RequestBody::None;
+        // A connection that carried a body is not used again unless the app opted in (as on the relay; an early
+        // answer's connection is never reusable).
+        let reusable = reusable && (sending == RequestBody::None || self.reuse_after_body);
         if response.status == http::StatusCode::SWITCHING_PROTOCOLS {
             let prefix = up.buf.split().freeze();
             return Ok(Sent::Upgraded(response, Prefixed { prefix, io: up.stream }));

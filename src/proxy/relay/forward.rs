@@ -53,9 +53,10 @@ where
         // The app broke off mid-body: the client sees the answer cut short, as with hyper.
         return Ok(Next::Close);
     }
-    // A connection that carried a body is never used again: an app that didn't read it (or read it as another
-    // request) would answer the next request with what the body asked for (see SECURITY.md).
-    if head.reusable && up.buf.is_empty() && f.body == 0 {
+    // A connection that carried a body is not used again (unless the app opted in, and the body went whole): an
+    // app that didn't read it (or read it as another request) would answer the next request with what the body
+    // asked for (see SECURITY.md).
+    if head.reusable && up.buf.is_empty() && (f.body == 0 || (pool.reuse_after_body && whole)) {
         pool.checkin(f.who.clone(), up);
     }
     // What is left of a body the app answered before taking can't be told from the next request: close.

@@ -8,6 +8,8 @@ pub struct Pool {
     /// For an https app: the TLS set-up and the name its certificate must carry.
     tls: Option<(tokio_rustls::TlsConnector, rustls::pki_types::ServerName<'static>)>,
     pub(super) idle: IdlePool<Upstream>,
+    /// `[[app]] reuse_after_body`: a connection that carried a request body may go back to the pool.
+    pub(super) reuse_after_body: bool,
 }
 
 /// A connection to an app, with its read buffer (kept with the connection, so idle clients hold none).
@@ -88,15 +90,16 @@ impl AsyncWrite for UpStream {
 
 impl Pool {
     /// A pool for an upstream `host[:port]` of at most `max_idle` connections; with `tls`, an https app (port 443
-    /// when none is given, else 80).
+    /// when none is given, else 80); `reuse_after_body`: a connection that carried a body may be used again.
     pub fn new(
         authority: &http::uri::Authority,
         tls: Option<(tokio_rustls::TlsConnector, rustls::pki_types::ServerName<'static>)>,
         max_idle: usize,
+        reuse_after_body: bool,
     ) -> Pool {
         let port = authority.port_u16().unwrap_or(if tls.is_some() { 443 } else { 80 });
         let authority = format!("{}:{port}", authority.host());
-        Pool { authority, tls, idle: IdlePool::new(max_idle) }
+        Pool { authority, tls, idle: IdlePool::new(max_idle), reuse_after_body }
     }
 
     /// The most recently used idle connection of `who` that is not too old and still quiet.
