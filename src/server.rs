@@ -110,7 +110,10 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(gw.config.server.header_read_timeout.0)
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
+    // An h2 client that stops reading stalls on flow control, not on a socket write (`SendTimeout`): PINGs while
+    // streams are open, answered within `send_timeout`, find it, and the connection (and the apps' behind it) end.
+    let send_timeout = gw.config.server.send_timeout.0;
+    builder.http2().timer(TokioTimer::new()).keep_alive_interval(Some(send_timeout)).keep_alive_timeout(send_timeout);
     let cap = connection_cap(gw.config.server.max_connections, raise_nofile_limit());
     // Tells every connection to close when shutdown begins: idle ones at once, busy ones after their answer.
     let stop = CancellationToken::new();

@@ -551,9 +551,14 @@ fn assert_alice(get: impl Fn(&str) -> Vec<String>, what: &str) {
 /// [`gateway`] with a TLS listener (a fresh self-signed certificate for `APP`); also returns the certificate to
 /// trust. Not probed: the harness checks health over plain HTTP.
 pub(crate) async fn tls_gateway(apps: &str) -> (Env, Gateway, SocketAddr, rcgen::Certificate) {
+    tls_gateway_with("", apps).await
+}
+
+/// [`tls_gateway`] with more `[server]` lines.
+pub(crate) async fn tls_gateway_with(server: &str, apps: &str) -> (Env, Gateway, SocketAddr, rcgen::Certificate) {
     let (maddr, metrics) = metrics_section();
     let env = Env::password_only(&format!(
-        "[server]\ntls_cert = \"{{DIR}}/cert.pem\"\ntls_key = \"{{DIR}}/key.pem\"\n\n{metrics}{apps}"
+        "[server]\ntls_cert = \"{{DIR}}/cert.pem\"\ntls_key = \"{{DIR}}/key.pem\"\n{server}\n{metrics}{apps}"
     ));
     let ck = rcgen::generate_simple_self_signed(vec![APP.to_string()]).unwrap();
     std::fs::write(env.path().join("cert.pem"), ck.cert.pem()).unwrap();
@@ -564,7 +569,7 @@ pub(crate) async fn tls_gateway(apps: &str) -> (Env, Gateway, SocketAddr, rcgen:
 }
 
 /// A TLS connection to the gateway trusting `cert` and offering only `alpn`, which it asserts was chosen.
-async fn tls_connect(
+pub(crate) async fn tls_connect(
     addr: SocketAddr,
     cert: &rcgen::Certificate,
     alpn: &[u8],

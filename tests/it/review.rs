@@ -801,12 +801,16 @@ async fn reuse_after_body_is_an_opt_in_per_app() {
     for (host, reuse) in [(RAW, false), ("reuse.test", true)] {
         for (lane, steer) in BODY_LANES {
             let before = accepted.load(std::sync::atomic::Ordering::SeqCst);
+            // One after another on one client connection: each answer is done, its upstream connection back in the
+            // pool or closed, before the next request is read.
+            let mut s = within("connect", TcpStream::connect(gw.addr)).await.unwrap();
             for i in 0..3 {
-                let post = format!(
-                    "POST /up-{i} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 3\r\n{steer}Connection: close\r\n\r\nabc"
-                );
-                assert_eq!(exchange(gw.addr, post.as_bytes()).await, (200, "got 3".to_string()), "{host} {lane:?}");
+                let post = format!("POST /up-{i} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 3\r\n{steer}\r\nabc");
+                s.write_all(post.as_bytes()).await.unwrap();
+                let got = within("an upload's answer", read_answer(&mut s)).await;
+                assert_eq!(got, (200, "got 3".to_string()), "{host} {lane:?}");
             }
+            drop(s);
             let opened = accepted.load(std::sync::atomic::Ordering::SeqCst) - before;
             // With the opt-in, the one connection may already be idle in the pool from the other lane's uploads.
             let fits = if reuse { opened <= 1 } else { opened == 3 };
@@ -814,4 +818,101 @@ async fn reuse_after_body_is_an_opt_in_per_app() {
         }
     }
     gw.stop().await;
+}
+
+/// A client connection whose reads can be stopped: from then on it reads nothing (no PING answered, no window
+/// granted), while the socket stays open.
+struct Pausable<S> {
+    io: S,
+    paused: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Pausable<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.paused.load(std::sync::atomic::Ordering::SeqCst) {
+            return std::task::Poll::Pending;
+        }
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Pausable<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, data)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Over HTTP/2 a client that stops reading stalls on flow control, not on a socket write: the gateway's PINGs
+/// (every `send_timeout`, answered within it) find it, and its connection and the app's are closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_stops_reading_is_cut_off_and_the_apps_connection_closed() {
+    use http_body_util::{BodyExt, Full};
+    let closed = Arc::new(tokio::sync::Semaphore::new(0));
+    let done = closed.clone();
+    let addr = scripted(move |mut s, _| {
+        let done = done.clone();
+        async move {
+            let mut buf = Vec::new();
+            if read_head(&mut s, &mut buf).await.is_none() {
+                return;
+            }
+            let n = 64 * 1024 * 1024;
+            let chunk = vec![b'z'; 256 * 1024];
+            let mut sent = 0;
+            let mut ok =
+                s.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n").as_bytes()).await.is_ok();
+            while ok && sent < n {
+                ok = s.write_all(&chunk).await.is_ok();
+                sent += chunk.len();
+            }
+            if !ok {
+                done.add_permits(1);
+            }
+        }
+    })
+    .await;
+    let apps = app(APP, &format!("http://{addr}"), "bypass");
+    let (env, gw, _maddr, cert) = crate::relay::tls_gateway_with("send_timeout = \"1s\"\n", &apps).await;
+    let tls = crate::relay::tls_connect(gw.addr, &cert, b"h2").await;
+    let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let io = Pausable { io: tls, paused: paused.clone() };
+    let (mut h2, conn) = within(
+        "h2 handshake",
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(io)),
+    )
+    .await
+    .expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    let request =
+        hyper::Request::get(format!("https://{APP}/big.iso")).body(Full::new(bytes::Bytes::new()).boxed()).unwrap();
+    let r: hyper::Response<hyper::body::Incoming> = within("h2 GET", h2.send_request(request)).await.expect("h2 GET");
+    assert_eq!(r.status(), 200);
+    // Read nothing more.
+    paused.store(true, std::sync::atomic::Ordering::SeqCst);
+    let one = within_for(Duration::from_secs(60), "the app's connection to be closed", closed.acquire());
+    one.await.unwrap().forget();
+    drop(r);
+    conn.abort();
+    gw.stop().await;
+    drop(env);
 }
