@@ -41,6 +41,9 @@ pub enum Reject {
     GatewayTimeout,
     /// The client's request body paused longer than `body_timeout`.
     RequestTimeout,
+    /// The client went away (an HTTP/2 stream reset, a connection closed) before its request was read: nobody
+    /// gets this answer, and it is no client error. Counted as 499, nginx's "client closed request".
+    ClientClosed,
     /// Storage or another internal part failed; fail closed.
     Unavailable,
 }
@@ -101,6 +104,11 @@ impl Reject {
                 StatusCode::GATEWAY_TIMEOUT,
                 "Application too slow",
                 "The application behind this gateway took too long to answer. Try again in a moment.",
+            ),
+            ClientClosed => (
+                StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+                "Request cancelled",
+                "The request was cancelled before it arrived in full.",
             ),
             RequestTimeout => (
                 StatusCode::REQUEST_TIMEOUT,

@@ -71,18 +71,22 @@ async fn bodyless(req: Request<Body>, limit: std::time::Duration) -> Result<Requ
         return Err(refused);
     }
     let (parts, mut body) = req.into_parts();
-    let ended_empty = tokio::time::timeout(limit, async {
+    let ended = tokio::time::timeout(limit, async {
         while let Some(frame) = body.frame().await {
             match frame {
                 Ok(f) if f.data_ref().is_none_or(|d| d.is_empty()) => {}
-                _ => return false,
+                Ok(_) => return Err(Reject::BadRequest("A GET or HEAD request can't carry a body.")),
+                // The stream was reset or its connection closed (a load tool stopping, a tab closed): that is
+                // the client leaving, not a client error to count as one.
+                Err(_) => return Err(Reject::ClientClosed),
             }
         }
-        true
+        Ok(())
     });
-    match ended_empty.await {
-        Ok(true) => Ok(Request::from_parts(parts, crate::body::full(bytes::Bytes::new()))),
-        _ => Err(refused),
+    match ended.await {
+        Ok(Ok(())) => Ok(Request::from_parts(parts, crate::body::full(bytes::Bytes::new()))),
+        Ok(Err(r)) => Err(r),
+        Err(_) => Err(refused),
     }
 }
 
@@ -179,5 +183,31 @@ impl crate::proxy::State for Gateway {
         req: http::Request<crate::Body>,
     ) -> impl Future<Output = http::Response<crate::Body>> + Send {
         handle(self, peer, req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    fn h2_get(frames: Vec<Result<http_body::Frame<bytes::Bytes>, crate::BoxError>>) -> Request<Body> {
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed();
+        let mut req = Request::get("/x").body(body).unwrap();
+        *req.version_mut() = http::Version::HTTP_2;
+        req
+    }
+
+    #[tokio::test]
+    async fn an_h2_get_whose_stream_ends_empty_passes_and_one_with_data_or_cut_off_does_not() {
+        let limit = std::time::Duration::from_secs(5);
+        let empty = vec![Ok(http_body::Frame::data(bytes::Bytes::new()))];
+        assert!(bodyless(h2_get(empty), limit).await.is_ok(), "an empty DATA frame that ends the stream");
+        let data = vec![Ok(http_body::Frame::data(bytes::Bytes::from_static(b"GET /admin")))];
+        assert!(matches!(bodyless(h2_get(data), limit).await, Err(Reject::BadRequest(_))), "data is a body");
+        let reset = vec![Err::<http_body::Frame<bytes::Bytes>, crate::BoxError>("stream reset".into())];
+        let gone = bodyless(h2_get(reset), limit).await;
+        assert!(matches!(gone, Err(Reject::ClientClosed)), "a reset stream is the client leaving, not a 400");
+        assert_eq!(Reject::ClientClosed.status().as_u16(), 499);
     }
 }
