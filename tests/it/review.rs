@@ -372,12 +372,9 @@ fn page(text: &str) -> String {
 // 2. Bytes rustls already read make a pooled TLS connection unusable
 // ---------------------------------------------------------------------------------------------
 
-/// An https app that sends an unasked second answer in the same write as a 16 KiB one (head included: a TLS
-/// record's worth, so the first answer ends where a record does): the second answer is read into rustls with the
-/// first, where the TCP-level idle check can't see it. The next request on that pool must get its own answer, on
-/// both lanes (answers of 8 and 32 KiB too).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unasked_answer_rustls_already_read_is_never_the_next_requests_answer() {
+/// An https app (certificate for `localhost`, its PEM returned) that answers `/big/N` with an answer of exactly N
+/// bytes followed, in the same write, by an unasked second answer ("forged"); any other path with `page PATH`.
+async fn forging_tls_app() -> (SocketAddr, String) {
     let (acceptor, pem) = localhost_tls();
     let addr = scripted(move |tcp, _| {
         let acceptor = acceptor.clone();
@@ -398,6 +395,16 @@ async fn an_unasked_answer_rustls_already_read_is_never_the_next_requests_answer
         }
     })
     .await;
+    (addr, pem)
+}
+
+/// An https app that sends an unasked second answer in the same write as a 16 KiB one (head included: a TLS
+/// record's worth, so the first answer ends where a record does): the second answer is read into rustls with the
+/// first, where the TCP-level idle check can't see it. The next request on that pool must get its own answer, on
+/// both lanes (answers of 8 and 32 KiB too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unasked_answer_rustls_already_read_is_never_the_next_requests_answer() {
+    let (addr, pem) = forging_tls_app().await;
     let (env, gw, _maddr) = {
         let port = addr.port();
         let (maddr, metrics) = metrics_section();
@@ -913,6 +920,66 @@ async fn an_http2_client_that_stops_reading_is_cut_off_and_the_apps_connection_c
     one.await.unwrap().forget();
     drop(r);
     conn.abort();
+    gw.stop().await;
+    drop(env);
+}
+
+/// Items 2 and 4 over HTTP/2 (TLS to the gateway, the upstream client hyper's lane uses): an unasked answer read
+/// into rustls never answers the next h2 request, a slow upload with a length reaches the app past
+/// `upstream_timeout`, and one that stalls gets 408.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http2_tls_leftovers_and_slow_uploads_hold_too() {
+    use http_body_util::{BodyExt, Full, StreamBody};
+    use hyper::body::Frame;
+    type Piece = Result<Frame<bytes::Bytes>, std::convert::Infallible>;
+    let (forging, pem) = forging_tls_app().await;
+    let uploads = upload_app().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("app-ca.pem");
+    std::fs::write(&ca, &pem).unwrap();
+    let apps = format!(
+        "[[app]]\nhost = \"{APP}\"\nupstream = \"https://localhost:{}\"\nca_file = \"{}\"\npolicy = \"bypass\"\n\n\
+         [[app]]\nhost = \"{RAW}\"\nupstream = \"http://{uploads}\"\npolicy = \"bypass\"\nupstream_timeout = \"2s\"\n\n",
+        forging.port(),
+        ca.display()
+    );
+    let (env, gw, _maddr, cert) = crate::relay::tls_gateway_with("body_timeout = \"1s\"\n", &apps).await;
+    let mut h2 = crate::relay::tls_h2(gw.addr, &cert).await;
+    let mut send = async |request: hyper::Request<crate::relay::H2Body>| {
+        let what = format!("{} {} over h2", request.method(), request.uri());
+        within(&what, h2.ready()).await.unwrap_or_else(|e| panic!("{what}: {e}"));
+        let r = within(&what, h2.send_request(request)).await.unwrap_or_else(|e| panic!("{what}: {e}"));
+        let status = r.status().as_u16();
+        let body = within(&what, r.into_body().collect()).await.map(|b| b.to_bytes()).unwrap_or_default();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    };
+    let get = |path: String| hyper::Request::get(format!("https://{APP}{path}")).body(Full::default().boxed()).unwrap();
+    for round in 0..6 {
+        let total = [16384, 8192, 32768][round % 3];
+        let (code, body) = send(get(format!("/big/{total}"))).await;
+        assert_eq!((code, page(&body).len()), (200, total), "round {round} over h2");
+        let got = send(get(format!("/next-{round}"))).await;
+        assert_eq!(got, (200, format!("page /next-{round}")), "round {round} over h2");
+    }
+    let slow = futures_util::stream::unfold(0, |i| async move {
+        if i == 4 {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        Some((Ok::<_, std::convert::Infallible>(Frame::data(bytes::Bytes::from(vec![b'x'; 1024]))), i + 1))
+    });
+    let request = hyper::Request::post(format!("https://{RAW}/slow"))
+        .header("content-length", "4096")
+        .body(StreamBody::new(slow).boxed())
+        .unwrap();
+    assert_eq!(send(request).await, (200, "got 4096".to_string()), "a slow upload over h2");
+    let first: Piece = Ok(Frame::data(bytes::Bytes::from(vec![b'x'; 1024])));
+    let stalled = futures_util::StreamExt::chain(futures_util::stream::iter([first]), futures_util::stream::pending());
+    let request = hyper::Request::post(format!("https://{RAW}/stalled"))
+        .header("content-length", "4096")
+        .body(StreamBody::new(stalled).boxed())
+        .unwrap();
+    assert_eq!(send(request).await.0, 408, "an upload that stopped halfway over h2");
     gw.stop().await;
     drop(env);
 }
