@@ -88,8 +88,8 @@ async fn two_hundred_logins_and_fifty_failures_grow_memory_by_at_most_64_mib() {
 pub(crate) type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
 
 /// Opens a WebSocket to the echo app with `c`'s cookies on `lane` and reads the greeting (the identity the app saw).
-pub(crate) async fn open_tunnel(gw: &Gateway, c: &Client, lane: Lane) -> Ws {
-    let tcp = within("connect", TcpStream::connect(gw.addr)).await.unwrap();
+pub(crate) async fn open_tunnel(addr: std::net::SocketAddr, c: &Client, lane: Lane) -> Ws {
+    let tcp = within("connect", TcpStream::connect(addr)).await.unwrap();
     let mut req = format!("ws://{}/ws", c.host).into_client_request().unwrap();
     req.headers_mut().insert("cookie", c.cookie_header().parse().unwrap());
     for (name, value) in lane.headers() {
@@ -172,7 +172,7 @@ async fn a_websocket_closes_on_logout_lock_delete_2fa_reset_and_expiry_while_oth
             // Warm: the session is cached, so a relayed handshake is relayed at once, not handed over.
             assert_eq!(c.get("/warm").await.status, 200);
             let before = counts(maddr).await;
-            tunnels.insert((*name, lane), open_tunnel(&gw, c, lane).await);
+            tunnels.insert((*name, lane), open_tunnel(gw.addr, c, lane).await);
             lane.assert_served(maddr, before, 1, &format!("{name}'s WebSocket handshake")).await;
         }
     }

@@ -272,7 +272,7 @@ async fn working_in_a_websocket_app_keeps_the_session_alive_on_both_lanes() {
     assert_eq!(c.get("/warm").await.status, 200);
     let mut tunnels = Vec::new();
     for lane in Lane::BOTH {
-        tunnels.push((lane, open_tunnel(&gw, &c, lane).await));
+        tunnels.push((lane, open_tunnel(gw.addr, &c, lane).await));
     }
     const REFRESHES: &str = "portcullis_tunnel_session_refreshes_total";
     for round in 1..=6 {
@@ -982,4 +982,39 @@ async fn over_http2_tls_leftovers_and_slow_uploads_hold_too() {
     assert_eq!(send(request).await.0, 408, "an upload that stopped halfway over h2");
     gw.stop().await;
     drop(env);
+}
+
+/// The log says whose tunnel ended and why: a child gateway (its log captured), a tunnel on each lane, a logout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_names_whose_tunnel_ended_and_why() {
+    let up = start_upstream().await;
+    let env =
+        Env::password_only(&format!("[server]\nlisten = \"{{LISTEN}}\"\n\n{}", app(APP, &up.url(), "one_factor")));
+    env.add_user("alice", "alice@example.com", "Alice Liddell", &[], PW).await;
+    let gw = env.spawn_child().await;
+    let mut c = gw.client(APP);
+    c.login_ok("alice", PW).await;
+    let mut tunnels = Vec::new();
+    for lane in Lane::BOTH {
+        tunnels.push(open_tunnel(gw.addr, &c, lane).await);
+    }
+    logout(&mut c).await;
+    for ws in tunnels.iter_mut() {
+        closed_within(ws, "alice's tunnel after her logout").await;
+    }
+    let closed: Vec<String> = within("the log lines", async {
+        loop {
+            let lines: Vec<String> =
+                gw.log().lines().filter(|l| l.contains("tunnel closed")).map(str::to_string).collect();
+            if lines.len() >= 2 {
+                return lines;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    for line in &closed {
+        assert!(line.contains("alice") && line.contains("revoked"), "the line doesn't say whose and why: {line}");
+    }
+    gw.stop().await;
 }
