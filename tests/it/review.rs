@@ -661,11 +661,9 @@ async fn a_host_that_is_not_a_host_is_refused_before_any_app_on_both_lanes() {
 // 5. A client that stops reading is disconnected after send_timeout
 // ---------------------------------------------------------------------------------------------
 
-/// Clients that GET a 64 MB bypassed file and read nothing used to hold the app's connection for as long as they
-/// stayed connected. With `send_timeout = "1s"`, once the gateway's writes to such a client stall for a second,
-/// the client's connection and the app's are closed, on both lanes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_stops_reading_is_cut_off_and_the_apps_connection_closed() {
+/// An app that answers any request with a 64 MB file, written as fast as it is taken; the semaphore gets a permit
+/// for each connection whose writes failed (the gateway closed it).
+async fn big_file_app() -> (SocketAddr, Arc<tokio::sync::Semaphore>) {
     let closed = Arc::new(tokio::sync::Semaphore::new(0));
     let done = closed.clone();
     let addr = scripted(move |mut s, _| {
@@ -690,6 +688,15 @@ async fn a_client_that_stops_reading_is_cut_off_and_the_apps_connection_closed()
         }
     })
     .await;
+    (addr, closed)
+}
+
+/// Clients that GET a 64 MB bypassed file and read nothing used to hold the app's connection for as long as they
+/// stayed connected. With `send_timeout = "1s"`, once the gateway's writes to such a client stall for a second,
+/// the client's connection and the app's are closed, on both lanes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off_and_the_apps_connection_closed() {
+    let (addr, closed) = big_file_app().await;
     let (_env, gw, _maddr) =
         gateway(&format!("[server]\nsend_timeout = \"1s\"\n\n{}", app(RAW, &format!("http://{addr}"), "bypass"))).await;
     let mut clients = Vec::new();
@@ -874,30 +881,7 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Pausable<S> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_client_that_stops_reading_is_cut_off_and_the_apps_connection_closed() {
     use http_body_util::{BodyExt, Full};
-    let closed = Arc::new(tokio::sync::Semaphore::new(0));
-    let done = closed.clone();
-    let addr = scripted(move |mut s, _| {
-        let done = done.clone();
-        async move {
-            let mut buf = Vec::new();
-            if read_head(&mut s, &mut buf).await.is_none() {
-                return;
-            }
-            let n = 64 * 1024 * 1024;
-            let chunk = vec![b'z'; 256 * 1024];
-            let mut sent = 0;
-            let mut ok =
-                s.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n").as_bytes()).await.is_ok();
-            while ok && sent < n {
-                ok = s.write_all(&chunk).await.is_ok();
-                sent += chunk.len();
-            }
-            if !ok {
-                done.add_permits(1);
-            }
-        }
-    })
-    .await;
+    let (addr, closed) = big_file_app().await;
     let apps = app(APP, &format!("http://{addr}"), "bypass");
     let (env, gw, _maddr, cert) = crate::relay::tls_gateway_with("send_timeout = \"1s\"\n", &apps).await;
     let tls = crate::relay::tls_connect(gw.addr, &cert, b"h2").await;
