@@ -7,7 +7,6 @@ use minijinja::{Value, context};
 use crate::Body;
 use crate::accounts::factors::Enrolment;
 use crate::accounts::{Actor, Keep};
-use crate::audit::{AuditEvent, EventKind};
 use crate::client::Client;
 use crate::clock::rfc3339;
 use crate::credentials::lockout::Step;
@@ -218,11 +217,9 @@ async fn password_ok(gw: &Gateway, client: &Client, auth: &Authenticated, form: 
         gw.accounts.lockout().succeed(&gw.store, Step::Password, name).await?;
         return Ok(true);
     }
-    let event = AuditEvent::new(now, EventKind::LoginFailed, name).from_addr(client.addr);
-    gw.audit(event.detail("password re-entry")).await;
-    if let Some(secs) = gw.accounts.lockout().fail(&gw.store, Step::Password, name, client.addr, now).await? {
-        gw.metrics.lockout("password");
-        gw.audit(AuditEvent::new(now, EventKind::Lockout, name).from_addr(client.addr).detail("password")).await;
+    if let Some(secs) =
+        crate::portal::password_refused(gw, client, name, Some(&auth.user), now, Some("password re-entry")).await?
+    {
         return Err(Reject::TooManyAttempts(secs));
     }
     Ok(false)

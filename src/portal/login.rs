@@ -140,13 +140,7 @@ async fn failed_login(
     typed: &str,
 ) -> Result<Response<Body>, Reject> {
     gw.metrics.login("failure");
-    gw.audit(AuditEvent::new(now, EventKind::LoginFailed, account).from_addr(client.addr)).await;
-    if let Some(secs) = gw.accounts.lockout().fail(&gw.store, Step::Password, account, client.addr, now).await? {
-        gw.metrics.lockout("password");
-        gw.audit(AuditEvent::new(now, EventKind::Lockout, account).from_addr(client.addr).detail("password")).await;
-        if let Some(u) = known {
-            gw.accounts.notifier().notify(u, crate::notify::Notice::AccountLocked, crate::notify::By::User, now).await;
-        }
+    if let Some(secs) = crate::portal::password_refused(gw, client, account, known, now, None).await? {
         return Err(Reject::TooManyAttempts(secs));
     }
     let page = login_page(gw, StatusCode::UNAUTHORIZED, binding, rd, typed, Some("Invalid username or password."));

@@ -150,6 +150,37 @@ pub fn next_step_url(gw: &Gateway, user: &User, rd: &str) -> String {
     step_url(gw, &signin::State::of_session(Level::Pending, signin::Enrolled::of(user), 0), rd)
 }
 
+/// A refused password, wherever the portal asked for it (sign-in, or re-authentication in the settings): one
+/// audit event, one count towards the account's password lockout, and at the lock one audit event, the metric and
+/// the account-locked notice (to a `known` account). `Some(seconds)`: the step is locked now. Written once, so the
+/// places that ask for a password can't drift apart.
+pub async fn password_refused(
+    gw: &Gateway,
+    client: &Client,
+    account: &str,
+    known: Option<&User>,
+    now: u64,
+    detail: Option<&str>,
+) -> Result<Option<u64>, Reject> {
+    use crate::audit::{AuditEvent, EventKind};
+    let event = AuditEvent::new(now, EventKind::LoginFailed, account).from_addr(client.addr);
+    gw.audit(match detail {
+        Some(d) => event.detail(d),
+        None => event,
+    })
+    .await;
+    let step = crate::credentials::lockout::Step::Password;
+    let Some(secs) = gw.accounts.lockout().fail(&gw.store, step, account, client.addr, now).await? else {
+        return Ok(None);
+    };
+    gw.metrics.lockout("password");
+    gw.audit(AuditEvent::new(now, EventKind::Lockout, account).from_addr(client.addr).detail("password")).await;
+    if let Some(u) = known {
+        gw.accounts.notifier().notify(u, crate::notify::Notice::AccountLocked, crate::notify::By::User, now).await;
+    }
+    Ok(Some(secs))
+}
+
 /// Which sessions a page accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Gate {

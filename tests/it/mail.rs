@@ -1245,3 +1245,42 @@ async fn two_factor_on_after_off_is_notified_again_within_the_throttle_window() 
     assert_eq!(count("turned off"), 1, "{subjects:?}");
     assert_eq!(count("Failed sign-in attempt"), 1, "the throttle let a repeat through: {subjects:?}");
 }
+
+/// The password step is written once: refused `max_failures` times at sign-in or at the settings'
+/// re-authentication, it locks the same way, audits the same events (three failed logins, one lockout) and sends
+/// the same notice. Re-authentication used to send none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_refused_at_sign_in_or_at_re_authentication_locks_audits_and_notifies_alike() {
+    for place in ["sign-in", "re-authentication"] {
+        let up = start_upstream().await;
+        let env = env_with_alice(&config(
+            &up,
+            false,
+            &outbox_mail(),
+            "[limits]\nmax_failures = 3\nfailure_window = \"10m\"\nlockout = \"15m\"\n",
+        ))
+        .await;
+        let gw = env.start().await;
+        let mut outbox = Outbox::new(&env);
+        let mut c = gw.client(SECURE);
+        if place == "re-authentication" {
+            c.login_ok(USER, PW).await;
+        }
+        let mut statuses = Vec::new();
+        for _ in 0..3 {
+            let r = match place {
+                "sign-in" => gw.client(SECURE).login(USER, "not-the-password", "/").await,
+                _ => change_password(&mut c, "not-the-password", NEW_PW).await,
+            };
+            statuses.push(r.status);
+        }
+        assert_eq!(statuses.last(), Some(&429), "{place}: the third refusal locks ({statuses:?})");
+        let m = outbox.notice("Sign-in temporarily locked").await;
+        assert!(m.body.contains("too many failed attempts"), "{place}: {}", m.body);
+        let o = env.cli(&["audit", USER, "--json"], None).await;
+        let events: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+        let count = |kind: &str| events.iter().filter(|e| e["kind"] == kind).count();
+        assert_eq!((count("login_failed"), count("lockout")), (3, 1), "{place}: {events:#?}");
+        gw.stop().await;
+    }
+}
