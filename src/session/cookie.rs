@@ -41,18 +41,10 @@ fn decode_tagged<const N: usize>(value: &str, tag: &str) -> Option<[u8; N]> {
     bytes.try_into().ok()
 }
 
-/// The session id from the request's session cookie, if one verifies. Malformed means "no session".
+/// The session id of the first session cookie value that verifies (the fuzz target's entry point; the session
+/// service tries every value, [`crate::session::Sessions::authenticate`]). Malformed means "no session".
 pub fn session_id(keys: &Keys, headers: &HeaderMap, name: &str) -> Option<SessionId> {
-    session_id_raw(keys, headers, name).map(|(id, _)| id)
-}
-
-/// [`session_id`], with the raw cookie value that verified.
-pub fn session_id_raw<'h, H: Headers + ?Sized>(
-    keys: &Keys,
-    headers: &'h H,
-    name: &'h str,
-) -> Option<(SessionId, &'h str)> {
-    cookie_values(headers, name).find_map(|raw| verify_session_value(keys, name, raw).map(|id| (id, raw)))
+    cookie_values(headers, name).find_map(|raw| verify_session_value(keys, name, raw))
 }
 
 /// The session id in one raw session cookie value, if it verifies.

@@ -9,7 +9,7 @@ mod service;
 use std::sync::Arc;
 
 pub use cache::{Lookup, SessionCache};
-pub use cookie::{clear_cookie, cookie_values, csrf_binding, csrf_cookie, session_cookie, session_id, session_id_raw};
+pub use cookie::{clear_cookie, cookie_values, csrf_binding, csrf_cookie, session_cookie, session_id};
 pub use service::{CacheAnswer, MAX_SESSION_COOKIES, SessionError, Sessions};
 
 use crate::keys::random_bytes;

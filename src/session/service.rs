@@ -92,11 +92,6 @@ impl Sessions {
         cookie::clear_cookie(&self.cookie_name, self.secure_cookies(https))
     }
 
-    /// The session id of a request's cookie, if one verifies (whether or not its session is live).
-    pub fn presented_id(&self, headers: &HeaderMap) -> Option<SessionId> {
-        cookie::session_id(&self.keys, headers, &self.cookie_name)
-    }
-
     /// Starts a session for `username` at `level` from `address`, replacing `replacing` in the same transaction
     /// (a new id at every level change: session fixation). Returns the id and its `Set-Cookie` value.
     pub async fn start(

@@ -404,20 +404,11 @@ impl std::ops::Sub for Served {
 
 /// The three counters, from one scrape of the metrics endpoint (they count a request before it is answered).
 async fn served(maddr: SocketAddr) -> Served {
-    let r = Client::new(maddr, &maddr.to_string()).get("/metrics").await;
-    assert_eq!(r.status, 200, "metrics: {}", r.text());
-    let text = r.text();
-    let value = |name: &str| -> u64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .map(|v| v as u64)
-            .unwrap_or_else(|| panic!("no {name} in metrics:\n{text}"))
-    };
+    let s = Scrape::of(maddr).await;
     Served {
-        relayed: value("portcullis_relayed_requests_total"),
-        handovers: value("portcullis_relay_handovers_total"),
-        local: value("portcullis_relay_local_answers_total"),
+        relayed: s.value("portcullis_relayed_requests_total"),
+        handovers: s.value("portcullis_relay_handovers_total"),
+        local: s.value("portcullis_relay_local_answers_total"),
     }
 }
 

@@ -24,6 +24,8 @@ const WIKI: &str = "wiki.example.com";
 /// Host of the `two_factor` app.
 const SECURE: &str = "secure.example.com";
 const NEW_PW: &str = "N3w-passw0rd-for-alice";
+/// Three failures within ten minutes lock a step for fifteen.
+const THREE_FAILURES: &str = "[limits]\nmax_failures = 3\nfailure_window = \"10m\"\nlockout = \"15m\"\n";
 const NEWER_PW: &str = "Ev3n-newer-passw0rd";
 
 /// The outbox `[mail]` section body.
@@ -913,13 +915,7 @@ async fn expired_and_reused_invitations_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_notification_kind_is_written() {
     let up = start_upstream().await;
-    let env = env_with_alice(&config(
-        &up,
-        false,
-        &outbox_mail(),
-        "[limits]\nmax_failures = 3\nfailure_window = \"10m\"\nlockout = \"15m\"\n",
-    ))
-    .await;
+    let env = env_with_alice(&config(&up, false, &outbox_mail(), THREE_FAILURES)).await;
     let gw = env.start().await;
     let mut outbox = Outbox::new(&env);
 
@@ -1253,13 +1249,7 @@ async fn two_factor_on_after_off_is_notified_again_within_the_throttle_window() 
 async fn a_password_refused_at_sign_in_or_at_re_authentication_locks_audits_and_notifies_alike() {
     for place in ["sign-in", "re-authentication"] {
         let up = start_upstream().await;
-        let env = env_with_alice(&config(
-            &up,
-            false,
-            &outbox_mail(),
-            "[limits]\nmax_failures = 3\nfailure_window = \"10m\"\nlockout = \"15m\"\n",
-        ))
-        .await;
+        let env = env_with_alice(&config(&up, false, &outbox_mail(), THREE_FAILURES)).await;
         let gw = env.start().await;
         let mut outbox = Outbox::new(&env);
         let mut c = gw.client(SECURE);

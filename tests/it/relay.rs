@@ -503,8 +503,8 @@ async fn script() -> Script {
     Script { addr, accepted, seen, go, done, task }
 }
 
-/// A gateway with the metrics endpoint and `apps`; returns it with the metrics address.
-async fn gateway(apps: &str) -> (Env, Gateway, SocketAddr) {
+/// A gateway with the metrics endpoint, `apps` and the user alice; returns it with the metrics address.
+pub(crate) async fn gateway(apps: &str) -> (Env, Gateway, SocketAddr) {
     let (maddr, metrics) = metrics_section();
     let env = Env::password_only(&format!("{metrics}{apps}"));
     env.add_user("alice", "alice@example.com", "Alice Liddell", &["staff"], PW).await;

@@ -9,6 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::hardening::{closed_within, echoes, open_tunnel};
+use crate::relay::gateway;
 use crate::support::*;
 
 /// A one_factor app.
@@ -63,15 +64,6 @@ fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
         let (k, v) = l.split_once(':')?;
         k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
     })
-}
-
-/// A gateway with the metrics endpoint and `apps`, and the user alice.
-async fn gateway(apps: &str) -> (Env, Gateway, SocketAddr) {
-    let (maddr, metrics) = metrics_section();
-    let env = Env::password_only(&format!("{metrics}{apps}"));
-    env.add_user("alice", "alice@example.com", "Alice Liddell", &["staff"], PW).await;
-    let gw = env.start().await;
-    (env, gw, maddr)
 }
 
 /// A WebSocket opening handshake for `path` on `host`, steered to `lane`.

@@ -605,32 +605,39 @@ impl std::ops::Sub for Counts {
     }
 }
 
-/// The relay's two counters, scraped from the metrics endpoint at `maddr`. Both are incremented before the
-/// request is answered, so after a response has been read they already count it: no polling needed.
-pub async fn counts(maddr: SocketAddr) -> Counts {
-    let r = Client::new(maddr, &maddr.to_string()).get("/metrics").await;
-    assert_eq!(r.status, 200, "metrics: {}", r.text());
-    let text = r.text();
-    let value = |name: &str| -> u64 {
-        text.lines()
+/// The counters and gauges of one scrape of the metrics endpoint at `maddr`, by full name (`_total` included).
+pub struct Scrape(String);
+
+impl Scrape {
+    pub async fn of(maddr: SocketAddr) -> Scrape {
+        let r = Client::new(maddr, &maddr.to_string()).get("/metrics").await;
+        assert_eq!(r.status, 200, "metrics: {}", r.text());
+        Scrape(r.text())
+    }
+
+    pub fn value(&self, name: &str) -> u64 {
+        self.0
+            .lines()
             .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
             .and_then(|v| v.trim().parse::<f64>().ok())
             .map(|v| v as u64)
-            .unwrap_or_else(|| panic!("no {name} in metrics:\n{text}"))
-    };
-    Counts { relayed: value("portcullis_relayed_requests_total"), handovers: value("portcullis_relay_handovers_total") }
+            .unwrap_or_else(|| panic!("no {name} in metrics:\n{}", self.0))
+    }
+}
+
+/// The relay's two counters, scraped from the metrics endpoint at `maddr`. Both are incremented before the
+/// request is answered, so after a response has been read they already count it: no polling needed.
+pub async fn counts(maddr: SocketAddr) -> Counts {
+    let s = Scrape::of(maddr).await;
+    Counts {
+        relayed: s.value("portcullis_relayed_requests_total"),
+        handovers: s.value("portcullis_relay_handovers_total"),
+    }
 }
 
 /// One counter or gauge from the metrics endpoint at `maddr` (its full name, `_total` included).
 pub async fn metric(maddr: SocketAddr, name: &str) -> u64 {
-    let r = Client::new(maddr, &maddr.to_string()).get("/metrics").await;
-    assert_eq!(r.status, 200, "metrics: {}", r.text());
-    let text = r.text();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map(|v| v as u64)
-        .unwrap_or_else(|| panic!("no {name} in metrics:\n{text}"))
+    Scrape::of(maddr).await.value(name)
 }
 
 /// Which proxy path serves a request: the relay takes a bodyless GET or HEAD (of a cached session, or for a bypass
