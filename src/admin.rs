@@ -31,6 +31,8 @@ pub struct UserRow {
     groups: String,
     two_factor: bool,
     enabled_at: Option<String>,
+    /// The kinds enrolled ("totp").
+    factors: Vec<&'static str>,
     codes_left: usize,
     locked: bool,
     created: String,
@@ -41,15 +43,15 @@ pub struct UserRow {
 
 impl From<&User> for UserRow {
     fn from(u: &User) -> Self {
-        let tf = u.two_factor.as_ref();
         UserRow {
             username: u.username.clone(),
             email: u.email.clone(),
             name: u.display_name.clone(),
             groups: u.groups.join(", "),
-            two_factor: tf.is_some(),
-            enabled_at: tf.map(|t| rfc3339(t.enabled_at)),
-            codes_left: tf.map_or(0, |t| t.recovery.len()),
+            two_factor: u.factors.on(),
+            enabled_at: u.factors.enabled_at().map(rfc3339),
+            factors: u.factors.kinds().iter().map(|k| k.as_str()).collect(),
+            codes_left: u.factors.recovery.len(),
             locked: u.locked,
             created: rfc3339(u.created),
             last_login_at: u.last_login.as_ref().map(|l| rfc3339(l.at)),

@@ -304,7 +304,7 @@ async fn user(store: &Store, config: &Config, cmd: UserCommand) -> Result<()> {
         UserCommand::List { json, two_factor } => {
             let mut users = store.list_users().await?;
             if let Some(f) = two_factor {
-                users.retain(|u| u.two_factor.is_some() == (f == TwoFactorFilter::Enabled));
+                users.retain(|u| u.factors.on() == (f == TwoFactorFilter::Enabled));
             }
             if json {
                 let list: Vec<_> = users.iter().map(user_json).collect();
@@ -316,7 +316,7 @@ async fn user(store: &Store, config: &Config, cmd: UserCommand) -> Result<()> {
                         "{:<24} {:<32} {:<8} {:<6} {}",
                         u.username,
                         u.email,
-                        if u.two_factor.is_some() { "on" } else { "off" },
+                        if u.factors.on() { "on" } else { "off" },
                         if u.locked { "yes" } else { "no" },
                         u.last_login.as_ref().map_or("never".into(), |l| rfc3339(l.at))
                     );
@@ -376,10 +376,13 @@ async fn show(store: &Store, u: &User, json: bool) -> Result<()> {
     println!("groups:    {}", u.groups.join(","));
     println!("locked:    {}", if u.locked { "yes" } else { "no" });
     println!("created:   {}", rfc3339(u.created));
-    match &u.two_factor {
-        Some(t) => {
-            println!("2FA:       on since {}, {} recovery codes left", rfc3339(t.enabled_at), t.recovery.len())
-        }
+    match u.factors.enabled_at() {
+        Some(since) => println!(
+            "2FA:       on since {} ({}), {} recovery codes left",
+            rfc3339(since),
+            u.factors.kinds().iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", "),
+            u.factors.recovery.len()
+        ),
         None => println!("2FA:       off"),
     }
     match &u.last_login {
@@ -426,9 +429,13 @@ pub fn user_json(u: &User) -> serde_json::Value {
         "locked": u.locked,
         "created": rfc3339(u.created),
         "two_factor": {
-            "enabled": u.two_factor.is_some(),
-            "enabled_at": u.two_factor.as_ref().map(|t| rfc3339(t.enabled_at)),
-            "recovery_codes_left": u.two_factor.as_ref().map_or(0, |t| t.recovery.len()),
+            "enabled": u.factors.on(),
+            "enabled_at": u.factors.enabled_at().map(rfc3339),
+            "recovery_codes_left": u.factors.recovery.len(),
+            "factors": u.factors.enrolled.iter().map(|f| serde_json::json!({
+                "kind": f.kind(),
+                "enabled_at": rfc3339(f.enabled_at()),
+            })).collect::<Vec<_>>(),
         },
         "last_login": u.last_login.as_ref().map(|l| serde_json::json!({
             "at": rfc3339(l.at),

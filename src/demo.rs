@@ -137,7 +137,7 @@ pub async fn run(listen: SocketAddr) -> Result<()> {
                     locked: false,
                     created: SystemClock.now(),
                     last_login: None,
-                    two_factor: None,
+                    factors: Default::default(),
                     stamp: 0,
                 })
                 .await?;

@@ -41,10 +41,7 @@ pub struct Enrolled {
 impl Enrolled {
     /// What `user` has enrolled.
     pub fn of(user: &User) -> Enrolled {
-        match &user.two_factor {
-            Some(t) => Enrolled { totp: true, recovery_codes: t.recovery.len() },
-            None => Enrolled::default(),
-        }
+        Enrolled { totp: user.factors.totp().is_some(), recovery_codes: user.factors.recovery.len() }
     }
 
     /// The factors that may be presented, in the order a page offers them.

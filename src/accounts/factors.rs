@@ -6,7 +6,7 @@ use crate::audit::EventKind;
 use crate::credentials::lockout::Step;
 use crate::credentials::{recovery, totp};
 use crate::notify::{By, Notice};
-use crate::store::{Consumed, PendingEnrolment, SecondFactor, TwoFactorState, User};
+use crate::store::{Consumed, Factor as StoredFactor, PendingEnrolment, SecondFactor, TotpFactor, User};
 
 use super::{AccountError, Accounts, Actor};
 
@@ -146,7 +146,7 @@ impl Accounts {
         user: &User,
         code: &str,
     ) -> Result<Result<SecondFactor, Failure>, AccountError> {
-        let Some(tf) = &user.two_factor else {
+        let Some(tf) = user.factors.totp() else {
             return Ok(Err(Failure::Invalid("Two-factor authentication is not set up.")));
         };
         let secret = self.keys.open(&user.username, TOTP_PURPOSE, &tf.secret)?;
@@ -223,12 +223,13 @@ impl Accounts {
         };
         let name = &user.username;
         let (shown, stored) = recovery::new_set(&self.keys, name, self.settings.recovery_codes)?;
-        let state = TwoFactorState { enabled_at: now, secret: pending.secret, last_step: step, recovery: stored };
-        if !self.store.enable_two_factor(name, state, session).await? {
+        let factor = StoredFactor::Totp(TotpFactor { enabled_at: now, secret: pending.secret, last_step: step });
+        let Some(first) = self.store.enrol_factor(name, factor, stored, session).await? else {
             return Ok(Enrolment::Stale);
-        }
+        };
         self.finish(actor, user, EventKind::TwoFactorEnabled, None, Notice::TwoFactorEnabled).await;
-        Ok(Enrolment::Enabled(shown))
+        // The first factor brings the recovery set; a later one keeps the set the user already saved.
+        Ok(Enrolment::Enabled(if first { shown } else { Vec::new() }))
     }
 
     /// Replaces the recovery set (every old code stops working); the new codes, to show once.

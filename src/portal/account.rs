@@ -114,14 +114,14 @@ pub async fn settings(gw: &Gateway, req: &Request<Body>) -> Result<Response<Body
 }
 
 fn settings_page(gw: &Gateway, auth: &Authenticated, message: Option<&str>) -> Response<Body> {
-    let tf = auth.user.two_factor.as_ref();
+    let tf = &auth.user.factors;
     let ctx = context! {
         csrf => gw.keys.csrf_token(&auth.id.0),
         username => &auth.user.username,
         email => &auth.user.email,
-        enabled => tf.is_some(),
-        enabled_at => tf.map(|t| rfc3339(t.enabled_at)),
-        codes_left => tf.map_or(0, |t| t.recovery.len()),
+        enabled => tf.on(),
+        enabled_at => tf.enabled_at().map(rfc3339),
+        codes_left => tf.recovery.len(),
         required => gw.config.two_factor.required,
         message,
     };
@@ -153,7 +153,7 @@ pub async fn ask_password(
 
 /// Redirects when the action doesn't fit the account's state (enable when on, the rest when off).
 fn wrong_state(gw: &Gateway, auth: &Authenticated, what: Sensitive, rd: &str) -> Option<Response<Body>> {
-    let on = auth.user.two_factor.is_some();
+    let on = auth.user.factors.on();
     if what.needs_two_factor() == on {
         return None;
     }
@@ -192,7 +192,7 @@ pub async fn confirm(
             Ok(redirect(StatusCode::SEE_OTHER, &format!("{}/settings?done=disabled", gw.prefix())))
         }
         Sensitive::ShowCodes => {
-            let codes = auth.user.two_factor.as_ref().map(|t| t.recovery.clone()).unwrap_or_default();
+            let codes = auth.user.factors.recovery.clone();
             let shown = recovery::reveal(&gw.keys, name, &codes)?;
             Ok(codes_page(gw, &auth.id.0, &shown, &rd, false, None, None))
         }
@@ -358,7 +358,7 @@ pub async fn download(gw: &Gateway, req: Request<Body>) -> Result<Response<Body>
     if !gw.keys.check_grant(form.get("grant"), DOWNLOAD_GRANT, &auth.id.0, gw.clock.now()) {
         return Err(Reject::Csrf);
     }
-    let codes = auth.user.two_factor.as_ref().map(|t| t.recovery.clone()).unwrap_or_default();
+    let codes = auth.user.factors.recovery.clone();
     let mut text = recovery::reveal(&gw.keys, &auth.user.username, &codes)?.join("\n");
     text.push('\n');
     let mut resp = Response::new(full(text));

@@ -120,7 +120,7 @@ fn reset_page(
     error: Option<&str>,
 ) -> Response<Body> {
     let ctx = context! {
-        csrf, token, error, username => &user.username, two_factor => user.two_factor.is_some(),
+        csrf, token, error, username => &user.username, two_factor => user.factors.on(),
     };
     gw.pages.page("reset.html", status, ctx)
 }
@@ -158,7 +158,7 @@ pub async fn submit_reset(gw: &Gateway, client: &Client, req: Request<Body>) -> 
         return again(StatusCode::UNPROCESSABLE_ENTITY, "A password must be 8 to 1024 characters long.");
     }
     let actor = Actor::User { address: client.addr };
-    if user.two_factor.is_some() {
+    if user.factors.on() {
         // A typed recovery code wins; otherwise the TOTP field is the factor.
         let factor = match form.get("recovery_code") {
             r if !r.trim().is_empty() => Factor::RecoveryCode(r),

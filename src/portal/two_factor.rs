@@ -41,7 +41,7 @@ async fn pending_with_2fa(
     if auth.record.level != Level::Pending {
         return Ok(Err(redirect(StatusCode::SEE_OTHER, rd)));
     }
-    if auth.user.two_factor.is_none() {
+    if !auth.user.factors.on() {
         return Ok(Err(redirect(StatusCode::SEE_OTHER, &crate::portal::enroll_url(gw, rd))));
     }
     Ok(Ok(auth))

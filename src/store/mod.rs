@@ -351,17 +351,19 @@ impl Store {
         dispatch!(self, |s| s.delete_pending(&session), |p| p.delete_pending(&session).await)
     }
 
-    /// Activates two-factor for a user who has none, consuming the session's pending secret, in one transaction:
-    /// an enrolment is complete or absent. False if the user already has two-factor or doesn't exist.
-    pub async fn enable_two_factor(
+    /// Enrols `factor`, consuming the session's pending secret, in one transaction: an enrolment is complete or
+    /// absent. The first factor brings `recovery` with it ([`SecondFactors::add`]). `Some(first)` if enrolled;
+    /// `None` if the user doesn't exist or already has a factor of that kind.
+    pub async fn enrol_factor(
         &self,
         username: &str,
-        state: TwoFactorState,
+        factor: Factor,
+        recovery: Vec<RecoveryCode>,
         session: [u8; 32],
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<bool>, StoreError> {
         let u = username.to_string();
-        dispatch!(self, |s| s.enable_two_factor(&u, state, &session), |p| p
-            .enable_two_factor(&u, state, &session)
+        dispatch!(self, |s| s.enrol_factor(&u, factor, recovery, &session), |p| p
+            .enrol_factor(&u, factor, recovery, &session)
             .await)
     }
 
@@ -369,7 +371,7 @@ impl Store {
     pub async fn accept_totp_step(&self, username: &str, step: u64) -> Result<bool, StoreError> {
         let u = username.to_string();
         let r = self
-            .modify(&u, Revoke::None, move |user| match &mut user.two_factor {
+            .modify(&u, Revoke::None, move |user| match user.factors.totp_mut() {
                 Some(tf) if tf.last_step < step => {
                     tf.last_step = step;
                     true
@@ -390,9 +392,10 @@ impl Store {
         let u = username.to_string();
         let r = self
             .modify(&u, Revoke::None, move |user| {
-                let Some(tf) = &mut user.two_factor else {
+                let tf = &mut user.factors;
+                if !tf.on() {
                     return Consumed::NoMatch;
-                };
+                }
                 let Some(i) = tf.recovery.iter().position(|c| c.hash == hash) else {
                     return Consumed::NoMatch;
                 };
@@ -412,24 +415,24 @@ impl Store {
     pub async fn replace_recovery_codes(&self, username: &str, codes: Vec<RecoveryCode>) -> Result<bool, StoreError> {
         let u = username.to_string();
         let r = self
-            .modify(&u, Revoke::None, move |user| match &mut user.two_factor {
-                Some(tf) => {
-                    tf.recovery = codes;
-                    true
+            .modify(&u, Revoke::None, move |user| {
+                let on = user.factors.on();
+                if on {
+                    user.factors.recovery = codes;
                 }
-                None => false,
+                on
             })
             .await?;
         Ok(r.unwrap_or(false))
     }
 
-    /// Removes two-factor (secret and codes) and ends sessions as `revoke` says. False if it wasn't on.
+    /// Removes every second factor and recovery code and ends sessions as `revoke` says. False if none was on.
     pub async fn disable_two_factor(&self, username: &str, revoke: Revoke) -> Result<bool, StoreError> {
         let u = username.to_string();
         let r = self
             .modify(&u, revoke, |user| {
                 user.stamp += 1;
-                user.two_factor.take().is_some()
+                user.factors.clear()
             })
             .await?;
         Ok(r.unwrap_or(false))

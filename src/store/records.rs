@@ -26,6 +26,16 @@ pub enum SecondFactor {
     RecoveryCode,
 }
 
+impl SecondFactor {
+    /// Its name in JSON, the admin pages and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SecondFactor::Totp => "totp",
+            SecondFactor::RecoveryCode => "recovery_code",
+        }
+    }
+}
+
 /// The last successful login.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LastLogin {
@@ -37,17 +47,103 @@ pub struct LastLogin {
     pub second_factor: Option<SecondFactor>,
 }
 
-/// Enrolled TOTP and recovery codes; secrets sealed with [`crate::keys::Keys::seal`].
+/// A user's second factors: the ones enrolled, and the recovery codes that stand in for any of them. Recovery
+/// codes are issued with the first factor and go with the last. A new kind of factor is a new [`Factor`] variant
+/// (and its layout in [`super::stored`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SecondFactors {
+    /// Enrolled factors, oldest first; at most one of each kind.
+    pub enrolled: Vec<Factor>,
+    /// Unused recovery codes.
+    pub recovery: Vec<RecoveryCode>,
+}
+
+/// One enrolled second factor.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TwoFactorState {
+pub enum Factor {
+    /// An authenticator app (RFC 6238).
+    Totp(TotpFactor),
+}
+
+impl Factor {
+    /// Which kind it is.
+    pub fn kind(&self) -> SecondFactor {
+        match self {
+            Factor::Totp(_) => SecondFactor::Totp,
+        }
+    }
+
+    /// When its enrolment was confirmed.
+    pub fn enabled_at(&self) -> u64 {
+        match self {
+            Factor::Totp(t) => t.enabled_at,
+        }
+    }
+}
+
+/// An enrolled authenticator app; the secret sealed with [`crate::keys::Keys::seal`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TotpFactor {
     /// When enrolment was confirmed.
     pub enabled_at: u64,
     /// Sealed raw TOTP secret.
     pub secret: Vec<u8>,
     /// Last accepted TOTP time step (RFC 6238 §5.2: never accept it or an older one again).
     pub last_step: u64,
-    /// Unused recovery codes.
-    pub recovery: Vec<RecoveryCode>,
+}
+
+impl SecondFactors {
+    /// Whether any second factor is enrolled (recovery codes alone don't count: they stand in for one).
+    pub fn on(&self) -> bool {
+        !self.enrolled.is_empty()
+    }
+
+    /// When the first factor still enrolled was confirmed.
+    pub fn enabled_at(&self) -> Option<u64> {
+        self.enrolled.iter().map(Factor::enabled_at).min()
+    }
+
+    /// The enrolled authenticator app.
+    #[allow(clippy::unnecessary_find_map, reason = "one kind today; the match grows with the next")]
+    pub fn totp(&self) -> Option<&TotpFactor> {
+        self.enrolled.iter().find_map(|f| match f {
+            Factor::Totp(t) => Some(t),
+        })
+    }
+
+    /// The enrolled authenticator app, to change.
+    #[allow(clippy::unnecessary_find_map, reason = "one kind today; the match grows with the next")]
+    pub fn totp_mut(&mut self) -> Option<&mut TotpFactor> {
+        self.enrolled.iter_mut().find_map(|f| match f {
+            Factor::Totp(t) => Some(t),
+        })
+    }
+
+    /// The kinds enrolled, oldest first.
+    pub fn kinds(&self) -> Vec<SecondFactor> {
+        self.enrolled.iter().map(Factor::kind).collect()
+    }
+
+    /// Adds `factor` unless one of its kind is enrolled; the first factor brings `recovery` with it. The one
+    /// enrolment rule: both backends decide with it inside their transaction. `Some(first)` if added.
+    pub fn add(&mut self, factor: Factor, recovery: Vec<RecoveryCode>) -> Option<bool> {
+        if self.enrolled.iter().any(|f| f.kind() == factor.kind()) {
+            return None;
+        }
+        let first = self.enrolled.is_empty();
+        if first {
+            self.recovery = recovery;
+        }
+        self.enrolled.push(factor);
+        Some(first)
+    }
+
+    /// Removes every factor and recovery code; whether there was one.
+    pub fn clear(&mut self) -> bool {
+        let was = self.on();
+        *self = SecondFactors::default();
+        was
+    }
 }
 
 /// One unused recovery code: a keyed hash to find it by, and a sealed copy to show it again.
@@ -112,8 +208,8 @@ pub struct User {
     pub created: u64,
     /// Most recent successful login.
     pub last_login: Option<LastLogin>,
-    /// Present once two-factor enrolment is confirmed.
-    pub two_factor: Option<TwoFactorState>,
+    /// Enrolled second factors and recovery codes.
+    pub factors: SecondFactors,
     /// Bumped by every password or two-factor change; emailed tokens issued before a change are void.
     pub stamp: u64,
 }
@@ -137,7 +233,7 @@ impl User {
             locked: false,
             created,
             last_login: None,
-            two_factor: None,
+            factors: SecondFactors::default(),
             stamp: 0,
         }
     }
@@ -239,7 +335,7 @@ pub struct UserFilter {
 impl UserFilter {
     /// Whether a user passes the filter.
     pub fn matches(&self, u: &User) -> bool {
-        if self.two_factor.is_some_and(|want| want != u.two_factor.is_some()) {
+        if self.two_factor.is_some_and(|want| want != u.factors.on()) {
             return false;
         }
         match &self.search {

@@ -355,6 +355,7 @@ async fn admin_actions_take_effect_on_live_sessions() {
     assert_eq!(show_user(&w.env, "alice").await["locked"], true);
     let page = admin_get(&mut w.admin, &format!("{PREFIX}/admin/users/alice")).await;
     assert!(page.text().contains("/unlock"), "detail page of a locked user offers no unlock: {}", page.text());
+    assert!(page.text().contains("(authenticator app)"), "the enrolled factors are not named: {}", page.text());
 
     // unlock: alice can sign in again.
     admin_act(&mut w.admin, "alice", "unlock").await;

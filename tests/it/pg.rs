@@ -908,3 +908,95 @@ async fn with_the_database_down_an_uncached_session_is_refused_never_forwarded()
     let r = Client::new(cl.gb.addr, OF).login("alice", PW, "/").await;
     assert_eq!(r.status, 503, "a login with the database down: {}", r.text());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Schema 1 → 2: second factors as a list, on both backends and through migrate-from-redb
+// ---------------------------------------------------------------------------------------------
+
+/// alice as builds before the factor list stored her (user layout 1): one TOTP field holding the secret, its
+/// last step and the recovery codes.
+const ALICE_LAYOUT_1: &str = r#"{"username":"alice","email":"alice@example.com","display_name":"Alice","groups":["staff"],"password_hash":"x","locked":false,"created":1700000000,"last_login":null,"two_factor":{"enabled_at":1700000050,"secret":[7,7],"last_step":3,"recovery":[{"hash":"h1","sealed":[1]},{"hash":"h2","sealed":[2]}]},"stamp":5}"#;
+
+fn layout_1_bytes() -> Vec<u8> {
+    let mut b = vec![1u8];
+    b.extend_from_slice(ALICE_LAYOUT_1.as_bytes());
+    b
+}
+
+fn assert_alice_has_her_totp_in_the_list(u: &portcullis::store::User, backend: &str) {
+    let totp = u.factors.totp().unwrap_or_else(|| panic!("{backend}: alice's TOTP did not carry over: {u:?}"));
+    assert_eq!((totp.enabled_at, totp.secret.as_slice(), totp.last_step), (1_700_000_050, &[7u8, 7][..], 3));
+    assert_eq!((u.factors.recovery.len(), u.stamp, u.groups.as_slice()), (2, 5, &["staff".to_string()][..]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_1_postgres_database_is_migrated_to_the_factor_list_at_start() {
+    let url = pg_fresh_url();
+    drop(portcullis::store::Store::open_postgres(&url, 2).await.expect("a fresh database"));
+    // Make it the database a schema-1 build left: version 1, alice in layout 1.
+    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    c.execute("UPDATE meta SET value = 1 WHERE key = 'schema_version'", &[]).await.unwrap();
+    c.execute(
+        "INSERT INTO users (username, email, data) VALUES ('alice', 'alice@example.com', $1)",
+        &[&layout_1_bytes()],
+    )
+    .await
+    .unwrap();
+
+    let store = portcullis::store::Store::open_postgres(&url, 2).await.expect("the migration");
+    let version: i64 = c.query_one("SELECT value FROM meta WHERE key = 'schema_version'", &[]).await.unwrap().get(0);
+    let raw: Vec<u8> = c.query_one("SELECT data FROM users WHERE username = 'alice'", &[]).await.unwrap().get(0);
+    assert_eq!(version, 2);
+    assert_eq!(raw[0], 2, "alice was not rewritten: {}", String::from_utf8_lossy(&raw));
+    assert!(String::from_utf8_lossy(&raw).contains(r#""factors":[{"kind":"totp""#));
+    assert_alice_has_her_totp_in_the_list(&store.user("alice").await.unwrap().unwrap(), "postgres");
+
+    // A database a newer build wrote is refused at start, not read.
+    c.execute("UPDATE meta SET value = 99 WHERE key = 'schema_version'", &[]).await.unwrap();
+    let newer = portcullis::store::Store::open_postgres(&url, 2).await;
+    assert!(matches!(newer, Err(portcullis::store::StoreError::TooNew { found: 99, .. })), "{:?}", newer.err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_from_redb_carries_a_schema_1_files_second_factors_into_postgres() {
+    use redb::{ReadableDatabase, TableDefinition};
+    let up = start_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("secret.key");
+    write_key(&key);
+    let file = dir.path().join("old.redb");
+    drop(portcullis::store::Store::open(&file).unwrap());
+    {
+        // The file a schema-1 build left: version 1, alice in layout 1 (table names as src/store/redb_store).
+        let db = redb::Database::create(&file).unwrap();
+        let tx = db.begin_write().unwrap();
+        tx.open_table(TableDefinition::<&str, u64>::new("meta")).unwrap().insert("schema_version", 1).unwrap();
+        tx.open_table(TableDefinition::<&str, &[u8]>::new("users"))
+            .unwrap()
+            .insert("alice", layout_1_bytes().as_slice())
+            .unwrap();
+        tx.open_table(TableDefinition::<&str, &str>::new("emails"))
+            .unwrap()
+            .insert("alice@example.com", "alice")
+            .unwrap();
+        tx.commit().unwrap();
+        let read = db.begin_read().unwrap();
+        let v = read.open_table(TableDefinition::<&str, u64>::new("meta")).unwrap().get("schema_version").unwrap();
+        assert_eq!(v.map(|v| v.value()), Some(1));
+    }
+
+    let url = pg_fresh_url();
+    let dst = env_with_storage(&pg_storage(&url, &key, "dst"), |l| rest_config(l, &up, Opts::default()));
+    let m = run_cli(&["storage", "migrate-from-redb", "--from", file.to_str().unwrap()], &dst.config_path, None).await;
+    assert!(m.status.success(), "migrate-from-redb: {}", out_text(&m));
+    let shown = user_show(&dst, "alice").await;
+    assert_eq!(shown["two_factor"]["enabled"], true, "{shown}");
+    assert_eq!(shown["two_factor"]["factors"][0]["kind"], "totp", "{shown}");
+    assert_eq!(shown["two_factor"]["recovery_codes_left"], 2, "{shown}");
+    let store = portcullis::store::Store::open_postgres(&url, 2).await.unwrap();
+    assert_alice_has_her_totp_in_the_list(
+        &store.user("alice").await.unwrap().unwrap(),
+        "postgres after migrate-from-redb",
+    );
+}

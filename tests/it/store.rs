@@ -55,7 +55,7 @@ async fn a_token_refused_by_a_reset_is_not_spent() {
         locked: false,
         created: now,
         last_login: None,
-        two_factor: None,
+        factors: Default::default(),
         stamp: 0,
     };
     assert_eq!(

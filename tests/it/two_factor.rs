@@ -251,6 +251,7 @@ async fn enrolment_with_wrong_code_is_rejected_and_right_code_activates() {
 
     let u = show_user(&env, USER).await;
     assert_eq!(u["two_factor"]["enabled"], true, "{u}");
+    assert_eq!(u["two_factor"]["factors"][0]["kind"], "totp", "{u}");
     assert_eq!(u["two_factor"]["recovery_codes_left"], 10, "{u}");
     assert!(u["two_factor"]["enabled_at"].is_string(), "enabled_at: {u}");
     gw.stop().await;

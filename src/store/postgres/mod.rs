@@ -16,13 +16,13 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::{Client, Transaction};
 
 use super::{
-    Failures, PendingEnrolment, Revoke, SessionRecord, StoreError, TokenKind, TokenRecord, TokenUse, TwoFactorState,
-    User, UserFilter, decode, encode,
+    Factor, Failures, PendingEnrolment, RecoveryCode, Revoke, SessionRecord, StoreError, TokenKind, TokenRecord,
+    TokenUse, User, UserFilter, decode, encode,
 };
 use crate::audit::AuditEvent;
 
-/// Schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 1;
+/// Schema version this build writes. 2: users in layout 2 (second factors as a list).
+pub const SCHEMA_VERSION: i64 = 2;
 /// How often the revision is re-read even without a notification. Half the stated worst-case revocation delay
 /// (1 s, README "Scaling out"), leaving the other half for the read itself and a busy machine.
 pub const POLL: Duration = Duration::from_millis(500);
@@ -90,6 +90,25 @@ fn u(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
+/// Schema 1 → 2: every user rewritten in layout 2 (an older build then refuses the database as too new instead
+/// of failing on each user it reads).
+async fn migrate_1_to_2(tx: &Transaction<'_>) -> Result<(), StoreError> {
+    let rows = tx.query("SELECT username, data FROM users FOR UPDATE", &[]).await.map_err(db)?;
+    let mut moved = 0usize;
+    for row in rows {
+        let (name, data): (String, Vec<u8>) = (row.get(0), row.get(1));
+        if super::stored::user_layout_is_old(&data) {
+            let user = decode::<User>(&data)?;
+            tx.execute("UPDATE users SET data = $2 WHERE username = $1", &[&name, &encode(&user)?])
+                .await
+                .map_err(db)?;
+            moved += 1;
+        }
+    }
+    tracing::info!(users = moved, "storage migrated to schema 2: second factors as a list");
+    Ok(())
+}
+
 /// The PostgreSQL store.
 pub struct PgStore {
     pool: Pool,
@@ -127,7 +146,7 @@ impl PgStore {
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
-        let c = self.client().await?;
+        let mut c = self.client().await?;
         c.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await.map_err(db)?;
         let result = async {
             c.batch_execute(SCHEMA).await.map_err(db)?;
@@ -141,14 +160,18 @@ impl PgStore {
             {
                 return Err(StoreError::TooNew { found: u(v), supported: u(SCHEMA_VERSION) });
             }
-            // Future steps: `Some(1) => migrate_1_to_2(&c)`, then record the new version.
-            c.execute(
+            // Each step and the new version in one transaction: a migration is complete or absent.
+            let tx = c.transaction().await.map_err(db)?;
+            if found == Some(1) {
+                migrate_1_to_2(&tx).await?;
+            }
+            tx.execute(
                 "INSERT INTO meta (key, value) VALUES ('schema_version', $1) ON CONFLICT (key) DO UPDATE SET value = $1",
                 &[&SCHEMA_VERSION],
             )
             .await
             .map_err(db)?;
-            Ok(())
+            tx.commit().await.map_err(db)
         }
         .await;
         c.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await.map_err(db)?;
@@ -448,26 +471,26 @@ impl PgStore {
         Ok(())
     }
 
-    pub(super) async fn enable_two_factor(
+    pub(super) async fn enrol_factor(
         &self,
         username: &str,
-        state: TwoFactorState,
+        factor: Factor,
+        recovery: Vec<RecoveryCode>,
         session: &[u8; 32],
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<bool>, StoreError> {
         pg_tx!(self, |tx| {
             let Some(mut user) = lock_user(tx, username).await? else {
-                return Ok(false);
+                return Ok(None);
             };
-            if user.two_factor.is_some() {
-                return Ok(false);
-            }
-            user.two_factor = Some(state);
+            let Some(first) = user.factors.add(factor, recovery) else {
+                return Ok(None);
+            };
             user.stamp += 1;
             save_user(tx, &user).await?;
             tx.execute("DELETE FROM pending_enrolments WHERE session = $1", &[&session.as_slice()])
                 .await
                 .map_err(db)?;
-            Ok(true)
+            Ok(Some(first))
         })
     }
 

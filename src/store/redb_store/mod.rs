@@ -6,15 +6,16 @@
 use std::path::Path;
 
 use super::{
-    Dump, Failures, PendingEnrolment, Revoke, SessionRecord, StoreError, TokenKind, TokenRecord, TokenUse,
-    TwoFactorState, User, UserFilter, decode, encode,
+    Dump, Factor, Failures, PendingEnrolment, RecoveryCode, Revoke, SessionRecord, StoreError, TokenKind, TokenRecord,
+    TokenUse, User, UserFilter, decode, encode,
 };
 use crate::audit::AuditEvent;
 
 use redb::{Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
-/// Schema version this build writes. Bump it and add a step to [`migrate`] when a stored shape changes.
-pub const SCHEMA_VERSION: u64 = 1;
+/// Schema version this build writes. Bump it and add a step to [`RedbStore::migrate`] when a stored shape changes.
+/// 2: users in layout 2 (second factors as a list).
+pub const SCHEMA_VERSION: u64 = 2;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
@@ -94,6 +95,24 @@ fn open_file(path: &Path) -> Result<Database, StoreError> {
         .map_err(|e| StoreError::Db(format!("{}: {e}", path.display())))
 }
 
+/// Schema 1 → 2: every user rewritten in layout 2 (an older build then refuses the file as too new instead of
+/// failing on each user it reads).
+fn migrate_1_to_2(tx: &WriteTransaction) -> Result<(), StoreError> {
+    let mut users = tx.open_table(USERS)?;
+    let mut old = Vec::new();
+    for row in users.iter()? {
+        let (k, v) = row?;
+        if super::stored::user_layout_is_old(v.value()) {
+            old.push((k.value().to_string(), decode::<User>(v.value())?));
+        }
+    }
+    for (name, user) in &old {
+        users.insert(name.as_str(), encode(user)?.as_slice())?;
+    }
+    tracing::info!(users = old.len(), "storage migrated to schema 2: second factors as a list");
+    Ok(())
+}
+
 impl RedbStore {
     /// Opens or creates the file, creates every table, and runs migrations.
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
@@ -149,7 +168,8 @@ impl RedbStore {
                 Some(v) if v > SCHEMA_VERSION => {
                     return Err(StoreError::TooNew { found: v, supported: SCHEMA_VERSION });
                 }
-                // Future steps go here: `Some(1) => migrate_1_to_2(&tx)?`, each in this same transaction.
+                // Each step in this same transaction: a migration is complete or absent.
+                Some(1) => migrate_1_to_2(&tx)?,
                 _ => {}
             }
             meta.insert("schema_version", SCHEMA_VERSION)?;
@@ -403,25 +423,25 @@ impl RedbStore {
         })
     }
 
-    pub(super) fn enable_two_factor(
+    pub(super) fn enrol_factor(
         &self,
         username: &str,
-        state: TwoFactorState,
+        factor: Factor,
+        recovery: Vec<RecoveryCode>,
         session: &[u8; 32],
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<bool>, StoreError> {
         self.write(|tx| {
             let mut users = tx.open_table(USERS)?;
             let Some(mut user) = users.get(username)?.map(|v| decode::<User>(v.value())).transpose()? else {
-                return Ok(false);
+                return Ok(None);
             };
-            if user.two_factor.is_some() {
-                return Ok(false);
-            }
-            user.two_factor = Some(state);
+            let Some(first) = user.factors.add(factor, recovery) else {
+                return Ok(None);
+            };
             user.stamp += 1;
             users.insert(username, encode(&user)?.as_slice())?;
             tx.open_table(PENDING)?.remove(session.as_slice())?;
-            Ok(true)
+            Ok(Some(first))
         })
     }
 

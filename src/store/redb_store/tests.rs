@@ -13,7 +13,7 @@ fn user(name: &str) -> User {
         locked: false,
         created: 0,
         last_login: None,
-        two_factor: None,
+        factors: Default::default(),
         stamp: 0,
     }
 }
@@ -91,4 +91,54 @@ fn schema_version_is_recorded() {
     let dir = tempfile::tempdir().unwrap();
     let s = RedbStore::open(&dir.path().join("db")).unwrap();
     assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+}
+
+/// A user as builds before the factor list stored it: layout 1, one TOTP field.
+const ALICE_LAYOUT_1: &str = r#"{"username":"alice","email":"alice@example.com","display_name":"Alice","groups":[],"password_hash":"x","locked":false,"created":1,"last_login":null,"two_factor":{"enabled_at":2,"secret":[7,7],"last_step":3,"recovery":[{"hash":"h","sealed":[1]}]},"stamp":5}"#;
+
+/// Turns a fresh file into one a schema-1 build wrote: version 1 in meta, alice in layout 1.
+fn as_schema_1(s: &RedbStore) {
+    s.write(|tx| {
+        tx.open_table(META)?.insert("schema_version", 1)?;
+        let mut bytes = vec![1u8];
+        bytes.extend_from_slice(ALICE_LAYOUT_1.as_bytes());
+        tx.open_table(USERS)?.insert("alice", bytes.as_slice())?;
+        tx.open_table(EMAILS)?.insert("alice@example.com", "alice")?;
+        Ok(())
+    })
+    .unwrap();
+}
+
+fn raw_user(s: &RedbStore, name: &str) -> Vec<u8> {
+    let tx = s.db().unwrap().begin_read().unwrap();
+    tx.open_table(USERS).unwrap().get(name).unwrap().unwrap().value().to_vec()
+}
+
+#[test]
+fn opening_a_schema_1_file_rewrites_its_users_with_the_factor_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let s = RedbStore::open(&path).unwrap();
+    as_schema_1(&s);
+    assert_eq!((s.schema_version().unwrap(), raw_user(&s, "alice")[0]), (1, 1));
+    drop(s);
+
+    let s = RedbStore::open(&path).unwrap();
+    assert_eq!(s.schema_version().unwrap(), 2);
+    let raw = raw_user(&s, "alice");
+    assert_eq!(raw[0], 2, "alice was not rewritten: {}", String::from_utf8_lossy(&raw));
+    let u = s.user("alice").unwrap().unwrap();
+    let totp = u.factors.totp().expect("the TOTP factor carried over");
+    assert_eq!((totp.enabled_at, totp.secret.as_slice(), totp.last_step), (2, &[7u8, 7][..], 3));
+    assert_eq!((u.factors.recovery.len(), u.stamp), (1, 5));
+}
+
+#[test]
+fn a_file_from_a_newer_build_is_refused_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let s = RedbStore::open(&path).unwrap();
+    s.write(|tx| Ok(tx.open_table(META)?.insert("schema_version", SCHEMA_VERSION + 1).map(|_| ())?)).unwrap();
+    drop(s);
+    assert!(matches!(RedbStore::open(&path), Err(StoreError::TooNew { .. })));
 }
