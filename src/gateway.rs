@@ -149,6 +149,16 @@ impl Gateway {
         self.accounts.audit(event).await
     }
 
+    /// Records how a request ended, whichever lane served it: the one place every request's outcome is written
+    /// (the per-app request counter and upstream latency today).
+    pub fn finished(&self, outcome: &crate::metrics::Outcome<'_>) {
+        let Some(handles) = self.app_metrics.get(outcome.slot) else { return };
+        if let Some(upstream) = outcome.upstream {
+            handles.upstream(upstream);
+        }
+        handles.request(outcome.status);
+    }
+
     /// The names of the gateway's own cookies (session and CSRF), which never reach an app.
     pub fn own_cookies(&self) -> [&str; 2] {
         [&self.config.session.cookie_name.0, &self.csrf_cookie]

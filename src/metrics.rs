@@ -90,6 +90,58 @@ impl Default for Metrics {
     }
 }
 
+/// Which path served a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// The HTTP/1.1 relay forwarded it to the app.
+    Relay,
+    /// hyper and the gateway's handlers: the portal, the admin pages, refusals, HTTP/2, and whatever the relay
+    /// hands them.
+    Handlers,
+}
+
+/// How one request ended, on either lane: what the one recorder (`proxy::State::finished`) takes. The metrics
+/// read it today; an access log reads the same.
+#[derive(Debug, Clone, Copy)]
+pub struct Outcome<'a> {
+    /// Which lane served it.
+    pub lane: Lane,
+    /// The app's index in the configuration, then "portal", then "unknown" (as the apps' metric handles).
+    pub slot: usize,
+    /// The status answered (499: the client left first).
+    pub status: u16,
+    /// Whose session it carried, when one was read.
+    pub user: Option<&'a str>,
+    /// From the request's head to the answer: its head handed to hyper on the handlers' lane, its end on the
+    /// relay.
+    pub elapsed: Duration,
+    /// The app's share: from sending the request to the answer's head (`None`: no app was asked).
+    pub upstream: Option<Duration>,
+}
+
+/// What a lane learns while serving a request, for its [`Outcome`].
+#[derive(Debug, Default)]
+pub struct Served {
+    /// The app's response time, once asked.
+    pub upstream: Option<Duration>,
+    /// The session's user, once read.
+    pub user: Option<std::sync::Arc<crate::store::User>>,
+}
+
+impl Served {
+    /// The outcome of a request that ended with `status`.
+    pub fn outcome(&self, lane: Lane, slot: usize, status: u16, elapsed: Duration) -> Outcome<'_> {
+        Outcome {
+            lane,
+            slot,
+            status,
+            user: self.user.as_deref().map(|u| u.username.as_str()),
+            elapsed,
+            upstream: self.upstream,
+        }
+    }
+}
+
 /// Metric handles for one request label (an app, "portal" or "unknown"), resolved once so a request costs an
 /// array index and an atomic add, not a label allocation and a map lookup.
 pub struct LabelHandles {

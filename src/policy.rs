@@ -33,27 +33,40 @@ pub struct Decision {
     pub path: String,
 }
 
-/// What a signed-in session may do with an app.
+/// What a request for an app gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
-    /// It may use the app.
-    Pass,
-    /// It owes its second factor (or enrolment): nothing but the portal.
+    /// It goes to the app; with the session's identity headers if `identity` (not on bypass paths).
+    Pass {
+        /// Whether the session's user is named to the app.
+        identity: bool,
+    },
+    /// The path's rule is `deny`: never forwarded.
+    Denied,
+    /// No valid session, and the path needs one: the login page.
+    NoSession,
+    /// The session owes its second factor (or enrolment): nothing but the portal.
     Pending,
-    /// Signed in with the password alone, and the app needs two factors: enrolment first.
+    /// Signed in with the password alone, and the path needs two factors: enrolment first.
     NeedsSecondFactor,
     /// The user's groups don't include one the app requires.
     NotInGroup,
 }
 
-/// Whether a session at `level` of a user in `groups` may use `app`, whose path needs `needed` (an
-/// authenticating policy, not deny or bypass). The one admission rule of both proxy paths.
-pub fn admission(app: &App, needed: Policy, level: Level, groups: &[String]) -> Admission {
-    match (level, needed) {
-        (Level::Pending, _) => Admission::Pending,
-        (Level::Password, Policy::TwoFactor) => Admission::NeedsSecondFactor,
-        _ if !app.groups.is_empty() && !app.groups.iter().any(|g| groups.contains(g)) => Admission::NotInGroup,
-        _ => Admission::Pass,
+/// What a request whose path matched `policy` in `app` gets, given its session's level and its user's groups
+/// (`None`: no valid session). The one admission decision of both lanes, the relay and the handlers: each finds
+/// the session its own way, and only when [`Policy::needs_session`] says so, and then asks this.
+pub fn admit(app: &App, policy: Policy, session: Option<(Level, &[String])>) -> Admission {
+    match (policy, session) {
+        (Policy::Deny, _) => Admission::Denied,
+        (Policy::Bypass, _) => Admission::Pass { identity: false },
+        (_, None) => Admission::NoSession,
+        (_, Some((Level::Pending, _))) => Admission::Pending,
+        (Policy::TwoFactor, Some((Level::Password, _))) => Admission::NeedsSecondFactor,
+        (_, Some((_, groups))) if !app.groups.is_empty() && !app.groups.iter().any(|g| groups.contains(g)) => {
+            Admission::NotInGroup
+        }
+        _ => Admission::Pass { identity: true },
     }
 }
 
@@ -281,5 +294,35 @@ policy = "two_factor"
         ] {
             assert!(!valid_host(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn admission_is_decided_by_the_rule_then_the_session_level_then_the_groups() {
+        let mut app = ruled().apps.remove(0);
+        app.groups = vec!["ops".into()];
+        let ops = ["ops".to_string()];
+        let none: [String; 0] = [];
+        use Admission::*;
+        use Level::{Full, Password, Pending as P};
+        for (policy, session, want) in [
+            (Policy::Deny, Some((Full, &ops[..])), Denied),
+            (Policy::Deny, None, Denied),
+            (Policy::Bypass, None, Pass { identity: false }),
+            (Policy::Bypass, Some((Full, &ops[..])), Pass { identity: false }),
+            (Policy::OneFactor, None, NoSession),
+            (Policy::TwoFactor, None, NoSession),
+            (Policy::OneFactor, Some((P, &ops[..])), Pending),
+            (Policy::TwoFactor, Some((P, &ops[..])), Pending),
+            (Policy::TwoFactor, Some((Password, &ops[..])), NeedsSecondFactor),
+            (Policy::OneFactor, Some((Password, &ops[..])), Pass { identity: true }),
+            (Policy::OneFactor, Some((Password, &none[..])), NotInGroup),
+            (Policy::TwoFactor, Some((Full, &none[..])), NotInGroup),
+            (Policy::TwoFactor, Some((Full, &ops[..])), Pass { identity: true }),
+        ] {
+            assert_eq!(admit(&app, policy, session), want, "{policy:?} {session:?}");
+            assert_eq!(policy.needs_session(), matches!(policy, Policy::OneFactor | Policy::TwoFactor));
+        }
+        app.groups.clear();
+        assert_eq!(admit(&app, Policy::TwoFactor, Some((Full, &none[..]))), Pass { identity: true });
     }
 }

@@ -9,10 +9,10 @@ use http::{Request, Response, StatusCode};
 
 use crate::Body;
 use crate::client::Client;
-use crate::config::Policy;
 use crate::gateway::Gateway;
+use crate::metrics::{Lane, Served};
 use crate::pages::redirect;
-use crate::policy::{Admission, admission};
+use crate::policy::{Admission, admit};
 use crate::respond::{Reject, reject};
 
 /// Whether a request is from a browser that can follow a redirect to the login page.
@@ -29,6 +29,8 @@ fn wants_html(req: &Request<Body>) -> bool {
 
 /// Handles one request from start to finish. Never fails: every error becomes a page.
 pub async fn handle(gw: Arc<Gateway>, peer: SocketAddr, mut req: Request<Body>) -> Response<Body> {
+    let started = std::time::Instant::now();
+    let mut served = Served::default();
     crate::headers::strip_identity_headers(&gw.config, req.headers_mut());
     let client = gw.client(peer, req.headers());
     let portal = crate::policy::owns(gw.prefix(), req.uri().path());
@@ -43,7 +45,7 @@ pub async fn handle(gw: Arc<Gateway>, peer: SocketAddr, mut req: Request<Body>) 
     let result = if bad_host {
         Err(Reject::BadRequest("The Host header is not a valid host name."))
     } else if !portal {
-        protected(&gw, &client, app, req).await
+        protected(&gw, &client, app, req, &mut served).await
     } else if let Some(sub) = admin_path(&req.uri().path()[gw.prefix().len()..]) {
         crate::admin::handle(&gw, &client, req, &sub).await
     } else {
@@ -56,7 +58,7 @@ pub async fn handle(gw: Arc<Gateway>, peer: SocketAddr, mut req: Request<Body>) 
         None if portal => n,
         None => n + 1,
     };
-    gw.app_metrics[slot].request(resp.status().as_u16());
+    gw.finished(&served.outcome(Lane::Handlers, slot, resp.status().as_u16(), started.elapsed()));
     resp
 }
 
@@ -101,6 +103,7 @@ async fn protected(
     client: &Client,
     app: Option<usize>,
     req: Request<Body>,
+    served: &mut Served,
 ) -> Result<Response<Body>, Reject> {
     let decision = crate::policy::decide_for(&gw.config, app, req.uri().path()).map_err(|e| match e {
         crate::policy::PolicyError::UnknownHost => Reject::UnknownHost,
@@ -112,27 +115,25 @@ async fn protected(
     } else {
         req
     };
-    let identity = match decision.policy {
-        Policy::Deny => return Err(Reject::Denied),
-        Policy::Bypass => None,
-        needed => {
-            let Some(auth) = gw.sessions.authenticate_cached(req.headers()).await? else {
-                return Ok(send_to(gw, &req, |rd| crate::portal::login_url(gw, rd)));
-            };
-            match admission(app, needed, auth.record.level, &auth.user.groups) {
-                Admission::Pending => {
-                    return Ok(send_to(gw, &req, |rd| crate::portal::next_step_url(gw, &auth.user, rd)));
-                }
-                Admission::NeedsSecondFactor => {
-                    return Ok(send_to(gw, &req, |rd| crate::portal::enroll_url(gw, rd)));
-                }
-                Admission::NotInGroup => return Err(Reject::NotInGroup),
-                Admission::Pass => {}
-            }
-            Some(auth)
-        }
+    let session = match decision.policy.needs_session() {
+        true => gw.sessions.authenticate_cached(req.headers()).await?,
+        false => None,
     };
-    crate::proxy::forward(&**gw, client, decision, identity, req).await
+    served.user = session.as_ref().map(|a| a.user.clone());
+    let held = session.as_ref().map(|a| (a.record.level, a.user.groups.as_slice()));
+    let identity = match (admit(app, decision.policy, held), session) {
+        (Admission::Pass { identity }, session) => session.filter(|_| identity),
+        (Admission::Pending, Some(auth)) => {
+            return Ok(send_to(gw, &req, |rd| crate::portal::next_step_url(gw, &auth.user, rd)));
+        }
+        (Admission::NeedsSecondFactor, _) => return Ok(send_to(gw, &req, |rd| crate::portal::enroll_url(gw, rd))),
+        (Admission::NoSession | Admission::Pending, _) => {
+            return Ok(send_to(gw, &req, |rd| crate::portal::login_url(gw, rd)));
+        }
+        (Admission::Denied, _) => return Err(Reject::Denied),
+        (Admission::NotInGroup, _) => return Err(Reject::NotInGroup),
+    };
+    crate::proxy::forward(&**gw, client, decision, identity, req, served).await
 }
 
 /// Browsers go to the portal page `url(where they were going)`; everything else gets 401.
@@ -168,8 +169,8 @@ impl crate::proxy::State for Gateway {
     fn metrics(&self) -> &crate::metrics::Metrics {
         &self.metrics
     }
-    fn app_metrics(&self, slot: usize) -> &crate::metrics::LabelHandles {
-        &self.app_metrics[slot]
+    fn finished(&self, outcome: &crate::metrics::Outcome<'_>) {
+        Gateway::finished(self, outcome)
     }
     fn pages(&self) -> &crate::pages::Pages {
         &self.pages

@@ -81,6 +81,13 @@ pub enum Policy {
     Deny,
 }
 
+impl Policy {
+    /// Whether a request under this rule is decided by its session (deny and bypass never read one).
+    pub fn needs_session(self) -> bool {
+        matches!(self, Policy::OneFactor | Policy::TwoFactor)
+    }
+}
+
 /// The host an app answers for, normalised (lower case, no port, no trailing dot).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostPattern {

@@ -43,8 +43,8 @@ pub trait State: Send + Sync + 'static {
     fn tunnels(&self) -> &Arc<tunnels::Tunnels>;
     /// The metrics registry.
     fn metrics(&self) -> &crate::metrics::Metrics;
-    /// The metric handles of app `slot` (then "portal", then "unknown").
-    fn app_metrics(&self, slot: usize) -> &crate::metrics::LabelHandles;
+    /// Records how a request ended: every request on either lane ends here, once.
+    fn finished(&self, outcome: &crate::metrics::Outcome<'_>);
     /// The templates (for refusal pages).
     fn pages(&self) -> &crate::pages::Pages;
     /// The client of a request from `peer`.
@@ -233,6 +233,7 @@ pub async fn forward(
     decision: Decision,
     session: Option<crate::session::Authenticated>,
     mut req: Request<Body>,
+    served: &mut crate::metrics::Served,
 ) -> Result<Response<Body>, Reject> {
     let app = &gw.config().apps[decision.app];
     let path_and_query = match req.uri().query() {
@@ -269,7 +270,7 @@ pub async fn forward(
     let limits = relay::Limits { answer: app.upstream_timeout.0, body: gw.config().server.body_timeout.0 };
     let started = std::time::Instant::now();
     let outcome = upstream.send(who, upstream_req, websocket, limits).await;
-    gw.app_metrics(decision.app).upstream(started.elapsed());
+    served.upstream = Some(started.elapsed());
     let sent = match outcome {
         Err(relay::SendError::Timeout) => return Err(Reject::GatewayTimeout),
         Err(relay::SendError::BodyStalled) => return Err(Reject::RequestTimeout),

@@ -383,12 +383,15 @@ struct Outcome {
     upstream: Vec<Seen>,
 }
 
-/// The relay's counters: relayed, handed over to hyper, answered by the handlers on the relay's connection.
+/// The relay's counters: relayed, handed over to hyper, answered by the handlers on the relay's connection; and
+/// the requests recorded as ended (`portcullis_requests_total`, every app and status), which must move by one
+/// whichever lane served the request: each request ends in one place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Served {
     relayed: u64,
     handovers: u64,
     local: u64,
+    recorded: u64,
 }
 
 impl std::ops::Sub for Served {
@@ -398,6 +401,7 @@ impl std::ops::Sub for Served {
             relayed: self.relayed - o.relayed,
             handovers: self.handovers - o.handovers,
             local: self.local - o.local,
+            recorded: self.recorded - o.recorded,
         }
     }
 }
@@ -409,6 +413,7 @@ async fn served(maddr: SocketAddr) -> Served {
         relayed: s.value("portcullis_relayed_requests_total"),
         handovers: s.value("portcullis_relay_handovers_total"),
         local: s.value("portcullis_relay_local_answers_total"),
+        recorded: s.sum("portcullis_requests_total"),
     }
 }
 
@@ -443,7 +448,15 @@ async fn run(
     let hits = up.hit_count();
     let before = served(maddr).await;
     let r = raw_send(gw.addr, text.as_bytes()).await;
-    let moved = served(maddr).await - before;
+    // The relay records a request once its answer is written, so the client may read it a moment earlier.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let moved = loop {
+        let moved = served(maddr).await - before;
+        if moved.recorded > 0 || std::time::Instant::now() > deadline {
+            break moved;
+        }
+        tokio::task::yield_now().await;
+    };
     let upstream = up.hits()[hits..]
         .iter()
         .map(|h| Seen { method: h.method.clone(), target: h.path.clone(), headers: h.headers.clone() })
@@ -461,10 +474,12 @@ async fn run(
 fn lane_error(case: &Case, lane: Lane, outcome: &Outcome, moved: Served) -> Option<String> {
     let reached = !outcome.upstream.is_empty();
     let want = match (lane, case.route) {
-        (Lane::Hyper, _) | (Lane::Relay, Route::Handover(_)) => Served { relayed: 0, handovers: 1, local: 0 },
-        (Lane::Relay, Route::Handlers(_)) => Served { relayed: 0, handovers: 0, local: 1 },
-        (Lane::Relay, Route::Relay) if reached => Served { relayed: 1, handovers: 0, local: 0 },
-        (Lane::Relay, Route::Relay) => Served { relayed: 0, handovers: 0, local: 1 },
+        (Lane::Hyper, _) | (Lane::Relay, Route::Handover(_)) => {
+            Served { relayed: 0, handovers: 1, local: 0, recorded: 1 }
+        }
+        (Lane::Relay, Route::Handlers(_)) => Served { relayed: 0, handovers: 0, local: 1, recorded: 1 },
+        (Lane::Relay, Route::Relay) if reached => Served { relayed: 1, handovers: 0, local: 0, recorded: 1 },
+        (Lane::Relay, Route::Relay) => Served { relayed: 0, handovers: 0, local: 1, recorded: 1 },
     };
     let why = match case.route {
         Route::Relay => "relayed, or answered by the handlers on the relay's connection",

@@ -10,6 +10,7 @@ pub(super) async fn forward_one<IO>(
     client: &mut IO,
     c: &mut Conn,
     f: &Forward,
+    started: Instant,
     timer: Pin<&mut tokio::time::Sleep>,
 ) -> io::Result<Next>
 where
@@ -22,13 +23,12 @@ where
         return answer(gw, client, c, f, &Reject::BadGateway).await;
     };
     let own = gw.own_cookies();
-    // Two clock reads serve the deadlines, the pool's checkout, the latency metric and the Date (a third, the
-    // checkin's, comes after the body).
-    let started = Instant::now();
+    // Two clock reads (`started`, the caller's) serve the deadlines, the pool's checkout, the latency metric and
+    // the Date (a third, the checkin's, comes after the body).
     let limits = Limits { answer: app.upstream_timeout.0, body: gw.config().server.body_timeout.0 };
     let exchanged = exchange(pool, c, client, &own, f, started, timer, limits).await;
     let answered = Instant::now();
-    gw.app_metrics(f.app).upstream(answered.saturating_duration_since(started));
+    c.upstream = Some(answered.saturating_duration_since(started));
     let (mut up, head, whole) = match exchanged {
         Ok(sent) => sent,
         // The client broke off its body: nobody is left to answer.
@@ -40,7 +40,7 @@ where
         }
         Err(Failed::Timeout) => return answer(gw, client, c, f, &Reject::GatewayTimeout).await,
     };
-    gw.app_metrics(f.app).request(head.status);
+    c.status = head.status;
     finish_head(&mut c.out, &head, answered);
     if head.status == 101 {
         client.write_all(&c.out).await?;
@@ -217,7 +217,7 @@ where
     IO: AsyncWrite + Unpin,
 {
     let resp = crate::respond::reject(gw.pages(), r);
-    gw.app_metrics(f.app).request(resp.status().as_u16());
+    c.status = resp.status().as_u16();
     // After a failure, what is left of a request body can't be told from the next request: close.
     let close = f.close || f.body > 0;
     write_response(client, &mut c.out, resp, f.head, close).await?;

@@ -30,9 +30,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Policy;
 use crate::headers::{self, ForwardedHeaders, Framing, Headers};
-use crate::policy::{Admission, admission};
+use crate::metrics::Lane;
+use crate::policy::{Admission, admit};
 use crate::proxy::State;
 use crate::proxy::pool::{Affinity, IdlePool};
 use crate::respond::Reject;
@@ -110,6 +110,10 @@ struct Conn {
     peer: SocketAddr,
     /// The peer's address as text, formatted once per connection.
     peer_ip: String,
+    /// The status answered to the request being forwarded (499 until an answer is written).
+    status: u16,
+    /// The app's response time for the request being forwarded, once it answered or failed.
+    upstream: Option<Duration>,
 }
 
 /// A request the relay forwards.
@@ -133,6 +137,8 @@ struct Forward {
     upgrade: Option<Option<(crate::session::SessionId, std::sync::Arc<str>)>>,
     /// For a WebSocket handshake, the `Sec-WebSocket-Accept` the app's 101 must carry ([`headers::websocket_accept`]).
     accept: Option<String>,
+    /// The session's user named to the app (none on bypass paths).
+    user: Option<std::sync::Arc<crate::store::User>>,
 }
 
 enum Planned {
@@ -184,7 +190,14 @@ where
         head: std::pin::pin!(tokio::time::sleep_until(far)),
         upstream: std::pin::pin!(tokio::time::sleep_until(far)),
     };
-    let mut c = Conn { input: BytesMut::new(), out: Vec::new(), peer, peer_ip: peer.ip().to_string() };
+    let mut c = Conn {
+        input: BytesMut::new(),
+        out: Vec::new(),
+        peer,
+        peer_ip: peer.ip().to_string(),
+        status: 0,
+        upstream: None,
+    };
     // The connection's own handle on the current gateway: a pointer check per request, where `load_full` would
     // bump the reference count that every connection shares (a reload still takes effect at the next request).
     let mut current = arc_swap::Cache::new(current);
@@ -242,7 +255,21 @@ where
             }
             idle_flag.store(false, std::sync::atomic::Ordering::Relaxed);
         };
-        match forward_one(gw, &mut io, &mut c, &forward, timers.upstream.as_mut()).await {
+        let started = Instant::now();
+        (c.status, c.upstream) = (499, None);
+        let ended = forward_one(gw, &mut io, &mut c, &forward, started, timers.upstream.as_mut()).await;
+        // Every forwarded request ends here, however it ended; the relay's local answers end in the handlers.
+        let user = forward.user.as_deref().map(|u| u.username.as_str());
+        let (slot, status, upstream) = (forward.app, c.status, c.upstream);
+        gw.finished(&crate::metrics::Outcome {
+            lane: Lane::Relay,
+            slot,
+            status,
+            user,
+            elapsed: started.elapsed(),
+            upstream,
+        });
+        match ended {
             Ok(Next::Continue) if !stop.is_cancelled() => {}
             Ok(Next::Tunnel(up)) => {
                 idle_flag.store(false, std::sync::atomic::Ordering::Relaxed);
@@ -316,6 +343,7 @@ pub mod fuzzing {
             who: Affinity::Anonymous,
             upgrade: None,
             accept: None,
+            user: None,
         };
         let head = response_head(&mut buf, &mut out, own, &f).map_err(|e| e.to_string())?;
         Ok(head.map(|h| {

@@ -90,26 +90,25 @@ pub(super) fn plan(gw: &impl State, c: &mut Conn, looked_up: bool) -> Planned {
     if found > sessions.len() {
         return local();
     }
-    let mut owner = None;
-    let user = match decision.policy {
-        Policy::Deny => return local(),
-        Policy::Bypass => None,
-        needed => match gw.sessions().cached_of(sessions[..found].iter().copied()) {
-            Ok(CacheAnswer::Hit(auth))
-                if admission(app, needed, auth.record.level, &auth.user.groups) == Admission::Pass =>
-            {
-                if websocket {
-                    owner = Some((auth.id, auth.user.username.as_str().into()));
-                }
-                Some(auth.user)
-            }
+    let session = match decision.policy.needs_session() {
+        true => match gw.sessions().cached_of(sessions[..found].iter().copied()) {
+            Ok(CacheAnswer::Hit(auth)) => Some(auth),
             Ok(CacheAnswer::Miss(_)) if looked_up => return local(),
             Ok(CacheAnswer::Miss(revision)) => {
                 return Planned::Lookup(sessions[..found].iter().map(|s| s.to_string()).collect(), revision);
             }
             _ => return local(),
         },
+        false => None,
     };
+    let held = session.as_ref().map(|a| (a.record.level, a.user.groups.as_slice()));
+    // Whatever isn't forwarded (a login page, a refusal) is the handlers' to answer: they ask the same question.
+    let Admission::Pass { identity } = admit(app, decision.policy, held) else {
+        return local();
+    };
+    let session = session.filter(|_| identity);
+    let owner = session.as_ref().filter(|_| websocket).map(|a| (a.id, a.user.username.as_str().into()));
+    let user = session.map(|a| a.user);
     let client = gw.client(*peer, hs);
 
     out.clear();
@@ -154,7 +153,7 @@ pub(super) fn plan(gw: &impl State, c: &mut Conn, looked_up: bool) -> Planned {
     let upgrade = websocket.then_some(owner);
     let accept = if websocket { headers::websocket_accept(hs) } else { None };
     let close = listed.has("close");
-    Planned::Forward(Forward { app: decision.app, len, head, body, retry, close, who, upgrade, accept })
+    Planned::Forward(Forward { app: decision.app, len, head, body, retry, close, who, upgrade, accept, user })
 }
 
 /// The request headers that decide whether and how the relay takes a request, read in one pass.

@@ -623,6 +623,16 @@ impl Scrape {
             .map(|v| v as u64)
             .unwrap_or_else(|| panic!("no {name} in metrics:\n{}", self.0))
     }
+
+    /// The sum of every series of `name` (all label values).
+    pub fn sum(&self, name: &str) -> u64 {
+        self.0
+            .lines()
+            .filter_map(|l| l.strip_prefix(name)?.strip_prefix('{')?.rsplit_once(' '))
+            .filter_map(|(_, v)| v.trim().parse::<f64>().ok())
+            .map(|v| v as u64)
+            .sum()
+    }
 }
 
 /// The relay's two counters, scraped from the metrics endpoint at `maddr`. Both are incremented before the
