@@ -8,6 +8,7 @@
 //! A failed audit write or notice never undoes the change: the change is what the actor asked for.
 
 pub mod factors;
+pub mod source;
 pub mod validate;
 
 use std::net::IpAddr;

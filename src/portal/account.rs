@@ -6,10 +6,10 @@ use minijinja::{Value, context};
 
 use crate::Body;
 use crate::accounts::factors::Enrolment;
+use crate::accounts::source::{Asked, PasswordStep};
 use crate::accounts::{Actor, Keep};
 use crate::client::Client;
 use crate::clock::rfc3339;
-use crate::credentials::lockout::Step;
 use crate::credentials::{recovery, totp};
 use crate::gateway::Gateway;
 use crate::pages::{full, redirect, secure_headers};
@@ -18,7 +18,7 @@ use crate::portal::redirect::target_or_root;
 use crate::portal::{Gate, query_param, require_session, rotate, with_cookie};
 use crate::respond::Reject;
 use crate::session::Authenticated;
-use crate::store::{ENROLMENT_TTL, LastLogin, Level, SecondFactor};
+use crate::store::{ENROLMENT_TTL, Level, SecondFactor};
 
 /// Purpose of the grant that lets a recovery codes page offer its download.
 const DOWNLOAD_GRANT: &str = "recovery-download";
@@ -205,24 +205,15 @@ pub async fn confirm(
     }
 }
 
-/// Verifies the re-entered password under the password lockout.
+/// Verifies the re-entered password: the same password step as the sign-in's.
 async fn password_ok(gw: &Gateway, client: &Client, auth: &Authenticated, form: &Form) -> Result<bool, Reject> {
-    let now = gw.clock.now();
-    let name = &auth.user.username;
-    if let Some(secs) = gw.accounts.lockout().retry_after(&gw.store, Step::Password, name, client.addr, now).await? {
-        return Err(Reject::TooManyAttempts(secs));
+    let typed = form.get("password").to_string();
+    match crate::portal::password_step(gw, client, &auth.user.username, typed, Asked::Reauthentication).await? {
+        PasswordStep::Accepted(_) => Ok(true),
+        PasswordStep::Refused => Ok(false),
+        PasswordStep::Locked { retry_after, .. } => Err(Reject::TooManyAttempts(retry_after)),
+        PasswordStep::AccountLocked => Err(Reject::AccountLocked),
     }
-    let ok = gw.hasher.verify(form.get("password").to_string(), Some(auth.user.password_hash.clone())).await?;
-    if ok {
-        gw.accounts.lockout().succeed(&gw.store, Step::Password, name).await?;
-        return Ok(true);
-    }
-    if let Some(secs) =
-        crate::portal::password_refused(gw, client, name, Some(&auth.user), now, Some("password re-entry")).await?
-    {
-        return Err(Reject::TooManyAttempts(secs));
-    }
-    Ok(false)
 }
 
 fn codes_page(
@@ -323,8 +314,7 @@ pub async fn confirm_enrolment(gw: &Gateway, client: &Client, req: Request<Body>
     };
     // Enrolment proved the factor: the session rises to the full level, under a new id.
     let (id, cookie) = rotate(gw, client, &auth, Level::Full).await?;
-    let login = LastLogin { at: now, address: client.addr.to_string(), second_factor: Some(SecondFactor::Totp) };
-    gw.store.record_login(&name, login).await?;
+    crate::portal::signed_in(gw, client, &name, Some(SecondFactor::Totp)).await?;
     let msg = Some("Two-factor authentication is on. Save these recovery codes now.");
     Ok(codes_page(gw, &id.0, &shown, &rd, true, msg, Some(cookie)))
 }

@@ -4,9 +4,9 @@ use http::{Request, Response, StatusCode};
 use minijinja::context;
 
 use crate::Body;
+use crate::accounts::source::{Asked, PasswordStep};
 use crate::audit::{AuditEvent, EventKind};
 use crate::client::Client;
-use crate::credentials::lockout::Step;
 use crate::gateway::Gateway;
 use crate::keys::random_bytes;
 use crate::pages::redirect;
@@ -16,7 +16,7 @@ use crate::portal::{next_step_url, query_param, signin_rules, step_url, with_coo
 use crate::respond::Reject;
 use crate::session::{self};
 use crate::signin;
-use crate::store::{LastLogin, Level, User, normalize_login};
+use crate::store::Level;
 
 /// The `rd` query parameter, made safe.
 fn rd_param(req: &Request<Body>) -> String {
@@ -80,28 +80,15 @@ pub async fn submit(gw: &Gateway, client: &Client, req: Request<Body>) -> Result
     let password = form.get("password").to_string();
     let now = gw.clock.now();
 
-    let login = normalize_login(typed);
-    let user = if login.is_empty() { None } else { gw.store.find_login(&login).await? };
-    // Unknown names are counted under what was typed, so they lock like real accounts.
-    let account = user.as_ref().map_or(login.clone(), |u| u.username.clone());
-    if let Some(secs) = gw.accounts.lockout().retry_after(&gw.store, Step::Password, &account, client.addr, now).await?
-    {
-        gw.metrics.login("locked");
-        gw.audit(AuditEvent::new(now, EventKind::LockedOut, &account).from_addr(client.addr).detail("password")).await;
-        return Err(Reject::TooManyAttempts(secs));
-    }
-    let ok = gw.hasher.verify(password, user.as_ref().map(|u| u.password_hash.clone())).await?;
-    let user = match user {
-        Some(u) if ok => u,
-        known => return failed_login(gw, client, &account, known.as_ref(), now, &binding, &rd, typed).await,
+    let user = match crate::portal::password_step(gw, client, typed, password, Asked::SignIn).await? {
+        PasswordStep::Accepted(user) => *user,
+        PasswordStep::Refused => {
+            let msg = Some("Invalid username or password.");
+            return Ok(login_page(gw, StatusCode::UNAUTHORIZED, &binding, &rd, typed, msg));
+        }
+        PasswordStep::Locked { retry_after, .. } => return Err(Reject::TooManyAttempts(retry_after)),
+        PasswordStep::AccountLocked => return Err(Reject::AccountLocked),
     };
-    if user.locked {
-        gw.metrics.login("account_locked");
-        let event = AuditEvent::new(now, EventKind::LoginFailed, &user.username).from_addr(client.addr);
-        gw.audit(event.detail("account locked")).await;
-        return Err(Reject::AccountLocked);
-    }
-    gw.accounts.lockout().succeed(&gw.store, Step::Password, &user.username).await?;
 
     // With two-factor on (or required), the password only opens the way to the challenge (or enrolment).
     let state = signin::State::Anonymous.after(
@@ -117,34 +104,13 @@ pub async fn submit(gw: &Gateway, client: &Client, req: Request<Body>) -> Result
     let old = gw.sessions.authenticate(&parts.headers).await?.map(|a| a.id);
     let (_, cookie) = gw.sessions.start(&user.username, level, client.addr, old, client.https).await?;
     if level == Level::Password {
-        let login = LastLogin { at: now, address: client.addr.to_string(), second_factor: None };
-        gw.store.record_login(&user.username, login).await?;
+        crate::portal::signed_in(gw, client, &user.username, None).await?;
     }
     gw.metrics.login("success");
     let detail = if level == Level::Pending { "second factor due" } else { "password only" };
     gw.audit(AuditEvent::new(now, EventKind::LoginSucceeded, &user.username).from_addr(client.addr).detail(detail))
         .await;
     Ok(with_cookie(redirect(StatusCode::SEE_OTHER, &next), Some(cookie)))
-}
-
-/// A wrong password or unknown name: count it (both alike), maybe lock, and show the form again.
-#[allow(clippy::too_many_arguments)]
-async fn failed_login(
-    gw: &Gateway,
-    client: &Client,
-    account: &str,
-    known: Option<&User>,
-    now: u64,
-    binding: &[u8; 32],
-    rd: &str,
-    typed: &str,
-) -> Result<Response<Body>, Reject> {
-    gw.metrics.login("failure");
-    if let Some(secs) = crate::portal::password_refused(gw, client, account, known, now, None).await? {
-        return Err(Reject::TooManyAttempts(secs));
-    }
-    let page = login_page(gw, StatusCode::UNAUTHORIZED, binding, rd, typed, Some("Invalid username or password."));
-    Ok(page)
 }
 
 /// GET logout: a confirmation form (logout is a POST, so a link or image can't sign anyone out).

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, header};
 
 use crate::Body;
+use crate::accounts::source::{Asked, PasswordStep};
 use crate::client::Client;
 use crate::gateway::Gateway;
 use crate::pages::{self, redirect};
@@ -150,35 +151,28 @@ pub fn next_step_url(gw: &Gateway, user: &User, rd: &str) -> String {
     step_url(gw, &signin::State::of_session(Level::Pending, signin::Enrolled::of(user), 0), rd)
 }
 
-/// A refused password, wherever the portal asked for it (sign-in, or re-authentication in the settings): one
-/// audit event, one count towards the account's password lockout, and at the lock one audit event, the metric and
-/// the account-locked notice (to a `known` account). `Some(seconds)`: the step is locked now. Written once, so the
-/// places that ask for a password can't drift apart.
-pub async fn password_refused(
+/// The password step as every portal page takes it ([`crate::accounts::Accounts::password_step`]: lockout,
+/// audit and notices, written once) against the local accounts, with its metrics.
+pub async fn password_step(
     gw: &Gateway,
     client: &Client,
-    account: &str,
-    known: Option<&User>,
-    now: u64,
-    detail: Option<&str>,
-) -> Result<Option<u64>, Reject> {
-    use crate::audit::{AuditEvent, EventKind};
-    let event = AuditEvent::new(now, EventKind::LoginFailed, account).from_addr(client.addr);
-    gw.audit(match detail {
-        Some(d) => event.detail(d),
-        None => event,
-    })
-    .await;
-    let step = crate::credentials::lockout::Step::Password;
-    let Some(secs) = gw.accounts.lockout().fail(&gw.store, step, account, client.addr, now).await? else {
-        return Ok(None);
-    };
-    gw.metrics.lockout("password");
-    gw.audit(AuditEvent::new(now, EventKind::Lockout, account).from_addr(client.addr).detail("password")).await;
-    if let Some(u) = known {
-        gw.accounts.notifier().notify(u, crate::notify::Notice::AccountLocked, crate::notify::By::User, now).await;
+    login: &str,
+    password: String,
+    asked: Asked,
+) -> Result<PasswordStep, Reject> {
+    let step = gw.accounts.password_step(&gw.accounts.local_users(), client.addr, login, password, asked).await?;
+    if asked == Asked::SignIn {
+        match &step {
+            PasswordStep::Locked { now: false, .. } => gw.metrics.login("locked"),
+            PasswordStep::Refused | PasswordStep::Locked { now: true, .. } => gw.metrics.login("failure"),
+            PasswordStep::AccountLocked => gw.metrics.login("account_locked"),
+            PasswordStep::Accepted(_) => {}
+        }
     }
-    Ok(Some(secs))
+    if let PasswordStep::Locked { now: true, .. } = step {
+        gw.metrics.lockout("password");
+    }
+    Ok(step)
 }
 
 /// Which sessions a page accepts.
@@ -234,7 +228,18 @@ pub async fn elevate(
     rd: &str,
 ) -> Result<Response<Body>, Reject> {
     let (_, cookie) = rotate(gw, client, auth, level).await?;
-    let login = LastLogin { at: gw.clock.now(), address: client.addr.to_string(), second_factor: factor };
-    gw.store.record_login(&auth.user.username, login).await?;
+    signed_in(gw, client, &auth.user.username, factor).await?;
     Ok(with_cookie(redirect(StatusCode::SEE_OTHER, rd), Some(cookie)))
+}
+
+/// A sign-in completed (password alone where that is enough, a second factor, or an enrolment that proved one):
+/// the one place the last login is recorded.
+pub async fn signed_in(
+    gw: &Gateway,
+    client: &Client,
+    username: &str,
+    factor: Option<SecondFactor>,
+) -> Result<(), Reject> {
+    let login = LastLogin { at: gw.clock.now(), address: client.addr.to_string(), second_factor: factor };
+    Ok(gw.store.record_login(username, login).await?)
 }
