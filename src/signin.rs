@@ -18,7 +18,7 @@
 //! A `Challenge` or `Enrol` state is what a `Pending` session stands for: it reaches only the challenge,
 //! enrolment and logout pages. A new kind of factor is a new [`Factor`] and a field of [`Enrolled`].
 
-use crate::store::{Level, User};
+use crate::store::{Level, SecondFactor, User};
 
 /// A second factor a user can present.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +27,15 @@ pub enum Factor {
     Totp,
     /// One of the user's single-use recovery codes.
     RecoveryCode,
+}
+
+impl From<SecondFactor> for Factor {
+    fn from(f: SecondFactor) -> Factor {
+        match f {
+            SecondFactor::Totp => Factor::Totp,
+            SecondFactor::RecoveryCode => Factor::RecoveryCode,
+        }
+    }
 }
 
 /// The second factors a user has enrolled.

@@ -312,8 +312,11 @@ pub async fn confirm_enrolment(gw: &Gateway, client: &Client, req: Request<Body>
             return render_setup(gw, &auth, &secret, &rd, msg, StatusCode::UNPROCESSABLE_ENTITY);
         }
     };
-    // Enrolment proved the factor: the session rises to the full level, under a new id.
-    let (id, cookie) = rotate(gw, client, &auth, Level::Full).await?;
+    // Enrolment proved the factor: the session rises (to the full level, the machine says), under a new id.
+    let Some(level) = crate::portal::advance(gw, &auth, crate::signin::Event::Enrolled) else {
+        return Ok(redirect(StatusCode::SEE_OTHER, &crate::portal::login_url(gw, &rd)));
+    };
+    let (id, cookie) = rotate(gw, client, &auth, level).await?;
     crate::portal::signed_in(gw, client, &name, Some(SecondFactor::Totp)).await?;
     let msg = Some("Two-factor authentication is on. Save these recovery codes now.");
     Ok(codes_page(gw, &id.0, &shown, &rd, true, msg, Some(cookie)))

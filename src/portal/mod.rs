@@ -135,6 +135,19 @@ pub fn signin_rules(gw: &Gateway) -> signin::Rules {
     signin::Rules { required: gw.config.two_factor.required, pending_lifetime: crate::session::PENDING_LIFETIME }
 }
 
+/// The level `auth`'s sign-in reaches after `event`, as the sign-in machine says; `None` when it is not done (a
+/// lapsed pending step starts again at the login page).
+pub fn advance(gw: &Gateway, auth: &Authenticated, event: signin::Event) -> Option<Level> {
+    let enrolled = signin::Enrolled::of(&auth.user);
+    let state = signin::State::of_session(auth.record.level, enrolled, auth.record.created).after(
+        event,
+        enrolled,
+        signin_rules(gw),
+        gw.clock.now(),
+    );
+    (state.step() == signin::Step::Done).then(|| state.level()).flatten()
+}
+
 /// Where a sign-in in `state` goes next: its page, or `rd` once it is done.
 pub fn step_url(gw: &Gateway, state: &signin::State, rd: &str) -> String {
     match state.step() {

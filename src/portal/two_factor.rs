@@ -14,6 +14,7 @@ use crate::portal::redirect::target_or_root;
 use crate::portal::{Gate, elevate, query_param, require_session};
 use crate::respond::Reject;
 use crate::session::Authenticated;
+use crate::signin;
 use crate::store::Level;
 
 fn page(
@@ -76,7 +77,10 @@ pub async fn submit(gw: &Gateway, client: &Client, req: Request<Body>) -> Result
     match gw.accounts.second_factor(&actor, &auth.user, factor, browser, Purpose::SignIn).await? {
         Outcome::Accepted(factor) => {
             gw.metrics.factor(method, "success");
-            elevate(gw, client, &auth, Level::Full, Some(factor), &rd).await
+            match crate::portal::advance(gw, &auth, signin::Event::FactorAccepted(factor.into())) {
+                Some(level) => elevate(gw, client, &auth, level, Some(factor), &rd).await,
+                None => Ok(redirect(StatusCode::SEE_OTHER, &crate::portal::login_url(gw, &rd))),
+            }
         }
         Outcome::Locked { retry_after, now } => {
             if now {

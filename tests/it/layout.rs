@@ -168,6 +168,21 @@ fn no_import_cycle_in_src() {
     assert_eq!(find_cycle(&graph), None, "an import cycle between top-level modules of src/");
 }
 
+/// Each file of `src/` stays readable in one sitting: a file that grows past this is split along its seams.
+#[test]
+fn no_file_in_src_is_over_600_lines() {
+    let mut files = Vec::new();
+    rust_files(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut files);
+    assert!(files.len() >= 60, "only {} files found", files.len());
+    let long: Vec<String> = files
+        .iter()
+        .map(|f| (f, std::fs::read_to_string(f).unwrap().lines().count()))
+        .filter(|(_, n)| *n > 600)
+        .map(|(f, n)| format!("{} ({n} lines)", f.display()))
+        .collect();
+    assert!(long.is_empty(), "files over 600 lines: {long:?}");
+}
+
 #[test]
 fn the_cycle_finder_finds_cycles() {
     let graph = |edges: &[(&str, &str)]| {
