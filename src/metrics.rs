@@ -110,7 +110,7 @@ pub struct Outcome<'a> {
     pub slot: usize,
     /// The status answered (499: the client left first).
     pub status: u16,
-    /// Whose session it carried, when one was read.
+    /// The session's user, when an app request read one (none for the portal's own pages and bypass paths).
     pub user: Option<&'a str>,
     /// From the request's head to the answer: its head handed to hyper on the handlers' lane, its end on the
     /// relay.

@@ -302,6 +302,10 @@ pub async fn confirm_enrolment(gw: &Gateway, client: &Client, req: Request<Body>
         };
         return Ok(gw.pages.page("error.html", StatusCode::GONE, ctx));
     };
+    // Where the enrolment leads, asked before it is made: a lapsed sign-in starts again with nothing enrolled.
+    let Some(level) = crate::portal::advance(gw, &auth, crate::signin::Event::Enrolled) else {
+        return Ok(redirect(StatusCode::SEE_OTHER, &crate::portal::login_url(gw, &rd)));
+    };
     let actor = Actor::User { address: client.addr };
     let shown = match gw.accounts.confirm_enrolment(&actor, &auth.user, auth.id.0, pending, form.get("code")).await? {
         Enrolment::Enabled(shown) => shown,
@@ -313,9 +317,6 @@ pub async fn confirm_enrolment(gw: &Gateway, client: &Client, req: Request<Body>
         }
     };
     // Enrolment proved the factor: the session rises (to the full level, the machine says), under a new id.
-    let Some(level) = crate::portal::advance(gw, &auth, crate::signin::Event::Enrolled) else {
-        return Ok(redirect(StatusCode::SEE_OTHER, &crate::portal::login_url(gw, &rd)));
-    };
     let (id, cookie) = rotate(gw, client, &auth, level).await?;
     crate::portal::signed_in(gw, client, &name, Some(SecondFactor::Totp)).await?;
     let msg = Some("Two-factor authentication is on. Save these recovery codes now.");

@@ -72,15 +72,17 @@ pub async fn submit(gw: &Gateway, client: &Client, req: Request<Body>) -> Result
     let factor =
         if recovery_path { Factor::RecoveryCode(form.get("recovery_code")) } else { Factor::Totp(form.get("code")) };
     let browser = parts.headers.get(http::header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or("unknown");
+    // Where a right factor leads, asked before one is spent: a lapsed sign-in starts again with the code unused.
+    let offered = if recovery_path { signin::Factor::RecoveryCode } else { signin::Factor::Totp };
+    let Some(level) = crate::portal::advance(gw, &auth, signin::Event::FactorAccepted(offered)) else {
+        return Ok(redirect(StatusCode::SEE_OTHER, &crate::portal::login_url(gw, &rd)));
+    };
     let actor = Actor::User { address: client.addr };
     let method = factor.method();
     match gw.accounts.second_factor(&actor, &auth.user, factor, browser, Purpose::SignIn).await? {
         Outcome::Accepted(factor) => {
             gw.metrics.factor(method, "success");
-            match crate::portal::advance(gw, &auth, signin::Event::FactorAccepted(factor.into())) {
-                Some(level) => elevate(gw, client, &auth, level, Some(factor), &rd).await,
-                None => Ok(redirect(StatusCode::SEE_OTHER, &crate::portal::login_url(gw, &rd))),
-            }
+            elevate(gw, client, &auth, level, Some(factor), &rd).await
         }
         Outcome::Locked { retry_after, now } => {
             if now {

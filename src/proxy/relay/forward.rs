@@ -4,7 +4,7 @@
 
 use super::*;
 
-/// Sends one request and relays its answer. `Ok(true)`: the client connection can carry another request.
+/// Sends one request and relays its answer; what the client connection does next.
 pub(super) async fn forward_one<IO>(
     gw: &impl State,
     client: &mut IO,
@@ -23,8 +23,8 @@ where
         return answer(gw, client, c, f, &Reject::BadGateway).await;
     };
     let own = gw.own_cookies();
-    // Two clock reads (`started`, the caller's) serve the deadlines, the pool's checkout, the latency metric and
-    // the Date (a third, the checkin's, comes after the body).
+    // Two clock reads (`started`, the caller's, and `answered`) serve the deadlines, the pool's checkout, the
+    // latency and the Date (the checkin and the caller's elapsed time read it again after the body).
     let limits = Limits { answer: app.upstream_timeout.0, body: gw.config().server.body_timeout.0 };
     let exchanged = exchange(pool, c, client, &own, f, started, timer, limits).await;
     let answered = Instant::now();

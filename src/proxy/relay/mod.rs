@@ -110,7 +110,8 @@ struct Conn {
     peer: SocketAddr,
     /// The peer's address as text, formatted once per connection.
     peer_ip: String,
-    /// The status answered to the request being forwarded (499 until an answer is written).
+    /// The status of the answer to the request being forwarded, once the app answered or a refusal was chosen
+    /// (499 before: the client left first).
     status: u16,
     /// The app's response time for the request being forwarded, once it answered or failed.
     upstream: Option<Duration>,
