@@ -24,6 +24,7 @@ use crate::store::User;
 
 pub mod pool;
 pub mod relay;
+pub mod stall;
 pub mod tunnels;
 
 /// What the proxy paths read from the running gateway state (the gateway's state type implements it). The
@@ -247,6 +248,7 @@ pub async fn forward(
         .map_err(|_| Reject::BadRequest("The address could not be understood."))?;
     let host = request_host(&req);
     let websocket = req.version() == Version::HTTP_11 && is_websocket(req.headers());
+    let h2 = req.version() == Version::HTTP_2;
     let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
     let accept = if websocket { crate::headers::websocket_accept(req.headers()) } else { None };
 
@@ -362,5 +364,8 @@ pub async fn forward(
         }
         Err(data) => data,
     });
-    Ok(Response::from_parts(parts, body.map_err(Into::into).boxed()))
+    let body = body.map_err(Into::into).boxed();
+    // Over HTTP/2 a client can hold an answer (and the app's connection) by granting no window: see `stall`.
+    let body = if h2 { stall::Guarded::new(body, gw.config().server.send_timeout.0).boxed() } else { body };
+    Ok(Response::from_parts(parts, body))
 }

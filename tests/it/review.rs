@@ -900,6 +900,73 @@ async fn an_http2_client_that_stops_reading_is_cut_off_and_the_apps_connection_c
     drop(env);
 }
 
+/// Item 5 over HTTP/2, the other way to stop: a client that keeps its connection alive (it answers PINGs, its TCP
+/// reads go on) but grants no more flow-control window, so the gateway never has a write to time out. The answer
+/// has waited on the client for `send_timeout`: the app's connection is let go (src/proxy/stall.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_grants_no_window_is_cut_off_and_the_apps_connection_closed() {
+    use http_body_util::{BodyExt, Full};
+    let (addr, closed) = big_file_app().await;
+    let apps = app(APP, &format!("http://{addr}"), "bypass");
+    let (env, gw, _maddr, cert) = crate::relay::tls_gateway_with("send_timeout = \"1s\"\n", &apps).await;
+    let tls = crate::relay::tls_connect(gw.addr, &cert, b"h2").await;
+    let (mut h2, conn) = within(
+        "h2 handshake",
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .adaptive_window(false)
+            .initial_stream_window_size(65_535)
+            .initial_connection_window_size(65_535)
+            .handshake(hyper_util::rt::TokioIo::new(tls)),
+    )
+    .await
+    .expect("h2 handshake");
+    // The connection task runs throughout: it reads every frame and answers every PING.
+    let conn = tokio::spawn(conn);
+    let request =
+        hyper::Request::get(format!("https://{APP}/big.iso")).body(Full::new(bytes::Bytes::new()).boxed()).unwrap();
+    let r: hyper::Response<hyper::body::Incoming> = within("h2 GET", h2.send_request(request)).await.expect("h2 GET");
+    assert_eq!(r.status(), 200);
+    // The body is never read, so no WINDOW_UPDATE is sent once the first 64 KiB have arrived.
+    let one = within_for(Duration::from_secs(60), "the app's connection to be closed", closed.acquire());
+    one.await.unwrap().forget();
+    assert!(!conn.is_finished(), "the client's connection ended: the test no longer shows a live, windowless client");
+    drop(r);
+    conn.abort();
+    gw.stop().await;
+    drop(env);
+}
+
+/// The other side of the same rule: an answer that waits on a slow app (a stream that pauses longer than
+/// `send_timeout` between events) is not the client stalling, and reaches an HTTP/2 client whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_answer_that_waits_on_a_slow_app_is_not_cut_off() {
+    use http_body_util::{BodyExt, Full};
+    let addr = scripted(|mut s, _| async move {
+        let mut buf = Vec::new();
+        if read_head(&mut s, &mut buf).await.is_none() {
+            return;
+        }
+        let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let _ = s.write_all(format!("{head}6\r\nfirst\n\r\n").as_bytes()).await;
+        // The app's own pace: three times the gateway's send_timeout before its next event.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let _ = s.write_all(b"7\r\nsecond\n\r\n0\r\n\r\n").await;
+    })
+    .await;
+    let apps = app(APP, &format!("http://{addr}"), "bypass");
+    let (env, gw, _maddr, cert) = crate::relay::tls_gateway_with("send_timeout = \"1s\"\n", &apps).await;
+    let mut h2 = crate::relay::tls_h2(gw.addr, &cert).await;
+    let request =
+        hyper::Request::get(format!("https://{APP}/events")).body(Full::new(bytes::Bytes::new()).boxed()).unwrap();
+    within("h2 ready", h2.ready()).await.unwrap();
+    let r = within("h2 GET", h2.send_request(request)).await.expect("h2 GET");
+    assert_eq!(r.status(), 200);
+    let body = within("the whole stream", r.into_body().collect()).await.expect("the stream was cut off").to_bytes();
+    assert_eq!(&body[..], b"first\nsecond\n");
+    gw.stop().await;
+    drop(env);
+}
+
 /// Items 2 and 4 over HTTP/2 (TLS to the gateway, the upstream client hyper's lane uses): an unasked answer read
 /// into rustls never answers the next h2 request, a slow upload with a length reaches the app past
 /// `upstream_timeout`, and one that stalls gets 408.
