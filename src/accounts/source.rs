@@ -1,8 +1,8 @@
 //! Where users and their passwords come from, and the password step written once over it.
 //!
-//! A [`UserSource`] takes what was typed (a username or email, and a password) and answers whose account it is,
-//! or that it isn't. The local store with its argon2 hashes ([`LocalUsers`]) is the first source; a directory
-//! (LDAP: search, then bind as the user) is the next, behind the same trait. [`Accounts::password_step`] wraps
+//! A [`UserSource`] finds the account a login names and checks a password for it. The local store with its argon2
+//! hashes ([`LocalUsers`]) is the first source; a directory (LDAP: search, then bind as the user) is the next,
+//! behind the same trait. [`Accounts::password_step`] wraps
 //! whichever source in the rest of the step, in one order for every page that asks for a password (sign-in,
 //! re-authentication in the settings): the lockout check, the source, then either the counter cleared, or one
 //! audit event, one count and, at the lock, the lockout event and the account-locked notice.
@@ -17,26 +17,15 @@ use crate::store::{Store, User, normalize_login};
 
 use super::{AccountError, Accounts};
 
-/// A source's answer for a login and a password.
-#[derive(Debug, Clone)]
-pub enum Checked {
-    /// The password is the account's.
-    Accepted(User),
-    /// Unknown account or wrong password (told apart only here, never to the client). `account` is the name the
-    /// failure counts under: the account's for a known one, what was typed (normalised) otherwise, so unknown
-    /// names lock like real ones.
-    Refused {
-        /// The failure counter's name.
-        account: String,
-        /// The account, if the login named one.
-        known: Option<User>,
-    },
-}
-
-/// Who a username and password belong to.
+/// Who a username and password belong to, in two steps as a directory works (search with the service account,
+/// then bind as the user), so the lockout can be asked in between, under the account's own name.
 pub trait UserSource: Send + Sync {
-    /// Checks `password` for the account `login` names (a username or an email address).
-    fn check(&self, login: &str, password: String) -> impl Future<Output = Result<Checked, AccountError>> + Send;
+    /// The account `login` (a username or an email address, normalised) names, if any.
+    fn find(&self, login: &str) -> impl Future<Output = Result<Option<User>, AccountError>> + Send;
+
+    /// Whether `password` is `user`'s. `None` (an unknown name) is checked too, against nothing, so it takes
+    /// as long as a known name: timing doesn't tell which names exist.
+    fn verify(&self, user: Option<&User>, password: String) -> impl Future<Output = Result<bool, AccountError>> + Send;
 }
 
 /// The local accounts: users in the store, passwords as argon2id hashes.
@@ -48,15 +37,13 @@ pub struct LocalUsers<'a> {
 }
 
 impl UserSource for LocalUsers<'_> {
-    async fn check(&self, login: &str, password: String) -> Result<Checked, AccountError> {
-        let login = normalize_login(login);
-        let user = if login.is_empty() { None } else { self.store.find_login(&login).await? };
-        // An unknown name costs a hash too (of a dummy), so timing doesn't tell which names exist.
-        let ok = self.hasher.verify(password, user.as_ref().map(|u| u.password_hash.clone())).await?;
-        Ok(match user {
-            Some(u) if ok => Checked::Accepted(u),
-            known => Checked::Refused { account: known.as_ref().map_or(login, |u| u.username.clone()), known },
-        })
+    async fn find(&self, login: &str) -> Result<Option<User>, AccountError> {
+        Ok(if login.is_empty() { None } else { self.store.find_login(login).await? })
+    }
+
+    async fn verify(&self, user: Option<&User>, password: String) -> Result<bool, AccountError> {
+        // An unknown name costs a hash too (of a dummy).
+        Ok(self.hasher.verify(password, user.map(|u| u.password_hash.clone())).await?)
     }
 }
 
@@ -100,43 +87,53 @@ impl Accounts {
         asked: Asked,
     ) -> Result<PasswordStep, AccountError> {
         let now = self.now();
-        // The counter is named before the password is checked: the account a known login names, else the login.
+        // The counter is named before the password is checked: the account a known login names, else what was
+        // typed (normalised), so unknown names lock like real ones.
         let typed = normalize_login(login);
-        let named = match asked {
-            Asked::SignIn if !typed.is_empty() => self.store.find_login(&typed).await?.map(|u| u.username),
-            _ => None,
-        };
-        let counter = named.unwrap_or(typed);
-        if let Some(secs) = self.lockout.retry_after(&self.store, Step::Password, &counter, addr, now).await? {
+        let known = source.find(&typed).await?;
+        let account = known.as_ref().map_or(typed, |u| u.username.clone());
+        if let Some(secs) = self.lockout.retry_after(&self.store, Step::Password, &account, addr, now).await? {
             if asked == Asked::SignIn {
-                self.audit(AuditEvent::new(now, EventKind::LockedOut, &counter).from_addr(addr).detail("password"))
+                self.audit(AuditEvent::new(now, EventKind::LockedOut, &account).from_addr(addr).detail("password"))
                     .await;
             }
             return Ok(PasswordStep::Locked { retry_after: secs, now: false });
         }
-        let (account, known) = match source.check(login, password).await? {
-            Checked::Accepted(user) if user.locked => {
+        match (source.verify(known.as_ref(), password).await?, known) {
+            (true, Some(user)) if user.locked => {
                 let event = AuditEvent::new(now, EventKind::LoginFailed, &user.username).from_addr(addr);
                 self.audit(event.detail("account locked")).await;
-                return Ok(PasswordStep::AccountLocked);
+                Ok(PasswordStep::AccountLocked)
             }
-            Checked::Accepted(user) => {
+            (true, Some(user)) => {
                 self.lockout.succeed(&self.store, Step::Password, &user.username).await?;
-                return Ok(PasswordStep::Accepted(Box::new(user)));
+                Ok(PasswordStep::Accepted(Box::new(user)))
             }
-            Checked::Refused { account, known } => (account, known),
-        };
-        let event = AuditEvent::new(now, EventKind::LoginFailed, &account).from_addr(addr);
+            (_, known) => self.refused(addr, &account, known.as_ref(), asked, now).await,
+        }
+    }
+
+    /// A refused password: one audit event, one count and, at the lock, the lockout event and the account-locked
+    /// notice (to a known account).
+    async fn refused(
+        &self,
+        addr: IpAddr,
+        account: &str,
+        known: Option<&User>,
+        asked: Asked,
+        now: u64,
+    ) -> Result<PasswordStep, AccountError> {
+        let event = AuditEvent::new(now, EventKind::LoginFailed, account).from_addr(addr);
         self.audit(match asked {
             Asked::SignIn => event,
             Asked::Reauthentication => event.detail("password re-entry"),
         })
         .await;
-        let Some(secs) = self.lockout.fail(&self.store, Step::Password, &account, addr, now).await? else {
+        let Some(secs) = self.lockout.fail(&self.store, Step::Password, account, addr, now).await? else {
             return Ok(PasswordStep::Refused);
         };
-        self.audit(AuditEvent::new(now, EventKind::Lockout, &account).from_addr(addr).detail("password")).await;
-        if let Some(u) = &known {
+        self.audit(AuditEvent::new(now, EventKind::Lockout, account).from_addr(addr).detail("password")).await;
+        if let Some(u) = known {
             self.notifier.notify(u, Notice::AccountLocked, By::User, now).await;
         }
         Ok(PasswordStep::Locked { retry_after: secs, now: true })
