@@ -2,8 +2,11 @@
 //! PINGs, so the connection looks alive, and hyper, with no window to send into, stops asking the app's body for
 //! more: nothing is written, so no write stalls either (`server::SendTimeout`), and the app's connection would be
 //! held for as long as the client likes. [`Guarded`] notices that the answer has waited on the client, not on the
-//! app, for `send_timeout`, and then lets go of the app's body (its connection closes); the stream is reset the next
-//! time hyper asks.
+//! app, for `send_timeout`, and then lets go of the app's body (its connection closes); the stream itself stays
+//! until the client grants window (hyper then finds the body failed and resets it) or its connection ends.
+//!
+//! Progress is counted per piece of at most [`PIECE`] bytes (hyper asks for the next piece only once the client's
+//! window covers the last), so a slow but steady client keeps showing progress, as a write does over HTTP/1.1.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -11,7 +14,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body::Frame;
+
 use crate::Body;
+
+/// The most the answer hands hyper at once: one default HTTP/2 frame (RFC 9113 §4.2).
+pub const PIECE: usize = 16 * 1024;
 
 /// What the answer and its watchdog share.
 struct Shared {
@@ -29,7 +38,10 @@ struct Shared {
 pub struct Guarded {
     shared: Arc<Shared>,
     limit: Duration,
-    armed: bool,
+    /// The watchdog, once armed: stopped when the answer is dropped.
+    watchdog: Option<tokio::task::AbortHandle>,
+    /// What is left of a data frame larger than a piece.
+    rest: Bytes,
 }
 
 impl Guarded {
@@ -41,21 +53,20 @@ impl Guarded {
             holding: AtomicBool::new(false),
             done: AtomicBool::new(false),
         };
-        Guarded { shared: Arc::new(shared), limit, armed: false }
+        Guarded { shared: Arc::new(shared), limit, watchdog: None, rest: Bytes::new() }
     }
 
     fn arm(&mut self) {
-        self.armed = true;
         let (shared, limit) = (self.shared.clone(), self.limit);
-        tokio::spawn(async move {
-            let mut seen = shared.polls.load(Ordering::Acquire);
+        let task = tokio::spawn(async move {
+            let mut seen = shared.polls.load(Ordering::Relaxed);
             loop {
                 tokio::time::sleep(limit).await;
-                if shared.done.load(Ordering::Acquire) {
+                if shared.done.load(Ordering::Relaxed) {
                     return;
                 }
-                let now = shared.polls.load(Ordering::Acquire);
-                if now == seen && shared.holding.load(Ordering::Acquire) {
+                let now = shared.polls.load(Ordering::Relaxed);
+                if now == seen && shared.holding.load(Ordering::Relaxed) {
                     tracing::info!(limit = ?limit, "an HTTP/2 client took no more of an answer: the app's connection is let go");
                     drop(shared.body.lock().unwrap_or_else(PoisonError::into_inner).take());
                     return;
@@ -63,6 +74,13 @@ impl Guarded {
                 seen = now;
             }
         });
+        self.watchdog = Some(task.abort_handle());
+    }
+
+    /// Hands out the next piece of `self.rest`.
+    fn piece(&mut self) -> Frame<Bytes> {
+        let n = self.rest.len().min(PIECE);
+        Frame::data(self.rest.split_to(n))
     }
 }
 
@@ -75,7 +93,11 @@ impl http_body::Body for Guarded {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
         let this = &mut *self;
-        this.shared.polls.fetch_add(1, Ordering::AcqRel);
+        this.shared.polls.fetch_add(1, Ordering::Relaxed);
+        if !this.rest.is_empty() {
+            this.shared.holding.store(true, Ordering::Relaxed);
+            return Poll::Ready(Some(Ok(this.piece())));
+        }
         let (polled, more) = {
             let mut slot = this.shared.body.lock().unwrap_or_else(PoisonError::into_inner);
             let Some(body) = slot.as_mut() else {
@@ -84,33 +106,68 @@ impl http_body::Body for Guarded {
             let polled = Pin::new(&mut *body).poll_frame(cx);
             (polled, !body.is_end_stream())
         };
-        match &polled {
-            Poll::Ready(Some(Ok(_))) => {
-                this.shared.holding.store(true, Ordering::Release);
-                if more && !this.armed {
+        match polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.shared.holding.store(true, Ordering::Relaxed);
+                let frame = match frame.into_data() {
+                    Ok(data) if data.len() > PIECE => {
+                        this.rest = data;
+                        this.piece()
+                    }
+                    Ok(data) => Frame::data(data),
+                    Err(frame) => frame,
+                };
+                if (more || !this.rest.is_empty()) && this.watchdog.is_none() {
                     this.arm();
                 }
+                Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Pending => this.shared.holding.store(false, Ordering::Release),
-            Poll::Ready(_) => this.shared.done.store(true, Ordering::Release),
+            Poll::Pending => {
+                this.shared.holding.store(false, Ordering::Relaxed);
+                Poll::Pending
+            }
+            ended => {
+                this.shared.done.store(true, Ordering::Relaxed);
+                ended
+            }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.shared.body.lock().unwrap_or_else(PoisonError::into_inner).as_ref().is_some_and(|b| b.is_end_stream())
+        self.rest.is_empty()
+            && self
+                .shared
+                .body
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref()
+                .is_some_and(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
+        let rest = self.rest.len() as u64;
         match self.shared.body.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
-            Some(b) => b.size_hint(),
+            Some(b) => {
+                let inner = b.size_hint();
+                let mut hint = http_body::SizeHint::new();
+                hint.set_lower(inner.lower().saturating_add(rest));
+                if let Some(upper) = inner.upper() {
+                    hint.set_upper(upper.saturating_add(rest));
+                }
+                hint
+            }
             None => http_body::SizeHint::default(),
         }
     }
 }
 
 impl Drop for Guarded {
+    /// The answer is over (ended, or its stream reset): the app's body goes now, not at the watchdog's next look.
     fn drop(&mut self) {
-        self.shared.done.store(true, Ordering::Release);
+        self.shared.done.store(true, Ordering::Relaxed);
+        if let Some(watchdog) = self.watchdog.take() {
+            watchdog.abort();
+        }
+        drop(self.shared.body.lock().unwrap_or_else(PoisonError::into_inner).take());
     }
 }

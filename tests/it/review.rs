@@ -936,6 +936,80 @@ async fn an_http2_client_that_grants_no_window_is_cut_off_and_the_apps_connectio
     drop(env);
 }
 
+/// A stream the client resets (a tab closed, a seek in a video) releases the app's connection at once, not at the
+/// stall watchdog's next look (`send_timeout`, 60 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_the_client_resets_lets_go_of_the_apps_connection_at_once() {
+    use http_body_util::{BodyExt, Full};
+    let (addr, closed) = big_file_app().await;
+    let apps = app(APP, &format!("http://{addr}"), "bypass");
+    let (env, gw, _maddr, cert) = crate::relay::tls_gateway_with("send_timeout = \"60s\"\n", &apps).await;
+    let mut h2 = crate::relay::tls_h2(gw.addr, &cert).await;
+    let request =
+        hyper::Request::get(format!("https://{APP}/big.iso")).body(Full::new(bytes::Bytes::new()).boxed()).unwrap();
+    within("h2 ready", h2.ready()).await.unwrap();
+    let r = within("h2 GET", h2.send_request(request)).await.expect("h2 GET");
+    assert_eq!(r.status(), 200);
+    let mut body = r.into_body();
+    // Some of the answer (so the watchdog is armed), then the stream is dropped: hyper's client resets it.
+    let mut got = 0;
+    while got < 256 * 1024 {
+        let frame = within("a frame of the answer", body.frame()).await.expect("the answer ended early").unwrap();
+        got += frame.data_ref().map_or(0, |d| d.len());
+    }
+    drop(body);
+    let one = within_for(Duration::from_secs(20), "the app's connection to be closed", closed.acquire());
+    one.await.unwrap().forget();
+    gw.stop().await;
+    drop(env);
+}
+
+/// And a client that reads slowly but steadily (a 64 KiB window, 16 KiB taken every quarter second, well under
+/// what the app could send) shows progress at every piece and is never cut off, even with `send_timeout = 1s`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_but_steady_http2_client_is_not_cut_off() {
+    use http_body_util::{BodyExt, Full};
+    let (addr, closed) = big_file_app().await;
+    let apps = app(APP, &format!("http://{addr}"), "bypass");
+    let (env, gw, _maddr, cert) = crate::relay::tls_gateway_with("send_timeout = \"1s\"\n", &apps).await;
+    let tls = crate::relay::tls_connect(gw.addr, &cert, b"h2").await;
+    let (mut h2, conn) = within(
+        "h2 handshake",
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .adaptive_window(false)
+            .initial_stream_window_size(65_535)
+            .initial_connection_window_size(65_535)
+            .handshake(hyper_util::rt::TokioIo::new(tls)),
+    )
+    .await
+    .expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    let request =
+        hyper::Request::get(format!("https://{APP}/big.iso")).body(Full::new(bytes::Bytes::new()).boxed()).unwrap();
+    let r = within("h2 GET", h2.send_request(request)).await.expect("h2 GET");
+    assert_eq!(r.status(), 200);
+    let mut body = r.into_body();
+    let (mut got, mut taken) = (0usize, 0usize);
+    // About four seconds of reading: four of the watchdog's looks.
+    while got < 16 * 16 * 1024 {
+        let frame =
+            within("a frame of the answer", body.frame()).await.expect("the answer ended").unwrap_or_else(|e| {
+                panic!("a slow but steady client was cut off after {got} bytes: {e}");
+            });
+        got += frame.data_ref().map_or(0, |d| d.len());
+        // The client's own pace, the behaviour under test.
+        while taken + 16 * 1024 <= got {
+            taken += 16 * 1024;
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    assert_eq!(closed.available_permits(), 0, "the app's connection was let go while the client was reading");
+    drop(body);
+    conn.abort();
+    gw.stop().await;
+    drop(env);
+}
+
 /// The other side of the same rule: an answer that waits on a slow app (a stream that pauses longer than
 /// `send_timeout` between events) is not the client stalling, and reaches an HTTP/2 client whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
