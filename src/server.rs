@@ -303,6 +303,7 @@ async fn serve_hyper<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let recorder = current.clone();
     let svc = service_fn(move |req| {
         let gw = current.load_full();
         // Boxed like the relay's own requests (`State::handle`): the handlers take one body type.
@@ -320,6 +321,19 @@ async fn serve_hyper<IO>(
     };
     if let Err(e) = ended {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
+        // A head hyper couldn't parse never reached `handle`: hyper answered it itself (400; 431 for a head too
+        // large, 414 for a target too long: hyper's `on_error`), and it is recorded here, so every answer is.
+        if let Some(e) = e.downcast_ref::<hyper::Error>().filter(|e| e.is_parse()) {
+            let status = match e.is_parse_too_large() {
+                true if e.to_string().contains("URI") => 414,
+                true => 431,
+                false => 400,
+            };
+            let gw = recorder.load();
+            let slot = gw.config.apps.len() + 1;
+            let served = crate::metrics::Served::default();
+            gw.finished(&served.outcome(crate::metrics::Lane::Handlers, slot, status, Duration::ZERO));
+        }
     }
 }
 

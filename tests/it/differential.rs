@@ -580,3 +580,34 @@ async fn every_request_of_the_table_gets_the_same_answer_and_reaches_the_app_the
     assert!(failures.is_empty(), "{} of {} cases failed:\n\n{}", failures.len(), cases.len(), failures.join("\n\n"));
     gw.stop().await;
 }
+
+/// Heads hyper refuses while parsing never reach the handlers: hyper answers them itself, and they are recorded all
+/// the same, as the "unknown" app's (one place for every answer, see `Gateway::finished`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_hyper_answers_while_parsing_are_recorded_too() {
+    let up = start_upstream().await;
+    let (maddr, metrics) = metrics_section();
+    let env = Env::password_only(&format!("{metrics}{}", app(ONE, &up.url(), "one_factor")));
+    let gw = env.start().await;
+    let many: String = (0..150).map(|i| format!("X-Filler-{i}: {i}\r\n")).collect();
+    for (request, want) in [
+        (format!("GET / HTTP/1.1\r\nHost: {ONE}\r\nNot a header line\r\n\r\n"), 400),
+        (format!("GET / HTTP/1.1\r\nHost: {ONE}\r\n{many}\r\n"), 431),
+    ] {
+        let status = format!("status=\"{want}\"");
+        let labels = ["app=\"unknown\"", status.as_str()];
+        let before = Scrape::of(maddr).await.labelled("portcullis_requests_total", &labels);
+        let r = raw_send(gw.addr, request.as_bytes()).await;
+        assert_eq!(r.status, want, "{}", r.head);
+        // Recorded as hyper's connection ends, which may be just after the client has read the answer.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let after = loop {
+            let after = Scrape::of(maddr).await.labelled("portcullis_requests_total", &labels);
+            if after > before || std::time::Instant::now() > deadline {
+                break after;
+            }
+            tokio::task::yield_now().await;
+        };
+        assert_eq!(after, before + 1, "hyper's own {want} was not recorded once");
+    }
+}

@@ -624,6 +624,17 @@ impl Scrape {
             .unwrap_or_else(|| panic!("no {name} in metrics:\n{}", self.0))
     }
 
+    /// The sum of the series of `name` whose labels include every `key="value"` of `labels`.
+    pub fn labelled(&self, name: &str, labels: &[&str]) -> u64 {
+        self.0
+            .lines()
+            .filter_map(|l| l.strip_prefix(name)?.strip_prefix('{')?.rsplit_once(' '))
+            .filter(|(set, _)| labels.iter().all(|l| set.contains(l)))
+            .filter_map(|(_, v)| v.trim().parse::<f64>().ok())
+            .map(|v| v as u64)
+            .sum()
+    }
+
     /// The sum of every series of `name` (all label values).
     pub fn sum(&self, name: &str) -> u64 {
         self.0
