@@ -271,10 +271,25 @@ impl Stored for User {
     }
 }
 
-/// Whether stored user bytes are in an older layout than [`User::encode`] writes (the start-up migration
-/// rewrites those).
+/// Whether stored user bytes are in an older layout than [`User::encode`] writes.
 pub(super) fn user_layout_is_old(bytes: &[u8]) -> bool {
     bytes.first().is_some_and(|&v| v < V2)
+}
+
+/// A stored user in today's layout, for the start-up migrations of both backends: `None` when it already is, or
+/// when it can't be read — then it is logged and left as it is (that user fails as it did before, and the gateway
+/// still starts for everyone else).
+pub(super) fn rewritten_user(name: &str, bytes: &[u8]) -> Option<Vec<u8>> {
+    if !user_layout_is_old(bytes) {
+        return None;
+    }
+    match User::decode(bytes).and_then(|u| u.encode()) {
+        Ok(new) => Some(new),
+        Err(e) => {
+            tracing::error!(user = name, error = %e, "a stored user can't be read: left as it is by the migration");
+            None
+        }
+    }
 }
 
 #[cfg(test)]

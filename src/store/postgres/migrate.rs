@@ -36,11 +36,8 @@ async fn migrate_1_to_2(tx: &Transaction<'_>) -> Result<(), StoreError> {
     let mut moved = 0usize;
     for row in rows {
         let (name, data): (String, Vec<u8>) = (row.get(0), row.get(1));
-        if crate::store::stored::user_layout_is_old(&data) {
-            let user = decode::<User>(&data)?;
-            tx.execute("UPDATE users SET data = $2 WHERE username = $1", &[&name, &encode(&user)?])
-                .await
-                .map_err(db)?;
+        if let Some(new) = crate::store::stored::rewritten_user(&name, &data) {
+            tx.execute("UPDATE users SET data = $2 WHERE username = $1", &[&name, &new]).await.map_err(db)?;
             moved += 1;
         }
     }

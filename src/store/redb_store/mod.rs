@@ -102,12 +102,12 @@ fn migrate_1_to_2(tx: &WriteTransaction) -> Result<(), StoreError> {
     let mut old = Vec::new();
     for row in users.iter()? {
         let (k, v) = row?;
-        if super::stored::user_layout_is_old(v.value()) {
-            old.push((k.value().to_string(), decode::<User>(v.value())?));
+        if let Some(new) = super::stored::rewritten_user(k.value(), v.value()) {
+            old.push((k.value().to_string(), new));
         }
     }
-    for (name, user) in &old {
-        users.insert(name.as_str(), encode(user)?.as_slice())?;
+    for (name, bytes) in &old {
+        users.insert(name.as_str(), bytes.as_slice())?;
     }
     tracing::info!(users = old.len(), "storage migrated to schema 2: second factors as a list");
     Ok(())

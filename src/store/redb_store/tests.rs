@@ -142,3 +142,22 @@ fn a_file_from_a_newer_build_is_refused_not_read() {
     drop(s);
     assert!(matches!(RedbStore::open(&path), Err(StoreError::TooNew { .. })));
 }
+
+#[test]
+fn an_unreadable_user_is_left_as_it_is_and_the_rest_are_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let s = RedbStore::open(&path).unwrap();
+    as_schema_1(&s);
+    s.write(|tx| {
+        tx.open_table(USERS)?.insert("broken", [1u8, b'{', b'x'].as_slice())?;
+        Ok(())
+    })
+    .unwrap();
+    drop(s);
+    let s = RedbStore::open(&path).expect("one unreadable user stopped the start");
+    assert_eq!(s.schema_version().unwrap(), 2);
+    assert_eq!(raw_user(&s, "alice")[0], 2, "the readable user was not migrated");
+    assert_eq!(raw_user(&s, "broken"), vec![1u8, b'{', b'x'], "the unreadable user was changed");
+    assert!(s.user("broken").is_err(), "the unreadable user still fails alone, as before");
+}
