@@ -331,8 +331,9 @@ async fn serve_hyper<IO>(
             };
             let gw = recorder.load();
             let slot = gw.config.apps.len() + 1;
-            let served = crate::metrics::Served::default();
-            gw.finished(&served.outcome(crate::metrics::Lane::Handlers, slot, status, Duration::ZERO));
+            let lane = crate::metrics::Lane::Handlers;
+            let (user, elapsed, upstream) = (None, Duration::ZERO, None);
+            gw.finished(&crate::metrics::Outcome { lane, slot, status, user, elapsed, upstream });
         }
     }
 }

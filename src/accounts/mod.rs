@@ -392,9 +392,4 @@ impl Accounts {
         self.audit(actor.event(now, EventKind::InvitationSent, &email)).await;
         Ok(email)
     }
-
-    /// The lockout rules failures are counted under (the password steps of the portal count with them too).
-    pub fn lockout(&self) -> &Lockout {
-        &self.lockout
-    }
 }

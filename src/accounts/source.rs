@@ -2,10 +2,10 @@
 //!
 //! A [`UserSource`] finds the account a login names and checks a password for it. The local store with its argon2
 //! hashes ([`LocalUsers`]) is the first source; a directory (LDAP: search, then bind as the user) is the next,
-//! behind the same trait. [`Accounts::password_step`] wraps
-//! whichever source in the rest of the step, in one order for every page that asks for a password (sign-in,
-//! re-authentication in the settings): the lockout check, the source, then either the counter cleared, or one
-//! audit event, one count and, at the lock, the lockout event and the account-locked notice.
+//! behind the same trait. [`Accounts::password_step`] wraps whichever source in the rest of the step, in one order
+//! for every page that asks for a password (sign-in, re-authentication in the settings): the lockout check, the
+//! source, then either the counter cleared, or one audit event, one count and, at the lock, the lockout event and
+//! the account-locked notice.
 
 use std::net::IpAddr;
 

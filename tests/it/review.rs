@@ -900,11 +900,21 @@ async fn an_http2_client_that_stops_reading_is_cut_off_and_the_apps_connection_c
     drop(env);
 }
 
-/// Item 5 over HTTP/2, the other way to stop: a client that keeps its connection alive (it answers PINGs, its TCP
-/// reads go on) but grants no more flow-control window, so the gateway never has a write to time out. The answer
-/// has waited on the client for `send_timeout`: the app's connection is let go (src/proxy/stall.rs).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_http2_client_that_grants_no_window_is_cut_off_and_the_apps_connection_closed() {
+/// What the HTTP/2 stall tests share: the 64 MB app behind a TLS gateway with `send_timeout = "1s"`, and an HTTP/2
+/// client with a fixed 64 KiB window whose connection task runs throughout (it reads every frame and answers every
+/// PING), having asked for the file.
+struct BigOverH2 {
+    env: Env,
+    gw: Gateway,
+    /// A permit for each of the app's connections closed mid-answer.
+    closed: Arc<tokio::sync::Semaphore>,
+    answer: hyper::Response<hyper::body::Incoming>,
+    conn: tokio::task::JoinHandle<Result<(), hyper::Error>>,
+    /// Kept: without a sender hyper's client ends its connection.
+    _send: hyper::client::conn::http2::SendRequest<crate::relay::H2Body>,
+}
+
+async fn big_file_over_narrow_h2() -> BigOverH2 {
     use http_body_util::{BodyExt, Full};
     let (addr, closed) = big_file_app().await;
     let apps = app(APP, &format!("http://{addr}"), "bypass");
@@ -920,12 +930,20 @@ async fn an_http2_client_that_grants_no_window_is_cut_off_and_the_apps_connectio
     )
     .await
     .expect("h2 handshake");
-    // The connection task runs throughout: it reads every frame and answers every PING.
     let conn = tokio::spawn(conn);
     let request =
         hyper::Request::get(format!("https://{APP}/big.iso")).body(Full::new(bytes::Bytes::new()).boxed()).unwrap();
-    let r: hyper::Response<hyper::body::Incoming> = within("h2 GET", h2.send_request(request)).await.expect("h2 GET");
-    assert_eq!(r.status(), 200);
+    let answer = within("h2 GET", h2.send_request(request)).await.expect("h2 GET");
+    assert_eq!(answer.status(), 200);
+    BigOverH2 { env, gw, closed, answer, conn, _send: h2 }
+}
+
+/// Item 5 over HTTP/2, the other way to stop: a client that keeps its connection alive (it answers PINGs, its TCP
+/// reads go on) but grants no more flow-control window, so the gateway never has a write to time out. The answer
+/// has waited on the client for `send_timeout`: the app's connection is let go (src/proxy/stall.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_grants_no_window_is_cut_off_and_the_apps_connection_closed() {
+    let BigOverH2 { env, gw, closed, answer: r, conn, _send } = big_file_over_narrow_h2().await;
     // The body is never read, so no WINDOW_UPDATE is sent once the first 64 KiB have arrived.
     let one = within_for(Duration::from_secs(60), "the app's connection to be closed", closed.acquire());
     one.await.unwrap().forget();
@@ -968,26 +986,8 @@ async fn an_http2_stream_the_client_resets_lets_go_of_the_apps_connection_at_onc
 /// what the app could send) shows progress at every piece and is never cut off, even with `send_timeout = 1s`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_but_steady_http2_client_is_not_cut_off() {
-    use http_body_util::{BodyExt, Full};
-    let (addr, closed) = big_file_app().await;
-    let apps = app(APP, &format!("http://{addr}"), "bypass");
-    let (env, gw, _maddr, cert) = crate::relay::tls_gateway_with("send_timeout = \"1s\"\n", &apps).await;
-    let tls = crate::relay::tls_connect(gw.addr, &cert, b"h2").await;
-    let (mut h2, conn) = within(
-        "h2 handshake",
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .adaptive_window(false)
-            .initial_stream_window_size(65_535)
-            .initial_connection_window_size(65_535)
-            .handshake(hyper_util::rt::TokioIo::new(tls)),
-    )
-    .await
-    .expect("h2 handshake");
-    let conn = tokio::spawn(conn);
-    let request =
-        hyper::Request::get(format!("https://{APP}/big.iso")).body(Full::new(bytes::Bytes::new()).boxed()).unwrap();
-    let r = within("h2 GET", h2.send_request(request)).await.expect("h2 GET");
-    assert_eq!(r.status(), 200);
+    use http_body_util::BodyExt;
+    let BigOverH2 { env, gw, closed, answer: r, conn, _send } = big_file_over_narrow_h2().await;
     let mut body = r.into_body();
     let (mut got, mut taken) = (0usize, 0usize);
     // About four seconds of reading: four of the watchdog's looks.

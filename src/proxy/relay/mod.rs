@@ -134,8 +134,8 @@ struct Forward {
     close: bool,
     /// Whose requests the upstream connection may carry afterwards.
     who: Affinity,
-    /// A WebSocket opening handshake: the session it belongs to and its user's name (`Some(None)`: a bypass path).
-    upgrade: Option<Option<(crate::session::SessionId, std::sync::Arc<str>)>>,
+    /// A WebSocket opening handshake: the session it belongs to, whose user is `user` (`Some(None)`: a bypass path).
+    upgrade: Option<Option<crate::session::SessionId>>,
     /// For a WebSocket handshake, the `Sec-WebSocket-Accept` the app's 101 must carry ([`headers::websocket_accept`]).
     accept: Option<String>,
     /// The session's user named to the app (none on bypass paths).
@@ -276,7 +276,8 @@ where
                 idle_flag.store(false, std::sync::atomic::Ordering::Relaxed);
                 let client = Prefixed { prefix: Bytes::copy_from_slice(&c.input), io };
                 let app = Prefixed { prefix: up.buf.freeze(), io: up.stream };
-                return Outcome::Tunnel(Tunnel { client, app, owner: forward.upgrade.flatten() });
+                let name = forward.user.as_ref().map(|u| u.username.as_str().into());
+                return Outcome::Tunnel(Tunnel { client, app, owner: forward.upgrade.flatten().zip(name) });
             }
             ended => return end(&mut io, c.peer, ended).await,
         }

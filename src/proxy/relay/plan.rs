@@ -106,9 +106,7 @@ pub(super) fn plan(gw: &impl State, c: &mut Conn, looked_up: bool) -> Planned {
     let Admission::Pass { identity } = admit(app, decision.policy, held) else {
         return local();
     };
-    let session = session.filter(|_| identity);
-    let owner = session.as_ref().filter(|_| websocket).map(|a| (a.id, a.user.username.as_str().into()));
-    let user = session.map(|a| a.user);
+    let (id, user) = session.filter(|_| identity).map(|a| (a.id, a.user)).unzip();
     let client = gw.client(*peer, hs);
 
     out.clear();
@@ -150,7 +148,7 @@ pub(super) fn plan(gw: &impl State, c: &mut Conn, looked_up: bool) -> Planned {
     let who = Affinity::of(app.shared_connections, user.as_ref());
     let body = body.unwrap_or(0);
     let retry = idempotent && body == 0;
-    let upgrade = websocket.then_some(owner);
+    let upgrade = websocket.then_some(id);
     let accept = if websocket { headers::websocket_accept(hs) } else { None };
     let close = listed.has("close");
     Planned::Forward(Forward { app: decision.app, len, head, body, retry, close, who, upgrade, accept, user })
